@@ -1,0 +1,495 @@
+//! PyO3 bindings: `pykp._fastpath`. Thin by design: argument conversion, then the core,
+//! with the GIL released around the core's work. The stub is `pykp/_fastpath.pyi`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::conntrack::ConntrackConfig;
+use crate::decision::{counter_snapshot, Engine as CoreEngine, EngineConfig, Verdict};
+use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags, NANOS_PER_SEC};
+use crate::policy::{HashKey, MaglevConfig, PolicyKind};
+use crate::service::{BackendSpec, Conditions, Frontend as CoreFrontend, ServiceSpec, TableConfig};
+
+fn value_error(msg: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(msg.to_string())
+}
+
+fn parse_ip(s: &str) -> PyResult<IpAddr> {
+    IpAddr::from_str(s).map_err(|_| value_error(format!("{s:?} is not an IP address")))
+}
+
+fn parse_port(p: i64, what: &str) -> PyResult<u16> {
+    u16::try_from(p)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| value_error(format!("{what} port {p} is out of range 1..65535")))
+}
+
+fn parse_seconds(s: f64, what: &str) -> PyResult<Nanos> {
+    if !(0.0..=1e9).contains(&s) {
+        return Err(value_error(format!("{what} {s} must be a non-negative number of seconds")));
+    }
+    Ok((s * NANOS_PER_SEC as f64) as Nanos)
+}
+
+/// `now` in seconds, or the monotonic clock Python's `time.monotonic()` reads.
+fn now_nanos(py: Python<'_>, now: Option<f64>) -> PyResult<Nanos> {
+    match now {
+        Some(s) => parse_seconds(s, "now"),
+        None => {
+            let t: f64 = py.import("time")?.call_method0("monotonic")?.extract()?;
+            parse_seconds(t, "now")
+        }
+    }
+}
+
+#[pyclass(frozen, from_py_object, module = "pykp._fastpath")]
+#[derive(Clone)]
+pub struct Frontend {
+    inner: CoreFrontend,
+}
+
+#[pymethods]
+impl Frontend {
+    #[new]
+    #[pyo3(signature = (ip, port, protocol = "TCP"))]
+    fn new(ip: &str, port: i64, protocol: &str) -> PyResult<Self> {
+        Ok(Frontend {
+            inner: CoreFrontend {
+                addr: parse_ip(ip)?,
+                port: parse_port(port, "frontend")?,
+                proto: Protocol::from_str(protocol).map_err(value_error)?,
+            },
+        })
+    }
+
+    #[getter]
+    fn ip(&self) -> String {
+        self.inner.addr.to_string()
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    #[getter]
+    fn protocol(&self) -> &'static str {
+        self.inner.proto.as_str()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Frontend({:?}, {}, {:?})", self.ip(), self.inner.port, self.protocol())
+    }
+}
+
+#[pyclass(frozen, from_py_object, module = "pykp._fastpath")]
+#[derive(Clone)]
+pub struct Backend {
+    inner: BackendSpec,
+}
+
+#[pymethods]
+impl Backend {
+    #[new]
+    #[pyo3(signature = (ip, port, weight = 1, ready = true, serving = true, terminating = false, local = false))]
+    fn new(
+        ip: &str,
+        port: i64,
+        weight: i64,
+        ready: bool,
+        serving: bool,
+        terminating: bool,
+        local: bool,
+    ) -> PyResult<Self> {
+        let weight = u32::try_from(weight)
+            .ok()
+            .filter(|&w| w <= 1_000_000)
+            .ok_or_else(|| value_error(format!("weight {weight} is out of range 0..1000000")))?;
+        Ok(Backend {
+            inner: BackendSpec {
+                addr: SocketAddr::new(parse_ip(ip)?, parse_port(port, "backend")?),
+                weight,
+                conditions: Conditions { ready, serving, terminating },
+                local,
+            },
+        })
+    }
+
+    #[getter]
+    fn ip(&self) -> String {
+        self.inner.addr.ip().to_string()
+    }
+    #[getter]
+    fn port(&self) -> u16 {
+        self.inner.addr.port()
+    }
+    #[getter]
+    fn weight(&self) -> u32 {
+        self.inner.weight
+    }
+    #[getter]
+    fn ready(&self) -> bool {
+        self.inner.conditions.ready
+    }
+    #[getter]
+    fn serving(&self) -> bool {
+        self.inner.conditions.serving
+    }
+    #[getter]
+    fn terminating(&self) -> bool {
+        self.inner.conditions.terminating
+    }
+    #[getter]
+    fn local(&self) -> bool {
+        self.inner.local
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Backend({:?}, {}, weight={})", self.ip(), self.port(), self.inner.weight)
+    }
+}
+
+#[pyclass(frozen, module = "pykp._fastpath")]
+pub struct Decision {
+    action: &'static str,
+    reason: Option<&'static str>,
+    service: Option<String>,
+    backend: Option<(String, u16)>,
+    backend_id: Option<u32>,
+    new_flow: bool,
+}
+
+#[pymethods]
+impl Decision {
+    #[getter]
+    fn action(&self) -> &'static str {
+        self.action
+    }
+    #[getter]
+    fn reason(&self) -> Option<&'static str> {
+        self.reason
+    }
+    #[getter]
+    fn service(&self) -> Option<String> {
+        self.service.clone()
+    }
+    #[getter]
+    fn backend(&self) -> Option<(String, u16)> {
+        self.backend.clone()
+    }
+    #[getter]
+    fn backend_id(&self) -> Option<u32> {
+        self.backend_id
+    }
+    #[getter]
+    fn new_flow(&self) -> bool {
+        self.new_flow
+    }
+
+    fn __repr__(&self) -> String {
+        match (&self.backend, self.reason) {
+            (Some((ip, port)), _) => format!("Decision(forward to {ip}:{port})"),
+            (None, Some(r)) => format!("Decision({} {r})", self.action),
+            (None, None) => format!("Decision({})", self.action),
+        }
+    }
+}
+
+#[pyclass(frozen, module = "pykp._fastpath")]
+pub struct Connection {
+    protocol: &'static str,
+    client: (String, u16),
+    frontend: (String, u16),
+    backend: (String, u16),
+    service: String,
+    state: &'static str,
+    expires_in: f64,
+}
+
+#[pymethods]
+impl Connection {
+    #[getter]
+    fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+    #[getter]
+    fn client(&self) -> (String, u16) {
+        self.client.clone()
+    }
+    #[getter]
+    fn frontend(&self) -> (String, u16) {
+        self.frontend.clone()
+    }
+    #[getter]
+    fn backend(&self) -> (String, u16) {
+        self.backend.clone()
+    }
+    #[getter]
+    fn service(&self) -> String {
+        self.service.clone()
+    }
+    #[getter]
+    fn state(&self) -> &'static str {
+        self.state
+    }
+    #[getter]
+    fn expires_in(&self) -> f64 {
+        self.expires_in
+    }
+}
+
+fn sock(a: SocketAddr) -> (String, u16) {
+    (a.ip().to_string(), a.port())
+}
+
+#[pyclass(frozen, module = "pykp._fastpath")]
+pub struct Engine {
+    core: CoreEngine,
+    /// The latest time a call gave or read: what `connections()` measures expiry against,
+    /// so a snapshot agrees with the times the caller has been deciding at.
+    last_now: AtomicU64,
+}
+
+impl Engine {
+    fn now(&self, py: Python<'_>, now: Option<f64>) -> PyResult<Nanos> {
+        let t = now_nanos(py, now)?;
+        self.last_now.fetch_max(t, Ordering::Relaxed);
+        Ok(t)
+    }
+
+    fn decision(&self, v: Verdict) -> Decision {
+        match v {
+            Verdict::Forward(f) => Decision {
+                action: "forward",
+                reason: None,
+                service: self.core.services().name_of(f.service).map(|n| n.to_string()),
+                backend: Some(sock(f.backend.addr)),
+                backend_id: Some(f.backend.id.0),
+                new_flow: f.new_flow,
+            },
+            other => Decision {
+                action: other.action(),
+                reason: other.reason(),
+                service: match other {
+                    Verdict::Reject { service, .. } => {
+                        self.core.services().name_of(service).map(|n| n.to_string())
+                    }
+                    _ => None,
+                },
+                backend: None,
+                backend_id: None,
+                new_flow: false,
+            },
+        }
+    }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (*, default_policy = "random", conntrack_capacity = 262_144, maglev_table_size = 65_537, maglev_seed = 0, hash_key = "5-tuple", seed = None))]
+    fn new(
+        default_policy: &str,
+        conntrack_capacity: usize,
+        maglev_table_size: u32,
+        maglev_seed: u64,
+        hash_key: &str,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let default_hash_key = HashKey::from_str(hash_key).map_err(value_error)?;
+        if conntrack_capacity == 0 {
+            return Err(value_error("conntrack_capacity must be at least 1"));
+        }
+        let config = EngineConfig {
+            table: TableConfig {
+                default_policy: PolicyKind::from_str(default_policy).map_err(value_error)?,
+                maglev: MaglevConfig { table_size: maglev_table_size, seed: maglev_seed },
+                default_hash_key,
+            },
+            conntrack: ConntrackConfig {
+                capacity: conntrack_capacity,
+                ..ConntrackConfig::default()
+            },
+            seed: seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+                    ^ u64::from(std::process::id())
+            }),
+        };
+        Ok(Engine {
+            core: CoreEngine::new(config).map_err(value_error)?,
+            last_now: AtomicU64::new(0),
+        })
+    }
+
+    #[pyo3(signature = (name, frontends, backends, *, policy = None, affinity_timeout = None, hash_key = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn upsert_service(
+        &self,
+        py: Python<'_>,
+        name: String,
+        frontends: Vec<Frontend>,
+        backends: Vec<Backend>,
+        policy: Option<&str>,
+        affinity_timeout: Option<f64>,
+        hash_key: Option<&str>,
+    ) -> PyResult<u32> {
+        let spec = ServiceSpec {
+            name,
+            frontends: frontends.into_iter().map(|f| f.inner).collect(),
+            backends: backends.into_iter().map(|b| b.inner).collect(),
+            policy: policy.map(PolicyKind::from_str).transpose().map_err(value_error)?,
+            affinity_timeout: match affinity_timeout {
+                Some(t) if t <= 0.0 => {
+                    return Err(value_error("affinity_timeout must be positive"))
+                }
+                Some(t) => Some(parse_seconds(t, "affinity_timeout")?),
+                None => None,
+            },
+            hash_key: hash_key.map(HashKey::from_str).transpose().map_err(value_error)?,
+        };
+        let state = py.detach(|| self.core.upsert_service(&spec)).map_err(value_error)?;
+        Ok(state.id.0)
+    }
+
+    fn remove_service(&self, py: Python<'_>, name: &str) -> bool {
+        py.detach(|| self.core.remove_service(name))
+    }
+
+    fn services(&self) -> Vec<String> {
+        self.core.services().services().iter().map(|s| s.name.to_string()).collect()
+    }
+
+    fn backend_ids(&self) -> std::collections::HashMap<u32, (String, u16)> {
+        self.core.services().backend_ids().into_iter().map(|(id, a)| (id.0, sock(a))).collect()
+    }
+
+    #[pyo3(signature = (src, src_port, dst, dst_port, protocol = "TCP", *, tcp_flags = 0x02, now = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        py: Python<'_>,
+        src: &str,
+        src_port: i64,
+        dst: &str,
+        dst_port: i64,
+        protocol: &str,
+        tcp_flags: u8,
+        now: Option<f64>,
+    ) -> PyResult<Decision> {
+        let proto = Protocol::from_str(protocol).map_err(value_error)?;
+        let key = FlowKey::new(
+            proto,
+            parse_ip(src)?,
+            parse_port(src_port, "source")?,
+            parse_ip(dst)?,
+            parse_port(dst_port, "destination")?,
+        );
+        if key.src.is_ipv4() != key.dst.is_ipv4() {
+            return Err(value_error("source and destination are of different address families"));
+        }
+        let flags = (proto == Protocol::Tcp).then_some(TcpFlags(tcp_flags));
+        let now = self.now(py, now)?;
+        let v = py.detach(|| self.core.decide_flow(&key, flags, now));
+        Ok(self.decision(v))
+    }
+
+    #[pyo3(signature = (packet, *, now = None))]
+    fn decide_packet(&self, py: Python<'_>, packet: &[u8], now: Option<f64>) -> PyResult<Decision> {
+        let now = self.now(py, now)?;
+        let v = py.detach(|| self.core.decide_packet(packet, now));
+        Ok(self.decision(v))
+    }
+
+    #[pyo3(signature = (*, now = None, budget = 4096))]
+    fn expire(&self, py: Python<'_>, now: Option<f64>, budget: usize) -> PyResult<usize> {
+        let now = self.now(py, now)?;
+        Ok(py.detach(|| self.core.expire(now, budget)))
+    }
+
+    fn flush_backend(&self, py: Python<'_>, ip: &str, port: i64) -> PyResult<usize> {
+        let addr = SocketAddr::new(parse_ip(ip)?, parse_port(port, "backend")?);
+        Ok(py.detach(|| self.core.flush_backend(addr)))
+    }
+
+    fn counters(&self) -> std::collections::HashMap<String, u64> {
+        let mut m: std::collections::HashMap<String, u64> =
+            counter_snapshot(self.core.counters()).into_iter().collect();
+        let stats = self.core.conntrack().stats();
+        for (name, value) in stats.pairs() {
+            m.insert(format!("conntrack_{name}"), value);
+        }
+        m.insert("conntrack_expirations".into(), stats.expirations());
+        m
+    }
+
+    #[pyo3(signature = (limit = 1000, *, now = None))]
+    fn connections(
+        &self,
+        py: Python<'_>,
+        limit: usize,
+        now: Option<f64>,
+    ) -> PyResult<Vec<Connection>> {
+        let now = match now {
+            Some(_) => self.now(py, now)?,
+            None => self.last_now.load(Ordering::Relaxed),
+        };
+        let snap = py.detach(|| self.core.conntrack().snapshot(limit, now));
+        Ok(snap
+            .into_iter()
+            .map(|c| Connection {
+                protocol: c.key.proto.as_str(),
+                client: sock(SocketAddr::new(c.key.src, c.key.src_port)),
+                frontend: sock(SocketAddr::new(c.key.dst, c.key.dst_port)),
+                backend: sock(c.backend),
+                service: self
+                    .core
+                    .services()
+                    .name_of(c.service)
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+                state: c.state,
+                expires_in: c.expires_in as f64 / NANOS_PER_SEC as f64,
+            })
+            .collect())
+    }
+
+    fn maglev_table(&self, name: &str) -> Vec<u32> {
+        self.core
+            .services()
+            .get(name)
+            .map(|s| {
+                // Both families' tables, IPv4 first (a single-stack service has one).
+                [&s.v4, &s.v6]
+                    .into_iter()
+                    .filter_map(|pool| match &pool.selector {
+                        crate::policy::Selector::Maglev(m) => Some(
+                            m.table().iter().map(|&i| pool.backends[usize::from(i)].handle.id.0),
+                        ),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[pymodule]
+fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("POLICIES", pyo3::types::PyTuple::new(m.py(), PolicyKind::ALL.map(|p| p.as_str()))?)?;
+    m.add_class::<Frontend>()?;
+    m.add_class::<Backend>()?;
+    m.add_class::<Decision>()?;
+    m.add_class::<Connection>()?;
+    m.add_class::<Engine>()?;
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! pykp's fast path: everything that looks at packets, as pure Rust with no I/O.
+//!
+//! - [`wire`]: zero-copy, bounds-checked packet views and in-place NAT rewrites.
+//! - [`service`]: the service table (frontends -> service -> backends), lock-free reads.
+//! - [`policy`]: backend selection (random, round-robin, Maglev, least-connections).
+//! - [`conntrack`]: the connection table and session affinity.
+//! - [`decision`]: the one entry point every datapath calls for every packet it sees.
+//!
+//! The PyO3 bindings live in `bindings` behind the `python` feature.
+
+pub mod conntrack;
+pub mod decision;
+pub mod flow;
+pub mod hash;
+#[cfg(target_os = "linux")]
+pub mod nfqueue;
+pub mod policy;
+pub mod service;
+pub mod wire;
+
+#[cfg(feature = "python")]
+mod bindings;
+
+pub use flow::{FlowKey, Nanos, Protocol, TcpFlags};

@@ -1,0 +1,844 @@
+//! Threads that read NFQUEUE queues, ask a decision callback about every packet and
+//! send the verdicts back, in batches.
+//!
+//! One thread per queue number of a range, to pair with the xtables rule
+//! `-j NFQUEUE --queue-balance A:B` (or `--queue-num N` for a range of one). Each thread
+//! owns one netlink socket bound to its queue and loops:
+//! receive up to `batch_size` packets with one `recvmmsg` → call the callback for each →
+//! send all their verdicts with one `send` (consecutive identical verdicts folded into
+//! one `NFQNL_MSG_VERDICT_BATCH`) → publish counters. No allocation per packet: the
+//! receive slots and the verdict buffer are made once and reused.
+//!
+//! # What the queue flags do to a connection
+//!
+//! - **`NFQA_CFG_F_GSO`** ([`QueueConfig::gso`], on by default): the kernel hands GSO
+//!   super-packets (one skb carrying many MTU-sized segments, e.g. a big UDP send with
+//!   UDP_SEGMENT or a TSO'ed TCP burst on the local-out path) over unsegmented, so it
+//!   does not have to segment them, queue every segment and wait for one verdict per
+//!   segment; the verdict applies to the whole skb. It also skips filling in
+//!   `CHECKSUM_PARTIAL` checksums before queuing (such packets carry
+//!   `NFQA_SKB_CSUMNOTREADY`; do not validate their checksums — we never modify or return
+//!   the payload, so that is fine). With first-packet-only queuing (`--ctstate NEW`) it
+//!   mostly matters for the first datagram of a UDP/GSO flow; a TCP SYN is never GSO.
+//! - **`NFQA_CFG_F_FAIL_OPEN`** ([`QueueConfig::fail_open`], off by default): when the
+//!   queue already holds `max_len` packets waiting for a verdict, or the reader's socket
+//!   buffer is full, the kernel *accepts* the packet instead of dropping it. The packet
+//!   then bypasses pykp's decision: no mark, so the `dnat ... meta mark map` rule does
+//!   not match and conntrack records the flow **un-NATed** (a null NAT binding). Every
+//!   later packet of that flow, retransmitted SYNs included, keeps that binding until the
+//!   conntrack entry expires or is deleted, so a connection to a service address stays
+//!   broken for the conntrack timeout. Fail-closed (the default) drops the packet
+//!   instead; no conntrack entry is confirmed, and the client's retransmission (TCP SYN
+//!   after ~1 s) is queued and decided afresh. Fail-open is the better trade-off only for
+//!   traffic that pykp would pass through untouched anyway.
+//! - **`--queue-bypass`** in the iptables rule covers the other case, no reader at all
+//!   (no socket bound to the queue: pykp not started or crashed): the packet is accepted
+//!   as if the rule were not there, instead of dropped.
+//! - **`NFQA_CFG_F_CONNTRACK`** is turned off: the decision needs only the L3/L4
+//!   headers, and conntrack attributes would cost a netlink dump per packet.
+
+use std::fmt;
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::msg::{
+    self, put_config, put_verdict, put_verdict_batch, CfgCmd, CfgFlags, ConfigRequest, CopyParams,
+    Message, Verdict, NFQA_CFG_F_CONNTRACK, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO,
+};
+use super::sys::{is_enobufs, read_proc_queue_stats, NfqSocket, RecvBatch};
+
+/// What the callback decided for one packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QueueVerdict {
+    /// `NF_ACCEPT` (true) or `NF_DROP` (false).
+    pub accept: bool,
+    /// Set the skb mark (only meaningful with `accept`).
+    pub mark: Option<u32>,
+}
+
+impl QueueVerdict {
+    /// Accept, mark unchanged.
+    pub const ACCEPT: QueueVerdict = QueueVerdict { accept: true, mark: None };
+    /// Drop.
+    pub const DROP: QueueVerdict = QueueVerdict { accept: false, mark: None };
+
+    /// Accept and set the skb mark to `mark`.
+    pub const fn accept_with_mark(mark: u32) -> QueueVerdict {
+        QueueVerdict { accept: true, mark: Some(mark) }
+    }
+}
+
+/// The decision callback: gets the packet from its network header on (at most
+/// [`QueueConfig::copy_range`] bytes), returns the verdict. Called on the worker threads.
+pub type DecisionFn = Arc<dyn Fn(&[u8]) -> QueueVerdict + Send + Sync>;
+
+/// How to bind and run the queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// First queue number (the `A` of `--queue-balance A:B`).
+    pub first_queue: u16,
+    /// Last queue number, inclusive (the `B`); one thread per queue.
+    pub last_queue: u16,
+    /// Bytes of each packet copied to user space; the decision needs only the L3/L4
+    /// headers (IPv6 with extension headers may need more than 128).
+    pub copy_range: u32,
+    /// Packets that may wait for a verdict (`NFQA_CFG_QUEUE_MAXLEN`; kernel default 1024).
+    pub max_len: u32,
+    /// `NFQA_CFG_F_FAIL_OPEN`: see the module documentation.
+    pub fail_open: bool,
+    /// `NFQA_CFG_F_GSO`: see the module documentation.
+    pub gso: bool,
+    /// Datagrams per `recvmmsg` (and at most that many verdicts per `send`).
+    pub batch_size: usize,
+    /// Socket receive buffer to ask for (`SO_RCVBUFFORCE`, else `SO_RCVBUF`).
+    pub rcvbuf_bytes: usize,
+    /// How long a receive waits before the thread looks at the stop flag again.
+    pub recv_timeout: Duration,
+    /// Fold consecutive identical verdicts into one `NFQNL_MSG_VERDICT_BATCH`.
+    pub coalesce_verdicts: bool,
+    /// Leave `NETLINK_NO_ENOBUFS` off, so socket overruns show as `ENOBUFS` and are
+    /// counted in [`WorkerStats::enobufs`]. Off by default: after reporting an overrun
+    /// netlink marks the socket congested and drops *every* new message until the
+    /// reader has emptied its receive queue, which loses more packets under load. The
+    /// kernel counts the losses either way ([`KernelQueueStats::user_dropped`]).
+    pub report_enobufs: bool,
+    /// How long to wait for the kernel's answer to the bind request.
+    pub bind_timeout: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            first_queue: 0,
+            last_queue: 0,
+            copy_range: 128,
+            max_len: 4096,
+            fail_open: false,
+            gso: true,
+            batch_size: 64,
+            rcvbuf_bytes: 8 << 20,
+            recv_timeout: Duration::from_millis(100),
+            coalesce_verdicts: true,
+            report_enobufs: false,
+            bind_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// Queues `first..=last` with defaults otherwise.
+    pub fn queues(first: u16, last: u16) -> QueueConfig {
+        QueueConfig { first_queue: first, last_queue: last, ..QueueConfig::default() }
+    }
+
+    /// The bind + configure request for `queue` (command, copy mode/range, max length,
+    /// and the GSO / FAIL_OPEN / CONNTRACK flags).
+    pub fn request(&self, bind: bool) -> ConfigRequest {
+        ConfigRequest {
+            cmd: if bind { Some(CfgCmd::BIND) } else { None },
+            params: Some(CopyParams::packet(self.copy_range)),
+            max_len: Some(self.max_len),
+            flags: Some(
+                CfgFlags::default()
+                    .with(NFQA_CFG_F_GSO, self.gso)
+                    .with(NFQA_CFG_F_FAIL_OPEN, self.fail_open)
+                    .with(NFQA_CFG_F_CONNTRACK, false),
+            ),
+        }
+    }
+
+    /// Receive slot size: the copy range plus room for the netlink header and every
+    /// metadata attribute the kernel may add.
+    pub fn slot_size(&self) -> usize {
+        msg::align4(self.copy_range.min(msg::NFQNL_MAX_COPY_RANGE) as usize) + 1024
+    }
+}
+
+/// Per-worker counters, written by one thread only and read by anyone.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct WorkerCounters {
+    /// Packets received.
+    pub packets: AtomicU64,
+    /// Packets given a verdict.
+    pub verdicts: AtomicU64,
+    /// Of those, dropped.
+    pub drops: AtomicU64,
+    /// Errors: malformed or truncated messages, error acks from the kernel, failed
+    /// receives or sends, callback panics.
+    pub errors: AtomicU64,
+    /// Receives that failed with `ENOBUFS` (the socket overran and lost packets).
+    pub enobufs: AtomicU64,
+    /// Non-empty receive batches.
+    pub batches: AtomicU64,
+    /// `send` calls carrying verdicts.
+    pub sends: AtomicU64,
+}
+
+/// A snapshot of one worker's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Queue number (meaningless in a sum).
+    pub queue: u16,
+    /// Packets received.
+    pub packets: u64,
+    /// Packets given a verdict.
+    pub verdicts: u64,
+    /// Of those, dropped.
+    pub drops: u64,
+    /// Errors (see [`WorkerCounters::errors`]).
+    pub errors: u64,
+    /// `ENOBUFS` receives.
+    pub enobufs: u64,
+    /// Non-empty receive batches.
+    pub batches: u64,
+    /// Verdict `send` calls.
+    pub sends: u64,
+}
+
+impl WorkerStats {
+    fn add(mut self, o: &WorkerStats) -> WorkerStats {
+        self.packets += o.packets;
+        self.verdicts += o.verdicts;
+        self.drops += o.drops;
+        self.errors += o.errors;
+        self.enobufs += o.enobufs;
+        self.batches += o.batches;
+        self.sends += o.sends;
+        self
+    }
+}
+
+impl WorkerCounters {
+    /// Read every counter.
+    pub fn snapshot(&self, queue: u16) -> WorkerStats {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WorkerStats {
+            queue,
+            packets: r(&self.packets),
+            verdicts: r(&self.verdicts),
+            drops: r(&self.drops),
+            errors: r(&self.errors),
+            enobufs: r(&self.enobufs),
+            batches: r(&self.batches),
+            sends: r(&self.sends),
+        }
+    }
+
+    fn publish(&self, d: &WorkerStats) {
+        for (a, v) in [
+            (&self.packets, d.packets),
+            (&self.verdicts, d.verdicts),
+            (&self.drops, d.drops),
+            (&self.errors, d.errors),
+            (&self.enobufs, d.enobufs),
+            (&self.batches, d.batches),
+            (&self.sends, d.sends),
+        ] {
+            if v != 0 {
+                a.fetch_add(v, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pure part: verdict batching and datagram handling (tested without a socket)
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    queue: u16,
+    verdict: Verdict,
+    mark: Option<u32>,
+    last_id: u32,
+    count: u32,
+}
+
+/// Collects the verdicts of one receive batch into one send buffer.
+///
+/// With coalescing, a run of consecutive packets with the same verdict and mark becomes
+/// one `NFQNL_MSG_VERDICT_BATCH` for the run's last id. That is exact because a queue has
+/// one reader, the kernel delivers ids in increasing order, and every packet before the
+/// run already got its verdict earlier in the same buffer (the kernel handles the
+/// messages of one send in order), so "every waiting id `<=` last" is the run itself.
+#[derive(Debug)]
+pub(crate) struct VerdictBatcher {
+    coalesce: bool,
+    buf: Vec<u8>,
+    run: Option<Run>,
+    verdicts: u64,
+}
+
+impl VerdictBatcher {
+    pub(crate) fn new(coalesce: bool, capacity: usize) -> VerdictBatcher {
+        VerdictBatcher {
+            coalesce,
+            buf: Vec::with_capacity(capacity * msg::VERDICT_MSG_MAX_LEN),
+            run: None,
+            verdicts: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, queue: u16, id: u32, v: QueueVerdict) {
+        let (verdict, mark) =
+            if v.accept { (Verdict::Accept, v.mark) } else { (Verdict::Drop, None) };
+        self.verdicts += 1;
+        if self.coalesce {
+            if let Some(r) = &mut self.run {
+                if r.queue == queue && r.verdict == verdict && r.mark == mark {
+                    r.last_id = id;
+                    r.count += 1;
+                    return;
+                }
+            }
+            self.flush_run();
+            self.run = Some(Run { queue, verdict, mark, last_id: id, count: 1 });
+        } else {
+            put_verdict(&mut self.buf, queue, id, verdict, mark);
+        }
+    }
+
+    fn flush_run(&mut self) {
+        if let Some(r) = self.run.take() {
+            if r.count == 1 {
+                put_verdict(&mut self.buf, r.queue, r.last_id, r.verdict, r.mark);
+            } else {
+                put_verdict_batch(&mut self.buf, r.queue, r.last_id, r.verdict, r.mark);
+            }
+        }
+    }
+
+    /// Packets with a verdict since the last `clear`.
+    pub(crate) fn verdicts(&self) -> u64 {
+        self.verdicts
+    }
+
+    /// The messages to send (closes the open run).
+    pub(crate) fn finish(&mut self) -> &[u8] {
+        self.flush_run();
+        &self.buf
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.run = None;
+        self.verdicts = 0;
+    }
+}
+
+/// Handle every message of one received datagram: packets go through `decide` into
+/// `out`; acks and errors are counted. Returns the ack for `await_seq` if one was seen.
+pub(crate) fn handle_datagram(
+    datagram: &[u8],
+    truncated: bool,
+    decide: &(dyn Fn(&[u8]) -> QueueVerdict + Send + Sync),
+    fail_open: bool,
+    out: &mut VerdictBatcher,
+    stats: &mut WorkerStats,
+    await_seq: Option<u32>,
+) -> Option<msg::Ack> {
+    let mut awaited = None;
+    if truncated {
+        stats.errors += 1;
+    }
+    for m in msg::messages(datagram) {
+        match m {
+            Ok(Message::Packet(p)) => {
+                stats.packets += 1;
+                let v = match catch_unwind(AssertUnwindSafe(|| decide(p.payload))) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        stats.errors += 1;
+                        if fail_open {
+                            QueueVerdict::ACCEPT
+                        } else {
+                            QueueVerdict::DROP
+                        }
+                    }
+                };
+                if !v.accept {
+                    stats.drops += 1;
+                }
+                out.push(p.queue, p.id, v);
+            }
+            Ok(Message::Ack(a)) => {
+                if Some(a.seq) == await_seq && a.seq != 0 {
+                    awaited = Some(a);
+                } else if !a.is_ok() {
+                    stats.errors += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => stats.errors += 1,
+        }
+    }
+    awaited
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel queue statistics (/proc/net/netfilter/nfnetlink_queue)
+// ---------------------------------------------------------------------------------------
+
+/// One line of `/proc/net/netfilter/nfnetlink_queue` (per network namespace).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelQueueStats {
+    /// Queue number.
+    pub queue: u16,
+    /// Port id of the bound socket.
+    pub portid: u32,
+    /// Packets currently waiting for a verdict.
+    pub waiting: u32,
+    /// Copy mode (`NFQNL_COPY_*`).
+    pub copy_mode: u8,
+    /// Copy range.
+    pub copy_range: u32,
+    /// Packets dropped (or, with fail-open, accepted) because the queue was full.
+    pub queue_dropped: u32,
+    /// Packets lost because the netlink socket buffer was full.
+    pub user_dropped: u32,
+    /// Last packet id handed out.
+    pub id_sequence: u32,
+}
+
+impl KernelQueueStats {
+    /// Parse the whole file; malformed lines are skipped.
+    pub fn parse_all(text: &str) -> Vec<KernelQueueStats> {
+        text.lines().filter_map(Self::parse_line).collect()
+    }
+
+    /// Parse one line (`queue portid waiting mode range dropped user_dropped id 1`).
+    pub fn parse_line(line: &str) -> Option<KernelQueueStats> {
+        let mut f = line.split_whitespace();
+        let mut n = || f.next()?.parse::<u32>().ok();
+        Some(KernelQueueStats {
+            queue: u16::try_from(n()?).ok()?,
+            portid: n()?,
+            waiting: n()?,
+            copy_mode: u8::try_from(n()?).ok()?,
+            copy_range: n()?,
+            queue_dropped: n()?,
+            user_dropped: n()?,
+            id_sequence: n()?,
+        })
+    }
+
+    /// Read the calling thread's network namespace's queues
+    /// (`/proc/thread-self/net/netfilter/nfnetlink_queue`).
+    pub fn read() -> io::Result<Vec<KernelQueueStats>> {
+        Ok(Self::parse_all(&read_proc_queue_stats()?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One worker (socket + buffers) and the thread pool
+// ---------------------------------------------------------------------------------------
+
+struct Worker {
+    queue: u16,
+    sock: NfqSocket,
+    rx: RecvBatch,
+    out: VerdictBatcher,
+    decide: DecisionFn,
+    fail_open: bool,
+    counters: Arc<WorkerCounters>,
+    seq: u32,
+}
+
+impl Worker {
+    fn open(cfg: &QueueConfig, queue: u16, decide: DecisionFn) -> io::Result<Worker> {
+        let sock = NfqSocket::open()?;
+        sock.set_rcvbuf(cfg.rcvbuf_bytes)?;
+        sock.set_no_enobufs(!cfg.report_enobufs)?;
+        let _ = sock.set_cap_ack(true); // smaller error messages; optional
+        sock.set_recv_timeout(cfg.recv_timeout)?;
+        let batch = cfg.batch_size.max(1);
+        Ok(Worker {
+            queue,
+            sock,
+            rx: RecvBatch::new(batch, cfg.slot_size()),
+            out: VerdictBatcher::new(cfg.coalesce_verdicts, batch),
+            decide,
+            fail_open: cfg.fail_open,
+            counters: Arc::new(WorkerCounters::default()),
+            seq: 0,
+        })
+    }
+
+    /// Send a config request with an ack and wait for the answer, handling any packets
+    /// that arrive meanwhile.
+    fn configure(&mut self, req: &ConfigRequest, timeout: Duration) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        let seq = self.seq;
+        let mut buf = Vec::with_capacity(64);
+        put_config(&mut buf, seq, self.queue, req, true);
+        self.sock.send(&buf)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ack) = self.poll(Some(seq))? {
+                return if ack.is_ok() {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(ack.errno))
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no answer to the NFQUEUE bind request",
+                ));
+            }
+        }
+    }
+
+    /// One receive batch: decide, send verdicts, publish counters. Returns the ack for
+    /// `await_seq` if seen. Timeouts and interrupts are `Ok(None)`.
+    fn poll(&mut self, await_seq: Option<u32>) -> io::Result<Option<msg::Ack>> {
+        let mut st = WorkerStats::default();
+        let mut awaited = None;
+        let res = match self.sock.recv_batch(&mut self.rx) {
+            Ok(n) => {
+                st.batches += 1;
+                self.out.clear();
+                for i in 0..n {
+                    if let Some((d, trunc)) = self.rx.get(i) {
+                        let a = handle_datagram(
+                            d,
+                            trunc,
+                            &*self.decide,
+                            self.fail_open,
+                            &mut self.out,
+                            &mut st,
+                            await_seq,
+                        );
+                        awaited = awaited.or(a);
+                    }
+                }
+                st.verdicts += self.out.verdicts();
+                let bytes = self.out.finish();
+                if !bytes.is_empty() {
+                    st.sends += 1;
+                    if self.sock.send(bytes).is_err() {
+                        st.errors += 1;
+                    }
+                }
+                Ok(awaited)
+            }
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
+            {
+                Ok(None)
+            }
+            Err(e) if is_enobufs(&e) => {
+                st.enobufs += 1;
+                Ok(None)
+            }
+            Err(e) => {
+                st.errors += 1;
+                Err(e)
+            }
+        };
+        self.counters.publish(&st);
+        res
+    }
+
+    fn run(mut self, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Acquire) {
+            if self.poll(None).is_err() {
+                // An unexpected socket error: do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let mut buf = Vec::with_capacity(32);
+        put_config(
+            &mut buf,
+            0,
+            self.queue,
+            &ConfigRequest { cmd: Some(CfgCmd::UNBIND), ..Default::default() },
+            false,
+        );
+        let _ = self.sock.send(&buf);
+        // Dropping the socket unbinds too; packets still waiting are dropped by the kernel.
+    }
+}
+
+/// The running queue readers: one thread per queue number.
+///
+/// Dropping it stops and joins the threads (each waits at most
+/// [`QueueConfig::recv_timeout`] to notice). On stop each thread unbinds its queue; the
+/// kernel drops the packets still waiting for a verdict (fail-closed), and with
+/// `--queue-bypass` in the rule later packets pass the queue until a reader binds again.
+pub struct QueueWorkers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    counters: Vec<(u16, Arc<WorkerCounters>)>,
+}
+
+impl fmt::Debug for QueueWorkers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueWorkers").field("stats", &self.stats()).finish()
+    }
+}
+
+impl QueueWorkers {
+    /// Bind and configure every queue of `cfg` (on the calling thread, so the sockets
+    /// live in its network namespace and errors such as `EPERM`, the queue bound by
+    /// another socket, come back here), then start the threads.
+    pub fn start(cfg: &QueueConfig, decide: DecisionFn) -> io::Result<QueueWorkers> {
+        Self::start_with_stop(cfg, decide, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Like [`start`](Self::start), stopping when `stop` becomes true.
+    pub fn start_with_stop(
+        cfg: &QueueConfig,
+        decide: DecisionFn,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<QueueWorkers> {
+        if cfg.first_queue > cfg.last_queue {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "first_queue > last_queue"));
+        }
+        let mut workers = Vec::new();
+        for q in cfg.first_queue..=cfg.last_queue {
+            let mut w = Worker::open(cfg, q, decide.clone())?;
+            w.configure(&cfg.request(true), cfg.bind_timeout)?;
+            workers.push(w);
+        }
+        let mut me = QueueWorkers { stop: stop.clone(), threads: Vec::new(), counters: Vec::new() };
+        for w in workers {
+            me.counters.push((w.queue, w.counters.clone()));
+            let stop = stop.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pykp-nfq-{}", w.queue))
+                .spawn(move || w.run(stop));
+            match t {
+                Ok(t) => me.threads.push(t),
+                Err(e) => return Err(e), // `me` drops: stops the threads already started
+            }
+        }
+        Ok(me)
+    }
+
+    /// The flag the threads watch.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Counters of every worker, in queue order.
+    pub fn stats(&self) -> Vec<WorkerStats> {
+        self.counters.iter().map(|(q, c)| c.snapshot(*q)).collect()
+    }
+
+    /// All workers' counters added up.
+    pub fn total(&self) -> WorkerStats {
+        self.stats().iter().fold(WorkerStats::default(), |a, s| a.add(s))
+    }
+
+    /// Stop and join every thread (also done on drop).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for QueueWorkers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfqueue::msg::{put_packet, Packet, VerdictMsg, NF_ACCEPT, NF_DROP, NLMSG_ERROR};
+
+    fn pkt(queue: u16, id: u32, payload: &[u8]) -> Packet<'_> {
+        Packet {
+            queue,
+            family: 2,
+            id,
+            hw_protocol: 0x800,
+            hook: 3,
+            payload,
+            mark: None,
+            skb_info: 0,
+            cap_len: None,
+            indev: None,
+            outdev: None,
+            ct_info: None,
+            uid: None,
+            gid: None,
+        }
+    }
+
+    fn verdicts(buf: &[u8]) -> Vec<VerdictMsg> {
+        msg::messages(buf)
+            .map(|m| match m.unwrap() {
+                Message::Verdict(v) => v,
+                o => panic!("{o:?}"),
+            })
+            .collect()
+    }
+
+    fn by_first_byte(p: &[u8]) -> QueueVerdict {
+        match p.first() {
+            Some(0) => QueueVerdict::DROP,
+            Some(1) => QueueVerdict::ACCEPT,
+            Some(&m) => QueueVerdict::accept_with_mark(m as u32),
+            None => panic!("empty payload"),
+        }
+    }
+
+    #[test]
+    fn coalesces_runs_of_identical_verdicts() {
+        let mut b = VerdictBatcher::new(true, 8);
+        for (id, v) in [
+            (10, QueueVerdict::ACCEPT),
+            (11, QueueVerdict::ACCEPT),
+            (12, QueueVerdict::accept_with_mark(5)),
+            (13, QueueVerdict::DROP),
+            (14, QueueVerdict { accept: false, mark: Some(9) }), // mark ignored on drop
+            (15, QueueVerdict::accept_with_mark(5)),
+            (16, QueueVerdict::accept_with_mark(5)),
+            (17, QueueVerdict::accept_with_mark(5)),
+        ] {
+            b.push(3, id, v);
+        }
+        assert_eq!(b.verdicts(), 8);
+        let got = verdicts(b.finish());
+        let v = |batch, id, verdict, mark| VerdictMsg { queue: 3, batch, id, verdict, mark };
+        assert_eq!(
+            got,
+            vec![
+                v(true, 11, NF_ACCEPT, None),
+                v(false, 12, NF_ACCEPT, Some(5)),
+                v(true, 14, NF_DROP, None),
+                v(true, 17, NF_ACCEPT, Some(5)),
+            ]
+        );
+        b.clear();
+        assert!(b.finish().is_empty());
+        assert_eq!(b.verdicts(), 0);
+    }
+
+    #[test]
+    fn without_coalescing_one_message_per_packet() {
+        let mut b = VerdictBatcher::new(false, 4);
+        for id in 0..4 {
+            b.push(1, id, QueueVerdict::ACCEPT);
+        }
+        let got = verdicts(b.finish());
+        assert_eq!(got.len(), 4);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, v)| !v.batch && v.id == i as u32 && v.verdict == NF_ACCEPT));
+    }
+
+    #[test]
+    fn handle_datagram_decides_counts_and_catches_panics() {
+        let mut d = Vec::new();
+        put_packet(&mut d, &pkt(2, 1, &[1]));
+        put_packet(&mut d, &pkt(2, 2, &[0]));
+        put_packet(&mut d, &pkt(2, 3, &[7]));
+        put_packet(&mut d, &pkt(2, 4, &[])); // the callback panics on this one
+                                             // an error ack (ENOENT for a stale verdict) and the awaited ack
+        for (errno, seq) in [(-2i32, 0u32), (0, 5)] {
+            d.extend_from_slice(&36u32.to_ne_bytes());
+            d.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+            d.extend_from_slice(&0u16.to_ne_bytes());
+            d.extend_from_slice(&seq.to_ne_bytes());
+            d.extend_from_slice(&0u32.to_ne_bytes());
+            d.extend_from_slice(&errno.to_ne_bytes());
+            d.extend_from_slice(&[0u8; 16]);
+        }
+        d.extend_from_slice(&[0xff; 3]); // junk: an error
+        let decide: DecisionFn = Arc::new(by_first_byte);
+        let mut out = VerdictBatcher::new(false, 8);
+        let mut st = WorkerStats::default();
+        // Silence the two expected panic messages (the hook is process-wide: restored below).
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let ack = handle_datagram(&d, false, &*decide, false, &mut out, &mut st, Some(5));
+        assert_eq!(ack.map(|a| (a.seq, a.errno)), Some((5, 0)));
+        assert_eq!((st.packets, st.drops, st.errors), (4, 2, 3)); // panic, ENOENT, junk
+        let got = verdicts(out.finish());
+        let summary: Vec<_> = got.iter().map(|v| (v.id, v.verdict, v.mark)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (1, NF_ACCEPT, None),
+                (2, NF_DROP, None),
+                (3, NF_ACCEPT, Some(7)),
+                (4, NF_DROP, None)
+            ]
+        );
+
+        // fail-open turns a panicking decision into ACCEPT; a truncated datagram counts
+        let mut out = VerdictBatcher::new(true, 8);
+        let mut st = WorkerStats::default();
+        let mut d = Vec::new();
+        put_packet(&mut d, &pkt(2, 9, &[]));
+        handle_datagram(&d, true, &*decide, true, &mut out, &mut st, None);
+        std::panic::set_hook(prev);
+        assert_eq!((st.packets, st.drops, st.errors), (1, 0, 2));
+        assert_eq!(verdicts(out.finish())[0].verdict, NF_ACCEPT);
+    }
+
+    #[test]
+    fn config_request_flags() {
+        let cfg = QueueConfig {
+            fail_open: true,
+            gso: false,
+            copy_range: 200,
+            ..QueueConfig::queues(4, 7)
+        };
+        let r = cfg.request(true);
+        assert_eq!(r.cmd, Some(CfgCmd::BIND));
+        assert_eq!(r.params, Some(CopyParams::packet(200)));
+        let f = r.flags.unwrap();
+        assert_eq!(f.mask, NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_CONNTRACK);
+        assert_eq!(f.value, NFQA_CFG_F_FAIL_OPEN);
+        assert!(cfg.slot_size() >= 200 + 512);
+        assert!(QueueConfig::default().request(false).cmd.is_none());
+    }
+
+    #[test]
+    fn proc_stats_parse() {
+        let text = "    0 123456     0 2   128     0     0       17  1\n    1  -1 x\n65535      9     3 2 65531     4     5 4294967295  1\n";
+        let v = KernelQueueStats::parse_all(text);
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            v[0],
+            KernelQueueStats {
+                queue: 0,
+                portid: 123456,
+                waiting: 0,
+                copy_mode: 2,
+                copy_range: 128,
+                queue_dropped: 0,
+                user_dropped: 0,
+                id_sequence: 17
+            }
+        );
+        assert_eq!(
+            (v[1].queue, v[1].waiting, v[1].queue_dropped, v[1].user_dropped, v[1].id_sequence),
+            (65535, 3, 4, 5, u32::MAX)
+        );
+    }
+
+    #[test]
+    fn stats_snapshot_and_sum() {
+        let c = WorkerCounters::default();
+        c.publish(&WorkerStats { packets: 3, verdicts: 3, batches: 1, ..Default::default() });
+        c.publish(&WorkerStats { packets: 2, errors: 1, ..Default::default() });
+        let s = c.snapshot(4);
+        assert_eq!((s.queue, s.packets, s.verdicts, s.errors, s.batches), (4, 5, 3, 1, 1));
+        assert_eq!(s.add(&s).packets, 10);
+    }
+}

@@ -1,0 +1,161 @@
+"""Type stubs for pykp._fastpath, the Rust core (crates/fastpath, feature "python").
+
+Checked against the built extension by `python -m mypy.stubtest pykp._fastpath`.
+"""
+
+from typing import Final, final
+
+from typing_extensions import Self
+
+__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine"]
+
+__version__: Final[str]
+
+POLICIES: Final[tuple[str, ...]]
+"""Policy names accepted everywhere: "random", "round-robin", "maglev", "least-conn"."""
+
+@final
+class Frontend:
+    """Where a service is reached: an address, a port and a protocol ("TCP", "UDP", "SCTP")."""
+
+    def __new__(cls, ip: str, port: int, protocol: str = "TCP") -> Self: ...
+    @property
+    def ip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def protocol(self) -> str: ...
+
+@final
+class Backend:
+    """An endpoint of a service, with Kubernetes' endpoint conditions."""
+
+    def __new__(
+        cls,
+        ip: str,
+        port: int,
+        weight: int = 1,
+        ready: bool = True,
+        serving: bool = True,
+        terminating: bool = False,
+        local: bool = False,
+    ) -> Self: ...
+    @property
+    def ip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def terminating(self) -> bool: ...
+    @property
+    def local(self) -> bool: ...
+
+@final
+class Decision:
+    """What a datapath does with one packet."""
+
+    @property
+    def action(self) -> str:
+        """"forward", "pass", "reject" or "drop"."""
+    @property
+    def reason(self) -> str | None:
+        """Why a packet was passed, rejected or dropped (None for forward)."""
+    @property
+    def service(self) -> str | None: ...
+    @property
+    def backend(self) -> tuple[str, int] | None: ...
+    @property
+    def backend_id(self) -> int | None:
+        """The backend's id, as the NFQUEUE datapath puts it in the packet mark."""
+    @property
+    def new_flow(self) -> bool:
+        """True when this packet opened a flow; False when the connection table knew it."""
+
+@final
+class Connection:
+    """One entry of the connection table."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def client(self) -> tuple[str, int]: ...
+    @property
+    def frontend(self) -> tuple[str, int]: ...
+    @property
+    def backend(self) -> tuple[str, int]: ...
+    @property
+    def service(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def expires_in(self) -> float:
+        """Seconds until the entry expires if no packet refreshes it."""
+
+@final
+class Engine:
+    """The service table, the policies and the connection table behind one decision call.
+
+    Times (`now`) are monotonic seconds; when omitted the engine reads its own clock.
+    Every method releases the GIL around its work.
+    """
+
+    def __new__(
+        cls,
+        *,
+        default_policy: str = "random",
+        conntrack_capacity: int = 262144,
+        maglev_table_size: int = 65537,
+        maglev_seed: int = 0,
+        hash_key: str = "5-tuple",
+        seed: int | None = None,
+    ) -> Self: ...
+    def upsert_service(
+        self,
+        name: str,
+        frontends: list[Frontend],
+        backends: list[Backend],
+        *,
+        policy: str | None = None,
+        affinity_timeout: float | None = None,
+        hash_key: str | None = None,
+    ) -> int:
+        """Add or replace a service (atomically); returns its id.
+
+        `policy` None means the engine's default; `affinity_timeout` None means no
+        session affinity (ClientIP affinity otherwise, in seconds); `hash_key` is
+        "5-tuple" or "source-ip" for Maglev. Raises ValueError on bad input.
+        """
+    def remove_service(self, name: str) -> bool:
+        """Remove a service and its frontends; False when there was none."""
+    def services(self) -> list[str]: ...
+    def backend_ids(self) -> dict[int, tuple[str, int]]:
+        """Every live backend id and the address and port it stands for."""
+    def decide(
+        self,
+        src: str,
+        src_port: int,
+        dst: str,
+        dst_port: int,
+        protocol: str = "TCP",
+        *,
+        tcp_flags: int = 0x02,
+        now: float | None = None,
+    ) -> Decision:
+        """Decide for a packet described by its 5-tuple (SYN by default)."""
+    def decide_packet(self, packet: bytes, *, now: float | None = None) -> Decision:
+        """Decide for a raw IPv4 or IPv6 packet; malformed input gives a "drop" with a reason."""
+    def expire(self, *, now: float | None = None, budget: int = 4096) -> int:
+        """Run one bounded step of connection-table GC; returns entries removed."""
+    def flush_backend(self, ip: str, port: int) -> int:
+        """Forget every flow to a backend (kube-proxy's stale-UDP cleanup); returns how many."""
+    def counters(self) -> dict[str, int]:
+        """All counters: decisions by action and policy, drops by reason, conntrack stats."""
+    def connections(self, limit: int = 1000, *, now: float | None = None) -> list[Connection]:
+        """Open flows; expiry is measured at `now`, by default the latest time the engine saw."""
+    def maglev_table(self, name: str) -> list[int]:
+        """The Maglev lookup table of a service, as backend ids (empty if not Maglev)."""
