@@ -7,7 +7,7 @@ from typing import Final, final
 
 from typing_extensions import Self
 
-__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine"]
+__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine", "NfqueueDatapath"]
 
 __version__: Final[str]
 
@@ -159,3 +159,35 @@ class Engine:
         """Open flows; expiry is measured at `now`, by default the latest time the engine saw."""
     def maglev_table(self, name: str) -> list[int]:
         """The Maglev lookup table of a service, as backend ids (empty if not Maglev)."""
+
+@final
+class NfqueueDatapath:
+    """Rust threads reading NFQUEUE queues `first_queue..=last_queue` and deciding with `engine`.
+
+    A forwarded packet is accepted with the mark `backend_id << shift` (inside
+    `backend_mask`); a rejected one with `reject_mark`; a malformed one is dropped. The
+    queues are bound in the network namespace of the thread that calls `start()`.
+    """
+
+    def __new__(
+        cls,
+        engine: Engine,
+        *,
+        first_queue: int = 0,
+        last_queue: int = 0,
+        backend_mask: int = 0xFFFF0000,
+        fail_open: bool = False,
+    ) -> Self: ...
+    def start(self) -> None:
+        """Bind the queues and start the threads; raises OSError (e.g. a queue already bound)."""
+    def stop(self) -> None: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def reject_mark(self) -> int: ...
+    @property
+    def max_backend_id(self) -> int: ...
+    def stats(self) -> dict[str, int]:
+        """Worker counters (packets, verdicts, accepted, dropped, errors, batches, ...),
+        verdicts by kind (forwarded, passed, rejected, decision_drops, id_overflow) and the
+        kernel's drops for these queues (kernel_queue_dropped, kernel_user_dropped)."""

@@ -4,13 +4,16 @@
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::conntrack::ConntrackConfig;
+use crate::datapath::{MarkLayout, NfqueueConfig, NfqueueDatapath as CoreNfqueue};
 use crate::decision::{counter_snapshot, Engine as CoreEngine, EngineConfig, Verdict};
 use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags, NANOS_PER_SEC};
+use crate::nfqueue::KernelQueueStats;
 use crate::policy::{HashKey, MaglevConfig, PolicyKind};
 use crate::service::{BackendSpec, Conditions, Frontend as CoreFrontend, ServiceSpec, TableConfig};
 
@@ -249,7 +252,7 @@ fn sock(a: SocketAddr) -> (String, u16) {
 
 #[pyclass(frozen, module = "pykp._fastpath")]
 pub struct Engine {
-    core: CoreEngine,
+    core: Arc<CoreEngine>,
     /// The latest time a call gave or read: what `connections()` measures expiry against,
     /// so a snapshot agrees with the times the caller has been deciding at.
     last_now: AtomicU64,
@@ -324,7 +327,7 @@ impl Engine {
             }),
         };
         Ok(Engine {
-            core: CoreEngine::new(config).map_err(value_error)?,
+            core: Arc::new(CoreEngine::new(config).map_err(value_error)?),
             last_now: AtomicU64::new(0),
         })
     }
@@ -482,6 +485,116 @@ impl Engine {
     }
 }
 
+/// The NFQUEUE datapath: Rust threads reading the queues and deciding with the engine.
+#[pyclass(frozen, module = "pykp._fastpath")]
+pub struct NfqueueDatapath {
+    engine: Arc<CoreEngine>,
+    config: NfqueueConfig,
+    running: Mutex<Option<CoreNfqueue>>,
+}
+
+#[pymethods]
+impl NfqueueDatapath {
+    #[new]
+    #[pyo3(signature = (engine, *, first_queue = 0, last_queue = 0, backend_mask = 0xffff_0000, fail_open = false))]
+    fn new(
+        engine: &Engine,
+        first_queue: u16,
+        last_queue: u16,
+        backend_mask: u32,
+        fail_open: bool,
+    ) -> PyResult<Self> {
+        if first_queue > last_queue {
+            return Err(value_error("first_queue must not be above last_queue"));
+        }
+        Ok(NfqueueDatapath {
+            engine: engine.core.clone(),
+            config: NfqueueConfig {
+                first_queue,
+                last_queue,
+                layout: MarkLayout::new(backend_mask).map_err(value_error)?,
+                fail_open,
+            },
+            running: Mutex::new(None),
+        })
+    }
+
+    /// Bind the queues in the caller's network namespace and start the threads.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.is_none() {
+            let (engine, config) = (self.engine.clone(), self.config);
+            *running = Some(py.detach(move || CoreNfqueue::start(engine, config))?);
+        }
+        Ok(())
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        let taken = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut dp) = taken {
+            py.detach(move || dp.stop());
+        }
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    #[getter]
+    fn reject_mark(&self) -> u32 {
+        self.config.layout.reject_mark()
+    }
+
+    #[getter]
+    fn max_backend_id(&self) -> u32 {
+        self.config.layout.max_backend_id()
+    }
+
+    fn stats(&self) -> std::collections::HashMap<String, u64> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = std::collections::HashMap::new();
+        if let Some(dp) = running.as_ref() {
+            let s = dp.stats();
+            for (k, v) in [
+                ("packets", s.packets),
+                ("verdicts", s.verdicts),
+                ("dropped", s.drops),
+                ("errors", s.errors),
+                ("enobufs", s.enobufs),
+                ("batches", s.batches),
+                ("sends", s.sends),
+            ] {
+                m.insert(k.to_string(), v);
+            }
+            let v = dp.verdicts();
+            for (k, c) in [
+                ("forwarded", &v.forwarded),
+                ("passed", &v.passed),
+                ("rejected", &v.rejected),
+                ("decision_drops", &v.dropped),
+                ("id_overflow", &v.id_overflow),
+            ] {
+                m.insert(k.to_string(), c.load(Ordering::Relaxed));
+            }
+            m.insert("accepted".into(), s.verdicts.saturating_sub(s.drops));
+        }
+        // The kernel's view of our queues: packets it dropped for a full queue or a
+        // failed delivery to user space.
+        if let Ok(kernel) = KernelQueueStats::read() {
+            let ours = |q: u16| q >= self.config.first_queue && q <= self.config.last_queue;
+            let (mut full, mut user) = (0u64, 0u64);
+            for k in kernel.iter().filter(|k| ours(k.queue)) {
+                full += u64::from(k.queue_dropped);
+                user += u64::from(k.user_dropped);
+            }
+            m.insert("kernel_queue_dropped".into(), full);
+            m.insert("kernel_user_dropped".into(), user);
+        }
+        m
+    }
+}
+
 #[pymodule]
 fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -491,5 +604,6 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Decision>()?;
     m.add_class::<Connection>()?;
     m.add_class::<Engine>()?;
+    m.add_class::<NfqueueDatapath>()?;
     Ok(())
 }

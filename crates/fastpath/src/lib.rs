@@ -9,6 +9,8 @@
 //! The PyO3 bindings live in `bindings` behind the `python` feature.
 
 pub mod conntrack;
+#[cfg(target_os = "linux")]
+pub mod datapath;
 pub mod decision;
 pub mod flow;
 pub mod hash;

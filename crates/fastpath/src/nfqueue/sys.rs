@@ -307,3 +307,12 @@ pub fn is_enobufs(e: &io::Error) -> bool {
 pub fn read_proc_queue_stats() -> io::Result<String> {
     std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue")
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock Python's `time.monotonic()` reads, so times
+/// the datapath threads use agree with times the control plane passes in.
+pub fn monotonic_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}

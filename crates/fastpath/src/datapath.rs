@@ -1,0 +1,226 @@
+//! The NFQUEUE node datapath: the engine's verdicts as packet marks.
+//!
+//! Only the first packet of a connection to a frontend reaches the queue. Its verdict names
+//! the chosen backend in the packet mark (`id << shift` inside `backend_mask`); nftables
+//! DNATs by looking the mark up in a map and conntrack carries the rest of the flow.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::decision::{Engine, Verdict};
+use crate::nfqueue::sys::monotonic_nanos;
+use crate::nfqueue::{QueueConfig, QueueVerdict, QueueWorkers, WorkerStats};
+
+/// Where backend ids live in the packet mark. The all-ones id means "reject".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkLayout {
+    backend_mask: u32,
+}
+
+/// kube-proxy's masquerade (0x4000) and drop (0x8000) bits: a backend field must not
+/// overlap them, so pykp and kube-proxy marks can coexist during a migration.
+pub const KUBE_PROXY_BITS: u32 = 0xc000;
+
+impl MarkLayout {
+    pub fn new(backend_mask: u32) -> Result<Self, String> {
+        if backend_mask == 0 {
+            return Err("mark mask is empty".into());
+        }
+        let shift = backend_mask.trailing_zeros();
+        let width = (backend_mask >> shift).trailing_ones();
+        if backend_mask >> shift != (1u64 << width) as u32 - 1 && width != 32 {
+            return Err(format!("mark mask {backend_mask:#x} is not one contiguous run of bits"));
+        }
+        if backend_mask & KUBE_PROXY_BITS != 0 {
+            return Err(format!(
+                "mark mask {backend_mask:#x} overlaps kube-proxy's 0x4000/0x8000 mark bits"
+            ));
+        }
+        if width < 2 {
+            return Err(format!("mark mask {backend_mask:#x} leaves no room for backend ids"));
+        }
+        Ok(MarkLayout { backend_mask })
+    }
+
+    pub fn backend_mask(&self) -> u32 {
+        self.backend_mask
+    }
+
+    fn shift(&self) -> u32 {
+        self.backend_mask.trailing_zeros()
+    }
+
+    /// The largest id a mark can carry (the all-ones value is the reject mark).
+    pub fn max_backend_id(&self) -> u32 {
+        (self.backend_mask >> self.shift()) - 1
+    }
+
+    pub fn reject_mark(&self) -> u32 {
+        self.backend_mask
+    }
+
+    pub fn backend_mark(&self, id: u32) -> Option<u32> {
+        (id >= 1 && id <= self.max_backend_id()).then(|| id << self.shift())
+    }
+}
+
+/// Verdicts the datapath gave, beyond the workers' own counters.
+#[derive(Debug, Default)]
+pub struct VerdictCounters {
+    pub forwarded: AtomicU64,
+    pub passed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub dropped: AtomicU64,
+    /// Backend ids beyond the mark field: passed unmarked (then refused by the rules).
+    pub id_overflow: AtomicU64,
+}
+
+/// The engine's verdict for one queued packet, as a queue verdict.
+pub fn queue_verdict(
+    engine: &Engine,
+    layout: &MarkLayout,
+    counters: &VerdictCounters,
+    packet: &[u8],
+    now: u64,
+) -> QueueVerdict {
+    match engine.decide_packet(packet, now) {
+        Verdict::Forward(f) => match layout.backend_mark(f.backend.id.0) {
+            Some(mark) => {
+                counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                QueueVerdict::accept_with_mark(mark)
+            }
+            None => {
+                counters.id_overflow.fetch_add(1, Ordering::Relaxed);
+                QueueVerdict::ACCEPT
+            }
+        },
+        Verdict::Pass(_) => {
+            counters.passed.fetch_add(1, Ordering::Relaxed);
+            QueueVerdict::ACCEPT
+        }
+        Verdict::Reject { .. } => {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            QueueVerdict::accept_with_mark(layout.reject_mark())
+        }
+        Verdict::Drop(_) => {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            QueueVerdict::DROP
+        }
+    }
+}
+
+/// Settings of the NFQUEUE datapath.
+#[derive(Clone, Copy, Debug)]
+pub struct NfqueueConfig {
+    pub first_queue: u16,
+    pub last_queue: u16,
+    pub layout: MarkLayout,
+    pub fail_open: bool,
+}
+
+/// Queue reader threads feeding the engine.
+pub struct NfqueueDatapath {
+    workers: QueueWorkers,
+    counters: Arc<VerdictCounters>,
+}
+
+impl NfqueueDatapath {
+    /// Bind the queues (in the calling thread's network namespace) and start the threads.
+    pub fn start(engine: Arc<Engine>, cfg: NfqueueConfig) -> io::Result<Self> {
+        let counters = Arc::new(VerdictCounters::default());
+        let c = counters.clone();
+        let layout = cfg.layout;
+        let decide = Arc::new(move |packet: &[u8]| {
+            queue_verdict(&engine, &layout, &c, packet, monotonic_nanos())
+        });
+        let queue_cfg = QueueConfig {
+            // Whole packets: `wire::parse` checks the declared length against the bytes it
+            // gets, and first packets (SYNs, first datagrams) are small anyway.
+            copy_range: 0xffff,
+            batch_size: 32,
+            fail_open: cfg.fail_open,
+            ..QueueConfig::queues(cfg.first_queue, cfg.last_queue)
+        };
+        let workers = QueueWorkers::start(&queue_cfg, decide)?;
+        Ok(NfqueueDatapath { workers, counters })
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        self.workers.total()
+    }
+
+    pub fn verdicts(&self) -> &VerdictCounters {
+        &self.counters
+    }
+
+    pub fn stop(&mut self) {
+        self.workers.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::EngineConfig;
+    use crate::flow::{FlowKey, Protocol};
+    use crate::service::{BackendSpec, Conditions, Frontend, ServiceSpec};
+    use crate::wire::PacketBuilder;
+
+    #[test]
+    fn layouts_are_validated() {
+        assert!(MarkLayout::new(0xffff_0000).is_ok());
+        assert!(MarkLayout::new(0).is_err());
+        assert!(MarkLayout::new(0x00ff_c000).is_err(), "overlaps kube-proxy's bits");
+        assert!(MarkLayout::new(0x0f0f_0000).is_err(), "not contiguous");
+        let l = MarkLayout::new(0x0fff_0000).unwrap();
+        assert_eq!(l.max_backend_id(), 0xffe);
+        assert_eq!(l.backend_mark(1), Some(0x0001_0000));
+        assert_eq!(l.backend_mark(0), None);
+        assert_eq!(l.backend_mark(0xfff), None, "the all-ones id is the reject mark");
+        assert_eq!(l.reject_mark(), 0x0fff_0000);
+    }
+
+    #[test]
+    fn verdicts_carry_the_backend_in_the_mark() {
+        let engine = Engine::new(EngineConfig::default()).unwrap();
+        let vip = "10.96.0.10".parse().unwrap();
+        let mut spec = ServiceSpec {
+            name: "default/web:http".into(),
+            frontends: vec![Frontend { addr: vip, port: 80, proto: Protocol::Tcp }],
+            backends: vec![BackendSpec {
+                addr: "10.244.0.11:8080".parse().unwrap(),
+                weight: 1,
+                conditions: Conditions::READY,
+                local: false,
+            }],
+            policy: None,
+            affinity_timeout: None,
+            hash_key: None,
+        };
+        let state = engine.upsert_service(&spec).unwrap();
+        let id = state.backends[0].handle.id.0;
+        let layout = MarkLayout::new(0xffff_0000).unwrap();
+        let c = VerdictCounters::default();
+        let key = FlowKey::new(Protocol::Tcp, "10.0.0.1".parse().unwrap(), 40000, vip, 80);
+        let syn = PacketBuilder::new(key).build();
+        let v = queue_verdict(&engine, &layout, &c, &syn, 1);
+        assert_eq!(v, QueueVerdict::accept_with_mark(id << 16));
+        // No endpoints: the reject mark, which the rules turn into a TCP reset.
+        spec.backends.clear();
+        engine.upsert_service(&spec).unwrap();
+        let other = PacketBuilder::new(FlowKey { src_port: 40001, ..key }).build();
+        assert_eq!(
+            queue_verdict(&engine, &layout, &c, &other, 2),
+            QueueVerdict::accept_with_mark(0xffff_0000)
+        );
+        // Garbage is dropped; a packet for no service passes unmarked.
+        assert_eq!(queue_verdict(&engine, &layout, &c, &[0x45, 0], 3), QueueVerdict::DROP);
+        let stray = PacketBuilder::new(FlowKey { dst_port: 81, ..key }).build();
+        assert_eq!(queue_verdict(&engine, &layout, &c, &stray, 4), QueueVerdict::ACCEPT);
+        assert_eq!(c.forwarded.load(Ordering::Relaxed), 1);
+        assert_eq!(c.rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(c.passed.load(Ordering::Relaxed), 1);
+    }
+}

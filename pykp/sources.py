@@ -1,0 +1,215 @@
+"""Where the agent's services come from.
+
+A `ServiceSource` hands the agent a complete `ServicesFile` and tells it when that changed;
+the agent then syncs everything (level-triggered, like kube-proxy's full syncs). Sources
+report what is wrong (`problems()`, `status()`) instead of raising into the agent, in the
+manner of Cilium's reconcilers: a bad entry is skipped, a bad file keeps the last good state.
+
+`FileSource` watches a local services file. A Kubernetes source (Services and
+EndpointSlices from the API server) will implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from pykp.services_file import (
+    Problem,
+    ServicesFile,
+    ServicesFileError,
+    load_services_file,
+)
+
+__all__ = ["FileSource", "ServiceSource", "SourceStatus"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """A source's health, for metrics, `/status` and logs."""
+
+    name: str  # e.g. "file:/etc/pykp/services.yaml"
+    initialized: bool  # a first full state has loaded (nothing is programmed before)
+    changed_at: float | None  # wall-clock time of the change `current()` reflects
+    loads: int  # successful (re)loads
+    load_errors: int  # reads that failed (the last good state was kept)
+    invalid_objects: int  # invalid entries skipped, summed over every load
+    last_error: str | None  # the latest failed read, None once a read succeeds again
+
+
+@runtime_checkable
+class ServiceSource(Protocol):
+    """What the agent needs from a source of services."""
+
+    def start(self, notify: Callable[[], None]) -> None:
+        """Begin watching; call `notify()` (from any thread) whenever `current()` changes."""
+
+    def current(self) -> ServicesFile | None:
+        """The latest complete state; None until the first full load."""
+
+    def problems(self) -> list[Problem]:
+        """The invalid entries the latest load skipped, with their locations."""
+
+    def status(self) -> SourceStatus: ...
+
+    def stop(self) -> None: ...
+
+
+# What identifies a version of the file without reading it. The inode and device catch
+# editors and ConfigMap mounts that replace the file by a rename; ctime catches a rewrite
+# that keeps the size within one mtime tick.
+_Signature = tuple[int, int, int, int, int]
+
+
+class FileSource:
+    """A services file, polled for changes (stat every `poll_interval` seconds).
+
+    Writers should replace the file atomically (write elsewhere, then rename): a reader
+    that catches a half-written file may load a prefix of it until the next poll.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        poll_interval: float = 1.0,
+        *,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, not {poll_interval}")
+        self.path = os.fspath(path)
+        self.poll_interval = poll_interval
+        self._log = logger or _log
+        self._lock = threading.Lock()
+        self._current: ServicesFile | None = None
+        self._problems: list[Problem] = []
+        self._signature: _Signature | str | None = None  # a str: the error of the last attempt
+        self._changed_at: float | None = None
+        self._loads = 0
+        self._load_errors = 0
+        self._invalid_objects = 0
+        self._last_error: str | None = None
+        self._notify: Callable[[], None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the protocol
+
+    def start(self, notify: Callable[[], None]) -> None:
+        """Load once now (so a good file is ready at once), then poll in a daemon thread."""
+        self._notify = notify
+        self._stop.clear()
+        self.check()
+        self._thread = threading.Thread(
+            target=self._poll, name=f"pykp-source:{os.path.basename(self.path)}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def current(self) -> ServicesFile | None:
+        with self._lock:
+            return self._current
+
+    def problems(self) -> list[Problem]:
+        with self._lock:
+            return list(self._problems)
+
+    def status(self) -> SourceStatus:
+        with self._lock:
+            return SourceStatus(
+                name=f"file:{self.path}",
+                initialized=self._current is not None,
+                changed_at=self._changed_at,
+                loads=self._loads,
+                load_errors=self._load_errors,
+                invalid_objects=self._invalid_objects,
+                last_error=self._last_error,
+            )
+
+    # -- watching
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a bug here must not end the watch
+                self._log.exception("checking %s failed", self.path)
+
+    def check(self) -> bool:
+        """Reload the file if it changed on disk; True when `current()` changed."""
+        try:
+            # stat before reading: a write that lands during the read changes the
+            # signature again, so the next poll reads the finished file.
+            st = os.stat(self.path)
+            signature: _Signature = (
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+            if signature == self._signature:
+                return False
+            services, problems = load_services_file(self.path)
+        except ServicesFileError as error:
+            return self._failed(str(error))
+        except OSError as error:
+            return self._failed(f"{self.path}: {error.strerror or error}")
+        return self._loaded(signature, st.st_mtime, services, problems)
+
+    def _failed(self, message: str) -> bool:
+        if message == self._signature:
+            return False  # the same error as last time: counted and logged once
+        self._signature = message
+        with self._lock:
+            self._load_errors += 1
+            self._last_error = message
+            initialized = self._current is not None
+        if initialized:
+            self._log.error("cannot load services (keeping the last good state): %s", message)
+        else:
+            self._log.error("cannot load services (nothing is programmed yet): %s", message)
+        return False
+
+    def _loaded(
+        self,
+        signature: _Signature,
+        mtime: float,
+        services: ServicesFile,
+        problems: list[Problem],
+    ) -> bool:
+        self._signature = signature
+        for problem in problems:
+            self._log.warning("invalid entry skipped: %s", problem)
+        with self._lock:
+            self._loads += 1
+            self._invalid_objects += len(problems)
+            self._last_error = None
+            changed = services != self._current or problems != self._problems
+            if changed:
+                self._current = services
+                self._problems = list(problems)
+                self._changed_at = mtime
+        self._log.info(
+            "loaded %s: %d services, %d ports, %d endpoints, %d invalid entries skipped%s",
+            self.path,
+            len(services.services),
+            services.port_count,
+            services.endpoint_count,
+            len(problems),
+            "" if changed else " (no change)",
+        )
+        if changed and self._notify is not None:
+            self._notify()
+        return changed
