@@ -61,7 +61,7 @@ fn syn_packet(n: u64) -> Vec<u8> {
 
 fn engine_with(services: u32, policy: PolicyKind) -> Engine {
     let e = Engine::new(EngineConfig {
-        conntrack: ConntrackConfig { capacity: 4 << 20, ..ConntrackConfig::default() },
+        conntrack: ConntrackConfig { capacity: 1 << 16, ..ConntrackConfig::default() },
         ..EngineConfig::default()
     })
     .unwrap();

@@ -6,9 +6,19 @@ Commands import the Rust extension only when they run, so `pykp --help` and
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
 import random
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +33,9 @@ from pykp.services_file import (
     load_services_file,
 )
 from pykp.simulate import render_simulation, simulate_connections
+
+if TYPE_CHECKING:
+    from pykp.agent import Agent, AgentConfig
 
 app = typer.Typer(
     name="pykp",
@@ -172,6 +185,307 @@ def simulate(
         typer.echo(_NOT_BUILT, err=True)
         raise typer.Exit(1) from None
     render_simulation(result, _console())
+
+
+# --- run ----------------------------------------------------------------------------------
+
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds, as a number ("0.5") or as Go writes kube-proxy's durations ("1s", "1m30s")."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = list(_GO_DURATION.finditer(text))
+        if not parts or "".join(part.group(0) for part in parts) != text:
+            raise typer.BadParameter(
+                f"{text!r} is not a duration (e.g. 30s, 500ms, 1m30s, or seconds: 0.5)"
+            ) from None
+        seconds = sum(float(part.group(1)) * _UNIT_SECONDS[part.group(2)] for part in parts)
+    if not seconds >= 0 or seconds == float("inf"):
+        raise typer.BadParameter(f"{text!r} is not a duration >= 0")
+    return seconds
+
+
+def parse_cidrs(text: str | None) -> tuple[str, ...]:
+    """Comma-separated CIDRs (dual-stack: one per family, or more), normalised."""
+    if not text:
+        return ()
+    cidrs = []
+    for item in text.split(","):
+        try:
+            cidrs.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise typer.BadParameter(
+                f"{item.strip()!r} is not a CIDR (e.g. 10.244.0.0/16)"
+            ) from None
+    return tuple(dict.fromkeys(cidrs))
+
+
+def parse_mask(text: str) -> int:
+    """A hexadecimal 32-bit mask, with or without 0x."""
+    try:
+        value = int(text, 16)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a hexadecimal mask (e.g. 0xffff0000)") from None
+    if not 0 < value <= 0xFFFFFFFF:
+        raise typer.BadParameter(f"{text!r} is not a non-zero 32-bit mask")
+    return value
+
+
+def _configure_logging(verbose: int) -> None:
+    """-v: pykp's debug messages; -vv: every library's too (pyroute2's are a flood)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pykp").setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
+
+
+def make_agent(config: AgentConfig) -> Agent:
+    """The agent `pykp run` drives (tests replace this to run without root)."""
+    from pykp.agent import Agent
+
+    return Agent(config)
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` (the agent then cleans up) instead of killing us."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger("pykp").info("%s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _cleanup_rules() -> list[str]:
+    from pykp.rules import cleanup_all
+
+    return cleanup_all()
+
+
+@app.command()
+def run(
+    services: Annotated[
+        Path,
+        typer.Option(
+            "--services",
+            "-f",
+            help="The services file (YAML), watched for changes.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    hostname_override: Annotated[
+        str | None,
+        typer.Option(help="The node's name (endpoints with this nodeName are local)."),
+    ] = None,
+    cluster_cidr: Annotated[
+        str | None,
+        typer.Option(
+            help="The pods' CIDRs, comma-separated (dual-stack); traffic to ClusterIPs "
+            "from outside them is masqueraded."
+        ),
+    ] = None,
+    healthz_bind_address: Annotated[
+        str, typer.Option(help="IP:port of /healthz and /livez; empty turns them off.")
+    ] = "0.0.0.0:10256",
+    metrics_bind_address: Annotated[
+        str, typer.Option(help="IP:port of /metrics and /status; empty turns them off.")
+    ] = "127.0.0.1:10249",
+    nodeport_addresses: Annotated[
+        str | None,
+        typer.Option(
+            help="CIDRs, comma-separated, of the node addresses NodePorts listen on "
+            "(default: every non-loopback address)."
+        ),
+    ] = None,
+    cleanup: Annotated[
+        bool, typer.Option("--cleanup", help="Remove pykp's rules and exit.")
+    ] = False,
+    default_policy: Annotated[
+        str,
+        typer.Option(
+            help=f"Policy of services that name none: {', '.join(POLICIES)}.",
+            callback=_check_policy,
+        ),
+    ] = "random",
+    min_sync_period: Annotated[
+        str,
+        typer.Option(help="Shortest time between syncs (changes in between coalesce)."),
+    ] = "1s",
+    sync_period: Annotated[
+        str,
+        typer.Option(help="Longest time between syncs (a full resync repairs the rules)."),
+    ] = "30s",
+    queue_num: Annotated[int, typer.Option(help="The first NFQUEUE queue.", min=0, max=65535)] = 0,
+    queues: Annotated[
+        int, typer.Option(help="NFQUEUE queues, one worker thread each.", min=1, max=65536)
+    ] = 1,
+    mark_mask: Annotated[
+        str, typer.Option(help="Where backend ids go in the packet mark (hex).")
+    ] = "0xffff0000",
+    fail_open: Annotated[
+        bool,
+        typer.Option(
+            "--fail-open", help="Accept packets unmarked when the queue overflows, not drop them."
+        ),
+    ] = False,
+    conntrack_capacity: Annotated[
+        int, typer.Option(help="Flows pykp's own connection table holds.", min=1)
+    ] = 262144,
+    maglev_table_size: Annotated[
+        int, typer.Option(help="Maglev lookup table size (a prime).", min=3)
+    ] = 65537,
+    maglev_seed: Annotated[
+        int, typer.Option(help="Maglev seed: nodes with the same seed agree.", min=0)
+    ] = 0,
+    state_dir: Annotated[
+        Path, typer.Option(help="Where the status snapshot (status.json) is written.")
+    ] = Path("/run/pykp"),
+    cleanup_on_exit: Annotated[
+        bool,
+        typer.Option(
+            "--cleanup-on-exit/--no-cleanup-on-exit",
+            help="Remove the rules when stopping. The default leaves them, like kube-proxy: "
+            "established flows keep their NAT across a restart (removing pykp's nat chains "
+            "ends them) and new connections wait for the next agent. `pykp cleanup` removes them.",
+        ),
+    ] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, help="-v: pykp's debug logs; -vv: libraries' too."
+        ),
+    ] = 0,
+) -> None:
+    """Run the node proxy: program the services of FILE until SIGTERM/SIGINT, then clean up.
+
+    Needs root (CAP_NET_ADMIN) and the Rust extension.
+    """
+    from pykp.agent import AgentConfig, ConfigError
+
+    config = AgentConfig(
+        services=services,
+        hostname_override=hostname_override,
+        cluster_cidrs=parse_cidrs(cluster_cidr),
+        healthz_bind_address=healthz_bind_address,
+        metrics_bind_address=metrics_bind_address,
+        nodeport_addresses=parse_cidrs(nodeport_addresses),
+        default_policy=default_policy,
+        min_sync_period=parse_duration(min_sync_period),
+        sync_period=parse_duration(sync_period),
+        queue_num=queue_num,
+        queues=queues,
+        mark_mask=parse_mask(mark_mask),
+        fail_open=fail_open,
+        conntrack_capacity=conntrack_capacity,
+        maglev_table_size=maglev_table_size,
+        maglev_seed=maglev_seed,
+        state_dir=state_dir,
+        cleanup_on_exit=cleanup_on_exit,
+    )
+    try:
+        config.validate()
+    except ConfigError as error:
+        raise typer.BadParameter(error.message, param_hint=f"'{error.flag}'") from None
+    _configure_logging(verbose)
+    if cleanup:
+        _do_cleanup()
+        return
+    try:
+        agent = make_agent(config)
+    except ModuleNotFoundError as error:
+        if error.name != _EXTENSION:
+            raise
+        typer.echo(_NOT_BUILT, err=True)
+        raise typer.Exit(1) from None
+    stop = threading.Event()
+    with _stop_on_signals(stop):
+        try:
+            agent.serve(stop)
+        except Exception as error:  # reported, not dumped
+            logging.getLogger("pykp").debug("start failed", exc_info=True)
+            typer.echo(f"pykp run: cannot start: {error}", err=True)
+            raise typer.Exit(1) from None
+
+
+# --- cleanup ------------------------------------------------------------------------------
+
+
+def _do_cleanup() -> None:
+    from pykp.rules import RulesError
+
+    try:
+        removed = _cleanup_rules()
+    except RulesError as error:
+        typer.echo(f"pykp cleanup: {error}", err=True)
+        raise typer.Exit(1) from None
+    for item in removed:
+        typer.echo(f"removed {item}")
+    if not removed:
+        typer.echo("nothing to remove")
+
+
+@app.command(name="cleanup")
+def cleanup_command() -> None:
+    """Remove every rule pykp installed (after a crash, or before kube-proxy takes over).
+
+    Rules of other programs stay. Connections pykp set up end too: the kernel drops their
+    NAT with pykp's nat chains.
+    """
+    _do_cleanup()
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    address: Annotated[
+        str, typer.Option(help="The agent's --metrics-bind-address (serves /status).")
+    ] = "127.0.0.1:10249",
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            help="Read a status snapshot file instead (<state dir>/status.json).",
+            dir_okay=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON snapshot.")] = False,
+    flows: Annotated[int, typer.Option(help="Flows to list.", min=0)] = 20,
+) -> None:
+    """Show a running agent's services, backends, counters and live flows."""
+    from pykp.status import StatusError, fetch_status, read_status_file, render_status
+
+    try:
+        snapshot = read_status_file(file) if file is not None else fetch_status(address)
+    except StatusError as error:
+        typer.echo(f"pykp status: {error}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(snapshot, indent=1, sort_keys=True))
+        return
+    render_status(snapshot, _console(), flows=flows)
 
 
 if __name__ == "__main__":  # `python -m pykp.cli`, for when the script is not on PATH

@@ -74,8 +74,23 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
+class EndpointPort:
+    """A port of an endpoint, as an EndpointSlice names it (matched to service ports)."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
 class EndpointSpec:
-    """One endpoint (a pod address) with Kubernetes' endpoint conditions."""
+    """One endpoint (a pod address) with Kubernetes' endpoint conditions.
+
+    `ports` None (the services file) means every service port's targetPort; a Kubernetes
+    source sets it from the EndpointSlice, whose port numbers can differ per pod when a
+    service's targetPort is a name. `zone_hints` and `node_hints` are the slice's
+    topology hints (empty: none).
+    """
 
     ip: str
     ready: bool = True
@@ -84,6 +99,18 @@ class EndpointSpec:
     node_name: str | None = None
     zone: str | None = None
     weight: int = 1
+    ports: tuple[EndpointPort, ...] | None = None
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
+
+    def port_for(self, port: ServicePort) -> int | None:
+        """This endpoint's port for a service port; None when it does not serve it."""
+        if self.ports is None:
+            return port.target_port
+        for endpoint_port in self.ports:
+            if endpoint_port.name == port.name and endpoint_port.protocol == port.protocol:
+                return endpoint_port.port
+        return None
 
 
 @dataclass(frozen=True)
@@ -112,10 +139,17 @@ class ServiceSpec:
 
 @dataclass(frozen=True)
 class ServicesFile:
-    """Everything that loaded from a services file (invalid entries left out)."""
+    """Everything that loaded from a services file (invalid entries left out).
+
+    A Kubernetes source sets `traffic_policies` (apply externalTrafficPolicy and
+    internalTrafficPolicy when translating, as kube-proxy does) and `zone` (this node's
+    topology.kubernetes.io/zone, for topology hints); a services file keeps the defaults.
+    """
 
     services: tuple[ServiceSpec, ...] = ()
     default_policy: str = DEFAULT_POLICY
+    traffic_policies: bool = False
+    zone: str | None = None
 
     @property
     def port_count(self) -> int:
@@ -801,17 +835,33 @@ def service_port_name(service: ServiceSpec, port: ServicePort) -> str:
     return f"{service.key}:{port.name}" if port.name else service.key
 
 
+EXTERNAL_SUFFIX: Final = "#external"
+
+
 def service_ports_to_engine(
-    spec: ServiceSpec, node_addresses: Sequence[str], node_name: str | None = None
+    spec: ServiceSpec,
+    node_addresses: Sequence[str],
+    node_name: str | None = None,
+    *,
+    traffic_policies: bool = False,
+    zone: str | None = None,
 ) -> list[EngineService]:
     """One engine service per service port (kube-proxy programs each port separately).
 
     Frontends: every clusterIP, externalIP and loadBalancerIP at `port`, and every node
-    address at `nodePort` when the port has one. Backends: every endpoint at `targetPort`;
-    `local` marks the endpoints on `node_name`.
+    address at `nodePort` when the port has one. Backends: every endpoint that serves the
+    port, at its port (`targetPort` unless the endpoint names its own); `local` marks the
+    endpoints on `node_name`. Endpoints with topology hints are narrowed to those hinted
+    for this node or `zone`, exactly when kube-proxy would.
+
+    With `traffic_policies`, a Local internalTrafficPolicy (for clusterIPs) or
+    externalTrafficPolicy (for externalIPs, loadBalancerIPs and nodePorts) gives those
+    frontends only this node's endpoints, none at all when the node has none (the engine
+    then refuses the traffic rather than sending it off the node). When the two policies
+    differ, a port becomes two engine services: `name` for the clusterIPs and
+    `name#external` for the rest.
     """
     nodes = [str(ipaddress.ip_address(address)) for address in node_addresses]
-    addresses = (*spec.cluster_ips, *spec.external_ips, *spec.load_balancer_ips)
     affinity_timeout = (
         float(spec.session_affinity_timeout_seconds)
         if spec.session_affinity == "ClientIP" and spec.session_affinity_timeout_seconds is not None
@@ -819,33 +869,127 @@ def service_ports_to_engine(
     )
     engine_services = []
     for port in spec.ports:
-        frontends = [(address, port.port, port.protocol) for address in addresses]
+        internal = [(address, port.port, port.protocol) for address in spec.cluster_ips]
+        external = [
+            (address, port.port, port.protocol)
+            for address in (*spec.external_ips, *spec.load_balancer_ips)
+        ]
         if port.node_port is not None:
-            frontends += [(address, port.node_port, port.protocol) for address in nodes]
-        backends = tuple(
+            external += [(address, port.node_port, port.protocol) for address in nodes]
+        every = _port_backends(spec, port, node_name)
+        cluster = _topology_filter(every, spec.endpoints, port, node_name, zone)
+        local = tuple(backend for backend in every if backend.local)
+        internal_backends = (
+            local if traffic_policies and spec.internal_traffic_policy == "Local" else cluster
+        )
+        external_backends = (
+            local if traffic_policies and spec.external_traffic_policy == "Local" else cluster
+        )
+        name = service_port_name(spec, port)
+        groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...]]]
+        if not internal:
+            groups = [(name, external, external_backends)]
+        elif not external or spec.internal_traffic_policy == spec.external_traffic_policy:
+            groups = [(name, internal + external, internal_backends)]
+        elif traffic_policies:
+            # Split on the policies, not on whether the backend sets differ, so the
+            # engine services' names stay put as endpoints come and go.
+            groups = [
+                (name, internal, internal_backends),
+                (name + EXTERNAL_SUFFIX, external, external_backends),
+            ]
+        else:
+            groups = [(name, internal + external, cluster)]
+        for group_name, frontends, backends in groups:
+            # The engine refuses a backend that no frontend's family reaches (NAT does not
+            # cross families): e.g. IPv4 endpoints behind IPv6-only node addresses.
+            families = {ipaddress.ip_address(address).version for address, _, _ in frontends}
+            if frontends:
+                backends = tuple(
+                    backend
+                    for backend in backends
+                    if ipaddress.ip_address(backend.ip).version in families
+                )
+            engine_services.append(
+                EngineService(
+                    name=group_name,
+                    # An externalIP may repeat a node address; a frontend is listed once.
+                    frontends=tuple(dict.fromkeys(frontends)),
+                    backends=backends,
+                    policy=spec.policy,
+                    affinity_timeout=affinity_timeout,
+                    hash_key=spec.hash_key,
+                )
+            )
+    return engine_services
+
+
+def _port_backends(
+    spec: ServiceSpec, port: ServicePort, node_name: str | None
+) -> tuple[EngineBackend, ...]:
+    """Every endpoint serving `port`, as backends, in endpoint order."""
+    backends = []
+    for endpoint in spec.endpoints:
+        backend_port = endpoint.port_for(port)
+        if backend_port is None:
+            continue
+        backends.append(
             EngineBackend(
                 ip=endpoint.ip,
-                port=port.target_port,
+                port=backend_port,
                 weight=endpoint.weight,
                 ready=endpoint.ready,
                 serving=endpoint.serving,
                 terminating=endpoint.terminating,
                 local=node_name is not None and endpoint.node_name == node_name,
             )
-            for endpoint in spec.endpoints
         )
-        engine_services.append(
-            EngineService(
-                name=service_port_name(spec, port),
-                # An externalIP may repeat a node address; a frontend is listed once.
-                frontends=tuple(dict.fromkeys(frontends)),
-                backends=backends,
-                policy=spec.policy,
-                affinity_timeout=affinity_timeout,
-                hash_key=spec.hash_key,
+    return tuple(backends)
+
+
+def _topology_filter(
+    backends: tuple[EngineBackend, ...],
+    endpoints: Sequence[EndpointSpec],
+    port: ServicePort,
+    node_name: str | None,
+    zone: str | None,
+) -> tuple[EngineBackend, ...]:
+    """kube-proxy's topology-aware routing (pkg/proxy/topology.go) for one port.
+
+    Hints are used only when every ready endpoint carries one and at least one is for this
+    node (same-node hints) or this zone (same-zone hints); otherwise every endpoint stays.
+    The ready-or-terminating fallback is the engine's, so only the hint filter is here.
+    """
+    serving = [endpoint for endpoint in endpoints if endpoint.port_for(port) is not None]
+    ready = [endpoint for endpoint in serving if endpoint.ready]
+    if not ready:
+        return backends
+    # Same-node hints win over same-zone ones, as in kube-proxy's topologyModeFromHints.
+    hint_kinds: tuple[tuple[Callable[[EndpointSpec], tuple[str, ...]], str | None], ...] = (
+        (_node_hints, node_name),
+        (_zone_hints, zone),
+    )
+    for hints_of, wanted in hint_kinds:
+        if (
+            wanted
+            and all(hints_of(endpoint) for endpoint in ready)
+            and any(wanted in hints_of(endpoint) for endpoint in ready)
+        ):
+            # `serving` and `backends` are in the same order: one backend per endpoint.
+            return tuple(
+                backend
+                for endpoint, backend in zip(serving, backends, strict=True)
+                if wanted in hints_of(endpoint)
             )
-        )
-    return engine_services
+    return backends
+
+
+def _node_hints(endpoint: EndpointSpec) -> tuple[str, ...]:
+    return endpoint.node_hints
+
+
+def _zone_hints(endpoint: EndpointSpec) -> tuple[str, ...]:
+    return endpoint.zone_hints
 
 
 def services_file_to_engine(
@@ -853,11 +997,20 @@ def services_file_to_engine(
     node_addresses: Sequence[str] = (),
     node_name: str | None = None,
 ) -> list[EngineService]:
-    """Every engine service of a services file, in file order."""
+    """Every engine service of a services file, in file order.
+
+    Traffic policies and topology apply as the file asks (`traffic_policies`, `zone`).
+    """
     return [
         engine_service
         for service in services_file.services
-        for engine_service in service_ports_to_engine(service, node_addresses, node_name)
+        for engine_service in service_ports_to_engine(
+            service,
+            node_addresses,
+            node_name,
+            traffic_policies=services_file.traffic_policies,
+            zone=services_file.zone,
+        )
     ]
 
 

@@ -143,7 +143,7 @@ class FileSource:
         while not self._stop.wait(self.poll_interval):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - a bug here must not end the watch
+            except Exception:  # noqa: BLE001 - keep watching
                 self._log.exception("checking %s failed", self.path)
 
     def check(self) -> bool:

@@ -157,7 +157,7 @@ class BoundedFrequencyRunner:
             self._runs += 1
         try:
             self.fn()
-        except Exception as error:  # noqa: BLE001 - any failure is retried, never fatal
+        except Exception as error:  # noqa: BLE001 - retried, never fatal
             self._failed(error)
         else:
             with self._lock:

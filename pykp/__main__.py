@@ -1,0 +1,5 @@
+"""`python -m pykp`: the same CLI as the `pykp` command."""
+
+from pykp.cli import app
+
+app(prog_name="pykp")

@@ -1,0 +1,441 @@
+"""Prometheus metrics in the text exposition format (0.0.4), written by hand.
+
+No client library: the agent's own metrics are a handful of counters and two histograms,
+and the Rust core's counters are read at scrape time (`Engine.counters()`,
+`NfqueueDatapath.stats()`) and turned into families here, so nothing is copied on the
+packet path.
+
+kube-proxy's names are used where the meaning is the same (`kubeproxy_*`, with its
+buckets); pykp's own start with `pykp_`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Final, Literal
+
+from pykp.health import HttpServer, Response
+
+__all__ = [
+    "CONTENT_TYPE",
+    "NETWORK_PROGRAMMING_BUCKETS",
+    "SYNC_DURATION_BUCKETS",
+    "AgentMetrics",
+    "Family",
+    "Histogram",
+    "MetricsServer",
+    "Registry",
+    "Sample",
+    "datapath_families",
+    "engine_families",
+    "render",
+]
+
+_log = logging.getLogger(__name__)
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+MetricType = Literal["counter", "gauge", "histogram", "untyped"]
+
+
+def _exponential(start: float, factor: float, count: int) -> tuple[float, ...]:
+    return tuple(start * factor**i for i in range(count))
+
+
+def _linear(start: float, width: float, count: int) -> tuple[float, ...]:
+    return tuple(start + width * i for i in range(count))
+
+
+# kube-proxy's buckets (pkg/proxy/metrics): 1 ms .. 16.4 s for a sync;
+# 0.25 s .. 5 min for network programming.
+SYNC_DURATION_BUCKETS: Final = _exponential(0.001, 2, 15)
+NETWORK_PROGRAMMING_BUCKETS: Final = (
+    _linear(0.25, 0.25, 2) + _linear(1, 1, 59) + _linear(60, 5, 12) + _linear(120, 30, 7)
+)
+
+
+# --- the exposition format ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    suffix: str  # appended to the family name: "", "_bucket", "_sum", "_count"
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # counters include their "_total"
+    type: MetricType
+    help: str
+    samples: tuple[Sample, ...] = ()
+
+    @staticmethod
+    def single(name: str, type_: MetricType, help_: str, value: float, **labels: str) -> Family:
+        return Family(name, type_, help_, (Sample("", tuple(labels.items()), value),))
+
+    @staticmethod
+    def labelled(
+        name: str, type_: MetricType, help_: str, label: str, values: Mapping[str, float]
+    ) -> Family:
+        samples = tuple(Sample("", ((label, key),), values[key]) for key in sorted(values))
+        return Family(name, type_, help_, samples)
+
+
+_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def format_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render(families: Iterable[Family]) -> str:
+    """The text format: HELP and TYPE, then the samples of each family, once per name."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for family in families:
+        if not _NAME.fullmatch(family.name):
+            raise ValueError(f"invalid metric name {family.name!r}")
+        if family.name in seen:
+            raise ValueError(f"metric family {family.name} rendered twice")
+        seen.add(family.name)
+        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
+        lines.append(f"# TYPE {family.name} {family.type}")
+        for sample in family.samples:
+            for label, _ in sample.labels:
+                if not _LABEL.fullmatch(label):
+                    raise ValueError(f"invalid label name {label!r} in {family.name}")
+            labels = ",".join(f'{key}="{_escape_label(value)}"' for key, value in sample.labels)
+            braces = f"{{{labels}}}" if labels else ""
+            lines.append(f"{family.name}{sample.suffix}{braces} {format_value(sample.value)}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+class Histogram:
+    """A cumulative histogram with fixed upper bounds (an implicit +Inf last). Thread-safe."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        bounds = tuple(float(bound) for bound in buckets)
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError("buckets must be strictly increasing and not empty")
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; last is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(self._counts)
+
+    def family(self, name: str, help_: str) -> Family:
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        samples: list[Sample] = []
+        cumulative = 0
+        for bound, count in zip((*self.bounds, math.inf), counts):
+            cumulative += count
+            samples.append(Sample("_bucket", (("le", format_value(bound)),), cumulative))
+        samples.append(Sample("_sum", (), total))
+        samples.append(Sample("_count", (), cumulative))
+        return Family(name, "histogram", help_, tuple(samples))
+
+
+Collector = Callable[[], Iterable[Family]]
+
+
+class Registry:
+    """Collectors called at every scrape; one that fails is logged and left out."""
+
+    def __init__(self) -> None:
+        self._collectors: list[tuple[str, Collector]] = []
+
+    def add(self, name: str, collector: Collector) -> None:
+        self._collectors.append((name, collector))
+
+    def collect(self) -> list[Family]:
+        families: list[Family] = []
+        for name, collector in self._collectors:
+            try:
+                families.extend(collector())
+            except Exception:  # noqa: BLE001 - serve the rest
+                _log.exception("metrics collector %s failed", name)
+        return families
+
+    def render(self) -> str:
+        return render(self.collect())
+
+
+# --- the agent's own metrics --------------------------------------------------------------
+
+
+@dataclass
+class AgentMetrics:
+    """What the sync loop records; read by `families()` at scrape time."""
+
+    sync_duration: Histogram = field(default_factory=lambda: Histogram(SYNC_DURATION_BUCKETS))
+    network_programming: Histogram = field(
+        default_factory=lambda: Histogram(NETWORK_PROGRAMMING_BUCKETS)
+    )
+    last_sync_timestamp: float = 0.0  # wall clock of the last successful sync; 0: none yet
+    last_queued_timestamp: float = 0.0  # wall clock of the last change that asked for a sync
+    syncs: int = 0
+    sync_errors: int = 0
+    service_changes: int = 0
+    endpoint_changes: int = 0
+    refused_services: int = 0  # engine services the engine refused (skipped), summed
+    stale_udp_flows_deleted: int = 0
+    conntrack_cleanup_errors: int = 0
+
+    def families(self) -> list[Family]:
+        return [
+            self.sync_duration.family(
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "SyncProxyRules latency in seconds",
+            ),
+            Family.single(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "gauge",
+                "The last time proxy rules were successfully synced",
+                self.last_sync_timestamp,
+            ),
+            Family.single(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "gauge",
+                "The last time a sync of proxy rules was queued",
+                self.last_queued_timestamp,
+            ),
+            self.network_programming.family(
+                "kubeproxy_network_programming_duration_seconds",
+                "In Cluster Network Programming Latency in seconds",
+            ),
+            Family.single(
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "counter",
+                "Cumulative proxy rules Endpoint changes",
+                self.endpoint_changes,
+            ),
+            Family.single(
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                "counter",
+                "Cumulative proxy rules Service changes",
+                self.service_changes,
+            ),
+            Family.single("pykp_syncs_total", "counter", "Syncs attempted", self.syncs),
+            Family.single(
+                "pykp_sync_errors_total", "counter", "Syncs that failed", self.sync_errors
+            ),
+            Family.single(
+                "pykp_stale_udp_flows_deleted_total",
+                "counter",
+                "Kernel conntrack UDP entries deleted because their backend left",
+                self.stale_udp_flows_deleted,
+            ),
+            Family.single(
+                "pykp_conntrack_cleanup_errors_total",
+                "counter",
+                "Failed attempts to delete stale kernel conntrack UDP entries",
+                self.conntrack_cleanup_errors,
+            ),
+        ]
+
+
+# --- the Rust core's counters, read at scrape time ----------------------------------------
+
+
+def engine_families(counters: Mapping[str, int]) -> list[Family]:
+    """`Engine.counters()` as families; keys this code does not know go to a catch-all."""
+    decisions: dict[str, float] = {}
+    new_flows: dict[str, float] = {}
+    drops: dict[str, float] = {}
+    conntrack: dict[str, float] = {}
+    other: dict[str, float] = {}
+    for key, value in counters.items():
+        if key.startswith("decisions_"):
+            decisions[key.removeprefix("decisions_")] = value
+        elif key.startswith("new_flows_"):
+            # The policy as users spell it: round_robin -> round-robin.
+            new_flows[key.removeprefix("new_flows_").replace("_", "-")] = value
+        elif key.startswith("drops_"):
+            drops[key.removeprefix("drops_")] = value
+        elif key.startswith("conntrack_"):
+            conntrack[key.removeprefix("conntrack_")] = value
+        else:
+            other[key] = value
+    families = [
+        Family.labelled(
+            "pykp_decisions_total",
+            "counter",
+            "Decisions of the engine, by action (forward, pass, reject, drop)",
+            "action",
+            decisions,
+        ),
+        Family.labelled(
+            "pykp_new_flows_total", "counter", "Flows opened, by policy", "policy", new_flows
+        ),
+        Family.labelled(
+            "pykp_dropped_packets_total",
+            "counter",
+            "Packets the engine dropped, by reason",
+            "reason",
+            drops,
+        ),
+    ]
+    if "entries" in conntrack:
+        families.append(
+            Family.single(
+                "pykp_conntrack_entries",
+                "gauge",
+                "Entries in pykp's connection table",
+                conntrack.pop("entries"),
+            )
+        )
+    if "capacity" in conntrack:
+        families.append(
+            Family.single(
+                "pykp_conntrack_capacity",
+                "gauge",
+                "Capacity of pykp's connection table",
+                conntrack.pop("capacity"),
+            )
+        )
+    for key in sorted(conntrack):  # evictions, inserts, expirations, ...: all counters
+        families.append(
+            Family.single(
+                f"pykp_conntrack_{key}_total",
+                "counter",
+                f"Connection table {key.replace('_', ' ')}",
+                conntrack[key],
+            )
+        )
+    if "affinity_hits" in other:
+        families.append(
+            Family.single(
+                "pykp_affinity_hits_total",
+                "counter",
+                "New flows sent to a backend by ClientIP session affinity",
+                other.pop("affinity_hits"),
+            )
+        )
+    if other:
+        families.append(
+            Family.labelled(
+                "pykp_engine_counter", "untyped", "Other engine counters", "name", other
+            )
+        )
+    return families
+
+
+# NfqueueDatapath.stats() keys with their own family; the rest go to a catch-all.
+_QUEUE_COUNTERS: Final = {
+    "packets": ("pykp_queue_packets_total", "Packets read from the NFQUEUE queues"),
+    "batches": ("pykp_queue_batches_total", "Verdict batches sent back to the kernel"),
+    "errors": ("pykp_queue_errors_total", "Errors reading or answering the queues"),
+    "id_overflow": (
+        "pykp_queue_id_overflow_total",
+        "Packets whose backend id did not fit the mark field (passed unmarked)",
+    ),
+}
+_QUEUE_LABELLED: Final = {
+    # nfnetlink_queue's own counters: the queue was full / the socket buffer overflowed.
+    "pykp_queue_dropped_total": (
+        "Packets the kernel dropped before pykp saw them, by reason",
+        "reason",
+        {"kernel_queue_dropped": "queue_full", "kernel_user_dropped": "socket_full"},
+    ),
+    "pykp_queue_verdicts_total": (
+        "Verdicts sent back to the kernel, by verdict",
+        "verdict",
+        {"accepted": "accept", "dropped": "drop"},
+    ),
+    "pykp_queue_decisions_total": (
+        "The engine's decisions for queued packets, by decision",
+        "decision",
+        {
+            "forwarded": "forward",
+            "passed": "pass",
+            "rejected": "reject",
+            "decision_drops": "drop",
+        },
+    ),
+}
+# The sum of the verdicts by kind: not exported twice.
+_QUEUE_REDUNDANT: Final = ("verdicts",)
+
+
+def datapath_families(stats: Mapping[str, int]) -> list[Family]:
+    """`NfqueueDatapath.stats()` as families (those whose keys are present)."""
+    families = [
+        Family.single(name, "counter", help_, stats[key])
+        for key, (name, help_) in _QUEUE_COUNTERS.items()
+        if key in stats
+    ]
+    known = {*_QUEUE_COUNTERS, *_QUEUE_REDUNDANT}
+    for name, (help_, label, keys) in _QUEUE_LABELLED.items():
+        known.update(keys)
+        values = {value: stats[key] for key, value in keys.items() if key in stats}
+        if values:
+            families.append(Family.labelled(name, "counter", help_, label, values))
+    other = {key: value for key, value in stats.items() if key not in known}
+    if other:
+        families.append(
+            Family.labelled(
+                "pykp_queue_stat", "untyped", "Other NFQUEUE datapath statistics", "name", other
+            )
+        )
+    return families
+
+
+# --- the server ---------------------------------------------------------------------------
+
+
+class MetricsServer(HttpServer):
+    """`/metrics` (and `/status`, the agent's JSON snapshot) on --metrics-bind-address."""
+
+    def __init__(
+        self,
+        address: str,
+        metrics: Callable[[], str],
+        status: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.status = status
+        super().__init__(address, name="metrics")
+
+    def respond(self, request: BaseHTTPRequestHandler, path: str) -> Response | None:
+        if path == "/metrics":
+            return Response(200, self.metrics().encode(), CONTENT_TYPE)
+        if path == "/status" and self.status is not None:
+            body = json.dumps(self.status(), indent=1, sort_keys=True) + "\n"
+            return Response(200, body.encode(), "application/json")
+        return None

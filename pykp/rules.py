@@ -1,0 +1,690 @@
+"""Kernel rules of the pykp datapath: one nftables table plus a tiny iptables chain.
+
+Only the first packet of a new connection to a service frontend goes to user space:
+
+1. ``mark_new`` / ``mark_new_out`` (nft, priority -151, just before mangle) set the
+   queue bit on ``ct state new`` packets whose ``daddr . l4proto . dport`` is in
+   ``frontends4/6``;
+2. iptables mangle PREROUTING/OUTPUT jump to ``PYKP-QUEUE``, which hands packets
+   carrying the queue bit to NFQUEUE (this kernel has no nft ``queue`` statement, and
+   xtables NFQUEUE through iptables-nft works everywhere);
+3. pykp's Rust reader accepts the packet with a mark naming the backend
+   (``id << shift`` inside ``backend_mask``) or the reject mark;
+4. ``nat_pre`` / ``nat_out`` DNAT by looking the mark up in ``backends4/6``, setting
+   the masquerade bit first where needed; ``nat_post`` masquerades;
+5. ``reject_*`` reject the reject mark and anything still addressed to a service IP.
+
+Conntrack carries every later packet. Per-packet cost is a few set lookups whatever
+the number of services: there are no per-service rules, only set and map elements,
+which `RuleManager.sync` updates by difference in one ``nft -f -`` transaction.
+
+Every command runs through `run_tool` (optionally inside ``ip netns exec <netns>``),
+which raises `RulesError` on failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import itertools
+import json
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "JUMP_COMMENT",
+    "KUBE_PROXY_DROP_BIT",
+    "KUBE_PROXY_MASQ_BIT",
+    "FrontendRule",
+    "MarkLayout",
+    "RuleManager",
+    "RuleState",
+    "RulesError",
+    "SyncStats",
+    "ToolResult",
+    "cleanup_all",
+    "run_tool",
+]
+
+KUBE_PROXY_MASQ_BIT = 0x4000
+KUBE_PROXY_DROP_BIT = 0x8000
+JUMP_COMMENT = "pykp"
+_MARK_BITS = 0xFFFFFFFF
+_PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+_HOOKS = ("PREROUTING", "OUTPUT")
+# Elements per `add element` statement; all statements still form one transaction.
+_CHUNK = 4096
+_TIMEOUT = 300.0
+
+
+# --- running commands -------------------------------------------------------------
+
+
+class RulesError(RuntimeError):
+    """A command of the rules layer failed (or could not be started)."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        detail = stderr.strip()
+        if len(detail) > 4000:
+            detail = detail[:4000] + " ..."
+        super().__init__(f"`{shlex.join(self.argv)}` exited with {returncode}: {detail}")
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_tool(
+    argv: Sequence[str],
+    *,
+    netns: str | None = None,
+    stdin: str | None = None,
+    check: bool = True,
+) -> ToolResult:
+    """Run one command (inside `netns` when given); the only place this layer execs."""
+    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+    try:
+        proc = subprocess.run(
+            full,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError as error:
+        raise RulesError(full, 127, f"{error} (install iptables, nftables, conntrack)") from None
+    except subprocess.TimeoutExpired:
+        raise RulesError(full, -1, f"timed out after {_TIMEOUT:.0f} s") from None
+    if check and proc.returncode != 0:
+        raise RulesError(full, proc.returncode, proc.stderr)
+    return ToolResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+# --- marks --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarkLayout:
+    """How pykp's fields share the 32-bit packet mark.
+
+    The backend field holds ``id << shift``; id 0 means "no decision" and the
+    all-ones id is the reject mark, so ids run from 1 to `max_backend_id`.
+    """
+
+    backend_mask: int = 0xFFFF0000
+    queue_bit: int = 0x00002000
+    masq_bit: int = KUBE_PROXY_MASQ_BIT
+
+    def validate(self) -> None:
+        """Raise ValueError unless the fields are sane and do not collide."""
+        for name in ("backend_mask", "queue_bit", "masq_bit"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 < value <= _MARK_BITS:
+                raise ValueError(f"{name} must be a non-zero 32-bit mask, got {value!r}")
+        field_ = self.backend_mask >> self.shift
+        if field_ & (field_ + 1):
+            raise ValueError(f"backend_mask {self.backend_mask:#x} is not contiguous")
+        if field_ < 3:
+            raise ValueError("backend_mask needs at least 2 bits (one id plus the reject id)")
+        for name in ("queue_bit", "masq_bit"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"{name} must be a single bit, got {value:#x}")
+        if self.queue_bit & self.backend_mask:
+            raise ValueError("queue_bit lies inside backend_mask")
+        if self.masq_bit & self.backend_mask:
+            raise ValueError("masq_bit lies inside backend_mask")
+        if self.queue_bit == self.masq_bit:
+            raise ValueError("queue_bit and masq_bit are the same bit")
+        kube = KUBE_PROXY_MASQ_BIT | KUBE_PROXY_DROP_BIT
+        if self.backend_mask & kube:
+            raise ValueError("backend_mask overlaps kube-proxy's mark bits 0x4000/0x8000")
+        if self.queue_bit & kube:
+            raise ValueError("queue_bit is one of kube-proxy's mark bits 0x4000/0x8000")
+        if self.masq_bit == KUBE_PROXY_DROP_BIT:
+            raise ValueError("masq_bit is kube-proxy's drop bit 0x8000")
+
+    @property
+    def shift(self) -> int:
+        mask = self.backend_mask
+        return (mask & -mask).bit_length() - 1 if mask > 0 else 0
+
+    @property
+    def max_backend_id(self) -> int:
+        return (self.backend_mask >> self.shift) - 1
+
+    @property
+    def reject_mark(self) -> int:
+        return self.backend_mask
+
+    def backend_mark(self, backend_id: int) -> int:
+        if not 1 <= backend_id <= self.max_backend_id:
+            raise ValueError(f"backend id {backend_id} outside 1..{self.max_backend_id}")
+        return backend_id << self.shift
+
+
+# --- desired state ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrontendRule:
+    """An address, port and protocol where a service is reached."""
+
+    ip: str
+    port: int
+    protocol: str  # "TCP" | "UDP" | "SCTP"
+    external: bool = False  # NodePort on a node address, externalIP, LB ingress IP
+    masquerade: bool = True  # external only: policy Cluster -> SNAT; Local -> keep client IP
+
+    def __post_init__(self) -> None:
+        if self.protocol not in _PROTOCOLS:
+            raise ValueError(f"protocol must be TCP, UDP or SCTP, got {self.protocol!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")
+        _ip(self.ip)
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """What the kernel should hold."""
+
+    frontends: frozenset[FrontendRule]
+    # ClusterIPs, externalIPs, LB IPs (not node addresses): unmatched traffic is rejected.
+    service_ips: frozenset[str]
+    # backend id -> (ip, port), both families
+    backends: Mapping[int, tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    added: int
+    removed: int
+    seconds: float
+    full: bool  # a complete reload (first sync after install) rather than a difference
+    by_set: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # name -> (added, removed)
+
+
+# --- nftables rendering ---------------------------------------------------------------
+
+_FRONTEND_TYPE = "{} . inet_proto . inet_service"
+# Sets and maps `sync` maintains, with their types.
+_SYNCED: dict[str, str] = {
+    "frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
+    "frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
+    "masq_frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
+    "masq_frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
+    # External frontends with externalTrafficPolicy Local: never SNATed, so that the
+    # --cluster-cidr rule (meant for ClusterIPs) does not hide the client address.
+    "local_frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
+    "local_frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
+    "service_ips4": "ipv4_addr",
+    "service_ips6": "ipv6_addr",
+    # (ip . ip) for every backend ip: nft cannot compare saddr with daddr, so hairpin
+    # traffic (a pod reaching itself through its service) is found by a set lookup.
+    "hairpin4": "ipv4_addr . ipv4_addr",
+    "hairpin6": "ipv6_addr . ipv6_addr",
+    "backends4": "mark : ipv4_addr . inet_service",
+    "backends6": "mark : ipv6_addr . inet_service",
+}
+_STATIC: dict[str, str] = {
+    "cluster_cidrs4": "ipv4_addr; flags interval",
+    "cluster_cidrs6": "ipv6_addr; flags interval",
+}
+# name -> base chain spec ("" for regular chains)
+_CHAINS: dict[str, str] = {
+    "mark_new": "type filter hook prerouting priority -151; policy accept;",
+    "mark_new_out": "type filter hook output priority -151; policy accept;",
+    "nat_pre": "type nat hook prerouting priority -100; policy accept;",
+    "nat_out": "type nat hook output priority -100; policy accept;",
+    "nat_backend": "",
+    "nat_post": "type nat hook postrouting priority 100; policy accept;",
+    "reject_in": "type filter hook input priority 0; policy accept;",
+    "reject_fwd": "type filter hook forward priority 0; policy accept;",
+    "reject_out": "type filter hook output priority 0; policy accept;",
+    "do_reject": "",
+}
+
+
+def _set_decl(name: str, type_: str) -> str:
+    kind = "map" if ":" in type_ else "set"
+    return f"\t{kind} {name} {{ type {type_}; }}"
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _ip(text: str) -> tuple[int, str]:
+    """(4 or 6, canonical text); inet_pton is ~10x faster than ipaddress at 100k ips."""
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        try:
+            return version, socket.inet_ntop(family, socket.inet_pton(family, text))
+        except OSError:
+            continue
+    raise ValueError(f"not an IP address: {text!r}")
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _frontend_key(f: FrontendRule) -> tuple[int, str]:
+    version, ip = _ip(f.ip)
+    return version, f"{ip} . {_PROTOCOLS[f.protocol]} . {f.port}"
+
+
+def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]:
+    """Per set/map: element key -> full element text (``key : value`` for maps)."""
+    out: dict[str, dict[str, str]] = {name: {} for name in _SYNCED}
+    for f in state.frontends:
+        version, key = _frontend_key(f)
+        out[f"frontends{version}"][key] = key
+        if f.external:
+            out[f"{'masq' if f.masquerade else 'local'}_frontends{version}"][key] = key
+    for text in state.service_ips:
+        version, ip = _ip(text)
+        out[f"service_ips{version}"][ip] = ip
+    shift, top = layout.shift, layout.max_backend_id
+    backends = (out["backends4"], out["backends6"])
+    hairpin = (out["hairpin4"], out["hairpin6"])
+    for backend_id, (text, port) in state.backends.items():
+        v6, mark, elem, pair = _backend_elements(backend_id, text, port, shift, top)
+        backends[v6][mark] = elem
+        hairpin[v6][pair] = pair
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _backend_elements(
+    backend_id: int, text: str, port: int, shift: int, top: int
+) -> tuple[bool, str, str, str]:
+    """(is IPv6, map key, map element, hairpin element); cached across syncs."""
+    version, ip = _ip(text)
+    if not 1 <= backend_id <= top:
+        raise ValueError(f"backend id {backend_id} outside 1..{top}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"backend {backend_id}: port out of range: {port}")
+    mark = f"{backend_id << shift:#010x}"
+    return version == 6, mark, f"{mark} : {ip} . {port}", f"{ip} . {ip}"
+
+
+def _element_lines(verb: str, table: str, name: str, items: Iterable[str]) -> list[str]:
+    items = list(items)
+    return [
+        f"{verb} element inet {table} {name} {{ {', '.join(items[i : i + _CHUNK])} }}"
+        for i in range(0, len(items), _CHUNK)
+    ]
+
+
+def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict[str, list[str]]:
+    mask = f"{layout.backend_mask:#010x}"
+    reject = f"{layout.reject_mark:#010x}"
+    queue = f"{layout.queue_bit:#010x}"
+    masq = f"{layout.masq_bit:#010x}"
+    keep = f"{~layout.backend_mask & _MARK_BITS:#010x}"
+    fams = (("ip", 4), ("ip6", 6))
+    # Clearing the backend field lets a stale foreign value there never reach the
+    # iptables rule, which queues only packets whose backend field is still empty.
+    mark_new = [
+        f"ct state new {p} daddr . meta l4proto . th dport @frontends{v} "
+        f"meta mark set meta mark & {keep} | {queue}"
+        for p, v in fams
+    ]
+    has_backend = f"meta mark & {mask} != 0x00000000 meta mark & {mask} != {reject}"
+    nat_backend = [
+        # kube-proxy's --cluster-cidr rule: SNAT what does not come from a pod.
+        f"{p} saddr != @cluster_cidrs{v} {p} daddr . meta l4proto . th dport != "
+        f"@local_frontends{v} meta mark set meta mark | {masq}"
+        for p, v in fams
+        if cidrs[v]
+    ]
+    nat_backend += [
+        f"{p} daddr . meta l4proto . th dport @masq_frontends{v} meta mark set meta mark | {masq}"
+        for p, v in fams
+    ]
+    nat_backend += [
+        f"meta l4proto {{ tcp, udp, sctp }} dnat {p} to meta mark & {mask} map @backends{v}"
+        for p, v in fams
+    ]
+    # Reached only when the map lacks the id (sync lagging behind the engine): refuse,
+    # rather than let conntrack record the connection un-NATed.
+    nat_backend.append(f"meta mark set meta mark & {keep} | {reject}")
+    reject_rules = [f"meta mark & {mask} == {reject} jump do_reject"] + [
+        f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams
+    ]
+    return {
+        "mark_new": mark_new,
+        "mark_new_out": mark_new,
+        "nat_pre": [f"{has_backend} jump nat_backend"],
+        "nat_out": [f"{has_backend} jump nat_backend"],
+        "nat_backend": nat_backend,
+        "nat_post": [
+            # Cleared first, as kube-proxy does, so an encapsulated copy is not SNATed twice.
+            f"meta mark & {masq} == {masq} meta mark set meta mark ^ {masq} masquerade fully-random",
+            *(f"ct status dnat {p} saddr . {p} daddr @hairpin{v} masquerade" for p, v in fams),
+        ],
+        "reject_in": reject_rules,
+        "reject_fwd": reject_rules,
+        "reject_out": reject_rules,
+        "do_reject": [
+            "meta l4proto tcp reject with tcp reset",
+            "reject with icmpx port-unreachable",
+        ],
+    }
+
+
+def _split_cidrs(cidrs: Sequence[str]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {4: [], 6: []}
+    for text in cidrs:
+        net = ipaddress.ip_network(text, strict=False)
+        out[net.version].append(str(net))
+    return out
+
+
+# --- iptables -------------------------------------------------------------------------
+
+
+def _iptables_families(ipv6: bool) -> list[tuple[str, str]]:
+    fams = [("iptables-save", "iptables-restore")]
+    if ipv6:
+        fams.append(("ip6tables-save", "ip6tables-restore"))
+    return fams
+
+
+@dataclass(frozen=True)
+class _Mangle:
+    """What mangle holds of ours: whether the chain exists, our jumps, foreign references."""
+
+    chain_exists: bool
+    jumps: dict[str, list[str]]  # hook -> our rules in iptables-save form ("-A HOOK ...")
+    foreign_refs: list[str]
+
+
+def _read_mangle(save: str, chain: str, netns: str | None) -> _Mangle:
+    text = run_tool([save, "-t", "mangle"], netns=netns).stdout
+    exists = False
+    jumps: dict[str, list[str]] = {}
+    foreign: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(f":{chain} "):
+            exists = True
+        if not line.startswith("-A "):
+            continue
+        tokens = shlex.split(line)
+        if tokens[-2:] not in (["-j", chain], ["-g", chain]) or tokens[1] == chain:
+            continue
+        ours = any(a == "--comment" and b == JUMP_COMMENT for a, b in itertools.pairwise(tokens))
+        if ours:
+            jumps.setdefault(tokens[1], []).append(line)
+        else:
+            foreign.append(line)
+    return _Mangle(exists, jumps, foreign)
+
+
+def _delete_line(saved: str) -> str:
+    return "-D" + saved[2:]  # "-A HOOK spec" -> "-D HOOK spec"
+
+
+# --- the manager ----------------------------------------------------------------------
+
+
+class RuleManager:
+    """Owns ``table inet <table>`` and the mangle chain ``<chain>`` (IPv4 and IPv6)."""
+
+    def __init__(
+        self,
+        layout: MarkLayout = MarkLayout(),
+        *,
+        queues: tuple[int, int] = (0, 0),
+        cluster_cidrs: Sequence[str] = (),
+        table: str = "pykp",
+        chain: str = "PYKP-QUEUE",
+        ipv6: bool = True,
+        netns: str | None = None,
+    ) -> None:
+        layout.validate()
+        first, last = queues
+        if not 0 <= first <= last <= 65535:
+            raise ValueError(f"queues must satisfy 0 <= first <= last <= 65535, got {queues}")
+        self.layout = layout
+        self.queues = (first, last)
+        self.cluster_cidrs = _split_cidrs(cluster_cidrs)
+        self.table = table
+        self.chain = chain
+        self.ipv6 = ipv6
+        self.netns = netns
+        # What the kernel holds since the last successful sync; None forces a full load.
+        self._current: dict[str, dict[str, str]] | None = None
+
+    # rendering (public so tests and `pykp` can show it)
+
+    def render_table(self) -> str:
+        """The complete table, rules included, as installed on an empty kernel."""
+        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        lines = [f"table inet {self.table} {{"]
+        lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC}.items()]
+        for name, spec in _CHAINS.items():
+            lines.append(f"\tchain {name} {{")
+            if spec:
+                lines.append(f"\t\t{spec}")
+            lines += [f"\t\t{rule}" for rule in rules[name]]
+            lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def _cidr_lines(self) -> list[str]:
+        out: list[str] = []
+        for v in (4, 6):
+            out += _element_lines("add", self.table, f"cluster_cidrs{v}", self.cluster_cidrs[v])
+        return out
+
+    def _replace_script(self) -> str:
+        t = self.table
+        head = [f"table inet {t}", f"delete table inet {t}"]
+        return "\n".join([*head, self.render_table().rstrip("\n"), *self._cidr_lines()]) + "\n"
+
+    def _update_script(
+        self, stale_chains: Iterable[str], stale_sets: Iterable[tuple[str, str]]
+    ) -> str:
+        """Rewrite chains and static sets in place, keeping the synced elements."""
+        t = self.table
+        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        decl = [f"table inet {t} {{"]
+        decl += [_set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items()]
+        decl += [f"\tchain {n} {{ {spec} }}" for n, spec in _CHAINS.items()]
+        decl.append("}")
+        stale_chains = list(stale_chains)
+        ops = [f"flush chain inet {t} {n}" for n in [*_CHAINS, *stale_chains]]
+        ops += [f"delete chain inet {t} {n}" for n in stale_chains]
+        ops += [f"delete {kind} inet {t} {n}" for kind, n in stale_sets]
+        ops += [f"flush set inet {t} {n}" for n in _STATIC]
+        for name, chain_rules in rules.items():
+            ops += [f"add rule inet {t} {name} {rule}" for rule in chain_rules]
+        return "\n".join([*decl, *ops, *self._cidr_lines()]) + "\n"
+
+    def render_iptables(self, existing_jumps: Mapping[str, Sequence[str]] | None = None) -> str:
+        """The ``iptables-restore --noflush`` input for one family.
+
+        `existing_jumps` (hook -> our jump rules as iptables-save prints them) keeps a
+        single existing jump in place and replaces duplicates.
+        """
+        first, last = self.queues
+        target = f"--queue-balance {first}:{last}" if last > first else f"--queue-num {first}"
+        q = self.layout.queue_bit
+        lines = [
+            "*mangle",
+            # Declaring an existing chain under --noflush flushes it: the rule is replaced.
+            f":{self.chain} - [0:0]",
+            # Only while the backend field is empty: a packet already decided (e.g. a
+            # local connection looping back through PREROUTING) is never queued again.
+            # No --queue-bypass: without a reader the first packet is dropped and the
+            # client's retransmit is decided once pykp is back, whereas bypass would let
+            # conntrack record an un-NATed flow that then stays broken.
+            (
+                f"-A {self.chain} -m mark --mark {q:#x}/{q | self.layout.backend_mask:#x} "
+                f"-j NFQUEUE {target}"
+            ),
+        ]
+        for hook in _HOOKS:
+            existing = (existing_jumps or {}).get(hook, [])
+            if len(existing) == 1:
+                continue
+            lines += [_delete_line(rule) for rule in existing]
+            lines.append(f"-I {hook} 1 -m comment --comment {JUMP_COMMENT} -j {self.chain}")
+        lines.append("COMMIT")
+        return "\n".join(lines) + "\n"
+
+    # kernel operations
+
+    def _nft(self, script: str) -> None:
+        run_tool(["nft", "-f", "-"], netns=self.netns, stdin=script)
+
+    def _table_objects(self) -> dict[str, set[str]] | None:
+        """Names of our table's chains, sets and maps, or None when it holds none.
+
+        Three terse listings: listing the table itself would dump every element.
+        """
+        found: dict[str, set[str]] = {"chain": set(), "set": set(), "map": set()}
+        for kind, names in found.items():
+            argv = ["nft", "-t", "-j", "list", f"{kind}s", "inet"]
+            for item in json.loads(run_tool(argv, netns=self.netns).stdout)["nftables"]:
+                obj = item.get(kind)
+                if obj and obj.get("table") == self.table:
+                    names.add(obj["name"])
+        return found if any(found.values()) else None
+
+    def install(self) -> None:
+        """Create or update pykp's table and mangle chains, idempotently.
+
+        An existing table has its chains rewritten in one transaction while its set and
+        map elements are kept, so a restarting pykp does not open a window in which
+        service traffic escapes un-NATed; the next `sync` replaces them atomically.
+        A table of another shape (another pykp version) is replaced whole.
+        """
+        objects = self._table_objects()
+        if objects is None:
+            self._nft(self._replace_script())
+        else:
+            known = _SYNCED.keys() | _STATIC.keys()
+            script = self._update_script(
+                sorted(objects["chain"] - _CHAINS.keys()),
+                [("set", n) for n in sorted(objects["set"] - known)]
+                + [("map", n) for n in sorted(objects["map"] - known)],
+            )
+            try:
+                self._nft(script)
+            except RulesError:
+                self._nft(self._replace_script())
+        for save, restore in _iptables_families(self.ipv6):
+            current = _read_mangle(save, self.chain, self.netns)
+            run_tool(
+                [restore, "-w", "5", "--noflush"],
+                netns=self.netns,
+                stdin=self.render_iptables(current.jumps),
+            )
+        self._current = None
+
+    def sync(self, state: RuleState) -> SyncStats:
+        """Bring the sets and maps to `state` in one ``nft -f -`` transaction.
+
+        The first call after `install` (or after a failed sync) flushes and reloads every
+        set; later calls send only added and deleted elements (a changed map value is a
+        delete plus an add). Raises RulesError (the next call then reloads everything).
+        """
+        started = time.perf_counter()
+        wanted = _elements(state, self.layout)
+        t = self.table
+        lines: list[str] = []
+        by_set: dict[str, tuple[int, int]] = {}
+        current = self._current
+        if current is None:
+            for name, elems in wanted.items():
+                kind = "map" if name.startswith("backends") else "set"
+                lines.append(f"flush {kind} inet {t} {name}")
+                lines += _element_lines("add", t, name, elems.values())
+                if elems:
+                    by_set[name] = (len(elems), 0)
+        else:
+            deletes: list[str] = []
+            for name, elems in wanted.items():
+                old = current[name]
+                # Item views compare as sets in C: a changed map value is in both.
+                gone = [k for k, _ in old.items() - elems.items()]
+                new = [v for _, v in elems.items() - old.items()]
+                deletes += _element_lines("delete", t, name, gone)
+                lines += _element_lines("add", t, name, new)
+                if gone or new:
+                    by_set[name] = (len(new), len(gone))
+            lines = deletes + lines  # deletes first: a changed map key is re-added after
+        if lines:
+            self._current = None
+            self._nft("\n".join(lines) + "\n")
+        self._current = wanted
+        return SyncStats(
+            added=sum(a for a, _ in by_set.values()),
+            removed=sum(r for _, r in by_set.values()),
+            seconds=time.perf_counter() - started,
+            full=current is None,
+            by_set=by_set,
+        )
+
+    def cleanup(self) -> None:
+        """Remove the table, the mangle chains and our jump rules; safe when absent."""
+        cleanup_all(self.table, self.chain, netns=self.netns, ipv6=self.ipv6)
+        self._current = None
+
+    def installed(self) -> bool:
+        """True when the table, the chains and both jump rules of each family exist."""
+        if self._table_objects() is None:
+            return False
+        for save, _ in _iptables_families(self.ipv6):
+            current = _read_mangle(save, self.chain, self.netns)
+            if not current.chain_exists or any(not current.jumps.get(h) for h in _HOOKS):
+                return False
+        return True
+
+
+def cleanup_all(
+    table: str = "pykp",
+    chain: str = "PYKP-QUEUE",
+    *,
+    netns: str | None = None,
+    ipv6: bool = True,
+) -> list[str]:
+    """Remove whatever pykp left, without prior state; returns what was removed.
+
+    Foreign rules are kept. Should a foreign rule jump to our chain, the chain is only
+    flushed (deleting it would fail the transaction and keep everything).
+    """
+    removed: list[str] = []
+    res = run_tool(["nft", "delete", "table", "inet", table], netns=netns, check=False)
+    if res.returncode == 0:
+        removed.append(f"nft table inet {table}")
+    elif "No such file or directory" not in res.stderr:
+        raise RulesError(["nft", "delete", "table", "inet", table], res.returncode, res.stderr)
+    for save, restore in _iptables_families(ipv6):
+        family = save.removesuffix("-save")
+        current = _read_mangle(save, chain, netns)
+        lines = ["*mangle"]
+        for hook, rules in current.jumps.items():
+            lines += [_delete_line(rule) for rule in rules]
+            removed += [f"{family} mangle {hook} jump to {chain}"] * len(rules)
+        if current.chain_exists:
+            lines.append(f":{chain} - [0:0]")
+            if current.foreign_refs:
+                removed.append(f"{family} mangle chain {chain} (flushed; foreign rules use it)")
+            else:
+                lines.append(f"-X {chain}")
+                removed.append(f"{family} mangle chain {chain}")
+        if len(lines) > 1:
+            run_tool(
+                [restore, "-w", "5", "--noflush"],
+                netns=netns,
+                stdin="\n".join([*lines, "COMMIT"]) + "\n",
+            )
+    return removed

@@ -1,0 +1,1219 @@
+"""The agent without root: a real `Engine`, fakes for the rules, the datapath and conntrack.
+
+Also the pieces it is made of: the file source, the healthz state, node addresses,
+configuration checks and the status snapshot. The fakes here are shared with
+test_metrics.py and test_cli_run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pykp.agent import (
+    Agent,
+    AgentConfig,
+    ConfigError,
+    Dependencies,
+    build_rule_state,
+    count_changes,
+    filter_node_addresses,
+    stale_udp_flows,
+)
+from pykp.health import GO_ZERO_TIME, ProxierHealth, go_time
+from pykp.rules import FrontendRule, RulesError, RuleState
+from pykp.services_file import (
+    EngineBackend,
+    EngineService,
+    Problem,
+    ServicesFile,
+    load_services_text,
+    services_file_to_engine,
+)
+from pykp.sources import FileSource, SourceStatus
+from pykp.status import STATUS_FILE, read_status_file
+
+# --- fakes --------------------------------------------------------------------------------
+
+
+class Events:
+    """One ordered log of what the fakes were asked to do."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+
+class FakeRules:
+    """RuleManager's interface: records each RuleState; fails while `fail` is set."""
+
+    def __init__(self, events: Events | None = None) -> None:
+        self.events = events or Events()
+        self.states: list[RuleState] = []
+        self.fail: Exception | None = None
+        self.present = False
+        self.synced = threading.Event()
+
+    def install(self) -> None:
+        self.events.log.append("rules.install")
+        self.present = True
+
+    def sync(self, state: RuleState) -> object:
+        if self.fail is not None:
+            raise self.fail
+        self.states.append(state)
+        self.synced.set()
+        return None
+
+    def cleanup(self) -> None:
+        self.events.log.append("rules.cleanup")
+        self.present = False
+
+    def installed(self) -> bool:
+        return self.present
+
+    @property
+    def last(self) -> RuleState:
+        return self.states[-1]
+
+
+class FakeDatapath:
+    """NfqueueDatapath's interface, without queues."""
+
+    def __init__(self, events: Events | None = None, fail: Exception | None = None) -> None:
+        self.events = events or Events()
+        self.fail = fail
+        self._running = False
+        self.counters = {"packets": 7, "accepted": 6, "dropped": 1, "kernel_queue_dropped": 2}
+
+    def start(self) -> None:
+        self.events.log.append("datapath.start")
+        if self.fail is not None:
+            raise self.fail
+        self._running = True
+
+    def stop(self) -> None:
+        self.events.log.append("datapath.stop")
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StaticSource:
+    """A source the test sets by hand."""
+
+    def __init__(self, text: str | None = None, changed_at: float | None = None) -> None:
+        self._file: ServicesFile | None = None
+        self._problems: list[Problem] = []
+        self._changed_at = changed_at
+        self.notify: Callable[[], None] | None = None
+        self.stopped = False
+        if text is not None:
+            self.set(text, changed_at)
+
+    def set(self, text: str, changed_at: float | None = None) -> None:
+        self._file, self._problems = load_services_text(textwrap.dedent(text), "test.yaml")
+        self._changed_at = changed_at
+        if self.notify is not None:
+            self.notify()
+
+    def start(self, notify: Callable[[], None]) -> None:
+        self.notify = notify
+        if self._file is not None:
+            notify()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def current(self) -> ServicesFile | None:
+        return self._file
+
+    def problems(self) -> list[Problem]:
+        return list(self._problems)
+
+    def status(self) -> SourceStatus:
+        return SourceStatus(
+            name="static",
+            initialized=self._file is not None,
+            changed_at=self._changed_at,
+            loads=1,
+            load_errors=0,
+            invalid_objects=len(self._problems),
+            last_error=None,
+        )
+
+
+INTERFACES = ["127.0.0.1", "192.168.77.1", "::1", "fd00:77::1", "fe80::1%eth0", "not-an-ip"]
+NODE_ADDRESSES = ["192.168.77.1", "fd00:77::1"]
+
+
+class Harness:
+    """An agent with a real engine, fake kernel pieces and fake clocks."""
+
+    def __init__(
+        self,
+        source: StaticSource | FileSource,
+        tmp_path: Path,
+        *,
+        config: dict[str, Any] | None = None,
+        datapath_fail: Exception | None = None,
+    ) -> None:
+        self.events = Events()
+        self.rules = FakeRules(self.events)
+        self.datapath = FakeDatapath(self.events, datapath_fail)
+        self.deleted: list[tuple[str, str, int | None]] = []
+        self.delete_fails: Exception | None = None
+        self.wall = FakeClock(1_700_000_000.0)
+        self.mono = FakeClock(1000.0)
+        self.interfaces = list(INTERFACES)
+        settings: dict[str, Any] = {
+            "hostname_override": "node-a",
+            "healthz_bind_address": "",
+            "metrics_bind_address": "",
+            "state_dir": tmp_path / "state",
+        }
+        settings.update(config or {})
+        self.config = AgentConfig(**settings)
+        self.deps = Dependencies(
+            make_rules=lambda config: self.rules,
+            make_datapath=lambda engine, config: self.datapath,
+            interface_addresses=lambda: list(self.interfaces),
+            delete_udp_flows=self._delete,
+            wall_clock=self.wall,
+            monotonic=self.mono,
+        )
+        self.agent = Agent(self.config, source=source, deps=self.deps)
+
+    def _delete(self, service_ip: str, backend_ip: str, backend_port: int | None) -> int:
+        if self.delete_fails is not None:
+            raise self.delete_fails
+        self.deleted.append((service_ip, backend_ip, backend_port))
+        return 1
+
+
+def agent_with(
+    text: str | None, tmp_path: Path, *, changed_at: float | None = None, **config: Any
+) -> tuple[Harness, StaticSource]:
+    source = StaticSource(text, changed_at)
+    return Harness(source, tmp_path, config=config), source
+
+
+# --- the services used throughout ---------------------------------------------------------
+
+SERVICES = """\
+services:
+  - name: web
+    clusterIPs: [10.96.0.10, "fd00:96::10"]
+    externalIPs: [203.0.113.10]
+    loadBalancerIPs: [198.51.100.10]
+    policy: round-robin
+    ports:
+      - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+    endpoints:
+      - {ip: 10.244.1.10, nodeName: node-a}
+      - {ip: 10.244.2.10, nodeName: node-b}
+  - name: local
+    clusterIP: 10.96.0.11
+    externalTrafficPolicy: Local
+    ports: [{port: 443, targetPort: 8443, nodePort: 30443}]
+    endpoints: [{ip: 10.244.1.11, nodeName: node-a}]
+  - name: dns
+    namespace: kube-system
+    clusterIP: 10.96.0.53
+    externalIPs: [203.0.113.53]
+    ports:
+      - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
+      - {name: dns-tcp, port: 53, protocol: TCP}
+    endpoints:
+      - {ip: 10.244.1.53}
+      - {ip: 10.244.2.53}
+"""
+
+
+def without_endpoint(text: str, ip: str) -> str:
+    return "\n".join(line for line in text.splitlines() if f"ip: {ip}" not in line) + "\n"
+
+
+def ext(ip: str, port: int, protocol: str = "TCP", masquerade: bool = True) -> FrontendRule:
+    return FrontendRule(ip, port, protocol, external=True, masquerade=masquerade)
+
+
+# --- the sync -----------------------------------------------------------------------------
+
+
+def test_a_sync_renders_every_frontend_with_its_kind_and_masquerade(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+
+    h.agent.sync()
+
+    assert h.rules.last.frontends == {
+        # web: ClusterIPs internal; external IPs, LB IPs and the NodePort on every node
+        # address external and masqueraded (externalTrafficPolicy Cluster).
+        FrontendRule("10.96.0.10", 80, "TCP"),
+        FrontendRule("fd00:96::10", 80, "TCP"),
+        ext("203.0.113.10", 80),
+        ext("198.51.100.10", 80),
+        ext("192.168.77.1", 30080),
+        ext("fd00:77::1", 30080),
+        # local: externalTrafficPolicy Local keeps the client address.
+        FrontendRule("10.96.0.11", 443, "TCP"),
+        ext("192.168.77.1", 30443, masquerade=False),
+        ext("fd00:77::1", 30443, masquerade=False),
+        # dns: two ports, two protocols.
+        FrontendRule("10.96.0.53", 53, "UDP"),
+        FrontendRule("10.96.0.53", 53, "TCP"),
+        ext("203.0.113.53", 53, "UDP"),
+        ext("203.0.113.53", 53, "TCP"),
+        ext("192.168.77.1", 30053, "UDP"),
+        ext("fd00:77::1", 30053, "UDP"),
+    }
+    assert h.rules.last.service_ips == {
+        "10.96.0.10",
+        "fd00:96::10",
+        "203.0.113.10",
+        "198.51.100.10",
+        "10.96.0.11",
+        "10.96.0.53",
+        "203.0.113.53",
+    }
+
+
+def test_the_backend_map_is_the_engines(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+
+    h.agent.sync()
+
+    backends = dict(h.rules.last.backends)
+    assert backends == h.agent.engine.backend_ids()
+    assert set(backends.values()) == {
+        ("10.244.1.10", 8080),
+        ("10.244.2.10", 8080),
+        ("10.244.1.11", 8443),
+        ("10.244.1.53", 53),
+        ("10.244.2.53", 53),
+    }
+
+
+def test_the_engine_gets_every_service_port_and_decides_for_its_frontends(
+    tmp_path: Path,
+) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+
+    h.agent.sync()
+
+    engine = h.agent.engine
+    assert sorted(engine.services()) == [
+        "default/local",
+        "default/web:http",
+        "kube-system/dns:dns",
+        "kube-system/dns:dns-tcp",
+    ]
+    decision = engine.decide("192.0.2.1", 40000, "192.168.77.1", 30080)  # a NodePort
+    assert decision.action == "forward"
+    assert decision.service == "default/web:http"
+    # nodeName node-a is this node (--hostname-override): the status shows it local.
+    web = next(s for s in h.agent.snapshot()["services"] if s["name"] == "default/web:http")
+    assert [b["local"] for b in web["backends"]] == [True, False]
+
+
+def test_nodeport_addresses_limit_the_node_addresses(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path, nodeport_addresses=("192.168.77.0/24",))
+
+    h.agent.sync()
+
+    node_ports = {f.ip for f in h.rules.last.frontends if f.port in (30080, 30443, 30053)}
+    assert node_ports == {"192.168.77.1"}
+
+
+def test_node_addresses_are_read_at_every_sync(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    h.interfaces = ["192.168.77.1", "192.168.88.1"]
+
+    h.agent.sync()
+
+    node_ports = {f.ip for f in h.rules.last.frontends if f.port == 30080}
+    assert node_ports == {"192.168.77.1", "192.168.88.1"}
+    decision = h.agent.engine.decide("192.0.2.1", 40000, "192.168.88.1", 30080)
+    assert decision.action == "forward"
+
+
+def test_a_removed_udp_backend_has_its_kernel_flows_deleted_on_every_udp_frontend(
+    tmp_path: Path,
+) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    assert h.deleted == []
+
+    source.set(without_endpoint(SERVICES, "10.244.2.53"))
+    h.agent.sync()
+
+    # The UDP port's frontends only: ClusterIP, external IP and the NodePort's node
+    # addresses. Nothing for the TCP port that lost the same endpoint.
+    assert sorted(h.deleted) == [
+        ("10.96.0.53", "10.244.2.53", 53),
+        ("192.168.77.1", "10.244.2.53", 53),
+        ("203.0.113.53", "10.244.2.53", 53),
+        ("fd00:77::1", "10.244.2.53", 53),
+    ]
+    assert h.agent.metrics.stale_udp_flows_deleted == 4
+
+
+def test_a_removed_tcp_backend_needs_no_conntrack_cleanup(tmp_path: Path) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+
+    source.set(without_endpoint(SERVICES, "10.244.2.10"))
+    h.agent.sync()
+
+    assert h.deleted == []
+    assert ("10.244.2.10", 8080) not in h.rules.last.backends.values()
+
+
+def test_a_removed_udp_service_has_all_its_flows_deleted(tmp_path: Path) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+
+    source.set(SERVICES.split("  - name: dns")[0])
+    h.agent.sync()
+
+    assert {(ip, backend) for ip, backend, _ in h.deleted} == {
+        (ip, backend)
+        for ip in ("10.96.0.53", "203.0.113.53", "192.168.77.1", "fd00:77::1")
+        for backend in ("10.244.1.53", "10.244.2.53")
+    }
+
+
+def test_a_udp_backend_that_stops_serving_is_stale_too(tmp_path: Path) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+
+    source.set(
+        SERVICES.replace("- {ip: 10.244.2.53}", "- {ip: 10.244.2.53, ready: false, serving: false}")
+    )
+    h.agent.sync()
+
+    assert {backend for _, backend, _ in h.deleted} == {"10.244.2.53"}
+
+
+def test_stale_udp_flows_are_kept_for_the_next_sync_when_the_rules_fail(tmp_path: Path) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    source.set(without_endpoint(SERVICES, "10.244.2.53"))
+    h.rules.fail = RulesError(["nft", "-f", "-"], 1, "Error: boom")
+
+    with pytest.raises(RulesError):
+        h.agent.sync()
+
+    assert h.deleted == [], "conntrack is cleaned only after the rules are committed"
+    h.rules.fail = None
+    h.agent.sync()
+    assert {backend for _, backend, _ in h.deleted} == {"10.244.2.53"}
+
+
+def test_a_conntrack_failure_is_counted_and_does_not_fail_the_sync(tmp_path: Path) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    source.set(without_endpoint(SERVICES, "10.244.2.53"))
+    h.delete_fails = RulesError(["conntrack", "-D"], 127, "not installed")
+
+    h.agent.sync()
+
+    assert h.agent.metrics.conntrack_cleanup_errors == 4
+    assert h.agent.metrics.sync_errors == 0
+
+
+def test_nothing_is_programmed_before_the_source_is_initialized(tmp_path: Path) -> None:
+    h, _ = agent_with(None, tmp_path)
+
+    h.agent.sync()
+
+    assert h.rules.states == []
+    assert h.agent.engine.services() == []
+    assert h.agent.metrics.last_sync_timestamp == 0.0
+    assert h.agent.metrics.sync_duration.count == 0
+
+
+@pytest.mark.usefixtures("utc")
+def test_a_failed_sync_is_reported_and_turns_healthz_unhealthy_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    h, source = agent_with(SERVICES, tmp_path, sync_period=30.0)
+    h.agent.sync()
+    synced_at = h.wall.now
+    h.wall.now += 5
+    source.set(without_endpoint(SERVICES, "10.244.2.10"))
+    h.rules.fail = RulesError(["nft"], 1, "Error: no such table")
+
+    with pytest.raises(RulesError):
+        h.agent.sync()
+
+    assert h.agent.metrics.sync_errors == 1
+    assert h.agent.health.healthz()[0] == 200, "not late yet"
+    h.wall.now += 59.9
+    assert h.agent.health.healthz()[0] == 200
+    h.wall.now += 0.2  # 2 x --sync-period after the failure
+    code, body = h.agent.health.healthz()
+    assert code == 503
+    assert json.loads(body)["lastUpdated"] == go_time(synced_at), "the last successful sync"
+    assert h.agent.health.livez()[0] == 503
+
+    h.rules.fail = None
+    h.agent.sync()
+    assert h.agent.health.healthz()[0] == 200
+    assert h.agent.metrics.last_sync_timestamp == h.wall.now
+
+
+def test_healthz_waits_for_the_first_sync_but_livez_does_not(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+    h.agent.health.queued_update()  # as start() does
+
+    assert h.agent.health.healthz()[0] == 503, "nothing is programmed yet"
+    assert h.agent.health.livez()[0] == 200, "starting up is alive"
+    h.agent.sync()
+    assert h.agent.health.healthz()[0] == 200
+
+
+def test_a_first_sync_that_keeps_failing_fails_livez_after_the_timeout(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path, sync_period=30.0)
+    h.agent.health.queued_update()
+    h.rules.fail = RulesError(["nft"], 1, "Error: Operation not permitted")
+
+    with pytest.raises(RulesError):
+        h.agent.sync()
+    h.wall.now += 60
+
+    assert h.agent.health.livez()[0] == 503
+    assert h.agent.health.healthz()[0] == 503
+
+
+def test_the_engine_refusing_a_service_skips_only_that_service(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An external IP equal to the node address, on another service's NodePort: the file
+    # cannot know (node addresses are the agent's), the engine refuses the second owner.
+    text = """\
+    services:
+      - name: a
+        clusterIP: 10.96.0.20
+        ports: [{port: 80, nodePort: 30080}]
+        endpoints: [{ip: 10.244.1.20}]
+      - name: b
+        clusterIP: 10.96.0.21
+        externalIPs: [192.168.77.1]
+        ports: [{port: 30080}]
+        endpoints: [{ip: 10.244.1.21}]
+    """
+    h, _ = agent_with(text, tmp_path)
+
+    with caplog.at_level(logging.ERROR, logger="pykp.agent"):
+        h.agent.sync()
+        h.agent.sync()  # a periodic resync: the same refusal is not reported again
+
+    assert h.agent.engine.services() == ["default/a"]
+    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.20", "192.168.77.1", "fd00:77::1"}
+    assert "10.96.0.21" not in h.rules.last.service_ips
+    assert h.agent.metrics.refused_services == 1
+    assert h.agent.metrics.sync_errors == 0
+    why = h.agent.snapshot()["refused"]["default/b"]
+    assert "already service" in why
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == [
+        f"service default/b refused by the engine (skipped): {why}"
+    ]
+
+
+def test_a_node_address_never_becomes_a_service_ip(tmp_path: Path) -> None:
+    text = """\
+    services:
+      - name: b
+        clusterIP: 10.96.0.21
+        externalIPs: [192.168.77.1]
+        ports: [{port: 8080}]
+        endpoints: [{ip: 10.244.1.21}]
+    """
+    h, _ = agent_with(text, tmp_path)
+
+    h.agent.sync()
+
+    assert ext("192.168.77.1", 8080) in h.rules.last.frontends
+    assert h.rules.last.service_ips == {"10.96.0.21"}, "the node's own ports stay reachable"
+
+
+def test_two_services_swapping_addresses_both_apply_in_one_sync(tmp_path: Path) -> None:
+    text = """\
+    services:
+      - name: a
+        clusterIP: {a}
+        ports: [{{port: 80}}]
+        endpoints: [{{ip: 10.244.1.1}}]
+      - name: b
+        clusterIP: {b}
+        ports: [{{port: 80}}]
+        endpoints: [{{ip: 10.244.1.2}}]
+    """
+    h, source = agent_with(text.format(a="10.96.0.30", b="10.96.0.31"), tmp_path)
+    h.agent.sync()
+
+    source.set(text.format(a="10.96.0.31", b="10.96.0.30"))
+    h.agent.sync()
+
+    assert h.agent.snapshot()["refused"] == {}
+    assert h.agent.engine.decide("192.0.2.1", 1, "10.96.0.31", 80).service == "default/a"
+    assert h.agent.engine.decide("192.0.2.1", 1, "10.96.0.30", 80).service == "default/b"
+
+
+def test_a_periodic_resync_leaves_unchanged_services_alone(tmp_path: Path) -> None:
+    """Re-upserting would restart round-robin (and rebuild Maglev tables) every 30 s."""
+    h, _ = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    engine = h.agent.engine
+
+    first = engine.decide("192.0.2.1", 1, "10.96.0.10", 80).backend
+    h.agent.sync()
+    second = engine.decide("192.0.2.2", 1, "10.96.0.10", 80).backend
+
+    assert {first, second} == {("10.244.1.10", 8080), ("10.244.2.10", 8080)}
+    assert len(h.rules.states) == 2, "the rules are still re-committed (repair)"
+
+
+def test_service_and_endpoint_changes_are_counted_like_kube_proxy(tmp_path: Path) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    assert (h.agent.metrics.service_changes, h.agent.metrics.endpoint_changes) == (3, 3)
+
+    h.agent.sync()  # nothing changed
+    assert (h.agent.metrics.service_changes, h.agent.metrics.endpoint_changes) == (3, 3)
+
+    source.set(without_endpoint(SERVICES, "10.244.2.53"))
+    h.agent.sync()
+    assert (h.agent.metrics.service_changes, h.agent.metrics.endpoint_changes) == (3, 4)
+
+    source.set(SERVICES.replace("policy: round-robin", "policy: maglev"))
+    h.agent.sync()
+    assert (h.agent.metrics.service_changes, h.agent.metrics.endpoint_changes) == (4, 5)
+
+
+def test_network_programming_latency_runs_from_the_change_to_the_end_of_the_sync(
+    tmp_path: Path,
+) -> None:
+    h, source = agent_with(SERVICES, tmp_path)
+    start = h.wall.now
+    # A change from before the agent started is not counted (kube-proxy's rule).
+    source.set(SERVICES, changed_at=start - 100)
+    h.agent.sync()
+    assert h.agent.metrics.network_programming.count == 0
+
+    source.set(without_endpoint(SERVICES, "10.244.2.10"), changed_at=start + 5)
+    h.wall.now = start + 7.5
+    h.mono.now += 0.25
+    h.agent.sync()
+    h.agent.sync()  # the same change again: observed once
+
+    histogram = h.agent.metrics.network_programming.family("x", "x")
+    samples = {(s.suffix, dict(s.labels).get("le")): s.value for s in histogram.samples}
+    assert samples["_count", None] == 1
+    assert samples["_sum", None] == pytest.approx(2.5)
+    assert samples["_bucket", "2"] == 0 and samples["_bucket", "3"] == 1
+
+
+def test_each_sync_records_its_duration_and_time(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+    started = h.mono.now
+
+    def slow_sync(state: RuleState) -> object:
+        h.mono.now = started + 0.04
+        return None
+
+    h.rules.sync = slow_sync  # type: ignore[method-assign]
+    h.agent.sync()
+
+    family = h.agent.metrics.sync_duration.family("d", "d")
+    values = {(s.suffix, dict(s.labels).get("le")): s.value for s in family.samples}
+    assert values["_sum", None] == pytest.approx(0.04)
+    assert values["_bucket", "0.032"] == 0 and values["_bucket", "0.064"] == 1
+    assert h.agent.metrics.last_sync_timestamp == h.wall.now
+
+
+def test_each_sync_writes_the_status_file(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+    h.agent.sync()
+    h.agent.engine.decide("10.244.9.9", 5353, "10.96.0.53", 53, "UDP")
+    h.agent.sync()
+
+    snapshot = read_status_file(tmp_path / "state" / STATUS_FILE)
+    assert snapshot["node"] == {"name": "node-a", "addresses": NODE_ADDRESSES}
+    assert snapshot["healthy"] is True
+    assert snapshot["lastSync"] == h.wall.now
+    names = [service["name"] for service in snapshot["services"]]
+    assert names == [
+        "default/web:http",
+        "default/local",
+        "kube-system/dns:dns",
+        "kube-system/dns:dns-tcp",
+    ]
+    dns = snapshot["services"][2]
+    assert dns["frontends"][:2] == ["10.96.0.53:53/UDP", "203.0.113.53:53/UDP"]
+    assert "[fd00:77::1]:30053/UDP" in dns["frontends"]
+    assert snapshot["counters"]["decisions_forward"] == 1
+    [flow] = snapshot["flows"]
+    assert flow["client"] == "10.244.9.9:5353"
+    assert flow["service"] == "kube-system/dns:dns"
+    assert snapshot["datapath"]["packets"] == 7
+
+
+def test_an_unwritable_state_dir_does_not_fail_the_sync(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    h, _ = agent_with(SERVICES, tmp_path, state_dir=blocker / "state")
+
+    h.agent.sync()
+
+    assert h.agent.metrics.sync_errors == 0
+    assert len(h.rules.states) == 1
+
+
+# --- the agent's lifecycle ----------------------------------------------------------------
+
+
+def http_get(url: str) -> tuple[int, str, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), dict(error.headers)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Harness, Path]]:
+    """A started agent on a real services file, with servers on free loopback ports."""
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICES)
+    harness = Harness(
+        FileSource(path, poll_interval=0.02),
+        tmp_path,
+        config={
+            "healthz_bind_address": "127.0.0.1:0",
+            "metrics_bind_address": "127.0.0.1:0",
+            "min_sync_period": 0.0,
+        },
+    )
+    harness.agent.start()
+    try:
+        yield harness, path
+    finally:
+        harness.agent.stop()
+
+
+def addresses(h: Harness) -> tuple[str, str]:
+    servers = {server.name: server.bound_address for server in h.agent._servers}
+    return ":".join(map(str, servers["healthz"])), ":".join(map(str, servers["metrics"]))
+
+
+def test_a_started_agent_syncs_serves_and_follows_the_file(
+    running: tuple[Harness, Path],
+) -> None:
+    h, path = running
+    healthz, metrics = addresses(h)
+    assert h.rules.synced.wait(5), "no first sync"
+    assert h.events.log[:2] == ["datapath.start", "rules.install"]
+
+    code, body, headers = http_get(f"http://{healthz}/healthz")
+    assert code == 200
+    assert headers["Content-Type"] == "application/json"
+    assert json.loads(body)["nodeEligible"] is True
+    assert http_get(f"http://{healthz}/livez")[0] == 200
+    assert http_get(f"http://{healthz}/nope")[0] == 404
+
+    code, text, _ = http_get(f"http://{metrics}/metrics")
+    assert code == 200 and "kubeproxy_sync_proxy_rules_last_timestamp_seconds" in text
+    assert json.loads(http_get(f"http://{metrics}/status")[1])["node"]["name"] == "node-a"
+
+    synced = len(h.rules.states)
+    path.write_text(without_endpoint(SERVICES, "10.244.2.53"))
+    assert wait_for(lambda: len(h.rules.states) > synced), "the change was not synced"
+    assert wait_for(lambda: len(h.deleted) == 4)
+
+
+def test_stop_with_cleanup_removes_the_rules_before_the_datapath_and_closes_everything(
+    running: tuple[Harness, Path],
+) -> None:
+    h, _ = running
+    healthz, _ = addresses(h)
+    assert h.rules.synced.wait(5)
+    threads = list(h.agent._threads)
+
+    h.agent.stop(cleanup=True)
+
+    assert h.events.log[-2:] == ["rules.cleanup", "datapath.stop"]
+    assert not h.rules.present
+    assert not any(thread.is_alive() for thread in threads)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{healthz}/healthz", timeout=1)
+    h.agent.stop()  # idempotent
+    assert h.events.log.count("rules.cleanup") == 1
+
+
+def test_without_cleanup_on_exit_the_rules_stay(tmp_path: Path) -> None:
+    h = Harness(StaticSource(SERVICES), tmp_path, config={"cleanup_on_exit": False})
+    h.agent.start()
+    assert h.rules.synced.wait(5)
+
+    h.agent.stop()
+
+    assert h.events.log == ["datapath.start", "rules.install", "datapath.stop"]
+    assert h.rules.present
+
+
+def test_a_failed_start_undoes_what_started(tmp_path: Path) -> None:
+    h = Harness(
+        StaticSource(SERVICES),
+        tmp_path,
+        config={"healthz_bind_address": "127.0.0.1:0"},
+        datapath_fail=OSError(1, "Operation not permitted"),
+    )
+
+    with pytest.raises(OSError, match="not permitted"):
+        h.agent.start()
+
+    assert h.events.log == ["datapath.start"], "no rules without a datapath to serve them"
+    assert h.agent._servers == [] and h.agent._threads == []
+
+
+def test_a_failed_rules_install_still_cleans_up_a_partial_install(tmp_path: Path) -> None:
+    h = Harness(StaticSource(SERVICES), tmp_path, config={"cleanup_on_exit": False})
+
+    def broken_install() -> None:
+        h.events.log.append("rules.install")
+        raise RulesError(["nft", "-f", "-"], 1, "Error: half done")
+
+    h.rules.install = broken_install  # type: ignore[method-assign]
+
+    with pytest.raises(RulesError):
+        h.agent.start()
+
+    assert h.events.log == ["datapath.start", "rules.install", "rules.cleanup", "datapath.stop"]
+
+
+def test_the_housekeeping_thread_expires_flows(tmp_path: Path) -> None:
+    h, _ = agent_with(SERVICES, tmp_path)
+    calls = threading.Event()
+
+    class Engine:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def expire(self) -> int:
+            calls.set()
+            return 0
+
+    h.agent.engine = Engine(h.agent.engine)  # type: ignore[assignment]
+    thread = threading.Thread(target=h.agent._housekeeping, daemon=True)
+    thread.start()
+    try:
+        assert calls.wait(3), "engine.expire() was not called within ~1 s"
+    finally:
+        h.agent._stop.set()
+        thread.join(3)
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "flag"),
+    [
+        ({"cluster_cidrs": ("10.244.0.0/33",)}, "--cluster-cidr"),
+        ({"nodeport_addresses": ("nope",)}, "--nodeport-addresses"),
+        ({"healthz_bind_address": "localhost:10256"}, "--healthz-bind-address"),
+        ({"metrics_bind_address": "127.0.0.1:70000"}, "--metrics-bind-address"),
+        ({"default_policy": "fastest"}, "--default-policy"),
+        ({"min_sync_period": -1.0}, "--min-sync-period"),
+        ({"sync_period": 0.0}, "--sync-period"),
+        ({"min_sync_period": 40.0}, "--min-sync-period"),
+        ({"queue_num": 70000}, "--queue-num"),
+        ({"queues": 0}, "--queues"),
+        ({"queue_num": 65535, "queues": 2}, "--queues"),
+        ({"mark_mask": 0x0000C000}, "--mark-mask"),
+        ({"mark_mask": 0x0F0F0000}, "--mark-mask"),
+        ({"mark_mask": 0x00002000}, "--mark-mask"),
+        ({"conntrack_capacity": 0}, "--conntrack-capacity"),
+        ({"maglev_table_size": 65536}, "--maglev-table-size"),
+        ({"maglev_seed": -1}, "--maglev-seed"),
+    ],
+)
+def test_invalid_settings_name_their_flag(settings: dict[str, Any], flag: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        AgentConfig(**settings).validate()
+    assert caught.value.flag == flag
+
+
+def test_the_defaults_are_valid_and_kube_proxys() -> None:
+    config = AgentConfig()
+    config.validate()
+
+    assert (config.min_sync_period, config.sync_period, config.health_timeout) == (1, 30, 60)
+    assert config.healthz_bind_address == "0.0.0.0:10256"
+    assert config.metrics_bind_address == "127.0.0.1:10249"
+    assert (config.first_queue, config.last_queue) == (0, 0)
+    assert AgentConfig(queue_num=4, queues=3).last_queue == 6
+
+
+def test_an_agent_without_a_source_needs_a_services_file() -> None:
+    with pytest.raises(ConfigError, match="--services"):
+        Agent(AgentConfig(), deps=Dependencies(make_rules=lambda c: FakeRules()))
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "expected"),
+    [
+        ((), NODE_ADDRESSES),
+        (("192.168.0.0/16",), ["192.168.77.1"]),
+        (("fd00::/8", "127.0.0.0/8"), ["127.0.0.1", "fd00:77::1"]),
+        (("10.0.0.0/8",), []),
+    ],
+)
+def test_node_addresses_are_filtered_by_cidr_or_default_to_non_loopback(
+    cidrs: tuple[str, ...], expected: list[str]
+) -> None:
+    assert filter_node_addresses([*INTERFACES, "192.168.77.1"], cidrs) == expected
+
+
+# --- pure pieces --------------------------------------------------------------------------
+
+
+def engine_service(
+    name: str, frontends: list[tuple[str, int, str]], *backends: str
+) -> EngineService:
+    return EngineService(
+        name=name,
+        frontends=tuple(frontends),
+        backends=tuple(EngineBackend(ip, 53) for ip in backends),
+    )
+
+
+def test_stale_udp_flows_include_frontends_that_went_away() -> None:
+    old = {
+        "s": engine_service("s", [("10.96.0.1", 53, "UDP"), ("10.96.0.2", 53, "UDP")], "10.0.0.1")
+    }
+    new = {"s": engine_service("s", [("10.96.0.1", 53, "UDP")], "10.0.0.1")}
+
+    assert stale_udp_flows(old, new) == [("10.96.0.2", "10.0.0.1", 53)]
+    assert stale_udp_flows(old, old) == []
+
+
+def test_stale_udp_flows_ignore_backends_that_were_not_serving() -> None:
+    before = EngineService(
+        "s",
+        (("10.96.0.1", 53, "UDP"),),
+        (EngineBackend("10.0.0.1", 53, ready=False, serving=False),),
+    )
+
+    assert stale_udp_flows({"s": before}, {}) == []
+
+
+def test_count_changes_from_nothing() -> None:
+    services, _ = load_services_text(SERVICES)
+
+    assert count_changes(None, services) == (3, 3)
+    assert count_changes(services, services) == (0, 0)
+    assert count_changes(services, ServicesFile()) == (3, 3)
+
+
+def test_rule_state_follows_engine_services_including_split_external_ones() -> None:
+    """A Kubernetes source splits a port by traffic policy (`name#external`)."""
+    text = """\
+    services:
+      - name: split
+        clusterIP: 10.96.0.40
+        externalIPs: [203.0.113.40]
+        externalTrafficPolicy: Local
+        ports: [{port: 80, nodePort: 30040}]
+        endpoints: [{ip: 10.244.1.40, nodeName: node-a}]
+    """
+    parsed, _ = load_services_text(textwrap.dedent(text))
+    parsed = ServicesFile(parsed.services, traffic_policies=True)
+    services = services_file_to_engine(parsed, ["192.168.77.1"], "node-a")
+    assert [s.name for s in services] == ["default/split", "default/split#external"]
+
+    state = build_rule_state(parsed, services, {}, ["192.168.77.1"])
+
+    assert state.frontends == {
+        FrontendRule("10.96.0.40", 80, "TCP"),
+        ext("203.0.113.40", 80, masquerade=False),
+        ext("192.168.77.1", 30040, masquerade=False),
+    }
+    assert state.service_ips == {"10.96.0.40", "203.0.113.40"}
+
+
+# --- the file source ----------------------------------------------------------------------
+
+
+class Notified:
+    def __init__(self) -> None:
+        self.count = 0
+        self.event = threading.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.event.set()
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Write and move the mtime on, so a change is seen however coarse the clock."""
+    path.write_text(textwrap.dedent(text))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.fixture
+def services_path(tmp_path: Path) -> Path:
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICES)
+    return path
+
+
+def test_the_file_source_loads_at_start_and_notifies(services_path: Path) -> None:
+    source = FileSource(services_path, poll_interval=60)
+    notified = Notified()
+    assert source.current() is None
+
+    source.start(notified)
+    try:
+        assert notified.count == 1
+        current = source.current()
+        assert current is not None
+        assert [s.key for s in current.services] == [
+            "default/web",
+            "default/local",
+            "kube-system/dns",
+        ]
+        status = source.status()
+        assert status.initialized and status.loads == 1 and status.load_errors == 0
+        assert status.changed_at == services_path.stat().st_mtime
+    finally:
+        source.stop()
+
+
+def test_the_file_source_sees_changes_and_ignores_rewrites_of_the_same_content(
+    services_path: Path,
+) -> None:
+    source = FileSource(services_path, poll_interval=60)
+    notified = Notified()
+    source.start(notified)
+    try:
+        assert source.check() is False, "nothing changed on disk"
+
+        rewrite(services_path, without_endpoint(SERVICES, "10.244.2.10"))
+        assert source.check() is True
+        assert notified.count == 2
+        current = source.current()
+        assert current is not None and current.endpoint_count == 4
+
+        rewrite(services_path, without_endpoint(SERVICES, "10.244.2.10"))  # touched only
+        assert source.check() is False
+        assert notified.count == 2
+        assert source.status().loads == 3
+    finally:
+        source.stop()
+
+
+def test_the_file_source_sees_an_atomic_replace(services_path: Path, tmp_path: Path) -> None:
+    source = FileSource(services_path, poll_interval=60)
+    source.start(Notified())
+    try:
+        other = tmp_path / "new.yaml"
+        other.write_text(SERVICES.replace("10.96.0.11", "10.96.0.12"))
+        os.utime(other, ns=(0, services_path.stat().st_mtime_ns))  # same mtime, new inode
+        other.replace(services_path)
+
+        assert source.check() is True
+        current = source.current()
+        assert current is not None and current.services[1].cluster_ips == ("10.96.0.12",)
+    finally:
+        source.stop()
+
+
+def test_the_file_source_polls_in_its_thread(services_path: Path) -> None:
+    source = FileSource(services_path, poll_interval=0.01)
+    notified = Notified()
+    source.start(notified)
+    try:
+        notified.event.clear()
+        rewrite(services_path, without_endpoint(SERVICES, "10.244.2.10"))
+        assert notified.event.wait(5), "the poll thread did not notice the change"
+    finally:
+        source.stop()
+
+
+def test_invalid_entries_are_skipped_logged_with_their_location_and_kept(
+    services_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rewrite(
+        services_path,
+        """\
+        services:
+          - name: good
+            clusterIP: 10.96.0.10
+            ports: [{port: 80}]
+          - name: bad
+            clusterIP: 10.96.0.11
+            ports: [{port: 70000}]
+        """,
+    )
+    source = FileSource(services_path, poll_interval=60)
+
+    with caplog.at_level(logging.WARNING, logger="pykp.sources"):
+        source.start(Notified())
+    source.stop()
+
+    current = source.current()
+    assert current is not None and [s.name for s in current.services] == ["good"]
+    [problem] = source.problems()
+    assert (problem.line, problem.column, problem.path) == (7, 20, "services[1].ports[0].port")
+    assert f"{services_path}:7:20: services[1].ports[0].port" in caplog.text
+    assert source.status().invalid_objects == 1
+
+
+def test_a_broken_file_keeps_the_last_good_state(
+    services_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = FileSource(services_path, poll_interval=60)
+    notified = Notified()
+    source.start(notified)
+    good = source.current()
+    try:
+        with caplog.at_level(logging.ERROR, logger="pykp.sources"):
+            rewrite(services_path, "services:\n  - name: web\n   ports: [\n")
+            assert source.check() is False
+            assert source.check() is False  # the same error: counted and logged once
+
+        assert source.current() is good
+        assert notified.count == 1
+        status = source.status()
+        assert status.load_errors == 1
+        assert status.last_error is not None and f"{services_path}:3:4" in status.last_error
+        assert [r.getMessage() for r in caplog.records] == [
+            f"cannot load services (keeping the last good state): {status.last_error}"
+        ]
+
+        services_path.unlink()
+        assert source.check() is False
+        assert source.current() is good
+        assert source.status().load_errors == 2
+
+        rewrite(services_path, SERVICES)  # fixed: the same services as the last good state
+        assert source.check() is False, "nothing to sync"
+        assert source.status().last_error is None
+        assert source.status().loads == 2
+    finally:
+        source.stop()
+
+
+def test_a_file_missing_at_start_loads_when_it_appears(tmp_path: Path) -> None:
+    path = tmp_path / "later.yaml"
+    source = FileSource(path, poll_interval=60)
+    notified = Notified()
+    source.start(notified)
+    try:
+        assert source.current() is None and notified.count == 0
+        assert source.status().load_errors == 1
+
+        path.write_text(SERVICES)
+        assert source.check() is True
+        assert notified.count == 1 and source.status().initialized
+    finally:
+        source.stop()
+
+
+# --- healthz ------------------------------------------------------------------------------
+
+# kube-proxy's exact bytes, odd spacing included.
+HEALTHZ_BODY = (
+    r'\{"lastUpdated": "(?P<last>[^"]*)","currentTime": "(?P<now>[^"]*)", '
+    r'"nodeEligible": (?P<eligible>true|false)\}'
+)
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("utc")
+def test_times_are_printed_the_way_go_prints_them() -> None:
+    assert go_time(0) == "1970-01-01 00:00:00 +0000 UTC"
+    assert go_time(1_700_000_000.25) == "2023-11-14 22:13:20.25 +0000 UTC"
+    assert go_time(None) == GO_ZERO_TIME == "0001-01-01 00:00:00 +0000 UTC"
+
+
+@pytest.mark.usefixtures("utc")
+def test_healthz_follows_kube_proxys_rules() -> None:
+    import re
+
+    clock = FakeClock(1_700_000_000.0)
+    health = ProxierHealth(60.0, clock=clock, initial_sync_required=False)
+
+    code, body = health.healthz()  # starting up: healthy, nothing pending
+    assert code == 200
+    match = re.fullmatch(HEALTHZ_BODY, body)
+    assert match is not None, body
+    assert match["last"] == match["now"] == "2023-11-14 22:13:20 +0000 UTC"
+
+    health.updated()
+    clock.now += 10
+    health.queued_update()
+    clock.now += 30
+    health.queued_update()  # the oldest pending update counts
+    clock.now += 29.9
+    assert health.healthz()[0] == 200
+    clock.now += 0.1
+    code, body = health.healthz()
+    assert code == 503
+    match = re.fullmatch(HEALTHZ_BODY, body)
+    assert match is not None
+    assert match["last"] == "2023-11-14 22:13:20 +0000 UTC", "the last successful update"
+    assert match["now"] == "2023-11-14 22:14:30 +0000 UTC"
+    assert health.livez()[0] == 503
+
+    health.set_node_eligible(False)
+    health.updated()
+    code, body = health.healthz()
+    assert code == 503 and body.endswith('"nodeEligible": false}')
+    assert health.livez()[0] == 200, "livez ignores the node's eligibility"
+    assert health.response_counts()["/healthz", 503] == 2

@@ -1,0 +1,783 @@
+"""pykp.rules and pykp.kernel_conntrack: rendering, and the real kernel inside namespaces.
+
+Kernel tests need root; CI runs as root, so they never skip there. Every kernel test
+works in network namespaces it creates and deletes (even on failure): nothing here
+touches the machine's root namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from pykp import kernel_conntrack
+from pykp.lab import NETNS_DIR, Lab
+from pykp.rules import (
+    FrontendRule,
+    MarkLayout,
+    RuleManager,
+    RulesError,
+    RuleState,
+    cleanup_all,
+    run_tool,
+)
+
+privileged = pytest.mark.privileged
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 and not os.environ.get("CI"), reason="network namespaces need root"
+)
+NS_PREFIX = "pykp-rules-"
+
+
+# ------------------------------------------------------------------ helpers and fixtures
+
+
+def _remove_stale_namespaces() -> None:
+    """Namespaces of earlier runs whose pytest process is gone (names carry its PID)."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(NETNS_DIR):
+            m = re.fullmatch(rf"{NS_PREFIX}(\d+)-[0-9a-f]+", name)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, empty network namespace (loopback up), deleted afterwards."""
+    _remove_stale_namespaces()
+    name = f"{NS_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def sh(ns: str, *argv: str, stdin: str | None = None) -> str:
+    return run_tool(argv, netns=ns, stdin=stdin).stdout
+
+
+def _elem_text(elem: Any) -> str:
+    if isinstance(elem, dict) and "concat" in elem:
+        return " . ".join(_elem_text(e) for e in elem["concat"])
+    if isinstance(elem, dict) and "prefix" in elem:
+        return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
+    if isinstance(elem, dict) and "elem" in elem:
+        return _elem_text(elem["elem"]["val"])
+    if isinstance(elem, list):  # map element: [key, value]
+        key, value = elem
+        return f"{key:#010x} : {_elem_text(value)}"
+    return str(elem)
+
+
+def table_elements(ns: str, table: str = "pykp") -> dict[str, set[str]]:
+    """Every set and map of the table -> its elements as text (maps: "0x00010000 : ip . port")."""
+    out: dict[str, set[str]] = {}
+    for item in json.loads(sh(ns, "nft", "-j", "list", "table", "inet", table))["nftables"]:
+        for kind in ("set", "map"):
+            if kind in item:
+                obj = item[kind]
+                out[obj["name"]] = {_elem_text(e) for e in obj.get("elem", [])}
+    return out
+
+
+def mangle_rules(ns: str, save: str = "iptables-save") -> list[str]:
+    return [line for line in sh(ns, save, "-t", "mangle").splitlines() if line.startswith("-A ")]
+
+
+def pykp_leftovers(ns: str) -> list[str]:
+    """Any trace of pykp in the namespace."""
+    left = []
+    if "table inet pykp" in sh(ns, "nft", "list", "tables"):
+        left.append("nft table")
+    for save in ("iptables-save", "ip6tables-save"):
+        left += [
+            f"{save}: {line}"
+            for line in sh(ns, save, "-t", "mangle").splitlines()
+            if "PYKP" in line or "pykp" in line
+        ]
+    return left
+
+
+SMALL = RuleState(
+    frontends=frozenset(
+        {
+            FrontendRule("10.96.0.10", 53, "UDP"),
+            FrontendRule("10.96.0.10", 53, "TCP"),
+            FrontendRule("10.96.0.20", 80, "SCTP"),
+            FrontendRule("192.168.77.1", 30080, "TCP", external=True),
+            FrontendRule("192.168.77.1", 30081, "TCP", external=True, masquerade=False),
+            FrontendRule("fd00:10:96::a", 53, "UDP"),
+            FrontendRule("fd00:77::1", 30080, "TCP", external=True),
+        }
+    ),
+    service_ips=frozenset({"10.96.0.10", "10.96.0.20", "fd00:10:96::a"}),
+    backends={
+        1: ("10.244.0.11", 53),
+        2: ("10.244.0.12", 53),
+        3: ("fd00:10:244::11", 53),
+        4: ("10.244.0.11", 8080),
+    },
+)
+SMALL_EXPECTED = {
+    "frontends4": {
+        "10.96.0.10 . udp . 53",
+        "10.96.0.10 . tcp . 53",
+        "10.96.0.20 . sctp . 80",
+        "192.168.77.1 . tcp . 30080",
+        "192.168.77.1 . tcp . 30081",
+    },
+    "frontends6": {"fd00:10:96::a . udp . 53", "fd00:77::1 . tcp . 30080"},
+    "masq_frontends4": {"192.168.77.1 . tcp . 30080"},
+    "masq_frontends6": {"fd00:77::1 . tcp . 30080"},
+    "local_frontends4": {"192.168.77.1 . tcp . 30081"},
+    "local_frontends6": set(),
+    "service_ips4": {"10.96.0.10", "10.96.0.20"},
+    "service_ips6": {"fd00:10:96::a"},
+    "hairpin4": {"10.244.0.11 . 10.244.0.11", "10.244.0.12 . 10.244.0.12"},
+    "hairpin6": {"fd00:10:244::11 . fd00:10:244::11"},
+    "backends4": {
+        "0x00010000 : 10.244.0.11 . 53",
+        "0x00020000 : 10.244.0.12 . 53",
+        "0x00040000 : 10.244.0.11 . 8080",
+    },
+    "backends6": {"0x00030000 : fd00:10:244::11 . 53"},
+    "cluster_cidrs4": {"10.244.0.0/16"},
+    "cluster_cidrs6": {"fd00:10:244::/56"},
+}
+
+
+# ------------------------------------------------------------------ marks and rendering
+
+
+def test_mark_layout_defaults() -> None:
+    layout = MarkLayout()
+    layout.validate()
+    assert layout.shift == 16
+    assert layout.max_backend_id == 0xFFFE
+    assert layout.reject_mark == 0xFFFF0000
+    assert layout.backend_mark(1) == 0x10000
+    assert layout.backend_mark(0xFFFE) == 0xFFFE0000
+    for bad in (0, 0xFFFF, -1):
+        with pytest.raises(ValueError):
+            layout.backend_mark(bad)
+    small = MarkLayout(backend_mask=0x0FF0, queue_bit=0x1, masq_bit=0x4000)
+    small.validate()
+    assert (small.shift, small.max_backend_id, small.reject_mark) == (4, 254, 0x0FF0)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (MarkLayout(backend_mask=0), "non-zero"),
+        (MarkLayout(backend_mask=1 << 32), "non-zero"),
+        (MarkLayout(backend_mask=0xFF0F0000), "contiguous"),
+        (MarkLayout(backend_mask=0x80000000), "at least 2 bits"),
+        (MarkLayout(backend_mask=0xFFFF8000, masq_bit=0x1), "kube-proxy"),
+        (MarkLayout(backend_mask=0x0000FF00, queue_bit=0x1, masq_bit=0x2), "kube-proxy"),
+        (MarkLayout(queue_bit=0x00010000), "queue_bit lies inside"),
+        (MarkLayout(masq_bit=0x00020000), "masq_bit lies inside"),
+        (MarkLayout(queue_bit=0x3000), "single bit"),
+        (MarkLayout(masq_bit=0x4001), "single bit"),
+        (MarkLayout(queue_bit=0x4000), "same bit"),
+        (MarkLayout(queue_bit=0x8000), "kube-proxy"),
+        (MarkLayout(masq_bit=0x8000), "drop bit"),
+    ],
+)
+def test_mark_layout_rejects(layout: MarkLayout, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        layout.validate()
+    with pytest.raises(ValueError):
+        RuleManager(layout)
+
+
+def test_frontend_rule_validates() -> None:
+    with pytest.raises(ValueError):
+        FrontendRule("10.0.0.1", 80, "ICMP")
+    with pytest.raises(ValueError):
+        FrontendRule("10.0.0.1", 0, "TCP")
+    with pytest.raises(ValueError):
+        FrontendRule("10.0.0.300", 80, "TCP")
+    with pytest.raises(ValueError):
+        RuleManager(queues=(3, 1))
+
+
+def test_render_table_has_sets_maps_and_chains() -> None:
+    text = RuleManager(cluster_cidrs=["10.244.0.0/16"]).render_table()
+    for decl in (
+        "set frontends4 { type ipv4_addr . inet_proto . inet_service; }",
+        "set frontends6 { type ipv6_addr . inet_proto . inet_service; }",
+        "set masq_frontends4 {",
+        "set masq_frontends6 {",
+        "set service_ips4 { type ipv4_addr; }",
+        "set service_ips6 { type ipv6_addr; }",
+        "map backends4 { type mark : ipv4_addr . inet_service; }",
+        "map backends6 { type mark : ipv6_addr . inet_service; }",
+        "set cluster_cidrs4 { type ipv4_addr; flags interval; }",
+        "set cluster_cidrs6 { type ipv6_addr; flags interval; }",
+        "type filter hook prerouting priority -151;",
+        "type filter hook output priority -151;",
+        "type nat hook prerouting priority -100;",
+        "type nat hook output priority -100;",
+        "type nat hook postrouting priority 100;",
+        "type filter hook input priority 0;",
+        "type filter hook forward priority 0;",
+        "type filter hook output priority 0;",
+        "ct state new ip daddr . meta l4proto . th dport @frontends4 meta mark set",
+        "dnat ip to meta mark & 0xffff0000 map @backends4",
+        "dnat ip6 to meta mark & 0xffff0000 map @backends6",
+        (
+            "ip saddr != @cluster_cidrs4 ip daddr . meta l4proto . th dport != @local_frontends4 "
+            "meta mark set meta mark | 0x00004000"
+        ),
+        "@masq_frontends4 meta mark set meta mark | 0x00004000",
+        "meta mark & 0x00004000 == 0x00004000",
+        "ip daddr @service_ips4 jump do_reject",
+        "meta mark & 0xffff0000 == 0xffff0000 jump do_reject",
+        "reject with tcp reset",
+        "reject with icmpx port-unreachable",
+    ):
+        assert decl in text, decl
+    # Only IPv4 cluster CIDRs: no IPv6 --cluster-cidr rule.
+    assert "@cluster_cidrs6 ip6" not in text
+    assert "queue" not in text.replace("queue_bit", "")  # no nft queue statement (CONFIG_NFT_QUEUE)
+    for name in (
+        "mark_new",
+        "mark_new_out",
+        "nat_pre",
+        "nat_out",
+        "nat_post",
+        "nat_backend",
+        "reject_in",
+        "reject_fwd",
+        "reject_out",
+        "do_reject",
+    ):
+        assert f"chain {name} {{" in text
+
+
+def test_render_iptables() -> None:
+    one = RuleManager().render_iptables()
+    assert "-A PYKP-QUEUE -m mark --mark 0x2000/0xffff2000 -j NFQUEUE --queue-num 0" in one
+    assert "-I PREROUTING 1 -m comment --comment pykp -j PYKP-QUEUE" in one
+    assert "-I OUTPUT 1 -m comment --comment pykp -j PYKP-QUEUE" in one
+    assert "bypass" not in one
+    many = RuleManager(queues=(2, 5), chain="X-Q").render_iptables()
+    assert "-j NFQUEUE --queue-balance 2:5" in many
+    assert ":X-Q - [0:0]" in many
+
+
+# ------------------------------------------------------------------ kernel: install and sync
+
+
+@privileged
+@needs_root
+def test_install_and_sync_load_the_elements(netns: str) -> None:
+    mgr = RuleManager(cluster_cidrs=["10.244.0.0/16", "fd00:10:244::/56"], netns=netns)
+    assert not mgr.installed()
+    with pytest.raises(RulesError):
+        mgr.sync(SMALL)  # no table yet
+    mgr.install()
+    assert mgr.installed()
+    stats = mgr.sync(SMALL)
+    assert stats.full
+    assert stats.removed == 0
+    expected_synced = {k: v for k, v in SMALL_EXPECTED.items() if not k.startswith("cluster")}
+    assert stats.added == sum(len(v) for v in expected_synced.values())
+    assert table_elements(netns) == SMALL_EXPECTED
+    rules = sh(netns, "iptables-save", "-t", "mangle")
+    assert "-A PYKP-QUEUE -m mark --mark 0x2000/0xffff2000 -j NFQUEUE --queue-num 0" in rules
+    assert mangle_rules(netns, "ip6tables-save")[:2] == [
+        "-A PREROUTING -m comment --comment pykp -j PYKP-QUEUE",
+        "-A OUTPUT -m comment --comment pykp -j PYKP-QUEUE",
+    ]
+    # Nothing changed: nothing sent.
+    again = mgr.sync(SMALL)
+    assert (again.added, again.removed, again.full) == (0, 0, False)
+
+
+@privileged
+@needs_root
+def test_second_sync_sends_only_the_difference(netns: str) -> None:
+    mgr = RuleManager(netns=netns)
+    mgr.install()
+    mgr.sync(SMALL)
+    backends = dict(SMALL.backends)
+    backends[2] = ("10.244.0.12", 5353)  # same backend id, new port
+    stats = mgr.sync(RuleState(SMALL.frontends, SMALL.service_ips, backends))
+    assert not stats.full
+    assert (stats.added, stats.removed) == (1, 1)
+    assert dict(stats.by_set) == {"backends4": (1, 1)}
+    assert table_elements(netns)["backends4"] == {
+        "0x00010000 : 10.244.0.11 . 53",
+        "0x00020000 : 10.244.0.12 . 5353",
+        "0x00040000 : 10.244.0.11 . 8080",
+    }
+    # A removed frontend and backend, an added service IP.
+    frontends = SMALL.frontends - {FrontendRule("10.96.0.20", 80, "SCTP")}
+    del backends[4]
+    stats = mgr.sync(RuleState(frontends, SMALL.service_ips | {"10.96.0.30"}, backends))
+    assert dict(stats.by_set) == {
+        "frontends4": (0, 1),
+        "backends4": (0, 1),
+        "service_ips4": (1, 0),
+    }
+    elements = table_elements(netns)
+    assert "10.96.0.20 . sctp . 80" not in elements["frontends4"]
+    assert "0x00040000 : 10.244.0.11 . 8080" not in elements["backends4"]
+    assert "10.96.0.30" in elements["service_ips4"]
+    # The hairpin pair stays while another backend (id 1) still uses the address.
+    assert "10.244.0.11 . 10.244.0.11" in elements["hairpin4"]
+
+
+@privileged
+@needs_root
+def test_reinstall_keeps_elements_until_the_next_sync(netns: str) -> None:
+    mgr = RuleManager(netns=netns)
+    mgr.install()
+    mgr.sync(SMALL)
+    restarted = RuleManager(netns=netns, queues=(1, 3))  # a new process, new settings
+    restarted.install()
+    assert table_elements(netns)["backends4"] == SMALL_EXPECTED["backends4"]
+    assert "--queue-balance 1:3" in sh(netns, "iptables-save", "-t", "mangle")
+    assert len([r for r in mangle_rules(netns) if "--comment pykp" in r]) == 2  # no duplicates
+    smaller = RuleState(frozenset(), frozenset(), {1: ("10.244.0.11", 53)})
+    stats = restarted.sync(smaller)
+    assert stats.full
+    elements = table_elements(netns)
+    assert elements["backends4"] == {"0x00010000 : 10.244.0.11 . 53"}
+    assert elements["frontends4"] == set()
+
+
+@privileged
+@needs_root
+def test_install_replaces_a_table_of_another_shape(netns: str) -> None:
+    sh(
+        netns,
+        "nft",
+        "-f",
+        "-",
+        stdin=(
+            "table inet pykp {\n"
+            "\tset frontends4 { type ipv4_addr; }\n"
+            "\tset old_stuff { type ipv4_addr; }\n"
+            "\tchain old_chain { type filter hook input priority 5; policy accept; }\n"
+            "}\n"
+        ),
+    )
+    mgr = RuleManager(netns=netns)
+    mgr.install()
+    listing = sh(netns, "nft", "list", "table", "inet", "pykp")
+    assert "old_stuff" not in listing and "old_chain" not in listing
+    mgr.sync(SMALL)
+    assert table_elements(netns)["frontends4"] == SMALL_EXPECTED["frontends4"]
+    # Same shape plus stale objects: updated in place, stale objects removed.
+    sh(
+        netns,
+        "nft",
+        "-f",
+        "-",
+        stdin=(
+            "table inet pykp {\n"
+            "\tset old_stuff { type ipv4_addr; }\n"
+            "\tmap old_map { type ipv4_addr : verdict; }\n"
+            "\tchain old_chain { type filter hook input priority 5; policy accept; }\n"
+            "}\n"
+            "add rule inet pykp old_chain ip saddr @old_stuff accept\n"
+            "add rule inet pykp old_chain ip saddr vmap @old_map\n"
+        ),
+    )
+    RuleManager(netns=netns).install()
+    listing = sh(netns, "nft", "list", "table", "inet", "pykp")
+    assert "old_" not in listing
+    assert table_elements(netns)["frontends4"] == SMALL_EXPECTED["frontends4"]
+
+
+FOREIGN_NFT = """table inet foreign {
+\tchain pre {
+\t\ttype filter hook prerouting priority -151; policy accept;
+\t\tmeta mark 0x00000001 counter
+\t}
+\tchain out {
+\t\ttype filter hook output priority -151; policy accept;
+\t\tmeta mark 0x00000001 counter
+\t}
+\tchain natpre {
+\t\ttype nat hook prerouting priority -100; policy accept;
+\t\tip daddr 198.51.100.1 dnat ip to 198.51.100.2
+\t}
+\tchain post {
+\t\ttype nat hook postrouting priority 100; policy accept;
+\t\tip saddr 198.51.100.0/24 masquerade
+\t}
+\tchain input {
+\t\ttype filter hook input priority 0; policy accept;
+\t\ttcp dport 22 accept
+\t}
+}
+"""
+FOREIGN_IPT = [
+    "-A PREROUTING -s 198.51.100.7/32 -j MARK --set-xmark 0x1/0xffffffff",
+    "-A OUTPUT -d 198.51.100.7/32 -j MARK --set-xmark 0x2/0xffffffff",
+]
+FOREIGN_IP6T = [
+    "-A PREROUTING -s 2001:db8::7/128 -j MARK --set-xmark 0x1/0xffffffff",
+    "-A OUTPUT -d 2001:db8::7/128 -j MARK --set-xmark 0x2/0xffffffff",
+]
+
+
+@privileged
+@needs_root
+def test_foreign_rules_survive_install_sync_cleanup(netns: str) -> None:
+    sh(netns, "nft", "-f", "-", stdin=FOREIGN_NFT)
+    for rule in FOREIGN_IPT:
+        sh(netns, "iptables", "-t", "mangle", *rule.split())
+    for rule in FOREIGN_IP6T:
+        sh(netns, "ip6tables", "-t", "mangle", *rule.split())
+    # Text without counters, to compare before and after.
+    foreign = re.sub(
+        r"counter packets \d+ bytes \d+",
+        "counter",
+        sh(netns, "nft", "list", "table", "inet", "foreign"),
+    )
+
+    def check() -> None:
+        now = re.sub(
+            r"counter packets \d+ bytes \d+",
+            "counter",
+            sh(netns, "nft", "list", "table", "inet", "foreign"),
+        )
+        assert now == foreign
+        assert [r for r in mangle_rules(netns) if "pykp" not in r.lower()] == FOREIGN_IPT
+        ip6 = mangle_rules(netns, "ip6tables-save")
+        assert [r for r in ip6 if "pykp" not in r.lower()] == FOREIGN_IP6T
+
+    mgr = RuleManager(netns=netns)
+    mgr.install()
+    check()
+    # Our jumps come first, the foreign rules keep their order after them.
+    assert mangle_rules(netns)[0] == "-A PREROUTING -m comment --comment pykp -j PYKP-QUEUE"
+    mgr.sync(SMALL)
+    mgr.sync(RuleState(SMALL.frontends, frozenset(), {}))
+    check()
+    mgr.install()
+    check()
+    mgr.cleanup()
+    check()
+    assert pykp_leftovers(netns) == []
+
+
+@privileged
+@needs_root
+def test_cleanup_is_complete_and_idempotent(netns: str) -> None:
+    mgr = RuleManager(netns=netns, cluster_cidrs=["10.244.0.0/16"])
+    mgr.cleanup()  # nothing installed yet: fine
+    mgr.install()
+    mgr.sync(SMALL)
+    assert pykp_leftovers(netns)
+    mgr.cleanup()
+    assert pykp_leftovers(netns) == []
+    assert not mgr.installed()
+    mgr.cleanup()
+    assert pykp_leftovers(netns) == []
+    # Usable again afterwards.
+    mgr.install()
+    assert mgr.sync(SMALL).full
+    assert table_elements(netns)["frontends4"] == SMALL_EXPECTED["frontends4"]
+
+
+@privileged
+@needs_root
+def test_cleanup_all_without_state(netns: str) -> None:
+    assert cleanup_all(netns=netns) == []
+    RuleManager(netns=netns).install()
+    RuleManager(netns=netns, table="pykp2", chain="PYKP2-QUEUE", ipv6=False).install()
+    # A jump that lost its twin (half-removed by hand) and a duplicate are both found.
+    sh(
+        netns,
+        "iptables",
+        "-t",
+        "mangle",
+        "-A",
+        "PREROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "pykp",
+        "-j",
+        "PYKP-QUEUE",
+    )
+    removed = cleanup_all(netns=netns)
+    assert removed == [
+        "nft table inet pykp",
+        "iptables mangle PREROUTING jump to PYKP-QUEUE",
+        "iptables mangle PREROUTING jump to PYKP-QUEUE",
+        "iptables mangle OUTPUT jump to PYKP-QUEUE",
+        "iptables mangle chain PYKP-QUEUE",
+        "ip6tables mangle PREROUTING jump to PYKP-QUEUE",
+        "ip6tables mangle OUTPUT jump to PYKP-QUEUE",
+        "ip6tables mangle chain PYKP-QUEUE",
+    ]
+    # The other instance is untouched.
+    assert "table inet pykp2" in sh(netns, "nft", "list", "tables")
+    assert RuleManager(netns=netns, table="pykp2", chain="PYKP2-QUEUE", ipv6=False).installed()
+    assert cleanup_all(netns=netns) == []
+    assert cleanup_all("pykp2", "PYKP2-QUEUE", netns=netns)
+    assert pykp_leftovers(netns) == []
+
+
+@privileged
+@needs_root
+def test_cleanup_keeps_a_chain_that_foreign_rules_use(netns: str) -> None:
+    mgr = RuleManager(netns=netns, ipv6=False)
+    mgr.install()
+    sh(netns, "iptables", "-t", "mangle", "-A", "FORWARD", "-j", "PYKP-QUEUE")
+    removed = cleanup_all(netns=netns, ipv6=False)
+    assert "iptables mangle chain PYKP-QUEUE (flushed; foreign rules use it)" in removed
+    rules = mangle_rules(netns)
+    assert rules == ["-A FORWARD -j PYKP-QUEUE"]
+
+
+@privileged
+@needs_root
+def test_errors_name_the_command(netns: str) -> None:
+    with pytest.raises(RulesError) as info:
+        run_tool(["nft", "-f", "-"], netns=netns, stdin="this is not nft\n")
+    assert info.value.returncode != 0
+    assert "nft -f -" in str(info.value)
+    assert info.value.stderr
+    with pytest.raises(RulesError) as missing:
+        run_tool(["pykp-no-such-tool"])
+    assert missing.value.returncode == 127
+
+
+@privileged
+@needs_root
+def test_large_state_loads_in_one_sync(netns: str) -> None:
+    mgr = RuleManager(netns=netns, cluster_cidrs=["10.244.0.0/16"])
+    mgr.install()
+    base4 = int(ipaddress.ip_address("10.96.0.0"))
+    frontends = {
+        FrontendRule(str(ipaddress.ip_address(base4 + 1 + i)), 80, "TCP") for i in range(10_000)
+    }
+    service_ips = frozenset(f.ip for f in frontends)
+    pods = int(ipaddress.ip_address("10.244.0.0"))
+    backends = {i + 1: (str(ipaddress.ip_address(pods + 1 + i)), 8080) for i in range(30_000)}
+    state = RuleState(frozenset(frontends), service_ips, backends)
+    full = mgr.sync(state)
+    assert full.full and full.added == 10_000 + 10_000 + 30_000 + 30_000
+    backends[5] = ("10.244.200.1", 8080)
+    diff = mgr.sync(RuleState(state.frontends, service_ips, backends))
+    assert dict(diff.by_set) == {"backends4": (1, 1), "hairpin4": (1, 1)}
+    started = time.perf_counter()
+    RuleManager(netns=netns, cluster_cidrs=["10.244.0.0/16"]).install()
+    reinstall = time.perf_counter() - started
+    elements = table_elements(netns)
+    assert len(elements["frontends4"]) == 10_000
+    assert len(elements["backends4"]) == 30_000
+    assert "0x00050000 : 10.244.200.1 . 8080" in elements["backends4"]
+    print(
+        f"\n10,000 frontends + 30,000 backends: full sync {full.seconds:.3f} s, "
+        f"one-backend diff sync {diff.seconds:.3f} s, re-install {reinstall:.3f} s"
+    )
+
+
+# ------------------------------------------------------------------ datapath end to end
+
+UDP_PORT = 5353
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab(backends=2, clients=1, prefix="pykp-rules-lab-") as lab:
+        lab.start_udp_echo(UDP_PORT)
+        yield lab
+
+
+def _udp_ask(
+    lab: Lab, host: str, dst: tuple[str, int], payload: bytes = b"clientip", timeout: float = 2.0
+) -> str:
+    """One datagram from `host`; the answer, or the exception's name."""
+    family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+    with lab.in_namespace(host):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(dst)
+            sock.send(payload)
+            return sock.recv(256).decode().strip()
+        except OSError as error:
+            return type(error).__name__
+
+
+@privileged
+@needs_root
+def test_datapath_end_to_end(lab: Lab, fastpath: ModuleType) -> None:
+    """Client pod, external host, node itself and hairpin, through the Rust reader."""
+    b0, b1 = lab.backend_pods
+    client = lab.client_pods[0]
+    engine = fastpath.Engine(default_policy="round-robin")
+    F, B = fastpath.Frontend, fastpath.Backend
+    engine.upsert_service(
+        "dns",
+        [
+            F("10.96.0.10", 53, "UDP"),
+            F("fd00:10:96::a", 53, "UDP"),
+            F(lab.node_ip4, 30053, "UDP"),
+            F(lab.node_ip4, 30054, "UDP"),
+        ],
+        [B(b0.ipv4, UDP_PORT), B(b0.ipv6, UDP_PORT)],
+    )
+    engine.upsert_service("self", [F("10.96.0.11", 53, "UDP")], [B(b0.ipv4, UDP_PORT)])
+    engine.upsert_service("empty", [F("10.96.0.12", 53, "UDP")], [])
+    frontends = frozenset(
+        {
+            FrontendRule("10.96.0.10", 53, "UDP"),
+            FrontendRule("fd00:10:96::a", 53, "UDP"),
+            FrontendRule(lab.node_ip4, 30053, "UDP", external=True),
+            FrontendRule(lab.node_ip4, 30054, "UDP", external=True, masquerade=False),
+            FrontendRule("10.96.0.11", 53, "UDP"),
+            FrontendRule("10.96.0.12", 53, "UDP"),
+        }
+    )
+    mgr = RuleManager(netns=lab.node.netns, cluster_cidrs=[lab.pod_cidr4, lab.pod_cidr6])
+    layout = mgr.layout
+    datapath = fastpath.NfqueueDatapath(engine, backend_mask=layout.backend_mask)
+    assert datapath.reject_mark == layout.reject_mark
+    mgr.install()
+    service_ips = frozenset({"10.96.0.10", "fd00:10:96::a", "10.96.0.11", "10.96.0.12"})
+    mgr.sync(RuleState(frontends, service_ips, engine.backend_ids()))
+    node = lab.node.netns
+
+    # No reader: the first packet is dropped (no bypass) and leaves no conntrack entry.
+    assert _udp_ask(lab, client.name, ("10.96.0.10", 53), timeout=0.5) == "TimeoutError"
+    assert "dport=53" not in sh(node, "conntrack", "-L")
+
+    with lab.in_namespace(lab.node):
+        datapath.start()
+    try:
+        # A pod client keeps its address (inside the cluster CIDR).
+        assert _udp_ask(lab, client.name, ("10.96.0.10", 53)) == client.ipv4
+        assert _udp_ask(lab, client.name, ("fd00:10:96::a", 53)) == client.ipv6
+        # External traffic to a NodePort: masqueraded (Cluster) or not (Local).
+        gateway = lab.gateway4
+        assert _udp_ask(lab, "external", (lab.node_ip4, 30053)) == gateway
+        assert _udp_ask(lab, "external", (lab.node_ip4, 30054)) == lab.external.ipv4
+        # The node itself (OUTPUT path): outside the cluster CIDR, so masqueraded.
+        assert _udp_ask(lab, "node", ("10.96.0.10", 53)) == gateway
+        # Hairpin: a pod reaching itself through its service.
+        assert _udp_ask(lab, b0.name, ("10.96.0.11", 53)) == gateway
+        # No endpoints: the reader's reject mark; a port the service lacks: the service IP set.
+        assert _udp_ask(lab, client.name, ("10.96.0.12", 53)) == "ConnectionRefusedError"
+        assert _udp_ask(lab, client.name, ("10.96.0.10", 54)) == "ConnectionRefusedError"
+        with lab.in_namespace(client.name):
+            tcp = socket.socket()
+        with tcp:
+            tcp.settimeout(2)
+            with pytest.raises(ConnectionRefusedError):
+                tcp.connect(("10.96.0.10", 80))
+        stats = datapath.stats()
+        assert stats["forwarded"] >= 6 and stats["rejected"] >= 1
+        # The engine picks a backend the map does not hold yet: refused, not un-NATed.
+        lagging = mgr.sync(RuleState(frontends, service_ips, {}))
+        assert lagging.by_set["backends4"][1] >= 1
+        assert table_elements(node)["backends4"] == set()
+        assert _udp_ask(lab, client.name, ("10.96.0.10", 53)) == "ConnectionRefusedError"
+        assert _udp_ask(lab, "external", (lab.node_ip4, 30053)) == "ConnectionRefusedError"
+        mgr.sync(RuleState(frontends, service_ips, engine.backend_ids()))
+
+        # Stale-UDP cleanup against the entries just made.
+        assert kernel_conntrack.count_entries(netns=node) >= 3
+        listing = sh(node, "conntrack", "-L", "-p", "udp", "--orig-dst", "10.96.0.10")
+        assert f"src={b0.ipv4}" in listing
+        assert kernel_conntrack.delete_udp_flows("10.96.0.10", b1.ipv4, netns=node) == 0
+        assert (
+            kernel_conntrack.delete_udp_flows("10.96.0.10", b0.ipv4, UDP_PORT + 1, netns=node) == 0
+        )
+        assert kernel_conntrack.delete_udp_flows("10.96.0.10", b0.ipv4, UDP_PORT, netns=node) >= 1
+        assert "dport=53" not in sh(
+            node, "conntrack", "-L", "-p", "udp", "--orig-dst", "10.96.0.10"
+        )
+        assert kernel_conntrack.delete_udp_flows("fd00:10:96::a", b0.ipv6, netns=node) == 1
+        # The NodePort and hairpin flows, whatever their frontend, all go to b0.
+        assert kernel_conntrack.delete_udp_flows_to_backend(b0.ipv4, netns=node) >= 3
+        assert kernel_conntrack.delete_udp_flows_to_backend(b0.ipv4, netns=node) == 0
+    finally:
+        datapath.stop()
+    mgr.cleanup()
+    assert pykp_leftovers(node) == []
+
+
+@privileged
+@needs_root
+def test_established_flows_outlive_the_reader_but_not_the_table(
+    lab: Lab, fastpath: ModuleType
+) -> None:
+    """Why an agent that restarts should leave its rules installed.
+
+    Without a reader, established flows go on (conntrack NAT) and new connections wait
+    (dropped, retransmitted). Deleting the table also unregisters the namespace's NAT
+    hooks when it held the last NAT chain, and established NATed flows stop working.
+    """
+    b0 = lab.backend_pods[0]
+    client = lab.client_pods[0].name
+    engine = fastpath.Engine()
+    engine.upsert_service("dns", [fastpath.Frontend("10.96.0.10", 53, "UDP")],
+                          [fastpath.Backend(b0.ipv4, UDP_PORT)])  # fmt: skip
+    mgr = RuleManager(netns=lab.node.netns, cluster_cidrs=[lab.pod_cidr4])
+    mgr.install()
+    frontends = frozenset({FrontendRule("10.96.0.10", 53, "UDP")})
+    mgr.sync(RuleState(frontends, frozenset({"10.96.0.10"}), engine.backend_ids()))
+    datapath = fastpath.NfqueueDatapath(engine)
+    with lab.in_namespace(lab.node):
+        datapath.start()
+    with lab.in_namespace(client):
+        flow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with flow:
+        flow.settimeout(2)
+        flow.connect(("10.96.0.10", 53))
+
+        def ask() -> str:
+            try:
+                flow.send(b"clientip")
+                return flow.recv(256).decode().strip()
+            except OSError as error:
+                return type(error).__name__
+
+        try:
+            assert ask() == lab.client_pods[0].ipv4
+        finally:
+            datapath.stop()
+        assert ask() == lab.client_pods[0].ipv4  # no reader: the kernel carries the flow
+        assert _udp_ask(lab, client, ("10.96.0.10", 53), timeout=0.5) == "TimeoutError"
+        mgr.cleanup()
+        flow.settimeout(0.5)
+        assert ask() == "TimeoutError"  # no NAT hooks left: the reply never comes back
+
+
+@privileged
+@needs_root
+def test_conntrack_cleanup_keeps_un_natted_flows(lab: Lab) -> None:
+    """A pod talking to a backend's own address is not a stale service flow."""
+    b0 = lab.backend_pods[0]
+    client = lab.client_pods[0]
+    node = lab.node.netns
+    RuleManager(netns=node).install()  # conntrack only tracks once something uses it
+    assert _udp_ask(lab, client.name, (b0.ipv4, UDP_PORT)) == client.ipv4
+    assert kernel_conntrack.count_entries(netns=node) >= 1
+    assert kernel_conntrack.delete_udp_flows_to_backend(b0.ipv4, netns=node) == 0
+    assert f"dst={b0.ipv4}" in sh(node, "conntrack", "-L", "-p", "udp")
