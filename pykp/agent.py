@@ -89,7 +89,10 @@ class ConfigError(ValueError):
 class AgentConfig:
     """Everything `pykp run` takes; the defaults are kube-proxy's where it has the flag."""
 
-    services: Path | None = None  # the services file (None when a source is passed in)
+    services: Path | None = None  # the services file; None: the Kubernetes API
+    kubeconfig: str | None = None  # None: in-cluster credentials, else ~/.kube/config
+    master: str | None = None  # the API server's URL, overriding the kubeconfig's
+    kube_context: str | None = None
     hostname_override: str | None = None
     cluster_cidrs: tuple[str, ...] = ()
     healthz_bind_address: str = "0.0.0.0:10256"  # "" turns the server off
@@ -132,6 +135,10 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` for the first invalid setting."""
+        if self.services is not None and (self.kubeconfig or self.master or self.kube_context):
+            raise ConfigError(
+                "--services", "a services file and a Kubernetes API source exclude each other"
+            )
         for flag, cidrs in (
             ("--cluster-cidr", self.cluster_cidrs),
             ("--nodeport-addresses", self.nodeport_addresses),
@@ -447,6 +454,21 @@ class _Programmed:
 # --- the agent ----------------------------------------------------------------------------
 
 
+def make_source(config: AgentConfig) -> ServiceSource:
+    """The services file when one is given, else the Kubernetes API (like kube-proxy)."""
+    if config.services is not None:
+        return FileSource(config.services, poll_interval=config.poll_interval)
+    from pykp.kube.source import KubeSource
+
+    return KubeSource(
+        kubeconfig=config.kubeconfig,
+        master=config.master,
+        context=config.kube_context,
+        node_name=config.node_name,
+        default_policy=config.default_policy,
+    )
+
+
 class Agent:
     """Runs the node: `start()`, then syncs on every change of the source; `stop()`."""
 
@@ -459,9 +481,7 @@ class Agent:
     ) -> None:
         config.validate()
         if source is None:
-            if config.services is None:
-                raise ConfigError("--services", "a services file is required")
-            source = FileSource(config.services, poll_interval=config.poll_interval)
+            source = make_source(config)
         self.config = config
         self.source = source
         self.deps = deps or Dependencies()

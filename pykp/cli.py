@@ -285,15 +285,27 @@ def _cleanup_rules() -> list[str]:
 @app.command()
 def run(
     services: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--services",
             "-f",
-            help="The services file (YAML), watched for changes.",
+            help="The services file (YAML), watched for changes. Without it pykp watches the "
+            "Kubernetes API (--kubeconfig, --master, or in-cluster credentials).",
             exists=True,
             dir_okay=False,
         ),
-    ],
+    ] = None,
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(help="Path to a kubeconfig file (default: in-cluster, else ~/.kube/config)."),
+    ] = None,
+    master: Annotated[
+        str | None,
+        typer.Option(help="The Kubernetes API server's address (overrides the kubeconfig's)."),
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option(help="The kubeconfig context to use.")
+    ] = None,
     hostname_override: Annotated[
         str | None,
         typer.Option(help="The node's name (endpoints with this nodeName are local)."),
@@ -385,6 +397,9 @@ def run(
 
     config = AgentConfig(
         services=services,
+        kubeconfig=kubeconfig,
+        master=master,
+        kube_context=context,
         hostname_override=hostname_override,
         cluster_cidrs=parse_cidrs(cluster_cidr),
         healthz_bind_address=healthz_bind_address,
@@ -443,6 +458,35 @@ def _do_cleanup() -> None:
         typer.echo(f"removed {item}")
     if not removed:
         typer.echo("nothing to remove")
+
+
+@app.command()
+def demo(
+    connections: Annotated[
+        int,
+        typer.Option(min=1, max=10_000, help="New connections to each demo service."),
+    ] = 60,
+) -> None:
+    """The node proxy end to end on a namespace lab: one service per policy, real connections.
+
+    Builds a lab (node, 3 backend pods, a client pod), runs `pykp run` on it, connects to
+    every service and prints which backend answered; removes everything afterwards. Needs
+    root and the Rust extension.
+    """
+    from pykp.demo import render_demo, run_demo
+
+    console = _console()
+    try:
+        result = run_demo(connections, console)
+    except ModuleNotFoundError as error:
+        if error.name != _EXTENSION:
+            raise
+        typer.echo(_NOT_BUILT, err=True)
+        raise typer.Exit(1) from None
+    except PermissionError:
+        typer.echo("pykp demo needs root (network namespaces, netfilter)", err=True)
+        raise typer.Exit(1) from None
+    render_demo(result, console)
 
 
 @app.command(name="cleanup")

@@ -64,6 +64,7 @@ __all__ = [
     "RECORD_DIR",
     "SERVICE_CIDR4",
     "SERVICE_CIDR6",
+    "ClusterLab",
     "Host",
     "Lab",
     "LabError",
@@ -269,65 +270,33 @@ class _Proc:
     netns: str
 
 
-@dataclass(eq=False)
-class Lab:
-    """A node, its pods and an external host, each in its own network namespace.
+class _Namespaces:
+    """What every lab shares: host lookup, processes in namespaces, servers, teardown.
 
-    Built on construction; torn down by `close()`, by leaving a ``with`` block,
-    at interpreter exit, or by a later `cleanup_stale()` if the process died.
+    A subclass plans its `hosts` and `key`, calls `_init_state()` and builds.
     """
 
-    backends: int = 3
-    clients: int = 2
-    pod_cidr4: str = "10.244.0.0/24"
-    pod_cidr6: str = "fd00:10:244::/64"
-    node_net4: str = "192.168.77.0/24"
-    node_net6: str = "fd00:77::/64"
-    prefix: str = DEFAULT_PREFIX
-    clean_stale: bool = True
-
-    id: str = field(init=False, default="")
-    key: str = field(init=False, default="")  # "<prefix><id>"; namespaces are "<key>-<name>"
-    node: Host = field(init=False)
-    external: Host = field(init=False)
-    backend_pods: list[Host] = field(init=False, default_factory=list)
-    client_pods: list[Host] = field(init=False, default_factory=list)
-    gateway4: str = field(init=False, default="")
-    gateway6: str = field(init=False, default="fe80::1")
-
-    def __post_init__(self) -> None:
-        self._namespaces: list[str] = []
-        self._procs: list[_Proc] = []
-        self._closed = False
-        self._owner_pid = os.getpid()
-        self._record: Path | None = None
-        if self.clean_stale:
-            cleanup_stale(self.prefix)
-        self._plan()
-        atexit.register(self.close)
-        try:
-            _outside_event_loop(self._build)
-        except BaseException:
-            self.close()
-            raise
-
-    # ---------------------------------------------------------------- public API
-
-    @property
-    def pods(self) -> list[Host]:
-        return self.backend_pods + self.client_pods
+    key: str
+    _namespaces: list[str]
+    _procs: list[_Proc]
+    _closed: bool
+    _owner_pid: int
+    _record: Path | None
 
     @property
     def hosts(self) -> list[Host]:
-        return [self.node, self.external, *self.pods]
+        raise NotImplementedError
 
-    @property
-    def node_ip4(self) -> str:
-        return self.node.ipv4
+    def _server_pods(self) -> list[Host]:
+        """The pods `start_http_servers` and `start_udp_echo` use by default."""
+        raise NotImplementedError
 
-    @property
-    def node_ip6(self) -> str:
-        return self.node.ipv6
+    def _init_state(self) -> None:
+        self._namespaces = []
+        self._procs = []
+        self._closed = False
+        self._owner_pid = os.getpid()
+        self._record = None
 
     def host(self, ref: NsRef) -> Host:
         """Resolve a Host, a short name ("backend-0") or a full namespace name."""
@@ -381,13 +350,16 @@ class Lab:
     def start_http_servers(
         self, port: int = 8080, pods: Iterable[NsRef] | None = None, timeout: float = 10.0
     ) -> list[subprocess.Popen[Any]]:
-        """An HTTP server per pod (backends by default) answering GET with the pod name."""
+        """An HTTP server per pod answering GET with the pod name.
+
+        By default on a `Lab`'s backends, on every pod of a `ClusterLab`.
+        """
         return self._start_servers("http", port, pods, timeout)
 
     def start_udp_echo(
         self, port: int = 5353, pods: Iterable[NsRef] | None = None, timeout: float = 10.0
     ) -> list[subprocess.Popen[Any]]:
-        """A UDP server per pod (backends by default) answering any datagram with the pod name."""
+        """A UDP server per pod answering any datagram with the pod name (default pods as above)."""
         return self._start_servers("udp", port, pods, timeout)
 
     def in_namespace(self, ref: NsRef) -> contextlib.AbstractContextManager[None]:
@@ -422,49 +394,6 @@ class Lab:
     ) -> None:
         self.close()
 
-    # ---------------------------------------------------------------- construction
-
-    def _plan(self) -> None:
-        if self.backends < 0 or self.clients < 0:
-            raise ValueError("backends and clients must be >= 0")
-        while True:
-            self.id = secrets.token_hex(3)
-            self.key = f"{self.prefix}{self.id}"
-            taken = (RECORD_DIR / f"{self.key}.json").exists()
-            if not taken and not any(n.startswith(self.key + "-") for n in _listnetns()):
-                break
-        net4, net6 = ipaddress.ip_network(self.pod_cidr4), ipaddress.ip_network(self.pod_cidr6)
-        nn4, nn6 = ipaddress.ip_network(self.node_net4), ipaddress.ip_network(self.node_net6)
-        # Clients start at .100 while that leaves room for the backends; bigger labs
-        # stack clients right after the backends.
-        client_base = (
-            _CLIENT_OFFSET
-            if self.backends <= _CLIENT_OFFSET - _BACKEND_OFFSET
-            else (_BACKEND_OFFSET + self.backends)
-        )
-        last = client_base + self.clients - 1
-        if last >= net4.num_addresses - 1 or int(str(last), 16) >= net6.num_addresses - 1:
-            raise ValueError(f"{self.backends}+{self.clients} pods do not fit in {self.pod_cidr4}")
-        self.gateway4 = str(net4[1])
-
-        def pod(role: str, i: int, offset: int) -> Host:
-            name = f"{role}-{i}"
-            return Host(
-                name=name,
-                netns=f"{self.key}-{name}",
-                role=role,
-                ipv4=str(net4[offset]),
-                ipv6=str(net6[int(str(offset), 16)]),  # ::100 for .100: easier to read
-                host_ifname=f"v-{name}"[:15],
-            )
-
-        self.backend_pods = [pod("backend", i, _BACKEND_OFFSET + i) for i in range(self.backends)]
-        self.client_pods = [pod("client", i, client_base + i) for i in range(self.clients)]
-        self.node = Host("node", f"{self.key}-node", "node", str(nn4[1]), str(nn6[1]))
-        self.external = Host(
-            "external", f"{self.key}-external", "external", str(nn4[2]), str(nn6[2])
-        )
-
     def _write_record(self) -> None:
         RECORD_DIR.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
@@ -480,8 +409,7 @@ class Lab:
         tmp.rename(path)
         self._record = path
 
-    def _build(self) -> None:
-        self._write_record()  # before any namespace, so no live lab looks orphaned
+    def _create_namespaces(self) -> None:
         for h in self.hosts:
             _pr_netns.create(h.netns)
             self._namespaces.append(h.netns)
@@ -501,64 +429,12 @@ class Lab:
                 )
             _write_sysctls(h.netns, sysctls)
 
-        p4 = ipaddress.ip_network(self.node_net4).prefixlen
-        p6 = ipaddress.ip_network(self.node_net6).prefixlen
-        with IPRoute(netns=self.node.netns, flags=0) as node:
-            _link_up(node, "lo")
-            # The node's own NIC, facing the external host.
-            node.link(
-                "add",
-                ifname="eth0",
-                kind="veth",
-                peer={"ifname": "eth0", "net_ns_fd": self.external.netns},
-            )
-            idx = _link_up(node, "eth0")
-            node.addr("add", index=idx, address=self.node.ipv4, prefixlen=p4)
-            node.addr("add", index=idx, address=self.node.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
-            node.route("add", dst="default", gateway=self.external.ipv4, oif=idx)
-            node.route(
-                "add", dst="default", gateway=self.external.ipv6, oif=idx, family=socket.AF_INET6
-            )
-            for pod in self.pods:
-                assert pod.host_ifname is not None
-                node.link(
-                    "add",
-                    ifname=pod.host_ifname,
-                    kind="veth",
-                    peer={"ifname": "eth0", "net_ns_fd": pod.netns},
-                )
-                idx = _link_up(node, pod.host_ifname)
-                node.addr("add", index=idx, address=self.gateway4, prefixlen=32)
-                node.addr("add", index=idx, address=self.gateway6, prefixlen=64, flags=_IFA_F_NODAD)
-                node.route("add", dst=f"{pod.ipv4}/32", oif=idx, scope=253, prefsrc=self.gateway4)
-                node.route("add", dst=f"{pod.ipv6}/128", oif=idx, family=socket.AF_INET6)
-
-        with IPRoute(netns=self.external.netns, flags=0) as ext:
-            _link_up(ext, "lo")
-            idx = _link_up(ext, "eth0")
-            ext.addr("add", index=idx, address=self.external.ipv4, prefixlen=p4)
-            ext.addr("add", index=idx, address=self.external.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
-            ext.route("add", dst="default", gateway=self.node.ipv4, oif=idx)
-            ext.route("add", dst="default", gateway=self.node.ipv6, oif=idx, family=socket.AF_INET6)
-
-        for pod in self.pods:
-            with IPRoute(netns=pod.netns, flags=0) as ipr:
-                _link_up(ipr, "lo")
-                idx = _link_up(ipr, "eth0")
-                ipr.addr("add", index=idx, address=pod.ipv4, prefixlen=32)
-                ipr.addr("add", index=idx, address=pod.ipv6, prefixlen=128, flags=_IFA_F_NODAD)
-                ipr.route("add", dst=f"{self.gateway4}/32", oif=idx, scope=253)
-                ipr.route("add", dst="default", gateway=self.gateway4, oif=idx)
-                ipr.route(
-                    "add", dst="default", gateway=self.gateway6, oif=idx, family=socket.AF_INET6
-                )
-
     # ---------------------------------------------------------------- internals
 
     def _start_servers(
         self, mode: str, port: int, pods: Iterable[NsRef] | None, timeout: float
     ) -> list[subprocess.Popen[Any]]:
-        hosts = self.backend_pods if pods is None else [self.host(p) for p in pods]
+        hosts = self._server_pods() if pods is None else [self.host(p) for p in pods]
         procs = [
             self.popen(
                 h, [sys.executable, "-c", _SERVER, mode, h.name, str(port)], stdout=subprocess.PIPE
@@ -603,6 +479,440 @@ class Lab:
         self._procs.clear()
 
 
+@dataclass(eq=False)
+class Lab(_Namespaces):
+    """A node, its pods and an external host, each in its own network namespace.
+
+    Built on construction; torn down by `close()`, by leaving a ``with`` block,
+    at interpreter exit, or by a later `cleanup_stale()` if the process died.
+    """
+
+    backends: int = 3
+    clients: int = 2
+    pod_cidr4: str = "10.244.0.0/24"
+    pod_cidr6: str = "fd00:10:244::/64"
+    node_net4: str = "192.168.77.0/24"
+    node_net6: str = "fd00:77::/64"
+    prefix: str = DEFAULT_PREFIX
+    clean_stale: bool = True
+
+    id: str = field(init=False, default="")
+    key: str = field(init=False, default="")  # "<prefix><id>"; namespaces are "<key>-<name>"
+    node: Host = field(init=False)
+    external: Host = field(init=False)
+    backend_pods: list[Host] = field(init=False, default_factory=list)
+    client_pods: list[Host] = field(init=False, default_factory=list)
+    gateway4: str = field(init=False, default="")
+    gateway6: str = field(init=False, default="fe80::1")
+
+    def __post_init__(self) -> None:
+        self._init_state()
+        if self.clean_stale:
+            cleanup_stale(self.prefix)
+        self._plan()
+        atexit.register(self.close)
+        try:
+            _outside_event_loop(self._build)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def pods(self) -> list[Host]:
+        return self.backend_pods + self.client_pods
+
+    @property
+    def hosts(self) -> list[Host]:
+        return [self.node, self.external, *self.pods]
+
+    @property
+    def node_ip4(self) -> str:
+        return self.node.ipv4
+
+    @property
+    def node_ip6(self) -> str:
+        return self.node.ipv6
+
+    def _server_pods(self) -> list[Host]:
+        return self.backend_pods
+
+    # ---------------------------------------------------------------- construction
+
+    def _plan(self) -> None:
+        if self.backends < 0 or self.clients < 0:
+            raise ValueError("backends and clients must be >= 0")
+        self.id, self.key = _new_key(self.prefix)
+        net4, net6 = ipaddress.ip_network(self.pod_cidr4), ipaddress.ip_network(self.pod_cidr6)
+        nn4, nn6 = ipaddress.ip_network(self.node_net4), ipaddress.ip_network(self.node_net6)
+        # Clients start at .100 while that leaves room for the backends; bigger labs
+        # stack clients right after the backends.
+        client_base = (
+            _CLIENT_OFFSET
+            if self.backends <= _CLIENT_OFFSET - _BACKEND_OFFSET
+            else (_BACKEND_OFFSET + self.backends)
+        )
+        last = client_base + self.clients - 1
+        if last >= net4.num_addresses - 1 or int(str(last), 16) >= net6.num_addresses - 1:
+            raise ValueError(f"{self.backends}+{self.clients} pods do not fit in {self.pod_cidr4}")
+        self.gateway4 = str(net4[1])
+
+        def pod(role: str, i: int, offset: int) -> Host:
+            name = f"{role}-{i}"
+            return Host(
+                name=name,
+                netns=f"{self.key}-{name}",
+                role=role,
+                ipv4=str(net4[offset]),
+                ipv6=str(net6[int(str(offset), 16)]),  # ::100 for .100: easier to read
+                host_ifname=f"v-{name}"[:15],
+            )
+
+        self.backend_pods = [pod("backend", i, _BACKEND_OFFSET + i) for i in range(self.backends)]
+        self.client_pods = [pod("client", i, client_base + i) for i in range(self.clients)]
+        self.node = Host("node", f"{self.key}-node", "node", str(nn4[1]), str(nn6[1]))
+        self.external = Host(
+            "external", f"{self.key}-external", "external", str(nn4[2]), str(nn6[2])
+        )
+
+    def _build(self) -> None:
+        self._write_record()  # before any namespace, so no live lab looks orphaned
+        self._create_namespaces()
+
+        p4 = ipaddress.ip_network(self.node_net4).prefixlen
+        p6 = ipaddress.ip_network(self.node_net6).prefixlen
+        with IPRoute(netns=self.node.netns, flags=0) as node:
+            _link_up(node, "lo")
+            # The node's own NIC, facing the external host.
+            node.link(
+                "add",
+                ifname="eth0",
+                kind="veth",
+                peer={"ifname": "eth0", "net_ns_fd": self.external.netns},
+            )
+            idx = _link_up(node, "eth0")
+            node.addr("add", index=idx, address=self.node.ipv4, prefixlen=p4)
+            node.addr("add", index=idx, address=self.node.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
+            node.route("add", dst="default", gateway=self.external.ipv4, oif=idx)
+            node.route(
+                "add", dst="default", gateway=self.external.ipv6, oif=idx, family=socket.AF_INET6
+            )
+            for pod in self.pods:
+                _wire_pod(node, pod, self.gateway4, self.gateway6)
+
+        with IPRoute(netns=self.external.netns, flags=0) as ext:
+            _link_up(ext, "lo")
+            idx = _link_up(ext, "eth0")
+            ext.addr("add", index=idx, address=self.external.ipv4, prefixlen=p4)
+            ext.addr("add", index=idx, address=self.external.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
+            ext.route("add", dst="default", gateway=self.node.ipv4, oif=idx)
+            ext.route("add", dst="default", gateway=self.node.ipv6, oif=idx, family=socket.AF_INET6)
+
+        for pod in self.pods:
+            _configure_pod(pod, self.gateway4, self.gateway6)
+
+
+
+# --------------------------------------------------------------------------- the cluster lab
+
+_NODE_OFFSET = 10  # node-<n> is .(10+n) on the cluster network
+_EXTERNAL_OFFSET = 100
+_API_OFFSET = 1  # the bridge's own address, where the stand-in API server listens
+_MAX_NODES = _EXTERNAL_OFFSET - _NODE_OFFSET
+_BRIDGE = "br0"
+
+
+def _decimal_hex(n: int) -> int:
+    """n's decimal digits read as hex: ::110 for .110, fd00:10:244:12:: for node 12."""
+    return int(str(n), 16)
+
+
+@dataclass(eq=False)
+class ClusterLab(_Namespaces):
+    """Several nodes with routed pods on a shared cluster network, like a host-gw CNI.
+
+    Topology (defaults; namespaces are ``<prefix><id>-<name>``)::
+
+        net       bridge br0 192.168.78.1/24, fd00:78::1/64 (the API server's address);
+           |      one port per node (n<k>) and one for the external host (ext)
+        node-<k>  eth0 192.168.78.(10+k)/24, fd00:78::(10+k)/64 = the node IP;
+           |      routes to every other node's pod CIDR via that node's IP;
+           |      default via the external host (which does not forward), as in `Lab`;
+           |      forwarding on; one veth v-pod-<k>-<i> per pod carrying the pod
+           |      gateway 10.244.<k>.1/32 and fe80::1/64
+        pod-<k>-<i>  eth0 10.244.<k>.(10+i)/32, fd00:10:244:<k>::(10+i)/128;
+                     default via the gateway
+        external  eth0 192.168.78.100/24, fd00:78::100/64; routes to each pod CIDR
+                  via its node; `route_services_via` points the service CIDRs at nodes
+
+    (IPv6 host parts and the node part of the pod CIDRs repeat the decimal digits.)
+    Pod traffic between nodes is routed, never NATed, so a service connection DNATed
+    on one node to a pod on another comes back through the first node's conntrack.
+
+    Each node may run its own proxy; the API server belongs in `net` (create its
+    listening socket under ``lab.in_namespace("net")``; a socket keeps its namespace).
+    Built on construction; `close()` (or the ``with`` block, or exit, or a later
+    `cleanup_stale`) kills the processes and deletes the namespaces.
+    """
+
+    nodes: int = 3
+    pods_per_node: int = 2
+    cluster_cidr4: str = "10.244.0.0/16"  # node k gets the k-th /24
+    cluster_cidr6: str = "fd00:10:244::/48"  # node k gets the /64 numbered like k's digits
+    node_net4: str = "192.168.78.0/24"
+    node_net6: str = "fd00:78::/64"
+    prefix: str = DEFAULT_PREFIX
+    clean_stale: bool = True
+
+    id: str = field(init=False, default="")
+    key: str = field(init=False, default="")
+    node_hosts: list[Host] = field(init=False, default_factory=list)
+    pods_by_node: list[list[Host]] = field(init=False, default_factory=list)
+    pod_cidrs4: list[str] = field(init=False, default_factory=list)
+    pod_cidrs6: list[str] = field(init=False, default_factory=list)
+    gateways4: list[str] = field(init=False, default_factory=list)
+    gateway6: str = field(init=False, default="fe80::1")
+    net: Host = field(init=False)
+    external: Host = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._init_state()
+        self._pod_node: dict[str, Host] = {}
+        if self.clean_stale:
+            cleanup_stale(self.prefix)
+        self._plan()
+        atexit.register(self.close)
+        try:
+            _outside_event_loop(self._build)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def pods(self) -> list[Host]:
+        return [pod for pods in self.pods_by_node for pod in pods]
+
+    @property
+    def hosts(self) -> list[Host]:
+        return [self.net, *self.node_hosts, self.external, *self.pods]
+
+    @property
+    def cluster_cidrs(self) -> tuple[str, str]:
+        """For `pykp run --cluster-cidr` (joined by a comma)."""
+        return self.cluster_cidr4, self.cluster_cidr6
+
+    @property
+    def api_ip4(self) -> str:
+        """The address on the cluster network reserved for the API server (in `net`)."""
+        return self.net.ipv4
+
+    @property
+    def api_ip6(self) -> str:
+        return self.net.ipv6
+
+    def node(self, ref: int | NsRef) -> Host:
+        """A node by index, Host, short name ("node-1") or namespace."""
+        return self.node_hosts[ref] if isinstance(ref, int) else self._node_host(ref)
+
+    def node_name(self, ref: int | NsRef) -> str:
+        """The node's Kubernetes name (its short name: "node-1")."""
+        return self.node(ref).name
+
+    def pods_of(self, ref: int | NsRef) -> list[Host]:
+        return self.pods_by_node[self.node_hosts.index(self.node(ref))]
+
+    def node_of(self, pod: NsRef) -> Host:
+        """The node a pod runs on."""
+        return self._pod_node[self.host(pod).name]
+
+    def route_services_via(
+        self, *nodes: int | NsRef, cidrs: Sequence[str] = (SERVICE_CIDR4, SERVICE_CIDR6)
+    ) -> None:
+        """Route the service CIDRs from the external host via `nodes` (several: ECMP).
+
+        Like a router in front of the cluster announcing ClusterIPs to every node; with
+        no node the routes go away.
+        """
+        hosts = [self.node(n) for n in nodes]
+
+        def apply() -> None:
+            with IPRoute(netns=self.external.netns, flags=0) as ext:
+                idx = ext.link_lookup(ifname="eth0")[0]
+                for cidr in cidrs:
+                    family = socket.AF_INET6 if ":" in cidr else socket.AF_INET
+                    gateways = [h.ipv6 if family == socket.AF_INET6 else h.ipv4 for h in hosts]
+                    with contextlib.suppress(Exception):  # absent: nothing to delete
+                        ext.route("del", dst=cidr, family=family)
+                    if len(gateways) == 1:
+                        ext.route("add", dst=cidr, gateway=gateways[0], oif=idx, family=family)
+                    elif gateways:
+                        ext.route(
+                            "add",
+                            dst=cidr,
+                            family=family,
+                            multipath=[{"gateway": g, "oif": idx} for g in gateways],
+                        )
+
+        _outside_event_loop(apply)
+
+    def node_objects(self, zones: Sequence[str] = ("zone-a", "zone-b")) -> list[dict[str, Any]]:
+        """The nodes as Kubernetes Node objects (what each kubelet would register):
+        addresses, hostname label and a zone label (zones assigned round-robin)."""
+        objects = []
+        for index, node in enumerate(self.node_hosts):
+            labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"}
+            if zones:
+                labels["topology.kubernetes.io/zone"] = zones[index % len(zones)]
+            objects.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": node.name, "labels": labels},
+                    "spec": {
+                        "podCIDR": self.pod_cidrs4[index],
+                        "podCIDRs": [self.pod_cidrs4[index], self.pod_cidrs6[index]],
+                    },
+                    "status": {
+                        "addresses": [
+                            {"type": "InternalIP", "address": node.ipv4},
+                            {"type": "InternalIP", "address": node.ipv6},
+                            {"type": "Hostname", "address": node.name},
+                        ],
+                    },
+                }
+            )
+        return objects
+
+    def _server_pods(self) -> list[Host]:
+        return self.pods
+
+    def _node_host(self, ref: NsRef) -> Host:
+        host = self.host(ref)
+        if host.role != "node":
+            raise KeyError(f"{host.name} is not a node of lab {self.key}")
+        return host
+
+    # ---------------------------------------------------------------- construction
+
+    def _plan(self) -> None:
+        if not 1 <= self.nodes <= _MAX_NODES:
+            raise ValueError(f"nodes must be 1..{_MAX_NODES}")
+        if not 0 <= self.pods_per_node <= _EXTERNAL_OFFSET - _BACKEND_OFFSET:
+            raise ValueError(f"pods_per_node must be 0..{_EXTERNAL_OFFSET - _BACKEND_OFFSET}")
+        c4, c6 = ipaddress.IPv4Network(self.cluster_cidr4), ipaddress.IPv6Network(self.cluster_cidr6)
+        if self.nodes > min(2 ** (24 - c4.prefixlen), 2 ** (64 - c6.prefixlen)):
+            raise ValueError(f"{self.nodes} nodes' pod CIDRs (/24, /64) do not fit the cluster CIDRs")
+        nn4, nn6 = ipaddress.ip_network(self.node_net4), ipaddress.ip_network(self.node_net6)
+        self.id, self.key = _new_key(self.prefix)
+
+        def named(name: str, role: str, ip4: str, ip6: str, ifname: str | None = None) -> Host:
+            return Host(name, f"{self.key}-{name}", role, ip4, ip6, host_ifname=ifname)
+
+        self.net = named("net", "net", str(nn4[_API_OFFSET]), str(nn6[_API_OFFSET]))
+        self.external = named(
+            "external",
+            "external",
+            str(nn4[_EXTERNAL_OFFSET]),
+            str(nn6[_decimal_hex(_EXTERNAL_OFFSET)]),
+        )
+        for k in range(self.nodes):
+            offset = _NODE_OFFSET + k
+            node = named(f"node-{k}", "node", str(nn4[offset]), str(nn6[_decimal_hex(offset)]))
+            net4 = ipaddress.IPv4Network((int(c4.network_address) + (k << 8), 24))
+            # fd00:10:244:<k>::/64, k's decimal digits again
+            net6 = ipaddress.IPv6Network((int(c6.network_address) + (_decimal_hex(k) << 64), 64))
+            self.node_hosts.append(node)
+            self.pod_cidrs4.append(str(net4))
+            self.pod_cidrs6.append(str(net6))
+            self.gateways4.append(str(net4[1]))
+            pods = []
+            for i in range(self.pods_per_node):
+                offset = _BACKEND_OFFSET + i
+                name = f"pod-{k}-{i}"
+                pod = named(
+                    name,
+                    "pod",
+                    str(net4[offset]),
+                    str(net6[_decimal_hex(offset)]),
+                    f"v-{name}"[:15],
+                )
+                pods.append(pod)
+                self._pod_node[name] = node
+            self.pods_by_node.append(pods)
+
+    def _build(self) -> None:
+        self._write_record()  # before any namespace, so no live lab looks orphaned
+        self._create_namespaces()
+        p4 = ipaddress.ip_network(self.node_net4).prefixlen
+        p6 = ipaddress.ip_network(self.node_net6).prefixlen
+
+        # The cluster network: a bridge with a port per node and one for the external host.
+        with IPRoute(netns=self.net.netns, flags=0) as net:
+            _link_up(net, "lo")
+            # No multicast snooping: IPv6 neighbour discovery must flood without MLD state.
+            net.link("add", ifname=_BRIDGE, kind="bridge", br_mcast_snooping=0)
+            bridge = _link_up(net, _BRIDGE)
+            net.addr("add", index=bridge, address=self.net.ipv4, prefixlen=p4)
+            net.addr("add", index=bridge, address=self.net.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
+            ports = [(f"n{k}", node) for k, node in enumerate(self.node_hosts)]
+            for port, host in [*ports, ("ext", self.external)]:
+                net.link(
+                    "add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": host.netns}
+                )
+                idx = net.link_lookup(ifname=port)[0]
+                net.link("set", index=idx, master=bridge)
+                net.link("set", index=idx, state="up")
+
+        for k, node in enumerate(self.node_hosts):
+            with IPRoute(netns=node.netns, flags=0) as ipr:
+                _link_up(ipr, "lo")
+                idx = _link_up(ipr, "eth0")
+                ipr.addr("add", index=idx, address=node.ipv4, prefixlen=p4)
+                ipr.addr("add", index=idx, address=node.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
+                # host-gw: the other nodes' pods are one hop away, via their node IP.
+                for m, other in enumerate(self.node_hosts):
+                    if m == k:
+                        continue
+                    ipr.route("add", dst=self.pod_cidrs4[m], gateway=other.ipv4, oif=idx)
+                    ipr.route(
+                        "add",
+                        dst=self.pod_cidrs6[m],
+                        gateway=other.ipv6,
+                        oif=idx,
+                        family=socket.AF_INET6,
+                    )
+                # As in `Lab`: node-local connections to ClusterIPs need some route before
+                # the proxy's OUTPUT rules rewrite them; the external host drops strays.
+                ipr.route("add", dst="default", gateway=self.external.ipv4, oif=idx)
+                ipr.route(
+                    "add",
+                    dst="default",
+                    gateway=self.external.ipv6,
+                    oif=idx,
+                    family=socket.AF_INET6,
+                )
+                for pod in self.pods_by_node[k]:
+                    _wire_pod(ipr, pod, self.gateways4[k], self.gateway6)
+
+        with IPRoute(netns=self.external.netns, flags=0) as ext:
+            _link_up(ext, "lo")
+            idx = _link_up(ext, "eth0")
+            ext.addr("add", index=idx, address=self.external.ipv4, prefixlen=p4)
+            ext.addr("add", index=idx, address=self.external.ipv6, prefixlen=p6, flags=_IFA_F_NODAD)
+            for k, node in enumerate(self.node_hosts):
+                ext.route("add", dst=self.pod_cidrs4[k], gateway=node.ipv4, oif=idx)
+                ext.route(
+                    "add", dst=self.pod_cidrs6[k], gateway=node.ipv6, oif=idx, family=socket.AF_INET6
+                )
+
+        for k, pods in enumerate(self.pods_by_node):
+            for pod in pods:
+                _configure_pod(pod, self.gateways4[k], self.gateway6)
+
+
 def _outside_event_loop(fn: Callable[[], None]) -> None:
     # pyroute2's synchronous API drives an asyncio loop of its own, which cannot
     # run in a thread whose loop is already running (an async `pykp demo`).
@@ -613,6 +923,44 @@ def _outside_event_loop(fn: Callable[[], None]) -> None:
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(fn).result()
+
+
+def _new_key(prefix: str) -> tuple[str, str]:
+    """A fresh lab id and key ("<prefix><id>") that no record or namespace uses yet."""
+    while True:
+        lab_id = secrets.token_hex(3)
+        key = f"{prefix}{lab_id}"
+        taken = (RECORD_DIR / f"{key}.json").exists()
+        if not taken and not any(n.startswith(key + "-") for n in _listnetns()):
+            return lab_id, key
+
+
+def _wire_pod(node: Any, pod: Host, gateway4: str, gateway6: str) -> None:
+    """The node's end of a routed pod: a veth carrying the gateway, /32 and /128 routes."""
+    assert pod.host_ifname is not None
+    node.link(
+        "add",
+        ifname=pod.host_ifname,
+        kind="veth",
+        peer={"ifname": "eth0", "net_ns_fd": pod.netns},
+    )
+    idx = _link_up(node, pod.host_ifname)
+    node.addr("add", index=idx, address=gateway4, prefixlen=32)
+    node.addr("add", index=idx, address=gateway6, prefixlen=64, flags=_IFA_F_NODAD)
+    node.route("add", dst=f"{pod.ipv4}/32", oif=idx, scope=253, prefsrc=gateway4)
+    node.route("add", dst=f"{pod.ipv6}/128", oif=idx, family=socket.AF_INET6)
+
+
+def _configure_pod(pod: Host, gateway4: str, gateway6: str) -> None:
+    """The pod's end: its /32 and /128 addresses, default routes via the node's gateway."""
+    with IPRoute(netns=pod.netns, flags=0) as ipr:
+        _link_up(ipr, "lo")
+        idx = _link_up(ipr, "eth0")
+        ipr.addr("add", index=idx, address=pod.ipv4, prefixlen=32)
+        ipr.addr("add", index=idx, address=pod.ipv6, prefixlen=128, flags=_IFA_F_NODAD)
+        ipr.route("add", dst=f"{gateway4}/32", oif=idx, scope=253)
+        ipr.route("add", dst="default", gateway=gateway4, oif=idx)
+        ipr.route("add", dst="default", gateway=gateway6, oif=idx, family=socket.AF_INET6)
 
 
 def _listnetns() -> list[str]:

@@ -1,7 +1,9 @@
 """Shared pieces of the end-to-end tests: a lab node running `pykp run`, and clients.
 
-Everything happens inside the namespaces a `Lab` creates; the root namespace is never
-touched. Clients use real sockets (in-process, moved into a pod's namespace) and curl.
+Everything happens inside the namespaces a `Lab` or `ClusterLab` creates; the root
+namespace is never touched. Clients use real sockets (in-process, moved into a pod's
+namespace) and curl. For clusters: the stand-in API server listening on the cluster
+network, and builders of Kubernetes objects.
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pykp.lab import Lab
+from pykp.lab import ClusterLab, Lab, in_namespace
+from tests.kube_apiserver import KubeApiServer, _Handler
+
+AnyLab = Lab | ClusterLab
 
 HEALTHZ = "127.0.0.1:10256"
 METRICS = "127.0.0.1:10249"
@@ -47,31 +54,77 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, step: float =
 
 
 class Node:
-    """`pykp run` inside the lab's node namespace, fed by a services file."""
+    """`pykp run` inside a lab node's namespace, fed by a services file or, with
+    `kubeconfig` (and no services file), by the Kubernetes API.
 
-    def __init__(self, lab: Lab, services_file: Path, *extra: str) -> None:
+    `host` is the node's namespace in the lab ("node" in a `Lab`, "node-1" in a
+    `ClusterLab`); `hostname` its --hostname-override (default: `host`). Give each node
+    of a cluster its own `workdir` (log and state directory).
+    """
+
+    def __init__(
+        self,
+        lab: AnyLab,
+        services_file: Path | None,
+        *extra: str,
+        kubeconfig: Path | None = None,
+        host: str = "node",
+        hostname: str | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        if (services_file is None) == (kubeconfig is None):
+            raise ValueError("a services file or a kubeconfig, not both")
         self.lab = lab
         self.services_file = services_file
+        self.kubeconfig = kubeconfig
         self.extra = extra
+        self.host = host
+        self.hostname = hostname or host
         self.proc: subprocess.Popen[Any] | None = None
-        self.log = services_file.with_suffix(".log")
+        self.workdir = workdir
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.log = workdir / "pykp.log"
+        else:
+            assert services_file is not None
+            self.log = services_file.with_suffix(".log")
 
-    def start(self) -> None:
-        argv = [
+    def argv(self) -> list[str]:
+        source = (
+            ["--services", str(self.services_file)]
+            if self.services_file is not None
+            else ["--kubeconfig", str(self.kubeconfig)]
+        )
+        # Nodes of one machine share /run: each its own status file.
+        state = ["--state-dir", str(self.workdir / "state")] if self.workdir is not None else []
+        return [
             sys.executable, "-m", "pykp", "run",
-            "--services", str(self.services_file),
-            "--hostname-override", "node",
+            *source,
+            "--hostname-override", self.hostname,
             "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48",
             "--healthz-bind-address", HEALTHZ,
             "--metrics-bind-address", METRICS,
             "--min-sync-period", "0.1",
+            *state,
             *self.extra,
         ]  # fmt: skip
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """Start the process without waiting (start several nodes at once, then wait)."""
         log = self.log.open("a")
-        self.proc = self.lab.popen("node", argv, stdout=log, stderr=subprocess.STDOUT)
-        if not wait_for(self.synced, timeout=20):
+        self.proc = self.lab.popen(self.host, self.argv(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the child holds its own copy
+
+    def wait_started(self, timeout: float = 20) -> None:
+        if not wait_for(self.synced, timeout=timeout):
             self.stop()
-            raise AssertionError(f"pykp run did not become healthy:\n{self.log.read_text()}")
+            raise AssertionError(
+                f"pykp run on {self.host} did not become healthy:\n{self.log.read_text()}"
+            )
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -87,7 +140,7 @@ class Node:
 
     def get(self, address: str, path: str) -> tuple[int, str]:
         """GET a URL of the agent's servers from inside the node namespace."""
-        with self.lab.in_namespace("node"):
+        with self.lab.in_namespace(self.host):
             try:
                 with urllib.request.urlopen(f"http://{address}{path}", timeout=2) as r:
                     return r.status, r.read().decode()
@@ -121,6 +174,7 @@ class Node:
 
     def write_services(self, text: str) -> None:
         """Replace the services file and wait until the agent has synced it."""
+        assert self.services_file is not None, "a node fed by the Kubernetes API"
         before = self.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
         tmp = self.services_file.with_suffix(".tmp")
         tmp.write_text(text)
@@ -131,13 +185,27 @@ class Node:
         ), f"no sync after the services file changed:\n{self.log.read_text()[-3000:]}"
 
 
-def http_get(lab: Lab, pod: str, host: str, port: int = 80, timeout: float = 2.0) -> str:
-    """One HTTP request on a new connection from `pod`; the answering backend's name."""
+def http_get(
+    lab: AnyLab,
+    pod: str,
+    host: str,
+    port: int = 80,
+    timeout: float = 2.0,
+    *,
+    source_port: int | None = None,
+) -> str:
+    """One HTTP request on a new connection from `pod`; the answering backend's name.
+
+    `source_port` fixes the client's port (and so the connection's 5-tuple).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.in_namespace(pod):
         s = socket.socket(family, socket.SOCK_STREAM)
     with s:
         s.settimeout(timeout)
+        if source_port is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source_port))
         s.connect((host, port))
         s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         data = b""
@@ -146,11 +214,11 @@ def http_get(lab: Lab, pod: str, host: str, port: int = 80, timeout: float = 2.0
     return data.decode().rpartition("\r\n\r\n")[2].strip()
 
 
-def distribution(lab: Lab, pod: str, host: str, n: int, port: int = 80) -> Counter[str]:
+def distribution(lab: AnyLab, pod: str, host: str, n: int, port: int = 80) -> Counter[str]:
     return Counter(http_get(lab, pod, host, port) for _ in range(n))
 
 
-def connect_error(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0) -> str:
+def connect_error(lab: AnyLab, pod: str, host: str, port: int, timeout: float = 3.0) -> str:
     """How a TCP connect from `pod` ends: "connected", "refused" or "timeout"."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with lab.in_namespace(pod):
@@ -167,7 +235,7 @@ def connect_error(lab: Lab, pod: str, host: str, port: int, timeout: float = 3.0
 
 
 @contextmanager
-def udp_socket(lab: Lab, pod: str, family: int = socket.AF_INET) -> Iterator[socket.socket]:
+def udp_socket(lab: AnyLab, pod: str, family: int = socket.AF_INET) -> Iterator[socket.socket]:
     with lab.in_namespace(pod):
         s = socket.socket(family, socket.SOCK_DGRAM)
     with s:
@@ -179,3 +247,159 @@ def udp_ask(s: socket.socket, host: str, port: int, payload: bytes = b"hello") -
     s.sendto(payload, (host, port))
     data, _ = s.recvfrom(4096)
     return data.decode().strip()
+
+
+# --- clusters ---------------------------------------------------------------------------------
+
+
+class ClusterApiServer(KubeApiServer):
+    """The stand-in API server listening on a lab's cluster network.
+
+    Its socket is created inside `netns` (a socket keeps the namespace it was made in),
+    so it serves the lab's nodes while running in the test process; `set_available(True)`
+    listens there again on the same port.
+    """
+
+    def __init__(self, netns: str, address: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.netns = netns
+        self.address = address
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self._port}"
+
+    def _listen(self) -> None:
+        # KubeApiServer._listen with the address and namespace of the cluster network.
+        server = self
+
+        class Handler(_Handler):
+            apiserver = server
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+        with in_namespace(self.netns):
+            httpd = Server((self.address, self._port), Handler)
+        httpd.daemon_threads = True
+        self._port = httpd.server_address[1]
+        self._httpd = httpd
+        self._available = True
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="apiserver"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+
+def kube_service(
+    name: str,
+    cluster_ips: Sequence[str],
+    *,
+    port: int = 80,
+    target_port: int = 8080,
+    annotations: dict[str, str] | None = None,
+    namespace: str = "default",
+    **spec: Any,
+) -> dict[str, Any]:
+    """A ClusterIP Service (single or dual stack) as the API server stores it."""
+    families = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": {"app": name}}
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {"app": name},
+            "clusterIP": cluster_ips[0],
+            "clusterIPs": list(cluster_ips),
+            "ipFamilies": families,
+            "ipFamilyPolicy": "RequireDualStack" if len(cluster_ips) > 1 else "SingleStack",
+            "ports": [
+                {"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}
+            ],
+            "sessionAffinity": "None",
+            "internalTrafficPolicy": "Cluster",
+            **spec,
+        },
+    }
+
+
+def kube_slice(
+    lab: ClusterLab,
+    service: str,
+    pods: Iterable[str],
+    *,
+    family: int = 4,
+    port: int = 8080,
+    namespace: str = "default",
+    name: str | None = None,
+) -> dict[str, Any]:
+    """The EndpointSlice the controller would write for `service`'s ready `pods`:
+    one address family, each endpoint with its nodeName, zone and targetRef."""
+    zones = {
+        node["metadata"]["name"]: node["metadata"]["labels"].get("topology.kubernetes.io/zone")
+        for node in lab.node_objects()
+    }
+    endpoints = []
+    for ref in pods:
+        pod = lab.host(ref)
+        node = lab.node_of(pod).name
+        endpoint: dict[str, Any] = {
+            "addresses": [pod.ipv4 if family == 4 else pod.ipv6],
+            "conditions": {"ready": True, "serving": True, "terminating": False},
+            "nodeName": node,
+            "targetRef": {"kind": "Pod", "namespace": namespace, "name": pod.name},
+        }
+        if zones.get(node):
+            endpoint["zone"] = zones[node]
+        endpoints.append(endpoint)
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name or f"{service}-ipv{family}",
+            "namespace": namespace,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": f"IPv{family}",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+
+
+def start_nodes(nodes: Sequence[Node], timeout: float = 30) -> None:
+    """Start several agents at once and wait until every one has synced."""
+    for node in nodes:
+        node.launch()
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        node.wait_started(timeout=max(1.0, deadline - time.monotonic()))
+
+
+def in_parallel(fn: Callable[[int], Any], count: int) -> list[Any]:
+    """fn(0) .. fn(count-1), each in its own thread (a namespace switch is per thread)."""
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = fn(index)
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -890,9 +890,25 @@ def test_the_defaults_are_valid_and_kube_proxys() -> None:
     assert AgentConfig(queue_num=4, queues=3).last_queue == 6
 
 
-def test_an_agent_without_a_source_needs_a_services_file() -> None:
+def test_without_a_services_file_the_source_is_the_kubernetes_api(tmp_path: Path) -> None:
+    from pykp.agent import make_source
+    from pykp.kube.source import KubeSource
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    source = make_source(AgentConfig(kubeconfig=str(kubeconfig), hostname_override="node-a"))
+    assert isinstance(source, KubeSource)
+    assert source.current() is None, "nothing is programmed before the first lists"
+
+
+def test_a_services_file_and_the_kubernetes_api_exclude_each_other(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--services"):
-        Agent(AgentConfig(), deps=Dependencies(make_rules=lambda c: FakeRules()))
+        AgentConfig(services=tmp_path / "s.yaml", kubeconfig="k").validate()
 
 
 @pytest.mark.parametrize(

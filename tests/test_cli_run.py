@@ -235,6 +235,7 @@ def test_run_serves_until_sigterm_then_cleans_up_and_exits_0(
             "--metrics-bind-address", "127.0.0.1:0",
             "--min-sync-period", "0",
             "--state-dir", str(tmp_path / "state"),
+            "--cleanup-on-exit",
         ],
     )  # fmt: skip
     killer.join()

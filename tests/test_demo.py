@@ -1,0 +1,36 @@
+"""`pykp demo`, the README's main command: the whole node proxy on a lab, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from pykp import cli
+from pykp.demo import run_demo
+
+pytestmark = pytest.mark.privileged
+
+if os.geteuid() != 0 and not os.environ.get("CI"):
+    pytest.skip("needs root (network namespaces, netfilter)", allow_module_level=True)
+
+
+def test_every_policy_serves_every_connection_with_one_queued_packet_each() -> None:
+    result = run_demo(connections=30)
+    for service, counts in result.by_service.items():
+        assert sum(counts.values()) == 30, service
+        assert set(counts) <= {"backend-0", "backend-1", "backend-2"}
+    assert result.by_service["web-rr"] == {"backend-0": 10, "backend-1": 10, "backend-2": 10}
+    assert result.queued_packets == 4 * 30
+
+
+def test_the_command_prints_the_distribution_and_leaves_nothing_behind() -> None:
+    before = set(os.popen("ip netns list").read().split())
+    result = CliRunner().invoke(cli.app, ["demo", "--connections", "6"])
+    assert result.exit_code == 0, result.output
+    for name in ("web-random", "web-rr", "web-maglev", "web-leastconn", "backend-2"):
+        assert name in result.output
+    assert "24 connections" in result.output
+    after = set(os.popen("ip netns list").read().split())
+    assert not {ns for ns in after - before if ns.startswith("pykp-lab-")}, after - before
