@@ -466,6 +466,14 @@ def demo(
         int,
         typer.Option(min=1, max=10_000, help="New connections to each demo service."),
     ] = 60,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="A 3-node cluster instead: one pykp agent per node, fed by a stand-in "
+            "Kubernetes API server; backends on other nodes than the first.",
+        ),
+    ] = False,
 ) -> None:
     """The node proxy end to end on a namespace lab: one service per policy, real connections.
 
@@ -473,10 +481,14 @@ def demo(
     every service and prints which backend answered; removes everything afterwards. Needs
     root and the Rust extension.
     """
+    from pykp.cluster_demo import render_cluster_demo, run_cluster_demo
     from pykp.demo import render_demo, run_demo
 
     console = _console()
     try:
+        if cluster:
+            render_cluster_demo(run_cluster_demo(connections), console)
+            return
         result = run_demo(connections, console)
     except ModuleNotFoundError as error:
         if error.name != _EXTENSION:
@@ -530,6 +542,179 @@ def status(
         typer.echo(json.dumps(snapshot, indent=1, sort_keys=True))
         return
     render_status(snapshot, _console(), flows=flows)
+
+
+# --- bench --------------------------------------------------------------------------------
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(item.replace("_", "")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"{option} needs numbers >= 1")
+    return values
+
+
+@app.command()
+def bench(
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="Short preset (under 2 minutes): 1 service, 2 rounds, short runs, every contender.",
+        ),
+    ] = False,
+    services: Annotated[
+        str | None,
+        typer.Option(
+            "--services", help="Numbers of services to measure at, comma-separated (1,1000,10000)."
+        ),
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Rounds (every contender once per round).", min=1)
+    ] = None,
+    contenders: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: direct, loopback, iptables, iptables-legacy, nftables, "
+            "pykp/random, pykp/round-robin, pykp/maglev, pykp/least-conn "
+            "(default: all but iptables-legacy and least-conn)."
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds of each new-connections run.", min=0.2, max=120)
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Connections in flight (closed loop).", min=1, max=4096)
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Load generator threads.", min=1, max=64)
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="Connections/s of the fixed-rate run (latency, CPU).", min=1, max=100000),
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the raw samples and summary here.")
+    ] = None,
+    plot_file: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")
+    ] = None,
+) -> None:
+    """Benchmark pykp against kube-proxy's iptables and nftables rules and no proxy at all.
+
+    Builds one lab node per contender (network namespaces only; needs root, iptables,
+    nftables, conntrack, iperf3 and the pykp-loadgen binary, which a checkout builds with
+    cargo), then measures every contender round after round: new connections per second,
+    connect latency, CPU per connection, throughput, programming and endpoint-change times.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pykp.bench import report
+    from pykp.bench.runner import BenchSettings, run_bench
+
+    settings = BenchSettings()
+    if quick:
+        settings = BenchSettings(
+            scales=[1],
+            rounds=2,
+            duration=1.0,
+            rate=1000.0,
+            rate_duration=1.0,
+            throughput_seconds=1.0,
+            streams=[1, 2],
+            probe_timeout=60.0,
+            preset="quick",
+        )
+    else:
+        settings.preset = "full"
+    if services is not None:
+        settings.scales = _int_list(services, "--services")
+    if rounds is not None:
+        settings.rounds = rounds
+    if contenders is not None:
+        settings.contenders = [c.strip() for c in contenders.split(",") if c.strip()]
+        from pykp.bench.contenders import make_contender
+
+        for name in settings.contenders:
+            try:
+                make_contender(name, "")
+            except ValueError as error:
+                raise typer.BadParameter(str(error), param_hint="'--contenders'") from None
+    for name, value in (
+        ("duration", duration),
+        ("concurrency", concurrency),
+        ("threads", threads),
+        ("rate", rate),
+    ):
+        if value is not None:
+            setattr(settings, name, value)
+    if settings.preset != "quick" and any(
+        v is not None for v in (services, rounds, contenders, duration, concurrency, threads, rate)
+    ):
+        settings.preset = "custom"
+
+    console = _console()
+    console.print(f"[bold]pykp bench[/bold] ({settings.preset}): settings")
+    for key, value in vars(settings).items():
+        console.print(f"  {key}: {value}")
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("starting", total=None)
+
+    def on_progress(message: str, info: dict | None) -> None:  # type: ignore[type-arg]
+        progress.update(task, description=message)
+        if info is None:
+            return
+        progress.advance(task)
+        sample = info["sample"]
+        if "conns_per_s" in sample:
+            text = (
+                f"{sample['conns_per_s']:>9,.0f} conn/s  {sample['ok']}/{sample['attempted']} served"
+                f"  connect p99 {sample['connect_us']['p99'] / 1000:.3f} ms"
+            )
+        elif "bits_per_second" in sample:
+            text = f"{sample['bits_per_second'] / 1e9:>9.2f} Gbit/s"
+        elif "seconds" in sample and sample["seconds"] is not None:
+            text = f"{sample['seconds']:>9.3f} s"
+        else:
+            text = "not seen before the timeout"
+        progress.console.print(f"  {message:<58} {text}")
+
+    try:
+        with progress:
+            doc = run_bench(
+                settings,
+                on_progress,
+                json_path=json_file,
+                set_total=lambda total: progress.update(task, total=total),
+            )
+    except (PermissionError, FileNotFoundError) as error:
+        typer.echo(f"pykp bench: {error}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("pykp bench: interrupted (the labs were removed)", err=True)
+        raise typer.Exit(130) from None
+    summary = report.summarize(doc)
+    doc["summary"] = summary
+    report.render(doc, summary, console)
+    console.print("machine: " + ", ".join(f"{k} {v}" for k, v in doc["machine"].items()))
+    if json_file is not None:
+        json_file.write_text(json.dumps(doc, indent=1, default=str))
+        console.print(f"raw samples and summary written to {json_file}")
+    if plot_file is not None:
+        skipped = report.plot(doc, summary, plot_file)
+        console.print(f"plot skipped: {skipped}" if skipped else f"plot written to {plot_file}")
+    if report.served_failures(doc):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # `python -m pykp.cli`, for when the script is not on PATH

@@ -1,4 +1,5 @@
-"""A one-node "cluster" built from network namespaces, for tests, `pykp bench` and `pykp demo`.
+"""A one-node "cluster" built from network namespaces, for tests, `pykp bench` and `pykp demo`;
+and `ClusterLab`, several such nodes on a shared cluster network (see its docstring).
 
 Topology (defaults; every name below is prefixed with ``pykp-lab-<id>-``)::
 

@@ -34,3 +34,12 @@ def test_the_command_prints_the_distribution_and_leaves_nothing_behind() -> None
     assert "24 connections" in result.output
     after = set(os.popen("ip netns list").read().split())
     assert not {ns for ns in after - before if ns.startswith("pykp-lab-")}, after - before
+
+
+def test_the_cluster_demo_reaches_backends_on_other_nodes_from_every_node() -> None:
+    result = CliRunner().invoke(cli.app, ["demo", "--cluster", "--connections", "4"])
+    assert result.exit_code == 0, result.output
+    for client in ("pod-0-0", "pod-1-0", "pod-2-0"):
+        assert client in result.output
+    assert "@node-1" in result.output and "@node-2" in result.output
+    assert "@node-0" not in result.output, "the first node has no backends"

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from pykp.lab import Lab
-from tests.e2e_support import (
+from pykp.lab_agent import (
     TCP_ECHO,
-    Node,
     connect_error,
     distribution,
     http_get,
@@ -26,6 +23,7 @@ from tests.e2e_support import (
     udp_socket,
     wait_for,
 )
+from pykp.lab_agent import LabAgent as Node
 
 pytestmark = pytest.mark.privileged
 

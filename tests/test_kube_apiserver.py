@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import urllib3
-from kube_apiserver import KubeApiServer, endpoint_slice, node, service
+from pykp.kube.standin import KubeApiServer, endpoint_slice, node, service
 from kubernetes import client, config, watch
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from kube_apiserver import KubeApiServer, endpoint_slice, node, service
+from pykp.kube.standin import KubeApiServer, endpoint_slice, node, service
 
 from pykp.kube.client import ApiListWatch, Timeouts, api_client
 from pykp.kube.source import KubeSource

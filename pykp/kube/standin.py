@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from pykp.lab import in_namespace
+
 Obj = dict[str, Any]
 
 TOKEN = "pykp-stand-in-token"
@@ -698,3 +700,44 @@ def node(name: str, zone: str | None = None, address: str = "192.168.0.1") -> Ob
         "metadata": {"name": name, "labels": labels},
         "status": {"addresses": [{"type": "InternalIP", "address": address}]},
     }
+
+
+class ClusterApiServer(KubeApiServer):
+    """The stand-in API server listening on a lab's cluster network.
+
+    Its socket is created inside `netns` (a socket keeps the namespace it was made in),
+    so it serves the lab's nodes while running in the test process; `set_available(True)`
+    listens there again on the same port.
+    """
+
+    def __init__(self, netns: str, address: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.netns = netns
+        self.address = address
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self._port}"
+
+    def _listen(self) -> None:
+        # KubeApiServer._listen with the address and namespace of the cluster network.
+        server = self
+
+        class Handler(_Handler):
+            apiserver = server
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+        with in_namespace(self.netns):
+            httpd = Server((self.address, self._port), Handler)
+        httpd.daemon_threads = True
+        self._port = httpd.server_address[1]
+        self._httpd = httpd
+        self._available = True
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="apiserver"
+        )
+        self._thread.daemon = True
+        self._thread.start()
