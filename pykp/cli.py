@@ -282,8 +282,30 @@ def _cleanup_rules() -> list[str]:
     return cleanup_all()
 
 
+def _kubeproxy_settings(ctx: typer.Context, path: Path) -> dict[str, str]:
+    """The settings a KubeProxyConfiguration gives for parameters not set on the command line."""
+    from pykp.kubeproxy_config import KubeProxyConfigError, load_kubeproxy_config
+
+    try:
+        loaded = load_kubeproxy_config(path)
+    except KubeProxyConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="'--config'") from None
+    if loaded.ignored:
+        typer.echo(
+            f"{path}: pykp ignores these KubeProxyConfiguration fields: "
+            + ", ".join(loaded.ignored),
+            err=True,
+        )
+    def from_command_line(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name != "DEFAULT"
+
+    return {name: value for name, value in loaded.settings.items() if not from_command_line(name)}
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     services: Annotated[
         Path | None,
         typer.Option(
@@ -388,12 +410,33 @@ def run(
             "--verbose", "-v", count=True, help="-v: pykp's debug logs; -vv: libraries' too."
         ),
     ] = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A kube-proxy KubeProxyConfiguration file: the fields pykp implements are "
+            "used (flags given here win); the others are listed as ignored.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the node proxy: program the services of FILE until SIGTERM/SIGINT, then clean up.
 
     Needs root (CAP_NET_ADMIN) and the Rust extension.
     """
     from pykp.agent import AgentConfig, ConfigError
+
+    if config_file is not None:
+        from_file = _kubeproxy_settings(ctx, config_file)
+        hostname_override = from_file.get("hostname_override", hostname_override)
+        cluster_cidr = from_file.get("cluster_cidr", cluster_cidr)
+        healthz_bind_address = from_file.get("healthz_bind_address", healthz_bind_address)
+        metrics_bind_address = from_file.get("metrics_bind_address", metrics_bind_address)
+        nodeport_addresses = from_file.get("nodeport_addresses", nodeport_addresses)
+        kubeconfig = from_file.get("kubeconfig", kubeconfig)
+        sync_period = from_file.get("sync_period", sync_period)
+        min_sync_period = from_file.get("min_sync_period", min_sync_period)
 
     config = AgentConfig(
         services=services,

@@ -1,0 +1,115 @@
+"""`pykp run --config`: a kube-proxy configuration file, as an operator migrating brings it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from pykp import cli
+from pykp.agent import AgentConfig
+from pykp.kubeproxy_config import KubeProxyConfigError, parse_kubeproxy_config
+
+KUBE_PROXY_CONFIG = """
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+bindAddress: 0.0.0.0
+clientConnection:
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 5
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/48
+healthzBindAddress: 0.0.0.0:10256
+metricsBindAddress: 127.0.0.1:10249
+hostnameOverride: node-a
+mode: iptables
+nodePortAddresses: [192.168.77.0/24]
+iptables:
+  masqueradeAll: false
+  minSyncPeriod: 2s
+  syncPeriod: 45s
+conntrack:
+  maxPerCore: 32768
+"""
+
+
+def test_the_fields_pykp_implements_become_settings_and_the_rest_are_named() -> None:
+    parsed = parse_kubeproxy_config(KUBE_PROXY_CONFIG)
+    assert parsed.settings == {
+        "kubeconfig": "/var/lib/kube-proxy/kubeconfig.conf",
+        "cluster_cidr": "10.244.0.0/16,fd00:10:244::/48",
+        "healthz_bind_address": "0.0.0.0:10256",
+        "metrics_bind_address": "127.0.0.1:10249",
+        "hostname_override": "node-a",
+        "nodeport_addresses": "192.168.77.0/24",
+        "min_sync_period": "2s",
+        "sync_period": "45s",
+    }
+    assert parsed.ignored == (
+        "bindAddress",
+        "clientConnection.qps",
+        "conntrack.maxPerCore",
+        "iptables.masqueradeAll",
+        "mode",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kind: Deployment\napiVersion: apps/v1\n", "not a KubeProxyConfiguration"),
+        ("kind: KubeProxyConfiguration\napiVersion: v1\n", "is not kubeproxy.config.k8s.io"),
+        ("[unclosed", "not YAML"),
+        (
+            "kind: KubeProxyConfiguration\napiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+            "nodePortAddresses: [primary]\n",
+            "primary",
+        ),
+        (
+            "kind: KubeProxyConfiguration\napiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+            "hostnameOverride: [a]\n",
+            "hostnameOverride",
+        ),
+    ],
+)
+def test_a_file_pykp_cannot_read_is_refused_with_the_reason(text: str, message: str) -> None:
+    with pytest.raises(KubeProxyConfigError, match=message):
+        parse_kubeproxy_config(text)
+
+
+def test_flags_on_the_command_line_win_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kube-proxy.yaml"
+    path.write_text(KUBE_PROXY_CONFIG)
+    seen: list[AgentConfig] = []
+
+    class Stub:
+        def serve(self, stop: Any) -> None:
+            return None
+
+    def make(config: AgentConfig) -> Any:
+        seen.append(config)
+        return Stub()
+
+    monkeypatch.setattr(cli, "make_agent", make)
+    result = CliRunner().invoke(
+        cli.app, ["run", "--config", str(path), "--hostname-override", "node-b"]
+    )
+    assert result.exit_code == 0, result.output
+    [config] = seen
+    assert config.hostname_override == "node-b", "the flag wins"
+    assert config.kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf"
+    assert config.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/48")
+    assert config.nodeport_addresses == ("192.168.77.0/24",)
+    assert (config.min_sync_period, config.sync_period) == (2.0, 45.0)
+    assert "ignores these KubeProxyConfiguration fields: bindAddress" in result.output
+
+
+def test_an_unreadable_config_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("kind: Pod\n")
+    result = CliRunner().invoke(cli.app, ["run", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "KubeProxyConfiguration" in result.output
