@@ -645,6 +645,9 @@ def bench(
     plot_file: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG chart here (needs matplotlib).")
     ] = None,
+    markdown_file: Annotated[
+        Path | None, typer.Option("--markdown", help="Write the tables as markdown here.")
+    ] = None,
 ) -> None:
     """Benchmark pykp against kube-proxy's iptables and nftables rules and no proxy at all.
 
@@ -674,7 +677,11 @@ def bench(
     else:
         settings.preset = "full"
     if services is not None:
+        from pykp.bench.contenders import MAX_SERVICES
+
         settings.scales = _int_list(services, "--services")
+        if max(settings.scales) > MAX_SERVICES:
+            raise typer.BadParameter(f"at most {MAX_SERVICES} services", param_hint="'--services'")
     if rounds is not None:
         settings.rounds = rounds
     if contenders is not None:
@@ -695,7 +702,7 @@ def bench(
         if value is not None:
             setattr(settings, name, value)
     if settings.preset != "quick" and any(
-        v is not None for v in (services, rounds, contenders, duration, concurrency, threads, rate)
+        v is not None for v in (rounds, contenders, duration, concurrency, threads, rate)
     ):
         settings.preset = "custom"
 
@@ -753,6 +760,9 @@ def bench(
     if json_file is not None:
         json_file.write_text(json.dumps(doc, indent=1, default=str))
         console.print(f"raw samples and summary written to {json_file}")
+    if markdown_file is not None:
+        markdown_file.write_text(report.markdown(doc, summary))
+        console.print(f"markdown tables written to {markdown_file}")
     if plot_file is not None:
         skipped = report.plot(doc, summary, plot_file)
         console.print(f"plot skipped: {skipped}" if skipped else f"plot written to {plot_file}")

@@ -2,7 +2,8 @@
 //!
 //! Three modes, each bounded in time and count:
 //!
-//! * `serve --port P --name NAME [--threads T]`: a backend. Reads one small request
+//! * `serve --port P|A-B --name NAME [--threads T]`: a backend (one listener per port).
+//!   Reads one small request
 //!   (up to the blank line), answers `HTTP/1.0 200` with NAME as the body and closes
 //!   first, so TIME_WAIT stays on the server and the client's ports are free at once.
 //! * `conns --target IP:PORT... [--pick random|rr] [--concurrency C] [--rate R]
@@ -39,7 +40,7 @@ fn main() {
 
 fn usage(message: &str) -> ! {
     eprintln!("pykp-loadgen: {message}");
-    eprintln!("usage: pykp-loadgen serve --port P --name NAME [--threads T]");
+    eprintln!("usage: pykp-loadgen serve --port P|A-B --name NAME [--threads T]");
     eprintln!(
         "       pykp-loadgen conns --target IP:PORT [--target ...] [--pick random|rr] \
          [--concurrency C] [--rate R] [--duration S] [--max-conns N] [--threads T] \
@@ -212,8 +213,38 @@ fn monotonic() -> f64 {
 
 // --- serve -----------------------------------------------------------------------------
 
+/// `--port 8080` or a range `10000-19999`: one listening socket per port.
+fn ports(opts: &Opts) -> Vec<u16> {
+    let text = opts.str("port").unwrap_or("8080");
+    let bad = || usage(&format!("--port: {text:?} is not a port or a range A-B"));
+    match text.split_once('-') {
+        None => vec![text.parse().unwrap_or_else(|_| bad())],
+        Some((a, b)) => {
+            let (a, b): (u16, u16) =
+                (a.parse().unwrap_or_else(|_| bad()), b.parse().unwrap_or_else(|_| bad()));
+            if a > b {
+                bad();
+            }
+            (a..=b).collect()
+        }
+    }
+}
+
+/// Raise the soft descriptor limit to the hard one (a listener per port adds up).
+fn raise_nofile() {
+    // SAFETY: valid out/in parameters for getrlimit/setrlimit.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn serve(opts: &Opts) {
-    let port: u16 = opts.num("port", 8080);
+    let ports = ports(opts);
+    raise_nofile();
     let name = opts.str("name").unwrap_or("backend").to_string();
     let threads: usize = opts.num("threads", 1).max(1);
     let response = format!(
@@ -222,14 +253,15 @@ fn serve(opts: &Opts) {
         name
     )
     .into_bytes();
-    let listeners: Vec<libc::c_int> = (0..threads).map(|_| listen_socket(port)).collect();
+    let listeners: Vec<Vec<libc::c_int>> =
+        (0..threads).map(|_| ports.iter().map(|&port| listen_socket(port)).collect()).collect();
     println!("ready");
     io::stdout().flush().ok();
     let handles: Vec<_> = listeners
         .into_iter()
-        .map(|fd| {
+        .map(|fds| {
             let response = response.clone();
-            std::thread::spawn(move || serve_loop(fd, &response))
+            std::thread::spawn(move || serve_loop(&fds, &response))
         })
         .collect();
     for handle in handles {
@@ -264,10 +296,13 @@ fn listen_socket(port: u16) -> libc::c_int {
     }
 }
 
-fn serve_loop(listener: libc::c_int, response: &[u8]) {
-    const LISTENER: u64 = u64::MAX;
+fn serve_loop(listeners: &[libc::c_int], response: &[u8]) {
+    // Listener tokens carry this bit; connection tokens are the bare descriptor.
+    const LISTENER: u64 = 1 << 63;
     let ep = Epoll::new();
-    ep.ctl(libc::EPOLL_CTL_ADD, listener, libc::EPOLLIN as u32, LISTENER);
+    for &fd in listeners {
+        ep.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, LISTENER | fd as u64);
+    }
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
     let mut partial: HashMap<libc::c_int, Vec<u8>> = HashMap::new();
     let mut buf = [0u8; 4096];
@@ -275,7 +310,8 @@ fn serve_loop(listener: libc::c_int, response: &[u8]) {
         let n = ep.wait(&mut events, -1);
         for ev in &events[..n] {
             let token = ev.u64;
-            if token == LISTENER {
+            if token & LISTENER != 0 {
+                let listener = (token & !LISTENER) as libc::c_int;
                 loop {
                     // SAFETY: accept4 with null address pointers is allowed.
                     let fd = unsafe {
@@ -500,14 +536,17 @@ fn conns_loop(cfg: &ConnsConfig) -> Tally {
                 }
             }
         }
+        // Open loop: sleep until the next start, rounded up to whole milliseconds (starts
+        // due in the meantime go out together): never a busy wait, whose CPU would be
+        // counted as the contenders' cost per connection.
         let wait_ms = match interval {
             Some(_) if starting => {
                 let until = next_start.saturating_duration_since(Instant::now());
-                (until.as_micros() / 1000) as i32
+                until.as_micros().div_ceil(1000) as i32
             }
             _ => 10,
         };
-        let n = ep.wait(&mut events, wait_ms.clamp(0, 10));
+        let n = ep.wait(&mut events, wait_ms.clamp(1, 10));
         for ev in &events[..n] {
             let slot = ev.u64 as usize;
             let Some(conn) = slots[slot].as_mut() else { continue };
