@@ -278,6 +278,8 @@ class _Namespaces:
     """
 
     key: str
+    prefix: str
+    clean_stale: bool
     _namespaces: list[str]
     _procs: list[_Proc]
     _closed: bool
@@ -290,6 +292,24 @@ class _Namespaces:
 
     def _server_pods(self) -> list[Host]:
         """The pods `start_http_servers` and `start_udp_echo` use by default."""
+        raise NotImplementedError
+
+    def _create(self) -> None:
+        """Remove stale labs, plan, then build; a failure half-way tears down what was built."""
+        if self.clean_stale:
+            cleanup_stale(self.prefix)
+        self._plan()
+        atexit.register(self.close)
+        try:
+            _outside_event_loop(self._build)
+        except BaseException:
+            self.close()
+            raise
+
+    def _plan(self) -> None:
+        raise NotImplementedError
+
+    def _build(self) -> None:
         raise NotImplementedError
 
     def _init_state(self) -> None:
@@ -508,15 +528,7 @@ class Lab(_Namespaces):
 
     def __post_init__(self) -> None:
         self._init_state()
-        if self.clean_stale:
-            cleanup_stale(self.prefix)
-        self._plan()
-        atexit.register(self.close)
-        try:
-            _outside_event_loop(self._build)
-        except BaseException:
-            self.close()
-            raise
+        self._create()
 
     # ---------------------------------------------------------------- public API
 
@@ -680,15 +692,7 @@ class ClusterLab(_Namespaces):
     def __post_init__(self) -> None:
         self._init_state()
         self._pod_node: dict[str, Host] = {}
-        if self.clean_stale:
-            cleanup_stale(self.prefix)
-        self._plan()
-        atexit.register(self.close)
-        try:
-            _outside_event_loop(self._build)
-        except BaseException:
-            self.close()
-            raise
+        self._create()
 
     # ---------------------------------------------------------------- public API
 

@@ -41,7 +41,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -202,7 +202,13 @@ class KubeApiServer:
         history_limit: int = 1000,
         bookmark_interval: float | None = None,
         token: str = TOKEN,
+        address: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
+        # Where it listens: loopback of this namespace by default; a lab's network with
+        # `netns` and an address there.
+        self.address = address
+        self.netns = netns
         self.token = token
         self.bookmark_interval = bookmark_interval
         self.requests: list[Request] = []
@@ -245,7 +251,8 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self._port}"
 
     def write_kubeconfig(self, path: Path, token: str | None = None) -> Path:
         """A kubeconfig for this server (bearer token, plain HTTP on loopback)."""
@@ -268,7 +275,13 @@ class KubeApiServer:
         class Handler(_Handler):
             apiserver = server
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+        # A socket keeps the namespace it was made in: made inside `netns`, it serves that
+        # namespace's network while this thread (and the server's) stay where they are.
+        with in_namespace(self.netns) if self.netns else nullcontext():
+            httpd = Server((self.address, self._port), Handler)
         httpd.daemon_threads = True
         self._port = httpd.server_address[1]
         self._httpd = httpd
@@ -711,33 +724,4 @@ class ClusterApiServer(KubeApiServer):
     """
 
     def __init__(self, netns: str, address: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.netns = netns
-        self.address = address
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self._port}"
-
-    def _listen(self) -> None:
-        # KubeApiServer._listen with the address and namespace of the cluster network.
-        server = self
-
-        class Handler(_Handler):
-            apiserver = server
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-
-        with in_namespace(self.netns):
-            httpd = Server((self.address, self._port), Handler)
-        httpd.daemon_threads = True
-        self._port = httpd.server_address[1]
-        self._httpd = httpd
-        self._available = True
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="apiserver"
-        )
-        self._thread.daemon = True
-        self._thread.start()
+        super().__init__(address=address, netns=netns, **kwargs)
