@@ -174,13 +174,15 @@ def _targets(doc: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]
 # --- rendering --------------------------------------------------------------------------------
 
 
-def _cell(metric: Metric, st: dict[str, Any] | None) -> str:
+def _cell(metric: Metric, st: dict[str, Any] | None, *, markup: bool = True) -> str:
+    """Median with its range over rounds; `markup` dims the range for the terminal."""
     if st is None:
         return "-"
     med = metric.fmt.format(st["median"])
     if st["n"] < 2:
         return med
-    return f"{med} [dim]({metric.fmt.format(st['min'])}-{metric.fmt.format(st['max'])})[/dim]"
+    spread = f"({metric.fmt.format(st['min'])}-{metric.fmt.format(st['max'])})"
+    return f"{med} [dim]{spread}[/dim]" if markup else f"{med} {spread}"
 
 
 def _ratio_cell(st: dict[str, Any] | None) -> str:
@@ -328,15 +330,6 @@ def plot(doc: dict[str, Any], summary: dict[str, Any], path: Path) -> str | None
 # --- markdown (for benches/README.md) -------------------------------------------------------
 
 
-def _plain(metric: Metric, st: dict[str, Any] | None) -> str:
-    if st is None:
-        return "-"
-    med = metric.fmt.format(st["median"])
-    if st["n"] < 2:
-        return med
-    return f"{med} ({metric.fmt.format(st['min'])}-{metric.fmt.format(st['max'])})"
-
-
 def markdown(doc: dict[str, Any], summary: dict[str, Any]) -> str:
     """The tables of `render` as GitHub markdown."""
     contenders = list(doc["contenders"])
@@ -347,7 +340,7 @@ def markdown(doc: dict[str, Any], summary: dict[str, Any]) -> str:
         out.append("| --- | --- |" + " ---: |" * len(contenders))
         for metric in METRICS:
             if metric.key in rows:
-                cells = [_plain(metric, rows[metric.key].get(c)) for c in contenders]
+                cells = [_cell(metric, rows[metric.key].get(c), markup=False) for c in contenders]
                 out.append(f"| {metric.label} | {metric.unit} | " + " | ".join(cells) + " |")
         for contender, ratio_rows in summary["ratios"].get(scale, {}).items():
             if not ratio_rows:

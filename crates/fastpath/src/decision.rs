@@ -10,8 +10,8 @@ use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags};
 use crate::hash::mix64;
 use crate::policy::{Policy, PolicyKind, SelectInput};
 use crate::service::{
-    BackendHandle, BackendId, Frontend, ServiceId, ServiceSpec, ServiceState, ServiceTable,
-    SpecError, TableConfig,
+    BackendHandle, Frontend, ServiceId, ServiceSpec, ServiceState, ServiceTable, SpecError,
+    TableConfig,
 };
 use crate::wire::{self, WireError};
 
@@ -332,11 +332,6 @@ impl Engine {
     /// One bounded step of garbage collection over both tables.
     pub fn expire(&self, now: Nanos, budget: usize) -> usize {
         self.conns.gc(now, budget) + self.affinity.gc(now, budget)
-    }
-
-    /// The backend id's address (for verdict marks and displays).
-    pub fn backend_addr(&self, id: BackendId) -> Option<SocketAddr> {
-        self.services.backend_ids().into_iter().find(|(i, _)| *i == id).map(|(_, a)| a)
     }
 }
 
