@@ -7,7 +7,7 @@ from typing import Final, final
 
 from typing_extensions import Self
 
-__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine", "NfqueueDatapath"]
+__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine", "NfqueueDatapath", "loadgen_main"]
 
 __version__: Final[str]
 
@@ -191,3 +191,6 @@ class NfqueueDatapath:
         """Worker counters (packets, verdicts, accepted, dropped, errors, batches, ...),
         verdicts by kind (forwarded, passed, rejected, decision_drops, id_overflow) and the
         kernel's drops for these queues (kernel_queue_dropped, kernel_user_dropped)."""
+
+def loadgen_main(args: list[str]) -> None:
+    """`pykp-loadgen ARGS...` (pykp bench's load generator) in this process, GIL released."""

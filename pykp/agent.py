@@ -790,6 +790,7 @@ class Agent:
             datapath=self.datapath.stats(),
             runner=self.runner.stats,
             healthy=self.health.is_healthy(),
+            unhealthy_reason=self.health.unhealthy_reason(),
             last_sync=self.metrics.last_sync_timestamp or None,
             flows=self.engine.connections(limit) if limit > 0 else (),
             now=self.deps.wall_clock(),

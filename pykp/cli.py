@@ -29,6 +29,7 @@ from pykp.services_file import (
     Problem,
     ServicesFile,
     ServicesFileError,
+    family_warnings,
     load_bundled_example,
     load_services_file,
 )
@@ -41,6 +42,10 @@ app = typer.Typer(
     name="pykp",
     no_args_is_help=True,
     add_completion=False,
+    # Click's plain help: it wraps at 80 columns without cutting flag names (rich's panels
+    # squeeze `pykp run`'s 25 flags into a narrow column), and `pykp run --help | grep` works.
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
 )
 
 _EXTENSION = "pykp._fastpath"
@@ -108,7 +113,8 @@ def validate(
 ) -> None:
     """Check a services file: print each problem with its location, then a summary.
 
-    Exits with 1 when there is any problem, 0 when the file is clean.
+    Exits with 1 when there is any problem (invalid entries), 0 otherwise; warnings (valid
+    but likely wrong, e.g. an IPv6 ClusterIP with only IPv4 endpoints) do not fail it.
     """
     try:
         services, problems = load_services_file(file)
@@ -117,7 +123,13 @@ def validate(
         raise typer.Exit(1) from None
     for problem in problems:
         typer.echo(str(problem))
-    typer.echo(services_summary(services, problems))
+    warnings = family_warnings(services)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}")
+    summary = services_summary(services, problems)
+    if warnings:
+        summary += f"; {_plural(len(warnings), 'warning')}"
+    typer.echo(summary)
     if problems:
         raise typer.Exit(1)
 
@@ -140,6 +152,8 @@ def _load_services(path: Path | None) -> ServicesFile:
         raise typer.Exit(1) from None
     for problem in problems:
         typer.echo(f"warning: {problem} (skipped)", err=True)
+    for warning in family_warnings(services):
+        typer.echo(f"warning: {warning}", err=True)
     return services
 
 
@@ -253,10 +267,22 @@ def _configure_logging(verbose: int) -> None:
     logging.getLogger("pykp").setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
 
 
+def require(command: str, tools: tuple[str, ...] | None = None, extension: bool = True) -> None:
+    """Exit with one line per unmet need (root, commands, the extension) before doing anything."""
+    from pykp.preflight import NODE_TOOLS, problems
+
+    unmet = problems(command, NODE_TOOLS if tools is None else tools, extension=extension)
+    for line in unmet:
+        typer.echo(line, err=True)
+    if unmet:
+        raise typer.Exit(1)
+
+
 def make_agent(config: AgentConfig) -> Agent:
     """The agent `pykp run` drives (tests replace this to run without root)."""
     from pykp.agent import Agent
 
+    require("run")
     return Agent(config)
 
 
@@ -279,6 +305,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def _cleanup_rules() -> list[str]:
     from pykp.rules import cleanup_all
 
+    require("cleanup", extension=False)
     return cleanup_all()
 
 
@@ -421,9 +448,11 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run the node proxy: program the services of FILE until SIGTERM/SIGINT, then clean up.
+    """Run the node proxy: program the services (a file or the Kubernetes API) until
+    SIGTERM/SIGINT.
 
-    Needs root (CAP_NET_ADMIN) and the Rust extension.
+    The rules stay after it stops (like kube-proxy) unless --cleanup-on-exit. Needs root
+    (CAP_NET_ADMIN), nft, iptables and conntrack.
     """
     from pykp.agent import AgentConfig, ConfigError
 
@@ -469,12 +498,17 @@ def run(
     if cleanup:
         _do_cleanup()
         return
+    from pykp.kube.client import KubeConfigError
+
     try:
         agent = make_agent(config)
     except ModuleNotFoundError as error:
         if error.name != _EXTENSION:
             raise
         typer.echo(_NOT_BUILT, err=True)
+        raise typer.Exit(1) from None
+    except KubeConfigError as error:
+        typer.echo(f"pykp run: {error}", err=True)
         raise typer.Exit(1) from None
     stop = threading.Event()
     with _stop_on_signals(stop):
@@ -527,6 +561,10 @@ def demo(
     from pykp.cluster_demo import render_cluster_demo, run_cluster_demo
     from pykp.demo import render_demo, run_demo
 
+    from pykp.lab_agent import AgentStartError
+    from pykp.preflight import LAB_TOOLS
+
+    require("demo", LAB_TOOLS)
     console = _console()
     try:
         if cluster:
@@ -540,6 +578,9 @@ def demo(
         raise typer.Exit(1) from None
     except PermissionError:
         typer.echo("pykp demo needs root (network namespaces, netfilter)", err=True)
+        raise typer.Exit(1) from None
+    except AgentStartError as error:
+        typer.echo(f"pykp demo: {error}", err=True)
         raise typer.Exit(1) from None
     render_demo(result, console)
 
@@ -652,14 +693,16 @@ def bench(
     """Benchmark pykp against kube-proxy's iptables and nftables rules and no proxy at all.
 
     Builds one lab node per contender (network namespaces only; needs root, iptables,
-    nftables, conntrack, iperf3 and the pykp-loadgen binary, which a checkout builds with
-    cargo), then measures every contender round after round: new connections per second,
+    nftables, conntrack and iperf3; the load generator comes with pykp), then measures every contender round after round: new connections per second,
     connect latency, CPU per connection, throughput, programming and endpoint-change times.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pykp.bench import report
     from pykp.bench.runner import BenchSettings, run_bench
+    from pykp.preflight import LAB_TOOLS
+
+    require("bench", (*LAB_TOOLS, "iperf3"))
 
     settings = BenchSettings()
     if quick:

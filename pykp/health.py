@@ -106,7 +106,19 @@ class ProxierHealth:
             return self._last_updated
 
     def is_healthy(self) -> bool:
-        return self._check()[0]
+        """What `GET /healthz` answers (200), so that `pykp status` says the same."""
+        return self.unhealthy_reason() is None
+
+    def unhealthy_reason(self) -> str | None:
+        """Why /healthz answers 503, or None when it answers 200."""
+        healthy, last_updated, now, eligible = self._check()
+        if not eligible:
+            return "the node is marked for deletion"
+        if last_updated is None and self.initial_sync_required:
+            return "waiting for the first successful sync"
+        if not healthy:
+            return f"an update has waited more than {self.health_timeout:g} s to be programmed"
+        return None
 
     def _check(self) -> tuple[bool, float | None, float, bool]:
         with self._lock:

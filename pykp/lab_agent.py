@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pykp.lab import ClusterLab, Lab
+from pykp.self_command import pykp_command
 
 AnyLab = Lab | ClusterLab
 
@@ -48,6 +48,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, step: float =
             return True
         time.sleep(step)
     return predicate()
+
+
+class AgentStartError(RuntimeError):
+    """`pykp run` in a lab did not start; the message holds its log."""
 
 
 class LabAgent:
@@ -95,7 +99,7 @@ class LabAgent:
         # Nodes of one machine share /run: each its own status file.
         state = ["--state-dir", str(self.workdir / "state")] if self.workdir is not None else []
         return [
-            sys.executable, "-m", "pykp", "run",
+            *pykp_command("run"),
             *source,
             "--hostname-override", self.hostname,
             "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48",
@@ -117,11 +121,17 @@ class LabAgent:
         log.close()  # the child holds its own copy
 
     def wait_started(self, timeout: float = 20) -> None:
-        if not wait_for(self.synced, timeout=timeout):
-            self.stop()
-            raise RuntimeError(
-                f"pykp run on {self.host} did not become healthy:\n{self.log.read_text()}"
-            )
+        """Wait for the first sync; an agent that exits is reported at once, with its log."""
+
+        def synced_or_exited() -> bool:
+            return (self.proc is not None and self.proc.poll() is not None) or self.synced()
+
+        wait_for(synced_or_exited, timeout=timeout)
+        if self.proc is not None and self.proc.poll() is None and self.synced():
+            return
+        code = self.stop()
+        state = "did not become healthy" if code is None or code < 0 else f"exited ({code})"
+        raise AgentStartError(f"pykp run on {self.host} {state}:\n{self.log.read_text().strip()}")
 
     def stop(self) -> int | None:
         if self.proc is None:

@@ -185,6 +185,28 @@ class ServicesFileError(Exception):
         self.message = message
 
 
+def family_warnings(services_file: ServicesFile) -> list[str]:
+    """Valid but likely wrong: a service address of a family none of its endpoints has.
+
+    NAT does not cross families, so every connection to that address is refused; a
+    dual-stack service needs endpoints of both families.
+    """
+    warnings = []
+    for service in services_file.services:
+        families = {ipaddress.ip_address(endpoint.ip).version for endpoint in service.endpoints}
+        if not families:
+            continue  # no endpoints at all: refused on purpose, as kube-proxy does
+        addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
+        for address in addresses:
+            version = ipaddress.ip_address(address).version
+            if version not in families:
+                warnings.append(
+                    f"{service.key}: {address} has no IPv{version} endpoint, so every "
+                    f"connection to it is refused (add IPv{version} endpoints or drop the address)"
+                )
+    return warnings
+
+
 # --- loading ------------------------------------------------------------------------------
 
 

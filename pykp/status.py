@@ -108,6 +108,7 @@ def build_status(
     healthy: bool,
     last_sync: float | None,
     flows: Iterable[Connection] = (),
+    unhealthy_reason: str | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """The snapshot; times are wall-clock seconds since the epoch."""
@@ -116,6 +117,7 @@ def build_status(
         "time": time.time() if now is None else now,
         "node": {"name": node_name, "addresses": list(node_addresses)},
         "healthy": healthy,
+        "unhealthyReason": unhealthy_reason,
         "lastSync": last_sync,
         "source": None
         if source is None
@@ -231,7 +233,10 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
     now = float(snapshot.get("time") or time.time())
     node = snapshot.get("node") or {}
     healthy = snapshot.get("healthy")
-    health = Text("healthy", style="green") if healthy else Text("unhealthy", style="bold red")
+    health = Text("healthy", style="green")
+    if not healthy:
+        why = snapshot.get("unhealthyReason")
+        health = Text(f"unhealthy ({why})" if why else "unhealthy", style="bold red")
     summary = Text.assemble(
         ("node ", "bold"),
         str(node.get("name", "?")),

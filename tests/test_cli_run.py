@@ -25,7 +25,7 @@ from pykp.agent import Agent, AgentConfig
 from pykp.metrics import MetricsServer
 from pykp.rules import RulesError
 from pykp.status import write_status_file
-from tests.test_agent_unit import SERVICES, Harness, StaticSource
+from test_agent_unit import SERVICES, Harness, StaticSource
 
 runner = CliRunner()
 

@@ -26,7 +26,7 @@ from pykp.lab import NETNS_DIR, RECORD_DIR, ClusterLab
 from pykp.kube.standin import ClusterApiServer
 from pykp.lab_agent import TCP_ECHO, connect_error, http_get, in_parallel, start_nodes, wait_for
 from pykp.lab_agent import LabAgent as Node
-from tests.e2e_support import kube_service, kube_slice
+from e2e_support import kube_service, kube_slice
 
 pytestmark = pytest.mark.privileged
 

@@ -24,7 +24,6 @@ import ipaddress
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from typing import Any
 from pykp.bench import rulegen
 from pykp.bench.loadgen import iperf3, start_server
 from pykp.lab import Lab
+from pykp.self_command import pykp_command
 
 __all__ = [
     "BACKEND_PORT",
@@ -398,7 +398,7 @@ class PykpContender(Contender):
 
     def _argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "pykp", "run",
+            *pykp_command("run"),
             "--services", str(self.services_path),
             "--hostname-override", "node",
             "--cluster-cidr", CLUSTER_CIDR,

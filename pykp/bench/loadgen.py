@@ -1,8 +1,8 @@
 """Driving `pykp-loadgen` (crates/loadgen) and iperf3 inside lab namespaces.
 
-The generator is a small Rust program (epoll, nonblocking sockets) so that the Python
-harness never sits on the measured path. It is found through ``$PYKP_LOADGEN``, then the
-repository's ``target/release``, then ``$PATH``; a checkout with cargo builds it on demand.
+The generator is Rust (crates/loadgen: epoll, nonblocking sockets) so that the Python harness
+never sits on the measured path. The extension carries it and the wheel installs it as the
+``pykp-loadgen`` command, so a user of the wheel needs no cargo.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,43 +32,37 @@ __all__ = [
 ]
 
 BINARY = "pykp-loadgen"
-_REPO = Path(__file__).resolve().parents[2]
 
 
 class LoadgenError(RuntimeError):
     pass
 
 
-def find_loadgen(build: bool = True) -> str:
-    """The load generator's path; built with cargo from the checkout when missing."""
+def find_loadgen() -> str:
+    """The load generator's path: ``$PYKP_LOADGEN``, else the ``pykp-loadgen`` command installed
+    with this pykp (beside the interpreter, e.g. a virtual environment's bin/), else ``$PATH``."""
     env = os.environ.get("PYKP_LOADGEN")
     if env:
         if not os.access(env, os.X_OK):
             raise LoadgenError(f"PYKP_LOADGEN={env} is not an executable")
         return env
-    built = _REPO / "target" / "release" / BINARY
-    manifest = _REPO / "crates" / "loadgen" / "Cargo.toml"
-    if manifest.exists() and build and shutil.which("cargo"):
-        # Cheap when up to date; rebuilds a stale binary after a source change.
-        proc = subprocess.run(
-            ["cargo", "build", "--release", "--quiet", "-p", "loadgen"],
-            cwd=_REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise LoadgenError(f"cargo build -p loadgen failed:\n{proc.stderr[-3000:]}")
-    if built.exists():
-        return str(built)
+    beside = Path(sys.executable).parent / BINARY
+    if os.access(beside, os.X_OK):
+        return str(beside)
     found = shutil.which(BINARY)
     if found:
         return found
     raise LoadgenError(
-        f"{BINARY} not found: build it with `cargo build --release -p loadgen` "
-        "or point PYKP_LOADGEN at it"
+        f"{BINARY} not found: it is installed with pykp (pip install .); "
+        "or point PYKP_LOADGEN at a `cargo build --release -p loadgen` binary"
     )
+
+
+def main() -> None:
+    """The ``pykp-loadgen`` command: the generator built into the extension (no cargo needed)."""
+    from pykp._fastpath import loadgen_main
+
+    loadgen_main(sys.argv[1:])
 
 
 def _read_line(proc: subprocess.Popen[Any], timeout: float, what: str) -> str:

@@ -45,6 +45,10 @@ class WatchEvent:
     resource_version: str | None  # the object's metadata.resourceVersion
 
 
+class KubeConfigError(Exception):
+    """No usable way to the API server: no source given, a missing or unreadable kubeconfig."""
+
+
 def api_client(
     kubeconfig: str | None = None,
     master: str | None = None,
@@ -56,23 +60,45 @@ def api_client(
     otherwise the in-cluster service account (when KUBERNETES_SERVICE_HOST is set) or the
     default kubeconfig ($KUBECONFIG, ~/.kube/config). `master` overrides the kubeconfig's
     server. Each client has its own configuration: the library's global one is not touched.
+    Raises KubeConfigError, with one line saying what to give, when none of them works.
     """
     configuration = kubernetes.client.Configuration()
+    default_path = os.path.expanduser(os.environ.get("KUBECONFIG", "~/.kube/config"))
     if kubeconfig is not None:
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig,
-            context=context,
-            client_configuration=configuration,
-            persist_config=False,
-        )
+        where = f"--kubeconfig {kubeconfig}"
+        if not os.path.isfile(kubeconfig):
+            raise KubeConfigError(f"{where}: no such file")
     elif master is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration
-        )
+        where = "in-cluster credentials"
     elif master is None:
-        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            context=context, client_configuration=configuration, persist_config=False
-        )
+        if not os.path.exists(default_path):
+            raise KubeConfigError(
+                "no source of services: give --services FILE, --kubeconfig FILE or --master "
+                f"URL ({default_path} does not exist and this is not a pod with in-cluster "
+                "credentials)"
+            )
+        where = default_path
+    else:
+        where = f"--master {master}"
+    try:
+        if kubeconfig is not None:
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+        elif master is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        elif master is None:
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                context=context, client_configuration=configuration, persist_config=False
+            )
+    except Exception as error:  # noqa: BLE001 - the library raises anything from a bad file
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise KubeConfigError(f"{where}: not a usable kubeconfig: {detail}") from error
     if master is not None:
         configuration.host = master.rstrip("/")
     # No urllib3 retries: the reflector's backoff (with jitter) is the one retry policy.

@@ -595,6 +595,13 @@ impl NfqueueDatapath {
     }
 }
 
+/// `pykp-loadgen ARGS...` (`pykp bench`'s load generator) in this process, GIL released:
+/// the wheel's `pykp-loadgen` command, so that a user of the wheel needs no cargo build.
+#[pyfunction]
+fn loadgen_main(py: Python<'_>, args: Vec<String>) {
+    py.detach(|| loadgen::run(&args));
+}
+
 #[pymodule]
 fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -605,5 +612,6 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
     m.add_class::<Engine>()?;
     m.add_class::<NfqueueDatapath>()?;
+    m.add_function(wrap_pyfunction!(loadgen_main, m)?)?;
     Ok(())
 }
