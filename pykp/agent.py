@@ -357,6 +357,7 @@ class RulesLike(Protocol):
     """pykp.rules.RuleManager, as far as the agent uses it."""
 
     def install(self) -> None: ...
+    def installed(self) -> bool: ...
     def sync(self, state: RuleState) -> object: ...
     def cleanup(self) -> None: ...
 
@@ -526,11 +527,7 @@ class Agent:
         self._stop.clear()
         self._started_wall = self.deps.wall_clock()
         try:
-            # The datapath binds its queues before the rules send packets to them: no
-            # packet is ever queued with no reader.
-            self.datapath.start()
-            self._rules_touched = True  # from here on, stop() removes whatever got installed
-            self.rules.install()
+            # The servers first: a port in use fails the start before the kernel is touched.
             if self.config.healthz_bind_address:
                 self._start_server(HealthServer(self.config.healthz_bind_address, self.health))
             if self.config.metrics_bind_address:
@@ -541,13 +538,21 @@ class Agent:
                         self.snapshot,
                     )
                 )
+            # The datapath binds its queues before the rules send packets to them: no
+            # packet is ever queued with no reader.
+            self.datapath.start()
+            # A failed start removes only rules it created: a previous agent's rules keep
+            # serving the node (fail static), as kube-proxy's do when it cannot start.
+            self._rules_touched = not self.rules.installed()
+            self.rules.install()
             self._spawn("pykp-sync", lambda: self.runner.loop(self._stop))
             self._spawn("pykp-housekeeping", self._housekeeping)
             # A first sync is expected: /healthz turns unhealthy if it never succeeds.
             self.health.queued_update()
             self.source.start(self._on_change)
+            self._rules_touched = True  # started: the rules are this agent's to remove
         except BaseException:
-            self.stop(cleanup=True)  # a half-started agent leaves nothing behind
+            self.stop(cleanup=True)  # a half-started agent leaves nothing it created
             raise
         _log.info(
             "pykp agent started on node %s (queues %d-%d)",

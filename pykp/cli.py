@@ -510,8 +510,17 @@ def run(
     except KubeConfigError as error:
         typer.echo(f"pykp run: {error}", err=True)
         raise typer.Exit(1) from None
+    from pykp.node_lock import NodeLock, NodeLockHeld
+
+    lock = NodeLock()
+    try:
+        # Before anything touches the kernel: a second agent leaves the first one's state alone.
+        lock.acquire()
+    except NodeLockHeld as error:
+        typer.echo(f"pykp run: {error}", err=True)
+        raise typer.Exit(1) from None
     stop = threading.Event()
-    with _stop_on_signals(stop):
+    with lock, _stop_on_signals(stop):
         try:
             agent.serve(stop)
         except Exception as error:  # reported, not dumped

@@ -1,9 +1,11 @@
-"""Prometheus metrics in the text exposition format (0.0.4), written by hand.
+"""Prometheus metrics, exposed with prometheus_client.
 
-No client library: the agent's own metrics are a handful of counters and two histograms,
-and the Rust core's counters are read at scrape time (`Engine.counters()`,
-`NfqueueDatapath.stats()`) and turned into families here, so nothing is copied on the
-packet path.
+The agent's own metrics are a handful of counters and two histograms, kept in
+`AgentMetrics`; the Rust core's counters are read at scrape time (`Engine.counters()`,
+`NfqueueDatapath.stats()`). Collectors turn both into metric families at each scrape, so
+nothing is copied on the packet path. Each agent has its own `Registry` (never the
+library's global one); the library writes the page: the text format 0.0.4, or OpenMetrics
+when the scraper's Accept header asks for it.
 
 kube-proxy's names are used where the meaning is the same (`kubeproxy_*`, with its
 buckets); pykp's own start with `pykp_`.
@@ -14,12 +16,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Final, Literal
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from pykp.health import HttpServer, Response
 
@@ -29,20 +41,20 @@ __all__ = [
     "SYNC_DURATION_BUCKETS",
     "AgentMetrics",
     "Family",
+    "FunctionCollector",
     "Histogram",
     "MetricsServer",
     "Registry",
-    "Sample",
     "datapath_families",
     "engine_families",
-    "render",
 ]
 
 _log = logging.getLogger(__name__)
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+# What a scraper gets unless its Accept header asks for something else (e.g. OpenMetrics).
+CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
-MetricType = Literal["counter", "gauge", "histogram", "untyped"]
+MetricType = Literal["counter", "gauge", "untyped"]
 
 
 def _exponential(start: float, factor: float, count: int) -> tuple[float, ...]:
@@ -61,77 +73,56 @@ NETWORK_PROGRAMMING_BUCKETS: Final = (
 )
 
 
-# --- the exposition format ----------------------------------------------------------------
+# --- families and collectors --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sample:
-    suffix: str  # appended to the family name: "", "_bucket", "_sum", "_count"
-    labels: tuple[tuple[str, str], ...]
-    value: float
+class Family(Metric):
+    """A metric family as collectors yield it (prometheus_client's), with shorthands.
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str  # counters include their "_total"
-    type: MetricType
-    help: str
-    samples: tuple[Sample, ...] = ()
+    Counters are named as served, with their `_total` (the library strips it from the
+    family's name and puts it back on the samples).
+    """
 
     @staticmethod
     def single(name: str, type_: MetricType, help_: str, value: float, **labels: str) -> Family:
-        return Family(name, type_, help_, (Sample("", tuple(labels.items()), value),))
+        family = _family(name, type_, help_, tuple(labels))
+        family.add_metric(tuple(labels.values()), value)
+        return family
 
     @staticmethod
     def labelled(
         name: str, type_: MetricType, help_: str, label: str, values: Mapping[str, float]
     ) -> Family:
-        samples = tuple(Sample("", ((label, key),), values[key]) for key in sorted(values))
-        return Family(name, type_, help_, samples)
+        family = _family(name, type_, help_, (label,))
+        for key in sorted(values):
+            family.add_metric((key,), values[key])
+        return family
 
 
-_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+class _Counter(CounterMetricFamily, Family):
+    pass
 
 
-def format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+class _Gauge(GaugeMetricFamily, Family):
+    pass
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Untyped(UnknownMetricFamily, Family):
+    pass
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+class _Histogram(HistogramMetricFamily, Family):
+    pass
 
 
-def render(families: Iterable[Family]) -> str:
-    """The text format: HELP and TYPE, then the samples of each family, once per name."""
-    lines: list[str] = []
-    seen: set[str] = set()
-    for family in families:
-        if not _NAME.fullmatch(family.name):
-            raise ValueError(f"invalid metric name {family.name!r}")
-        if family.name in seen:
-            raise ValueError(f"metric family {family.name} rendered twice")
-        seen.add(family.name)
-        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.type}")
-        for sample in family.samples:
-            for label, _ in sample.labels:
-                if not _LABEL.fullmatch(label):
-                    raise ValueError(f"invalid label name {label!r} in {family.name}")
-            labels = ",".join(f'{key}="{_escape_label(value)}"' for key, value in sample.labels)
-            braces = f"{{{labels}}}" if labels else ""
-            lines.append(f"{family.name}{sample.suffix}{braces} {format_value(sample.value)}")
-    return "\n".join(lines) + "\n" if lines else ""
+def _family(
+    name: str, type_: MetricType, help_: str, labels: Sequence[str]
+) -> _Counter | _Gauge | _Untyped:
+    if type_ == "counter":
+        return _Counter(name, help_, labels=labels)
+    if type_ == "gauge":
+        return _Gauge(name, help_, labels=labels)
+    return _Untyped(name, help_, labels=labels)
 
 
 class Histogram:
@@ -161,39 +152,56 @@ class Histogram:
         with self._lock:
             counts = list(self._counts)
             total = self._sum
-        samples: list[Sample] = []
+        buckets: list[tuple[str, float]] = []
         cumulative = 0
         for bound, count in zip((*self.bounds, math.inf), counts):
             cumulative += count
-            samples.append(Sample("_bucket", (("le", format_value(bound)),), cumulative))
-        samples.append(Sample("_sum", (), total))
-        samples.append(Sample("_count", (), cumulative))
-        return Family(name, "histogram", help_, tuple(samples))
+            buckets.append((floatToGoString(bound), cumulative))  # "le" as the library writes it
+        return _Histogram(name, help_, buckets=buckets, sum_value=total)
 
 
-Collector = Callable[[], Iterable[Family]]
+class FunctionCollector:
+    """A collector whose families a function builds at each scrape.
+
+    A function that fails is logged and its families left out; the rest are served.
+    """
+
+    def __init__(self, name: str, build: Callable[[], Iterable[Metric]]) -> None:
+        self.name = name
+        self.build = build
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            families = list(self.build())
+        except Exception:  # noqa: BLE001 - serve the rest
+            _log.exception("metrics collector %s failed", self.name)
+            return
+        yield from families
 
 
-class Registry:
-    """Collectors called at every scrape; one that fails is logged and left out."""
+class Registry(CollectorRegistry):
+    """One agent's collectors, called at every scrape (not the library's global registry)."""
 
-    def __init__(self) -> None:
-        self._collectors: list[tuple[str, Collector]] = []
+    def add(self, name: str, build: Callable[[], Iterable[Metric]]) -> None:
+        self.register(FunctionCollector(name, build))
 
-    def add(self, name: str, collector: Collector) -> None:
-        self._collectors.append((name, collector))
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for family in super().collect():
+            # A scraper refuses a page with a family twice: serve the first one only.
+            if family.name in seen:
+                _log.error("metric family %s collected twice; the second left out", family.name)
+                continue
+            seen.add(family.name)
+            yield family
 
-    def collect(self) -> list[Family]:
-        families: list[Family] = []
-        for name, collector in self._collectors:
-            try:
-                families.extend(collector())
-            except Exception:  # noqa: BLE001 - serve the rest
-                _log.exception("metrics collector %s failed", name)
-        return families
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The page for a scraper that sent `accept` (its Accept header), and its Content-Type.
 
-    def render(self) -> str:
-        return render(self.collect())
+        OpenMetrics when the header asks for it, else the text format 0.0.4.
+        """
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self), content_type
 
 
 # --- the agent's own metrics --------------------------------------------------------------
@@ -420,12 +428,16 @@ def datapath_families(stats: Mapping[str, int]) -> list[Family]:
 
 
 class MetricsServer(HttpServer):
-    """`/metrics` (and `/status`, the agent's JSON snapshot) on --metrics-bind-address."""
+    """`/metrics` (and `/status`, the agent's JSON snapshot) on --metrics-bind-address.
+
+    `metrics` answers a scrape: given the request's Accept header, the body and its
+    Content-Type (`Registry.render`).
+    """
 
     def __init__(
         self,
         address: str,
-        metrics: Callable[[], str],
+        metrics: Callable[[str], tuple[bytes, str]],
         status: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.metrics = metrics
@@ -434,7 +446,8 @@ class MetricsServer(HttpServer):
 
     def respond(self, request: BaseHTTPRequestHandler, path: str) -> Response | None:
         if path == "/metrics":
-            return Response(200, self.metrics().encode(), CONTENT_TYPE)
+            page, content_type = self.metrics(request.headers.get("Accept", ""))
+            return Response(200, page, content_type)
         if path == "/status" and self.status is not None:
             body = json.dumps(self.status(), indent=1, sort_keys=True) + "\n"
             return Response(200, body.encode(), "application/json")

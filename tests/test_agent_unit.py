@@ -633,10 +633,10 @@ def test_network_programming_latency_runs_from_the_change_to_the_end_of_the_sync
     h.agent.sync()  # the same change again: observed once
 
     histogram = h.agent.metrics.network_programming.family("x", "x")
-    samples = {(s.suffix, dict(s.labels).get("le")): s.value for s in histogram.samples}
-    assert samples["_count", None] == 1
-    assert samples["_sum", None] == pytest.approx(2.5)
-    assert samples["_bucket", "2"] == 0 and samples["_bucket", "3"] == 1
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.samples}
+    assert samples["x_count", None] == 1
+    assert samples["x_sum", None] == pytest.approx(2.5)
+    assert samples["x_bucket", "2.0"] == 0 and samples["x_bucket", "3.0"] == 1
 
 
 def test_each_sync_records_its_duration_and_time(tmp_path: Path) -> None:
@@ -651,9 +651,9 @@ def test_each_sync_records_its_duration_and_time(tmp_path: Path) -> None:
     h.agent.sync()
 
     family = h.agent.metrics.sync_duration.family("d", "d")
-    values = {(s.suffix, dict(s.labels).get("le")): s.value for s in family.samples}
-    assert values["_sum", None] == pytest.approx(0.04)
-    assert values["_bucket", "0.032"] == 0 and values["_bucket", "0.064"] == 1
+    values = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert values["d_sum", None] == pytest.approx(0.04)
+    assert values["d_bucket", "0.032"] == 0 and values["d_bucket", "0.064"] == 1
     assert h.agent.metrics.last_sync_timestamp == h.wall.now
 
 

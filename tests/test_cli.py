@@ -32,6 +32,7 @@ services:
       - {ip: 10.244.1.10}
       - {ip: 10.244.2.10}
       - {ip: 10.244.3.10}
+      - {ip: "fd00:244:1::10"}
   - name: dns
     clusterIP: 10.96.0.53
     ports: [{port: 53, protocol: UDP}]
@@ -100,7 +101,7 @@ def test_validate_a_clean_file(write_services: Callable[[str], Path]) -> None:
     result = runner.invoke(app, ["validate", str(write_services(GOOD))])
 
     assert result.exit_code == 0
-    assert result.output == "2 services, 3 ports, 4 endpoints\n"
+    assert result.output == "2 services, 3 ports, 5 endpoints\n"
 
 
 def test_validate_the_bundled_example() -> None:
