@@ -150,6 +150,9 @@ class ServicesFile:
     default_policy: str = DEFAULT_POLICY
     traffic_policies: bool = False
     zone: str | None = None
+    # namespace/name of entries with a problem (skipped, or loaded without their invalid
+    # endpoints): a source that has a last good version of one keeps serving that instead.
+    invalid: frozenset[str] = frozenset()
 
     @property
     def port_count(self) -> int:
@@ -335,6 +338,7 @@ class _Parser:
         self.problems: list[Problem] = []
         self._constructor = SafeConstructor()
         self._service_names: dict[str, Node] = {}  # namespace/name -> where first defined
+        self._invalid_services: set[str] = set()
         self._frontend_owners: dict[tuple[str, int, str], str] = {}
         self._node_port_owners: dict[tuple[int, str], str] = {}
 
@@ -542,7 +546,11 @@ class _Parser:
             service = self.parse_service(entry, f"services[{index}]", default_policy)
             if service is not None:
                 services.append(service)
-        return ServicesFile(services=tuple(services), default_policy=default_policy)
+        return ServicesFile(
+            services=tuple(services),
+            default_policy=default_policy,
+            invalid=frozenset(self._invalid_services),
+        )
 
     def parse_defaults(self, fields: dict[str, Node]) -> str:
         node = self.optional(fields, "defaults")
@@ -617,6 +625,8 @@ class _Parser:
 
         # Endpoints are checked even when the service is skipped, so one pass finds everything.
         endpoints = self.field(fields, "endpoints", path, self.parse_endpoints, ())
+        if name and len(self.problems) > problems_before:
+            self._invalid_services.add(key)
         if not service_is_valid:
             return None
         return ServiceSpec(

@@ -11,6 +11,7 @@ EndpointSlices from the API server) will implement the same protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -182,6 +183,22 @@ class FileSource:
             self._log.error("cannot load services (nothing is programmed yet): %s", message)
         return False
 
+    def _keep_last_good(self, services: ServicesFile) -> ServicesFile:
+        """An entry with a problem keeps its last good version serving, as a file that does
+        not load at all keeps the whole last good state (its problems are still reported)."""
+        with self._lock:
+            current = self._current
+        if current is None or not services.invalid:
+            return services
+        last_good = {s.key: s for s in current.services if s.key in services.invalid}
+        if not last_good:
+            return services
+        for key in sorted(last_good):
+            self._log.error("service %s: invalid edit, keeping its last good version", key)
+        kept = [last_good.pop(s.key, s) for s in services.services]  # loaded, minus bad endpoints
+        kept += last_good.values()  # skipped whole
+        return dataclasses.replace(services, services=tuple(kept))
+
     def _loaded(
         self,
         signature: _Signature,
@@ -192,6 +209,7 @@ class FileSource:
         self._signature = signature
         for problem in problems:
             self._log.warning("invalid entry skipped: %s", problem)
+        services = self._keep_last_good(services)
         with self._lock:
             self._loads += 1
             self._invalid_objects += len(problems)

@@ -1157,6 +1157,55 @@ def test_a_broken_file_keeps_the_last_good_state(
         source.stop()
 
 
+def test_an_invalid_edit_of_one_service_keeps_its_last_good_version(
+    services_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    two = """\
+        services:
+          - name: web
+            clusterIP: 10.96.0.10
+            ports: [{port: 80, targetPort: 8080}]
+            endpoints: [{ip: 10.244.1.10}, {ip: 10.244.2.10}]
+          - name: api
+            clusterIP: 10.96.0.20
+            ports: [{port: 443}]
+            endpoints: [{ip: 10.244.1.20}]
+        """
+    rewrite(services_path, two)
+    source = FileSource(services_path, poll_interval=60)
+    source.start(Notified())
+    try:
+        good = source.current()
+        assert good is not None
+        web = next(s for s in good.services if s.name == "web")
+
+        # web's port broken, web's endpoint broken, api changed: api's change lands, web
+        # keeps serving as it was (not removed, not shrunk to its valid endpoints).
+        for broken in (
+            two.replace("{port: 80, targetPort: 8080}", "{port: 80000}"),
+            two.replace("{ip: 10.244.2.10}", "{ip: 10.244.2.999}"),
+        ):
+            rewrite(services_path, broken.replace("10.244.1.20", "10.244.3.20"))
+            with caplog.at_level(logging.ERROR, logger="pykp.sources"):
+                assert source.check() is True
+            current = source.current()
+            assert current is not None
+            by_name = {s.name: s for s in current.services}
+            assert by_name["web"] == web
+            assert [e.ip for e in by_name["api"].endpoints] == ["10.244.3.20"]
+            assert len(source.problems()) == 1
+            assert "service default/web: invalid edit, keeping its last good version" in caplog.text
+
+        rewrite(services_path, two.replace("10.244.2.10", "10.244.4.10"))  # a valid edit lands
+        assert source.check() is True
+        current = source.current()
+        assert current is not None
+        assert [e.ip for e in current.services[0].endpoints] == ["10.244.1.10", "10.244.4.10"]
+        assert source.problems() == []
+    finally:
+        source.stop()
+
+
 def test_a_file_missing_at_start_loads_when_it_appears(tmp_path: Path) -> None:
     path = tmp_path / "later.yaml"
     source = FileSource(path, poll_interval=60)
