@@ -113,7 +113,10 @@ class Engine:
         maglev_seed: int = 0,
         hash_key: str = "5-tuple",
         seed: int | None = None,
-    ) -> Self: ...
+        max_backend_id: int = 0xFFFFFFFE,
+    ) -> Self:
+        """`max_backend_id`: the largest backend id handed out (what the packet mark carries);
+        a service that would need more is refused with ValueError, whole."""
     def upsert_service(
         self,
         name: str,

@@ -13,6 +13,7 @@ is tested with a real `Engine` and fakes of the rules, the datapath and conntrac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -113,6 +114,10 @@ class AgentConfig:
     # flows keep their NAT across a restart (deleting pykp's nat chains ends them), and
     # new connections wait in the queue for the next agent.
     cleanup_on_exit: bool = False
+    # A service IP (ClusterIP, externalIP, LB IP) equal to one of the node's own addresses
+    # would capture the node's traffic to that port (the CVE-2020-8554 class): refused
+    # unless this is set.
+    allow_node_address_service_ips: bool = False
     poll_interval: float = 1.0  # how often the services file is checked
     status_flows: int = 100  # flows included in a status snapshot
 
@@ -250,6 +255,35 @@ def filter_node_addresses(addresses: Iterable[str], cidrs: Sequence[str]) -> lis
 # --- the pieces of a sync (pure functions) ------------------------------------------------
 
 
+def node_address_captures(
+    services_file: ServicesFile, node_addresses: Iterable[str]
+) -> dict[str, str]:
+    """Services with a ClusterIP, externalIP or LB IP that is one of the node's own
+    addresses, with why they are refused: programming one would capture the node's own
+    traffic to that port (kube-proxy's CVE-2020-8554 class). NodePorts are not concerned.
+    """
+    nodes = set()
+    for address in node_addresses:
+        with contextlib.suppress(ValueError):  # what interfaces report is not ours to check
+            nodes.add(str(ipaddress.ip_address(address.split("%")[0])))
+    found: dict[str, str] = {}
+    for spec in services_file.services:
+        fields = (
+            ("clusterIP", spec.cluster_ips),
+            ("externalIP", spec.external_ips),
+            ("loadBalancerIP", spec.load_balancer_ips),
+        )
+        for field_name, ips in fields:
+            taken = sorted(set(ips) & nodes)
+            if taken and spec.key not in found:
+                found[spec.key] = (
+                    f"{field_name} {taken[0]} is an address of this node: serving it would "
+                    "capture the node's own traffic (CVE-2020-8554); "
+                    "--allow-node-address-service-ips allows it"
+                )
+    return found
+
+
 def build_rule_state(
     services_file: ServicesFile,
     services: Iterable[EngineService],
@@ -374,12 +408,16 @@ class DatapathLike(Protocol):
 
 def _make_engine(config: AgentConfig) -> Engine:
     from pykp._fastpath import Engine
+    from pykp.rules import MarkLayout
 
     return Engine(
         default_policy=config.default_policy,
         conntrack_capacity=config.conntrack_capacity,
         maglev_table_size=config.maglev_table_size,
         maglev_seed=config.maglev_seed,
+        # Ids past what the mark carries are refused per service (counted), so the rules
+        # always render and every other service keeps syncing.
+        max_backend_id=MarkLayout(backend_mask=config.mark_mask).max_backend_id,
     )
 
 
@@ -670,8 +708,18 @@ class Agent:
 
         # (a) translate, (b) apply: the engine makes the decisions the rules will carry.
         node_addresses = self.node_addresses()
+        captures = (
+            {}
+            if self.config.allow_node_address_service_ips
+            else node_address_captures(services_file, self.deps.interface_addresses())
+        )
+        if captures:
+            services_file = dataclasses.replace(
+                services_file,
+                services=tuple(s for s in services_file.services if s.key not in captures),
+            )
         services = services_file_to_engine(services_file, node_addresses, self.node_name)
-        refused = self._apply(services)
+        refused = self._apply(services, captures)
         wanted = {service.name: service for service in services if service.name not in refused}
 
         # (c) render and (d) commit the rules.
@@ -705,7 +753,9 @@ class Agent:
         )
         return True
 
-    def _apply(self, services: Sequence[EngineService]) -> dict[str, str]:
+    def _apply(
+        self, services: Sequence[EngineService], refused_before: Mapping[str, str] = {}
+    ) -> dict[str, str]:
         """Make the engine hold `services`; return those it refused, with why.
 
         Only what changed is touched: re-upserting an unchanged service would restart its
@@ -726,7 +776,7 @@ class Agent:
             if service.name not in present or self._applied.get(service.name) != service
         ]
         upsert_only = cast("Engine", _UpsertOnly(self.engine))
-        refused: dict[str, str] = {}
+        refused: dict[str, str] = dict(refused_before)
         # Passes until no progress: when two services swap a frontend, the first may fail
         # until the second has let go of it.
         while pending:
@@ -750,7 +800,7 @@ class Agent:
             name: message for name, message in refused.items() if self._refused.get(name) != message
         }
         for name, message in new.items():
-            _log.error("service %s refused by the engine (skipped): %s", name, message)
+            _log.error("service %s refused (skipped): %s", name, message)
         self.metrics.refused_services += len(new)
         self._refused = refused
         return refused

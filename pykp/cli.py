@@ -422,6 +422,15 @@ def run(
     state_dir: Annotated[
         Path, typer.Option(help="Where the status snapshot (status.json) is written.")
     ] = Path("/run/pykp"),
+    allow_node_address_service_ips: Annotated[
+        bool,
+        typer.Option(
+            "--allow-node-address-service-ips",
+            help="Serve services whose ClusterIP, externalIP or LB IP is one of the node's "
+            "own addresses (refused by default: they capture the node's traffic to that "
+            "port, CVE-2020-8554).",
+        ),
+    ] = False,
     cleanup_on_exit: Annotated[
         bool,
         typer.Option(
@@ -489,6 +498,7 @@ def run(
         maglev_seed=maglev_seed,
         state_dir=state_dir,
         cleanup_on_exit=cleanup_on_exit,
+        allow_node_address_service_ips=allow_node_address_service_ips,
     )
     try:
         config.validate()

@@ -258,7 +258,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
     for problem in snapshot.get("problems") or []:
         console.print(Text(f"skipped: {problem}", style="yellow"))
     for name, message in (snapshot.get("refused") or {}).items():
-        console.print(Text(f"refused by the engine: {name}: {message}", style="yellow"))
+        console.print(Text(f"refused: {name}: {message}", style="yellow"))
 
     services = Table(title="Services", title_justify="left")
     for column in ("service", "policy", "frontends", "backends"):

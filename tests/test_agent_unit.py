@@ -32,7 +32,8 @@ from pykp.agent import (
     stale_udp_flows,
 )
 from pykp.health import GO_ZERO_TIME, ProxierHealth, go_time
-from pykp.rules import FrontendRule, RulesError, RuleState
+from pykp.rules import FrontendRule, MarkLayout, RulesError, RuleState
+from pykp.rules import _elements as rules_elements
 from pykp.services_file import (
     EngineBackend,
     EngineService,
@@ -527,7 +528,7 @@ def test_the_engine_refusing_a_service_skips_only_that_service(
         ports: [{port: 30080}]
         endpoints: [{ip: 10.244.1.21}]
     """
-    h, _ = agent_with(text, tmp_path)
+    h, _ = agent_with(text, tmp_path, allow_node_address_service_ips=True)
 
     with caplog.at_level(logging.ERROR, logger="pykp.agent"):
         h.agent.sync()
@@ -541,7 +542,7 @@ def test_the_engine_refusing_a_service_skips_only_that_service(
     why = h.agent.snapshot()["refused"]["default/b"]
     assert "already service" in why
     assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == [
-        f"service default/b refused by the engine (skipped): {why}"
+        f"service default/b refused (skipped): {why}"
     ]
 
 
@@ -554,12 +555,41 @@ def test_a_node_address_never_becomes_a_service_ip(tmp_path: Path) -> None:
         ports: [{port: 8080}]
         endpoints: [{ip: 10.244.1.21}]
     """
-    h, _ = agent_with(text, tmp_path)
+    h, _ = agent_with(text, tmp_path, allow_node_address_service_ips=True)
 
     h.agent.sync()
 
     assert ext("192.168.77.1", 8080) in h.rules.last.frontends
     assert h.rules.last.service_ips == {"10.96.0.21"}, "the node's own ports stay reachable"
+
+
+@pytest.mark.parametrize("field", ["clusterIP", "externalIPs", "loadBalancerIPs"])
+def test_a_service_ip_that_is_a_node_address_is_refused_by_default(
+    tmp_path: Path, field: str
+) -> None:
+    address = "192.168.77.1" if field == "clusterIP" else "[192.168.77.1]"
+    cluster_ip = "" if field == "clusterIP" else "\n        clusterIP: 10.96.0.22"
+    text = f"""\
+    services:
+      - name: ok
+        clusterIP: 10.96.0.21
+        ports: [{{port: 80}}]
+        endpoints: [{{ip: 10.244.1.21}}]
+      - name: capture{cluster_ip}
+        {field}: {address}
+        ports: [{{port: 22}}]
+        endpoints: [{{ip: 10.244.1.22}}]
+    """
+    h, _ = agent_with(text, tmp_path)
+
+    h.agent.sync()
+
+    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.21"}
+    assert h.agent.engine.services() == ["default/ok"]
+    why = h.agent.snapshot()["refused"]["default/capture"]
+    assert "192.168.77.1 is an address of this node" in why and "CVE-2020-8554" in why
+    assert h.agent.metrics.refused_services == 1
+    assert h.agent.metrics.sync_errors == 0
 
 
 def test_two_services_swapping_addresses_both_apply_in_one_sync(tmp_path: Path) -> None:
@@ -1282,3 +1312,36 @@ def test_healthz_follows_kube_proxys_rules() -> None:
     assert code == 503 and body.endswith('"nodeEligible": false}')
     assert health.livez()[0] == 200, "livez ignores the node's eligibility"
     assert health.response_counts()["/healthz", 503] == 2
+
+
+def test_backends_past_the_marks_range_are_refused_per_service_and_syncs_go_on(
+    tmp_path: Path,
+) -> None:
+    def service(name: str, vip: str, first: int, count: int) -> str:
+        endpoints = ", ".join(f"{{ip: 10.244.9.{first + i}}}" for i in range(count))
+        return (
+            f"  - name: {name}\n    clusterIP: {vip}\n    ports: [{{port: 80}}]\n"
+            f"    endpoints: [{endpoints}]\n"
+        )
+
+    # A 3-bit backend field: ids 1..6 (7 is the reject mark).
+    text = "services:\n" + service("a", "10.96.0.1", 1, 4) + service("b", "10.96.0.2", 11, 4)
+    h, source = agent_with(text + service("c", "10.96.0.3", 21, 2), tmp_path, mark_mask=0x00070000)
+    layout = MarkLayout(backend_mask=0x00070000)
+
+    h.agent.sync()
+
+    state = h.rules.last
+    assert max(state.backends) <= layout.max_backend_id == 6
+    assert {f.ip for f in state.frontends} == {"10.96.0.1", "10.96.0.3"}
+    assert "the packet mark carries ids up to 6" in h.agent._refused["default/b"]
+    assert h.agent.metrics.refused_services == 1
+    rules_elements(state, layout)  # renders: no id outside the mark
+
+    # Removing a frees its ids: b fits now, and syncs go on as usual.
+    source.set("services:\n" + service("b", "10.96.0.2", 11, 4) + service("c", "10.96.0.3", 21, 2))
+    h.agent.sync()
+
+    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.2", "10.96.0.3"}
+    assert max(h.rules.last.backends) <= 6
+    assert h.agent._refused == {}

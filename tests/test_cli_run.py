@@ -51,6 +51,7 @@ RUN_FLAGS = [
     "--cleanup-on-exit",
     "--no-cleanup-on-exit",
     "--verbose",
+    "--allow-node-address-service-ips",
 ]
 
 

@@ -295,7 +295,7 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (*, default_policy = "random", conntrack_capacity = 262_144, maglev_table_size = 65_537, maglev_seed = 0, hash_key = "5-tuple", seed = None))]
+    #[pyo3(signature = (*, default_policy = "random", conntrack_capacity = 262_144, maglev_table_size = 65_537, maglev_seed = 0, hash_key = "5-tuple", seed = None, max_backend_id = u32::MAX - 1))]
     fn new(
         default_policy: &str,
         conntrack_capacity: usize,
@@ -303,7 +303,11 @@ impl Engine {
         maglev_seed: u64,
         hash_key: &str,
         seed: Option<u64>,
+        max_backend_id: u32,
     ) -> PyResult<Self> {
+        if max_backend_id == 0 {
+            return Err(value_error("max_backend_id must be at least 1"));
+        }
         let default_hash_key = HashKey::from_str(hash_key).map_err(value_error)?;
         if conntrack_capacity == 0 {
             return Err(value_error("conntrack_capacity must be at least 1"));
@@ -313,6 +317,7 @@ impl Engine {
                 default_policy: PolicyKind::from_str(default_policy).map_err(value_error)?,
                 maglev: MaglevConfig { table_size: maglev_table_size, seed: maglev_seed },
                 default_hash_key,
+                max_backend_id,
             },
             conntrack: ConntrackConfig {
                 capacity: conntrack_capacity,

@@ -122,8 +122,16 @@ pub enum SpecError {
     EmptyName,
     PortZero(String),
     TooManyBackends(usize),
-    FrontendTaken { frontend: Frontend, owner: String },
+    FrontendTaken {
+        frontend: Frontend,
+        owner: String,
+    },
     MixedFamily(SocketAddr),
+    /// The service needs `needed` new backend ids and fewer are left below `max`.
+    BackendIdsExhausted {
+        needed: usize,
+        max: u32,
+    },
     Config(String),
 }
 
@@ -144,6 +152,11 @@ impl fmt::Display for SpecError {
             SpecError::MixedFamily(a) => {
                 write!(f, "backend {a} is of another address family than every frontend")
             }
+            SpecError::BackendIdsExhausted { needed, max } => write!(
+                f,
+                "needs {needed} new backend ids and the packet mark carries ids up to {max} \
+                 only (widen --mark-mask)"
+            ),
             SpecError::Config(msg) => f.write_str(msg),
         }
     }
@@ -204,6 +217,9 @@ pub struct TableConfig {
     pub default_policy: PolicyKind,
     pub maglev: MaglevConfig,
     pub default_hash_key: HashKey,
+    /// The largest backend id handed out: what the packet mark's backend field carries. A
+    /// service that would need more is refused whole, so what is programmed stays whole.
+    pub max_backend_id: u32,
 }
 
 impl Default for TableConfig {
@@ -212,6 +228,7 @@ impl Default for TableConfig {
             default_policy: PolicyKind::Random,
             maglev: MaglevConfig::default(),
             default_hash_key: HashKey::FiveTuple,
+            max_backend_id: u32::MAX - 1,
         }
     }
 }
@@ -280,6 +297,10 @@ impl ServiceTable {
                 id
             }
         };
+        let needed = w.backends.new_addresses(spec.backends.iter().map(|b| b.addr));
+        if needed > w.backends.ids_left(self.config.max_backend_id) {
+            return Err(SpecError::BackendIdsExhausted { needed, max: self.config.max_backend_id });
+        }
         let backends: Vec<Backend> = spec
             .backends
             .iter()
@@ -430,6 +451,20 @@ struct BackendRegistry {
 }
 
 impl BackendRegistry {
+    /// How many distinct addresses of `addrs` have no id yet.
+    fn new_addresses(&self, addrs: impl Iterator<Item = SocketAddr>) -> usize {
+        let mut fresh: Vec<SocketAddr> = addrs.filter(|a| !self.live.contains_key(a)).collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        fresh.len()
+    }
+
+    /// Ids that can still be handed out without passing `max`.
+    fn ids_left(&self, max: u32) -> usize {
+        let recycled = self.free.iter().filter(|&&id| id <= max).count();
+        recycled + max.saturating_sub(self.next_id) as usize
+    }
+
     fn acquire(&mut self, addr: SocketAddr) -> Arc<BackendHandle> {
         if let Some((h, refs)) = self.live.get_mut(&addr) {
             *refs += 1;
@@ -502,6 +537,26 @@ mod tests {
         assert!(t.remove("a").is_some());
         assert!(t.lookup(&fe(1, 80)).is_none());
         assert!(t.remove("a").is_none());
+    }
+
+    #[test]
+    fn a_service_needing_ids_past_the_mark_is_refused_whole_and_the_rest_stays() {
+        let t =
+            ServiceTable::new(TableConfig { max_backend_id: 3, ..TableConfig::default() }).unwrap();
+        let r = Conditions::READY;
+        t.upsert(&spec("a", vec![fe(1, 80)], vec![be(1, r), be(2, r)])).unwrap();
+        // One id left: a service with two new addresses does not fit; one sharing a live
+        // address and adding one new does.
+        let refused = t.upsert(&spec("b", vec![fe(2, 80)], vec![be(3, r), be(4, r)]));
+        assert_eq!(refused.unwrap_err(), SpecError::BackendIdsExhausted { needed: 2, max: 3 });
+        assert!(t.lookup(&fe(2, 80)).is_none());
+        t.upsert(&spec("c", vec![fe(3, 80)], vec![be(2, r), be(3, r)])).unwrap();
+        assert!(t.backend_ids().iter().all(|(id, _)| (1..=3).contains(&id.0)));
+        // A freed id (10.244.0.1's) is handed out again, never one past the mark.
+        t.remove("a");
+        t.upsert(&spec("b", vec![fe(2, 80)], vec![be(3, r), be(4, r)])).unwrap();
+        let ids: Vec<u32> = t.backend_ids().iter().map(|(id, _)| id.0).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
     }
 
     #[test]
