@@ -136,6 +136,9 @@ class Engine:
     def remove_service(self, name: str) -> bool:
         """Remove a service and its frontends; False when there was none."""
     def services(self) -> list[str]: ...
+    def pools(self) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        """Each service's eligible backends as (id, weight), IPv4 then IPv6 (kube-proxy's
+        rule: ready ones, else serving and terminating; weight above 0), sorted by address."""
     def backend_ids(self) -> dict[int, tuple[str, int]]:
         """Every live backend id and the address and port it stands for."""
     def decide(
@@ -180,7 +183,10 @@ class NfqueueDatapath:
         last_queue: int = 0,
         backend_mask: int = 0xFFFF0000,
         fail_open: bool = False,
-    ) -> Self: ...
+        max_len: int = 4096,
+    ) -> Self:
+        """`max_len`: packets that may wait for a verdict (what a stalled reader holds up);
+        with `fail_open`, packets past it (or past the socket buffer) are accepted unmarked."""
     def start(self) -> None:
         """Bind the queues and start the threads; raises OSError (e.g. a queue already bound)."""
     def stop(self) -> None: ...

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
+import math
 import os
 import socket
 import threading
@@ -105,7 +107,9 @@ class AgentConfig:
     queue_num: int = 0  # the first NFQUEUE queue
     queues: int = 1  # queues (and datapath worker threads)
     mark_mask: int = 0xFFFF0000
-    fail_open: bool = False
+    # A full queue (or socket buffer) accepts new packets undecided: the kernel path then
+    # serves them, instead of dropping them while the reader is stalled or overloaded.
+    fail_open: bool = True
     conntrack_capacity: int = 262144
     maglev_table_size: int = 65537
     maglev_seed: int = 0
@@ -118,6 +122,12 @@ class AgentConfig:
     # would capture the node's traffic to that port (the CVE-2020-8554 class): refused
     # unless this is set.
     allow_node_address_service_ips: bool = False
+    # Random services without session affinity are decided in the kernel (numgen random,
+    # as kube-proxy's nftables mode) instead of by pykp's reader: no user-space hop.
+    kernel_random: bool = True
+    # Packets that may wait for the reader's verdict: what a stalled reader holds up before
+    # fail-open hands new connections to the kernel path.
+    queue_max_len: int = 64
     poll_interval: float = 1.0  # how often the services file is checked
     status_flows: int = 100  # flows included in a status snapshot
 
@@ -289,6 +299,9 @@ def build_rule_state(
     services: Iterable[EngineService],
     backends: Mapping[int, tuple[str, int]],
     node_addresses: Iterable[str] = (),
+    pools: Mapping[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] | None = None,
+    *,
+    kernel_random: bool = False,
 ) -> RuleState:
     """What netfilter must look like for the engine services the engine accepted.
 
@@ -298,6 +311,11 @@ def build_rule_state(
     unless externalTrafficPolicy is Local (which keeps the client's address).
     `service_ips` never holds a node address, even one repeated as an external IP: traffic
     to a service IP on a port no service uses is refused, and a node's own ports must not be.
+
+    `pools` (`Engine.pools()`) fill the kernel path: every frontend gets its service's
+    eligible backends of its family as slots, so that a connection no reader decides still
+    reaches one. With `kernel_random`, random services without session affinity are not
+    queued at all: the kernel path is their policy (kube-proxy's nftables `numgen random`).
     """
     from pykp.rules import FrontendRule, RuleState
 
@@ -309,24 +327,53 @@ def build_rule_state(
     nodes = {str(ipaddress.ip_address(address)) for address in node_addresses}
     frontends: set[FrontendRule] = set()
     service_ips: set[str] = set()
+    fallback: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
     for service in services:
         spec = owners[service.name]
         masquerade = spec.external_traffic_policy == "Cluster"
         addresses = {*spec.cluster_ips, *spec.external_ips, *spec.load_balancer_ips}
+        queued = not (
+            kernel_random and service.policy == "random" and service.affinity_timeout is None
+        )
+        v4_pool, v6_pool = (pools or {}).get(service.name, ([], []))
         for ip, port, protocol in service.frontends:
             if ip in spec.cluster_ips:
-                frontends.add(FrontendRule(ip, port, protocol))
+                frontends.add(FrontendRule(ip, port, protocol, queued=queued))
             else:
                 frontends.add(
-                    FrontendRule(ip, port, protocol, external=True, masquerade=masquerade)
+                    FrontendRule(
+                        ip, port, protocol, external=True, masquerade=masquerade, queued=queued
+                    )
                 )
             if ip in addresses and ip not in nodes:
                 service_ips.add(ip)
+            pool = v4_pool if ipaddress.ip_address(ip).version == 4 else v6_pool
+            fallback[(ip, port, protocol)] = fallback_slots(pool, backends)
     return RuleState(
         frontends=frozenset(frontends),
         service_ips=frozenset(service_ips),
         backends=dict(backends),
+        fallback=fallback,
     )
+
+
+def fallback_slots(
+    pool: Sequence[tuple[int, int]], backends: Mapping[int, tuple[str, int]]
+) -> tuple[tuple[str, int], ...]:
+    """The kernel path's slots of one frontend: each backend repeated by its weight (over
+    the weights' common divisor) when that fits the rules' slot limit, else once each."""
+    from pykp.rules import MAX_SLOTS
+
+    live = [(backend_id, weight) for backend_id, weight in pool if backend_id in backends]
+    if not live:
+        return ()
+    divisor = functools.reduce(math.gcd, (weight for _, weight in live))
+    shares = [weight // divisor for _, weight in live]
+    if sum(shares) > MAX_SLOTS:
+        shares = [1] * len(live)
+    return tuple(
+        backends[backend_id] for (backend_id, _), share in zip(live, shares) for _ in range(share)
+    )[:MAX_SLOTS]
 
 
 def _usable(backend: EngineBackend) -> bool:
@@ -445,6 +492,7 @@ def _make_datapath(engine: Engine, config: AgentConfig) -> DatapathLike:
         last_queue=config.last_queue,
         backend_mask=config.mark_mask,
         fail_open=config.fail_open,
+        max_len=config.queue_max_len,
     )
 
 
@@ -547,6 +595,7 @@ class Agent:
         self._refused: dict[str, str] = {}
         self._applied: dict[str, EngineService] = {}  # what the engine holds, by name
         self._sync_lock = threading.Lock()
+        self._rules_checked = float("-inf")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._servers: list[HealthServer | MetricsServer] = []
@@ -576,13 +625,13 @@ class Agent:
                         self.snapshot,
                     )
                 )
-            # The datapath binds its queues before the rules send packets to them: no
-            # packet is ever queued with no reader.
-            self.datapath.start()
             # A failed start removes only rules it created: a previous agent's rules keep
             # serving the node (fail static), as kube-proxy's do when it cannot start.
+            # Installing keeps the sets and maps a previous agent left: until this agent's
+            # first sync, the kernel path serves every service from them.
             self._rules_touched = not self.rules.installed()
             self.rules.install()
+            self._rules_checked = self.deps.monotonic()
             self._spawn("pykp-sync", lambda: self.runner.loop(self._stop))
             self._spawn("pykp-housekeeping", self._housekeeping)
             # A first sync is expected: /healthz turns unhealthy if it never succeeds.
@@ -722,11 +771,21 @@ class Agent:
         refused = self._apply(services, captures)
         wanted = {service.name: service for service in services if service.name not in refused}
 
-        # (c) render and (d) commit the rules.
+        # (c) render and (d) commit the rules, restored first if someone removed them.
         state = build_rule_state(
-            services_file, wanted.values(), self.engine.backend_ids(), node_addresses
+            services_file,
+            wanted.values(),
+            self.engine.backend_ids(),
+            node_addresses,
+            self.engine.pools(),
+            kernel_random=self.config.kernel_random,
         )
+        self._repair_rules()
         self.rules.sync(state)
+        if self._running and not self.datapath.running:
+            # Only now, with the engine loaded: a reader bound earlier would refuse what it
+            # does not know yet, where --queue-bypass lets the kernel path serve it.
+            self.datapath.start()
 
         # (e) stale UDP: after the commit, so the next datagram is decided on the new rules.
         self._delete_stale_udp(stale_udp_flows(self._programmed.services, wanted))
@@ -752,6 +811,20 @@ class Agent:
             len(state.backends),
         )
         return True
+
+    def _repair_rules(self) -> None:
+        """kube-proxy's canary, for the whole rule set: about once per --sync-period, check
+        that pykp's table, chains, sets and jumps are all still there; a flush or another
+        tool that removed any is undone (counted, logged) by a reinstall and a full load."""
+        now = self.deps.monotonic()
+        if not self._running or now - self._rules_checked < self.config.sync_period / 2:
+            return
+        self._rules_checked = now
+        if self.rules.installed():
+            return
+        self.metrics.rules_repairs += 1
+        _log.error("pykp's rules were removed or changed by someone else: restoring them")
+        self.rules.install()
 
     def _apply(
         self, services: Sequence[EngineService], refused_before: Mapping[str, str] = {}

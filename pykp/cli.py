@@ -407,9 +407,29 @@ def run(
     fail_open: Annotated[
         bool,
         typer.Option(
-            "--fail-open", help="Accept packets unmarked when the queue overflows, not drop them."
+            "--fail-open/--no-fail-open",
+            help="When the queue is full (the reader stalled or overloaded), new connections "
+            "go to the kernel path (random choice from the last synced backends) instead of "
+            "being dropped.",
         ),
-    ] = False,
+    ] = True,
+    queue_max_len: Annotated[
+        int,
+        typer.Option(
+            help="Packets that may wait for pykp's verdict: what a stalled reader holds up.",
+            min=1,
+            max=1 << 20,
+        ),
+    ] = 64,
+    kernel_random: Annotated[
+        bool,
+        typer.Option(
+            "--kernel-random/--no-kernel-random",
+            help="Decide random services (without session affinity) in the kernel, as "
+            "kube-proxy's nftables mode does: no user-space hop. --no-kernel-random sends "
+            "their first packets to pykp like the other policies.",
+        ),
+    ] = True,
     conntrack_capacity: Annotated[
         int, typer.Option(help="Flows pykp's own connection table holds.", min=1)
     ] = 262144,
@@ -493,6 +513,8 @@ def run(
         queues=queues,
         mark_mask=parse_mask(mark_mask),
         fail_open=fail_open,
+        queue_max_len=queue_max_len,
+        kernel_random=kernel_random,
         conntrack_capacity=conntrack_capacity,
         maglev_table_size=maglev_table_size,
         maglev_seed=maglev_seed,

@@ -224,6 +224,7 @@ class AgentMetrics:
     refused_services: int = 0  # engine services the engine refused (skipped), summed
     stale_udp_flows_deleted: int = 0
     conntrack_cleanup_errors: int = 0
+    rules_repairs: int = 0  # times the rules were found changed by someone else and restored
 
     def families(self) -> list[Family]:
         return [
@@ -274,6 +275,12 @@ class AgentMetrics:
                 "counter",
                 "Failed attempts to delete stale kernel conntrack UDP entries",
                 self.conntrack_cleanup_errors,
+            ),
+            Family.single(
+                "pykp_rules_repairs_total",
+                "counter",
+                "Times pykp's rules were found deleted or changed by someone else and restored",
+                self.rules_repairs,
             ),
         ]
 

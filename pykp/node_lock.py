@@ -14,6 +14,7 @@ import errno
 import socket
 import struct
 import threading
+import time
 
 DEFAULT_NAME = "pykp-agent"
 
@@ -36,6 +37,7 @@ class NodeLock:
     def __init__(self, name: str = DEFAULT_NAME) -> None:
         self.name = name
         self._socket: socket.socket | None = None
+        self._answering: threading.Thread | None = None
 
     def acquire(self) -> None:
         """Take the lock (a no-op when this object holds it); raises NodeLockHeld."""
@@ -49,10 +51,13 @@ class NodeLock:
             if error.errno == errno.EADDRINUSE:
                 raise NodeLockHeld(self.name, self.holder_pid()) from None
             raise
-        sock.listen(8)  # only so that a second agent can ask who holds it
+        sock.listen(64)  # only so that a second agent can ask who holds it
         self._socket = sock
         # Accepting (and closing) those questions keeps the queue from filling up.
-        threading.Thread(target=self._answer, args=(sock,), name="pykp-node-lock", daemon=True).start()
+        self._answering = threading.Thread(
+            target=self._answer, args=(sock,), name="pykp-node-lock", daemon=True
+        )
+        self._answering.start()
 
     @staticmethod
     def _answer(sock: socket.socket) -> None:
@@ -65,15 +70,20 @@ class NodeLock:
 
     def holder_pid(self) -> int | None:
         """The pid that holds the lock, or None (not held, or it cannot be told)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect("\0" + self.name)
-                creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            except OSError:
-                return None
-        pid, _, _ = struct.unpack("3i", creds)
-        return pid or None
+        for _ in range(40):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                try:
+                    probe.connect("\0" + self.name)
+                    creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                except BlockingIOError:  # its backlog is full for a moment: ask again
+                    time.sleep(0.025)
+                    continue
+                except OSError:
+                    return None
+            pid, _, _ = struct.unpack("3i", creds)
+            return pid or None
+        return None
 
     def release(self) -> None:
         if self._socket is not None:
@@ -81,6 +91,10 @@ class NodeLock:
             # accept(), holding the socket (and the name) open.
             with contextlib.suppress(OSError):
                 self._socket.shutdown(socket.SHUT_RDWR)
+            if self._answering is not None:
+                # Its accept() holds the socket (and the name) until it has returned.
+                self._answering.join(timeout=5)
+                self._answering = None
             self._socket.close()
             self._socket = None
 

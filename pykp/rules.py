@@ -186,6 +186,9 @@ class FrontendRule:
     protocol: str  # "TCP" | "UDP" | "SCTP"
     external: bool = False  # NodePort on a node address, externalIP, LB ingress IP
     masquerade: bool = True  # external only: policy Cluster -> SNAT; Local -> keep client IP
+    # Its first packets go to pykp's reader; False: the kernel path decides them (a policy
+    # the kernel expresses), and never a user-space hop.
+    queued: bool = True
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -204,6 +207,13 @@ class RuleState:
     service_ips: frozenset[str]
     # backend id -> (ip, port), both families
     backends: Mapping[int, tuple[str, int]]
+    # The kernel path: (frontend ip, port, protocol) -> the backends its slots hold (a
+    # backend repeated by weight), picked by `numgen random`. Serves the frontends that are
+    # not queued, and queued ones whose packet no reader decided (none bound, stalled,
+    # overloaded). A frontend without slots has no ready backend: it is refused.
+    fallback: Mapping[tuple[str, int, str], tuple[tuple[str, int], ...]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -218,10 +228,23 @@ class SyncStats:
 # --- nftables rendering ---------------------------------------------------------------
 
 _FRONTEND_TYPE = "{} . inet_proto . inet_service"
+# The most slots (backends, repeated by weight) the kernel path holds per frontend: one
+# `pick<family>_<n>` chain per count, so `numgen random mod n` has a constant n.
+MAX_SLOTS = 128
+_SLOTS_TYPE = "typeof {p} daddr . meta l4proto . th dport . numgen random mod {n} : {p} daddr . th dport"
 # Sets and maps `sync` maintains, with their types.
 _SYNCED: dict[str, str] = {
+    # Every frontend (its backend field is cleared on a new connection) ...
     "frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
     "frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
+    # ... and those whose first packet goes to pykp's reader.
+    "queued4": _FRONTEND_TYPE.format("ipv4_addr"),
+    "queued6": _FRONTEND_TYPE.format("ipv6_addr"),
+    # The kernel path: frontend -> goto pick<family>_<slots>, which DNATs to a random slot.
+    "fallback4": _FRONTEND_TYPE.format("ipv4_addr") + " : verdict",
+    "fallback6": _FRONTEND_TYPE.format("ipv6_addr") + " : verdict",
+    "slots4": _SLOTS_TYPE.format(p="ip", n=MAX_SLOTS),
+    "slots6": _SLOTS_TYPE.format(p="ip6", n=MAX_SLOTS),
     "masq_frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
     "masq_frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
     # External frontends with externalTrafficPolicy Local: never SNATed, so that the
@@ -248,6 +271,9 @@ _CHAINS: dict[str, str] = {
     "nat_pre": "type nat hook prerouting priority -100; policy accept;",
     "nat_out": "type nat hook output priority -100; policy accept;",
     "nat_backend": "",
+    "nat_fallback": "",
+    "nat_masq": "",
+    **{f"pick{v}_{n}": "" for v in (4, 6) for n in range(1, MAX_SLOTS + 1)},
     "nat_post": "type nat hook postrouting priority 100; policy accept;",
     "reject_in": "type filter hook input priority 0; policy accept;",
     "reject_fwd": "type filter hook forward priority 0; policy accept;",
@@ -256,9 +282,17 @@ _CHAINS: dict[str, str] = {
 }
 
 
+_PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
+
+
+def _is_map(type_: str) -> bool:
+    return ":" in type_
+
+
 def _set_decl(name: str, type_: str) -> str:
-    kind = "map" if ":" in type_ else "set"
-    return f"\t{kind} {name} {{ type {type_}; }}"
+    kind = "map" if _is_map(type_) else "set"
+    spec = type_ if type_.startswith("typeof ") else f"type {type_}"
+    return f"\t{kind} {name} {{ {spec}; }}"
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -284,8 +318,19 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
     for f in state.frontends:
         version, key = _frontend_key(f)
         out[f"frontends{version}"][key] = key
+        if f.queued:
+            out[f"queued{version}"][key] = key
         if f.external:
             out[f"{'masq' if f.masquerade else 'local'}_frontends{version}"][key] = key
+    for (ip, port, protocol), slots in state.fallback.items():
+        if not slots:
+            continue
+        version, key = _frontend_key(FrontendRule(ip, port, protocol))
+        slots = slots[:MAX_SLOTS]
+        out[f"fallback{version}"][key] = f"{key} : goto pick{version}_{len(slots)}"
+        for index, (backend_ip, backend_port) in enumerate(slots):
+            slot = f"{key} . {index}"
+            out[f"slots{version}"][slot] = f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"
     for text in state.service_ips:
         version, ip = _ip(text)
         out[f"service_ips{version}"][ip] = ip
@@ -329,28 +374,52 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
     keep = f"{~layout.backend_mask & _MARK_BITS:#010x}"
     fams = (("ip", 4), ("ip6", 6))
     # Clearing the backend field lets a stale foreign value there never reach the
-    # iptables rule, which queues only packets whose backend field is still empty.
+    # iptables rule, which queues only packets whose backend field is still empty, nor
+    # hide a new connection from the kernel path.
     mark_new = [
         f"ct state new {p} daddr . meta l4proto . th dport @frontends{v} "
-        f"meta mark set meta mark & {keep} | {queue}"
+        f"meta mark set meta mark & {keep}"
+        for p, v in fams
+    ] + [
+        f"ct state new {p} daddr . meta l4proto . th dport @queued{v} "
+        f"meta mark set meta mark | {queue}"
         for p, v in fams
     ]
     has_backend = f"meta mark & {mask} != 0x00000000 meta mark & {mask} != {reject}"
-    nat_backend = [
+    # A new connection to a frontend that no reader decided (not queued, or queued while
+    # no reader is bound, stalled or overloaded: --queue-bypass and fail-open let it on).
+    undecided = [
+        f"meta mark & {mask} == 0x00000000 {p} daddr . meta l4proto . th dport @frontends{v} "
+        "jump nat_fallback"
+        for p, v in fams
+    ]
+    nat_masq = [
         # kube-proxy's --cluster-cidr rule: SNAT what does not come from a pod.
         f"{p} saddr != @cluster_cidrs{v} {p} daddr . meta l4proto . th dport != "
         f"@local_frontends{v} meta mark set meta mark | {masq}"
         for p, v in fams
         if cidrs[v]
     ]
-    nat_backend += [
+    nat_masq += [
         f"{p} daddr . meta l4proto . th dport @masq_frontends{v} meta mark set meta mark | {masq}"
         for p, v in fams
     ]
+    nat_backend = ["jump nat_masq"]
     nat_backend += [
         f"meta l4proto {{ tcp, udp, sctp }} dnat {p} to meta mark & {mask} map @backends{v}"
         for p, v in fams
     ]
+    # No slots (no ready backend): falls through un-NATed to the reject rules.
+    nat_fallback = ["jump nat_masq"] + [
+        f"{p} daddr . meta l4proto . th dport vmap @fallback{v}" for p, v in fams
+    ]
+    picks = {
+        f"pick{v}_{n}": [
+            f"dnat {p} to {p} daddr . meta l4proto . th dport . numgen random mod {n} map @slots{v}"
+        ]
+        for p, v in fams
+        for n in range(1, MAX_SLOTS + 1)
+    }
     # Reached only when the map lacks the id (sync lagging behind the engine): refuse,
     # rather than let conntrack record the connection un-NATed.
     nat_backend.append(f"meta mark set meta mark & {keep} | {reject}")
@@ -360,9 +429,12 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
     return {
         "mark_new": mark_new,
         "mark_new_out": mark_new,
-        "nat_pre": [f"{has_backend} jump nat_backend"],
-        "nat_out": [f"{has_backend} jump nat_backend"],
+        "nat_pre": [f"{has_backend} jump nat_backend", *undecided],
+        "nat_out": [f"{has_backend} jump nat_backend", *undecided],
         "nat_backend": nat_backend,
+        "nat_fallback": nat_fallback,
+        "nat_masq": nat_masq,
+        **picks,
         "nat_post": [
             # Cleared first, as kube-proxy does, so an encapsulated copy is not SNATed twice.
             f"meta mark & {masq} == {masq} meta mark set meta mark ^ {masq} masquerade fully-random",
@@ -489,17 +561,32 @@ class RuleManager:
         return "\n".join([*head, self.render_table().rstrip("\n"), *self._cidr_lines()]) + "\n"
 
     def _update_script(
-        self, stale_chains: Iterable[str], stale_sets: Iterable[tuple[str, str]]
+        self,
+        stale_chains: Iterable[str],
+        stale_sets: Iterable[tuple[str, str]],
+        existing_sets: Iterable[str] = (),
     ) -> str:
-        """Rewrite chains and static sets in place, keeping the synced elements."""
+        """Rewrite chains and static sets in place, keeping the synced elements.
+
+        Only missing sets are declared, and the `pick*` chains (whose rules never change)
+        are left as they are: nft 1.0.6 can neither redeclare the `slots` maps nor add a
+        rule that uses them once they come from the kernel ("conflicting protocols
+        specified: ip vs. th", its parse of a `typeof` key that mixes `ip` and `th`).
+        `install` replaces the whole table when a `pick*` chain is missing.
+        """
         t = self.table
-        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        rules = {
+            n: r for n, r in _chain_rules(self.layout, self.cluster_cidrs).items() if n not in _PICKS
+        }
+        existing = set(existing_sets)
         decl = [f"table inet {t} {{"]
-        decl += [_set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items()]
-        decl += [f"\tchain {n} {{ {spec} }}" for n, spec in _CHAINS.items()]
+        decl += [
+            _set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items() if n not in existing
+        ]
+        decl += [f"\tchain {n} {{ {spec} }}" for n, spec in _CHAINS.items() if n not in _PICKS]
         decl.append("}")
         stale_chains = list(stale_chains)
-        ops = [f"flush chain inet {t} {n}" for n in [*_CHAINS, *stale_chains]]
+        ops = [f"flush chain inet {t} {n}" for n in [*rules, *stale_chains]]
         ops += [f"delete chain inet {t} {n}" for n in stale_chains]
         ops += [f"delete {kind} inet {t} {n}" for kind, n in stale_sets]
         ops += [f"flush set inet {t} {n}" for n in _STATIC]
@@ -522,12 +609,12 @@ class RuleManager:
             f":{self.chain} - [0:0]",
             # Only while the backend field is empty: a packet already decided (e.g. a
             # local connection looping back through PREROUTING) is never queued again.
-            # No --queue-bypass: without a reader the first packet is dropped and the
-            # client's retransmit is decided once pykp is back, whereas bypass would let
-            # conntrack record an un-NATed flow that then stays broken.
+            # --queue-bypass: with no reader bound (pykp stopped, crashed, restarting) the
+            # packet goes on undecided and the kernel path (nat_fallback) picks a backend,
+            # as kube-proxy's static rules would: new connections never wait for pykp.
             (
                 f"-A {self.chain} -m mark --mark {q:#x}/{q | self.layout.backend_mask:#x} "
-                f"-j NFQUEUE {target}"
+                f"-j NFQUEUE {target} --queue-bypass"
             ),
         ]
         for hook in _HOOKS:
@@ -567,7 +654,7 @@ class RuleManager:
         A table of another shape (another pykp version) is replaced whole.
         """
         objects = self._table_objects()
-        if objects is None:
+        if objects is None or not _PICKS <= objects["chain"]:
             self._nft(self._replace_script())
         else:
             known = _SYNCED.keys() | _STATIC.keys()
@@ -575,6 +662,7 @@ class RuleManager:
                 sorted(objects["chain"] - _CHAINS.keys()),
                 [("set", n) for n in sorted(objects["set"] - known)]
                 + [("map", n) for n in sorted(objects["map"] - known)],
+                (objects["set"] | objects["map"]) & known,
             )
             try:
                 self._nft(script)
@@ -604,7 +692,7 @@ class RuleManager:
         current = self._current
         if current is None:
             for name, elems in wanted.items():
-                kind = "map" if name.startswith("backends") else "set"
+                kind = "map" if _is_map(_SYNCED[name]) else "set"
                 lines.append(f"flush {kind} inet {t} {name}")
                 lines += _element_lines("add", t, name, elems.values())
                 if elems:

@@ -266,7 +266,7 @@ def ext(ip: str, port: int, protocol: str = "TCP", masquerade: bool = True) -> F
 
 
 def test_a_sync_renders_every_frontend_with_its_kind_and_masquerade(tmp_path: Path) -> None:
-    h, _ = agent_with(SERVICES, tmp_path)
+    h, _ = agent_with(SERVICES, tmp_path, kernel_random=False)  # every frontend queued
 
     h.agent.sync()
 
@@ -559,7 +559,7 @@ def test_a_node_address_never_becomes_a_service_ip(tmp_path: Path) -> None:
 
     h.agent.sync()
 
-    assert ext("192.168.77.1", 8080) in h.rules.last.frontends
+    assert ("192.168.77.1", 8080, "TCP") in {(f.ip, f.port, f.protocol) for f in h.rules.last.frontends}
     assert h.rules.last.service_ips == {"10.96.0.21"}, "the node's own ports stay reachable"
 
 
@@ -777,7 +777,9 @@ def test_a_started_agent_syncs_serves_and_follows_the_file(
     h, path = running
     healthz, metrics = addresses(h)
     assert h.rules.synced.wait(5), "no first sync"
-    assert h.events.log[:2] == ["datapath.start", "rules.install"]
+    # The reader binds after the first sync: until then --queue-bypass lets the kernel path
+    # serve from the maps a previous agent left, instead of an empty engine refusing.
+    assert h.events.log[:2] == ["rules.install", "datapath.start"]
 
     code, body, headers = http_get(f"http://{healthz}/healthz")
     assert code == 200
@@ -822,23 +824,27 @@ def test_without_cleanup_on_exit_the_rules_stay(tmp_path: Path) -> None:
 
     h.agent.stop()
 
-    assert h.events.log == ["datapath.start", "rules.install", "datapath.stop"]
+    assert h.events.log == ["rules.install", "datapath.start", "datapath.stop"]
     assert h.rules.present
 
 
-def test_a_failed_start_undoes_what_started(tmp_path: Path) -> None:
+def test_a_reader_that_cannot_bind_leaves_the_node_on_the_kernel_path(tmp_path: Path) -> None:
     h = Harness(
         StaticSource(SERVICES),
         tmp_path,
-        config={"healthz_bind_address": "127.0.0.1:0"},
+        config={"healthz_bind_address": "127.0.0.1:0", "min_sync_period": 0.0},
         datapath_fail=OSError(1, "Operation not permitted"),
     )
 
-    with pytest.raises(OSError, match="not permitted"):
-        h.agent.start()
-
-    assert h.events.log == ["datapath.start"], "no rules without a datapath to serve them"
-    assert h.agent._servers == [] and h.agent._threads == []
+    h.agent.start()
+    try:
+        assert wait_for(lambda: h.agent.metrics.sync_errors >= 1)
+        # The rules and their kernel-path slots were synced before the reader was tried,
+        # so every service is served; the failure is a failing sync (retried, counted).
+        assert h.rules.states and h.rules.last.fallback
+        assert h.events.log[:2] == ["rules.install", "datapath.start"]
+    finally:
+        h.agent.stop()
 
 
 def test_a_failed_rules_install_still_cleans_up_a_partial_install(tmp_path: Path) -> None:
@@ -853,7 +859,7 @@ def test_a_failed_rules_install_still_cleans_up_a_partial_install(tmp_path: Path
     with pytest.raises(RulesError):
         h.agent.start()
 
-    assert h.events.log == ["datapath.start", "rules.install", "rules.cleanup", "datapath.stop"]
+    assert h.events.log == ["rules.install", "rules.cleanup"]
 
 
 def test_the_housekeeping_thread_expires_flows(tmp_path: Path) -> None:
@@ -1345,3 +1351,49 @@ def test_backends_past_the_marks_range_are_refused_per_service_and_syncs_go_on(
     assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.2", "10.96.0.3"}
     assert max(h.rules.last.backends) <= 6
     assert h.agent._refused == {}
+
+
+def test_the_kernel_path_holds_each_frontends_eligible_backends_and_serves_random_itself(
+    tmp_path: Path,
+) -> None:
+    text = """\
+    services:
+      - name: rand
+        clusterIPs: [10.96.0.40, "fd00:96::40"]
+        ports: [{port: 80, targetPort: 8080}]
+        endpoints:
+          - {ip: 10.244.1.40, weight: 2}
+          - {ip: 10.244.2.40, weight: 4}
+          - {ip: 10.244.3.40, ready: false, serving: true, terminating: true}
+          - {ip: "fd00:244::40"}
+      - name: sticky
+        clusterIP: 10.96.0.41
+        sessionAffinity: ClientIP
+        ports: [{port: 80}]
+        endpoints: [{ip: 10.244.1.41, ready: false, serving: true, terminating: true}]
+      - name: rr
+        clusterIP: 10.96.0.42
+        policy: round-robin
+        ports: [{port: 80}]
+        endpoints: [{ip: 10.244.1.42, ready: false, serving: false}]
+    """
+    h, _ = agent_with(text, tmp_path)
+
+    h.agent.sync()
+
+    state = h.rules.last
+    queued = {f.ip: f.queued for f in state.frontends}
+    assert queued == {
+        "10.96.0.40": False,  # random: the kernel decides
+        "fd00:96::40": False,
+        "10.96.0.41": True,  # session affinity needs pykp's table
+        "10.96.0.42": True,  # round-robin is per service: pykp's reader
+    }
+    # Ready backends only while there are some, by weight (2:4 is 1:2); per family.
+    assert sorted(state.fallback[("10.96.0.40", 80, "TCP")]) == [
+        ("10.244.1.40", 8080), ("10.244.2.40", 8080), ("10.244.2.40", 8080),
+    ]  # fmt: skip
+    assert state.fallback[("fd00:96::40", 80, "TCP")] == (("fd00:244::40", 8080),)
+    # Only terminating ones: kube-proxy's fallback to serving+terminating; none serving: none.
+    assert state.fallback[("10.96.0.41", 80, "TCP")] == (("10.244.1.41", 80),)
+    assert state.fallback[("10.96.0.42", 80, "TCP")] == ()

@@ -44,6 +44,10 @@ RUN_FLAGS = [
     "--queues",
     "--mark-mask",
     "--fail-open",
+    "--no-fail-open",
+    "--queue-max-len",
+    "--kernel-random",
+    "--no-kernel-random",
     "--conntrack-capacity",
     "--maglev-table-size",
     "--maglev-seed",
@@ -253,9 +257,12 @@ def test_run_reports_a_start_failure_and_exits_1(
     services: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def make(config: AgentConfig) -> Agent:
-        harness = Harness(
-            StaticSource(SERVICES), tmp_path, datapath_fail=OSError(1, "Operation not permitted")
-        )
+        harness = Harness(StaticSource(SERVICES), tmp_path)
+
+        def install() -> None:
+            raise RulesError(["nft", "-f", "-"], 1, "Error: Operation not permitted")
+
+        harness.rules.install = install  # type: ignore[method-assign]
         return Agent(config, source=harness.agent.source, deps=harness.deps)
 
     monkeypatch.setattr(cli, "make_agent", make)
@@ -264,7 +271,10 @@ def test_run_reports_a_start_failure_and_exits_1(
     )
 
     assert result.exit_code == 1
-    assert "pykp run: cannot start: [Errno 1] Operation not permitted" in result.output
+    assert (
+        "pykp run: cannot start: `nft -f -` exited with 1: Error: Operation not permitted"
+        in result.output
+    )
 
 
 def test_run_cleanup_removes_the_rules_and_exits(

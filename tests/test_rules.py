@@ -77,9 +77,12 @@ def _elem_text(elem: Any) -> str:
         return f"{elem['prefix']['addr']}/{elem['prefix']['len']}"
     if isinstance(elem, dict) and "elem" in elem:
         return _elem_text(elem["elem"]["val"])
+    if isinstance(elem, dict) and "goto" in elem:  # a verdict map's value
+        return f"goto {elem['goto']['target']}"
     if isinstance(elem, list):  # map element: [key, value]
         key, value = elem
-        return f"{key:#010x} : {_elem_text(value)}"
+        key_text = f"{key:#010x}" if isinstance(key, int) else _elem_text(key)
+        return f"{key_text} : {_elem_text(value)}"
     return str(elem)
 
 
@@ -131,6 +134,11 @@ SMALL = RuleState(
         3: ("fd00:10:244::11", 53),
         4: ("10.244.0.11", 8080),
     },
+    fallback={
+        ("10.96.0.10", 53, "UDP"): (("10.244.0.11", 53), ("10.244.0.12", 53)),
+        ("fd00:10:96::a", 53, "UDP"): (("fd00:10:244::11", 53),),
+        ("10.96.0.20", 80, "SCTP"): (),  # no ready backend: refused, no slots
+    },
 )
 SMALL_EXPECTED = {
     "frontends4": {
@@ -141,6 +149,21 @@ SMALL_EXPECTED = {
         "192.168.77.1 . tcp . 30081",
     },
     "frontends6": {"fd00:10:96::a . udp . 53", "fd00:77::1 . tcp . 30080"},
+    "queued4": {
+        "10.96.0.10 . udp . 53",
+        "10.96.0.10 . tcp . 53",
+        "10.96.0.20 . sctp . 80",
+        "192.168.77.1 . tcp . 30080",
+        "192.168.77.1 . tcp . 30081",
+    },
+    "queued6": {"fd00:10:96::a . udp . 53", "fd00:77::1 . tcp . 30080"},
+    "fallback4": {"10.96.0.10 . udp . 53 : goto pick4_2"},
+    "fallback6": {"fd00:10:96::a . udp . 53 : goto pick6_1"},
+    "slots4": {
+        "10.96.0.10 . udp . 53 . 0 : 10.244.0.11 . 53",
+        "10.96.0.10 . udp . 53 . 1 : 10.244.0.12 . 53",
+    },
+    "slots6": {"fd00:10:96::a . udp . 53 . 0 : fd00:10:244::11 . 53"},
     "masq_frontends4": {"192.168.77.1 . tcp . 30080"},
     "masq_frontends6": {"fd00:77::1 . tcp . 30080"},
     "local_frontends4": {"192.168.77.1 . tcp . 30081"},
@@ -249,11 +272,26 @@ def test_render_table_has_sets_maps_and_chains() -> None:
         "meta mark & 0xffff0000 == 0xffff0000 jump do_reject",
         "reject with tcp reset",
         "reject with icmpx port-unreachable",
+        # The kernel path: undecided new connections to a frontend pick a slot at random.
+        "ct state new ip daddr . meta l4proto . th dport @queued4 meta mark set meta mark | 0x00002000",
+        "map fallback4 { type ipv4_addr . inet_proto . inet_service : verdict; }",
+        (
+            "map slots4 { typeof ip daddr . meta l4proto . th dport . numgen random mod 128 : "
+            "ip daddr . th dport; }"
+        ),
+        (
+            "meta mark & 0xffff0000 == 0x00000000 ip daddr . meta l4proto . th dport @frontends4 "
+            "jump nat_fallback"
+        ),
+        "ip daddr . meta l4proto . th dport vmap @fallback4",
+        "dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @slots4",
+        "dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 128 map @slots6",
     ):
         assert decl in text, decl
     # Only IPv4 cluster CIDRs: no IPv6 --cluster-cidr rule.
     assert "@cluster_cidrs6 ip6" not in text
-    assert "queue" not in text.replace("queue_bit", "")  # no nft queue statement (CONFIG_NFT_QUEUE)
+    # No nft queue statement (CONFIG_NFT_QUEUE is off here): iptables' NFQUEUE target queues.
+    assert not re.search(r"(^|\s)queue(\s|$)", text)
     for name in (
         "mark_new",
         "mark_new_out",
@@ -271,12 +309,14 @@ def test_render_table_has_sets_maps_and_chains() -> None:
 
 def test_render_iptables() -> None:
     one = RuleManager().render_iptables()
-    assert "-A PYKP-QUEUE -m mark --mark 0x2000/0xffff2000 -j NFQUEUE --queue-num 0" in one
+    assert (
+        "-A PYKP-QUEUE -m mark --mark 0x2000/0xffff2000 -j NFQUEUE --queue-num 0 --queue-bypass"
+        in one
+    )
     assert "-I PREROUTING 1 -m comment --comment pykp -j PYKP-QUEUE" in one
     assert "-I OUTPUT 1 -m comment --comment pykp -j PYKP-QUEUE" in one
-    assert "bypass" not in one
     many = RuleManager(queues=(2, 5), chain="X-Q").render_iptables()
-    assert "-j NFQUEUE --queue-balance 2:5" in many
+    assert "-j NFQUEUE --queue-balance 2:5 --queue-bypass" in many
     assert ":X-Q - [0:0]" in many
 
 
@@ -317,7 +357,7 @@ def test_second_sync_sends_only_the_difference(netns: str) -> None:
     mgr.sync(SMALL)
     backends = dict(SMALL.backends)
     backends[2] = ("10.244.0.12", 5353)  # same backend id, new port
-    stats = mgr.sync(RuleState(SMALL.frontends, SMALL.service_ips, backends))
+    stats = mgr.sync(RuleState(SMALL.frontends, SMALL.service_ips, backends, SMALL.fallback))
     assert not stats.full
     assert (stats.added, stats.removed) == (1, 1)
     assert dict(stats.by_set) == {"backends4": (1, 1)}
@@ -329,9 +369,11 @@ def test_second_sync_sends_only_the_difference(netns: str) -> None:
     # A removed frontend and backend, an added service IP.
     frontends = SMALL.frontends - {FrontendRule("10.96.0.20", 80, "SCTP")}
     del backends[4]
-    stats = mgr.sync(RuleState(frontends, SMALL.service_ips | {"10.96.0.30"}, backends))
+    service_ips = SMALL.service_ips | {"10.96.0.30"}
+    stats = mgr.sync(RuleState(frontends, service_ips, backends, SMALL.fallback))
     assert dict(stats.by_set) == {
         "frontends4": (0, 1),
+        "queued4": (0, 1),
         "backends4": (0, 1),
         "service_ips4": (1, 0),
     }
@@ -578,7 +620,7 @@ def test_large_state_loads_in_one_sync(netns: str) -> None:
     backends = {i + 1: (str(ipaddress.ip_address(pods + 1 + i)), 8080) for i in range(30_000)}
     state = RuleState(frozenset(frontends), service_ips, backends)
     full = mgr.sync(state)
-    assert full.full and full.added == 10_000 + 10_000 + 30_000 + 30_000
+    assert full.full and full.added == 10_000 + 10_000 + 10_000 + 30_000 + 30_000
     backends[5] = ("10.244.200.1", 8080)
     diff = mgr.sync(RuleState(state.frontends, service_ips, backends))
     assert dict(diff.by_set) == {"backends4": (1, 1), "hairpin4": (1, 1)}
@@ -663,8 +705,9 @@ def test_datapath_end_to_end(lab: Lab, fastpath: ModuleType) -> None:
     mgr.sync(RuleState(frontends, service_ips, engine.backend_ids()))
     node = lab.node.netns
 
-    # No reader: the first packet is dropped (no bypass) and leaves no conntrack entry.
-    assert _udp_ask(lab, client.name, ("10.96.0.10", 53), timeout=0.5) == "TimeoutError"
+    # No reader and no kernel-path slots: --queue-bypass lets the packet on undecided, the
+    # reject rules refuse it at once, and no conntrack entry is confirmed for it.
+    assert _udp_ask(lab, client.name, ("10.96.0.10", 53), timeout=0.5) == "ConnectionRefusedError"
     assert "dport=53" not in sh(node, "conntrack", "-L")
 
     with lab.in_namespace(lab.node):
@@ -729,9 +772,10 @@ def test_established_flows_outlive_the_reader_but_not_the_table(
 ) -> None:
     """Why an agent that restarts should leave its rules installed.
 
-    Without a reader, established flows go on (conntrack NAT) and new connections wait
-    (dropped, retransmitted). Deleting the table also unregisters the namespace's NAT
-    hooks when it held the last NAT chain, and established NATed flows stop working.
+    Without a reader, established flows go on (conntrack NAT) and new connections are
+    served by the kernel path from the last synced slots. Deleting the table also
+    unregisters the namespace's NAT hooks when it held the last NAT chain, and established
+    NATed flows stop working.
     """
     b0 = lab.backend_pods[0]
     client = lab.client_pods[0].name
@@ -741,7 +785,8 @@ def test_established_flows_outlive_the_reader_but_not_the_table(
     mgr = RuleManager(netns=lab.node.netns, cluster_cidrs=[lab.pod_cidr4])
     mgr.install()
     frontends = frozenset({FrontendRule("10.96.0.10", 53, "UDP")})
-    mgr.sync(RuleState(frontends, frozenset({"10.96.0.10"}), engine.backend_ids()))
+    slots = {("10.96.0.10", 53, "UDP"): ((b0.ipv4, UDP_PORT),)}
+    mgr.sync(RuleState(frontends, frozenset({"10.96.0.10"}), engine.backend_ids(), slots))
     datapath = fastpath.NfqueueDatapath(engine)
     with lab.in_namespace(lab.node):
         datapath.start()
@@ -763,7 +808,8 @@ def test_established_flows_outlive_the_reader_but_not_the_table(
         finally:
             datapath.stop()
         assert ask() == lab.client_pods[0].ipv4  # no reader: the kernel carries the flow
-        assert _udp_ask(lab, client, ("10.96.0.10", 53), timeout=0.5) == "TimeoutError"
+        # ... and a new flow is decided by the kernel path (--queue-bypass, fallback slots).
+        assert _udp_ask(lab, client, ("10.96.0.10", 53), timeout=2) == lab.client_pods[0].ipv4
         mgr.cleanup()
         flow.settimeout(0.5)
         assert ask() == "TimeoutError"  # no NAT hooks left: the reply never comes back

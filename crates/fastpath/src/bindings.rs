@@ -375,6 +375,22 @@ impl Engine {
         self.core.services().services().iter().map(|s| s.name.to_string()).collect()
     }
 
+    /// Each service's pools as its policy sees them (kube-proxy's eligibility: ready
+    /// backends, else serving and terminating ones; weight above 0), as (id, weight)
+    /// pairs per family, sorted by address: what the kernel's fallback path may pick.
+    #[allow(clippy::type_complexity)]
+    fn pools(&self) -> std::collections::HashMap<String, (Vec<(u32, u32)>, Vec<(u32, u32)>)> {
+        let ids = |pool: &crate::service::Pool| -> Vec<(u32, u32)> {
+            pool.backends.iter().map(|b| (b.handle.id.0, b.weight)).collect()
+        };
+        self.core
+            .services()
+            .services()
+            .iter()
+            .map(|s| (s.name.to_string(), (ids(&s.v4), ids(&s.v6))))
+            .collect()
+    }
+
     fn backend_ids(&self) -> std::collections::HashMap<u32, (String, u16)> {
         self.core.services().backend_ids().into_iter().map(|(id, a)| (id.0, sock(a))).collect()
     }
@@ -501,16 +517,20 @@ pub struct NfqueueDatapath {
 #[pymethods]
 impl NfqueueDatapath {
     #[new]
-    #[pyo3(signature = (engine, *, first_queue = 0, last_queue = 0, backend_mask = 0xffff_0000, fail_open = false))]
+    #[pyo3(signature = (engine, *, first_queue = 0, last_queue = 0, backend_mask = 0xffff_0000, fail_open = false, max_len = 4096))]
     fn new(
         engine: &Engine,
         first_queue: u16,
         last_queue: u16,
         backend_mask: u32,
         fail_open: bool,
+        max_len: u32,
     ) -> PyResult<Self> {
         if first_queue > last_queue {
             return Err(value_error("first_queue must not be above last_queue"));
+        }
+        if max_len == 0 {
+            return Err(value_error("max_len must be at least 1"));
         }
         Ok(NfqueueDatapath {
             engine: engine.core.clone(),
@@ -519,6 +539,7 @@ impl NfqueueDatapath {
                 last_queue,
                 layout: MarkLayout::new(backend_mask).map_err(value_error)?,
                 fail_open,
+                max_len,
             },
             running: Mutex::new(None),
         })

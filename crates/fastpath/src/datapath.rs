@@ -77,18 +77,23 @@ pub struct VerdictCounters {
 }
 
 /// The engine's verdict for one queued packet, as a queue verdict.
+///
+/// The verdict's mark keeps the packet's bits outside the backend field (other programs'
+/// marks, pykp's own queue bit), since the kernel replaces the whole mark with it.
 pub fn queue_verdict(
     engine: &Engine,
     layout: &MarkLayout,
     counters: &VerdictCounters,
     packet: &[u8],
+    packet_mark: u32,
     now: u64,
 ) -> QueueVerdict {
+    let keep = packet_mark & !layout.backend_mask();
     match engine.decide_packet(packet, now) {
         Verdict::Forward(f) => match layout.backend_mark(f.backend.id.0) {
             Some(mark) => {
                 counters.forwarded.fetch_add(1, Ordering::Relaxed);
-                QueueVerdict::accept_with_mark(mark)
+                QueueVerdict::accept_with_mark(keep | mark)
             }
             None => {
                 counters.id_overflow.fetch_add(1, Ordering::Relaxed);
@@ -101,7 +106,7 @@ pub fn queue_verdict(
         }
         Verdict::Reject { .. } => {
             counters.rejected.fetch_add(1, Ordering::Relaxed);
-            QueueVerdict::accept_with_mark(layout.reject_mark())
+            QueueVerdict::accept_with_mark(keep | layout.reject_mark())
         }
         Verdict::Drop(_) => {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -117,6 +122,9 @@ pub struct NfqueueConfig {
     pub last_queue: u16,
     pub layout: MarkLayout,
     pub fail_open: bool,
+    /// Packets that may wait for a verdict: what a stalled reader holds up. Past it (and
+    /// past the socket buffer), fail-open hands packets to the kernel's fallback path.
+    pub max_len: u32,
 }
 
 /// Queue reader threads feeding the engine.
@@ -131,8 +139,8 @@ impl NfqueueDatapath {
         let counters = Arc::new(VerdictCounters::default());
         let c = counters.clone();
         let layout = cfg.layout;
-        let decide = Arc::new(move |packet: &[u8]| {
-            queue_verdict(&engine, &layout, &c, packet, monotonic_nanos())
+        let decide = Arc::new(move |packet: &[u8], mark: u32| {
+            queue_verdict(&engine, &layout, &c, packet, mark, monotonic_nanos())
         });
         let queue_cfg = QueueConfig {
             // Whole packets: `wire::parse` checks the declared length against the bytes it
@@ -140,6 +148,7 @@ impl NfqueueDatapath {
             copy_range: 0xffff,
             batch_size: 32,
             fail_open: cfg.fail_open,
+            max_len: cfg.max_len,
             ..QueueConfig::queues(cfg.first_queue, cfg.last_queue)
         };
         let workers = QueueWorkers::start(&queue_cfg, decide)?;
@@ -204,21 +213,26 @@ mod tests {
         let c = VerdictCounters::default();
         let key = FlowKey::new(Protocol::Tcp, "10.0.0.1".parse().unwrap(), 40000, vip, 80);
         let syn = PacketBuilder::new(key).build();
-        let v = queue_verdict(&engine, &layout, &c, &syn, 1);
+        let v = queue_verdict(&engine, &layout, &c, &syn, 0, 1);
         assert_eq!(v, QueueVerdict::accept_with_mark(id << 16));
+        // Bits outside the backend field (pykp's queue bit, other programs' marks) stay; a
+        // stale value inside it does not.
+        let s2 = PacketBuilder::new(FlowKey { src_port: 40002, ..key }).build();
+        let v = queue_verdict(&engine, &layout, &c, &s2, 0x0123_6001, 1);
+        assert_eq!(v, QueueVerdict::accept_with_mark(0x6001 | id << 16));
         // No endpoints: the reject mark, which the rules turn into a TCP reset.
         spec.backends.clear();
         engine.upsert_service(&spec).unwrap();
         let other = PacketBuilder::new(FlowKey { src_port: 40001, ..key }).build();
         assert_eq!(
-            queue_verdict(&engine, &layout, &c, &other, 2),
+            queue_verdict(&engine, &layout, &c, &other, 0, 2),
             QueueVerdict::accept_with_mark(0xffff_0000)
         );
         // Garbage is dropped; a packet for no service passes unmarked.
-        assert_eq!(queue_verdict(&engine, &layout, &c, &[0x45, 0], 3), QueueVerdict::DROP);
+        assert_eq!(queue_verdict(&engine, &layout, &c, &[0x45, 0], 0, 3), QueueVerdict::DROP);
         let stray = PacketBuilder::new(FlowKey { dst_port: 81, ..key }).build();
-        assert_eq!(queue_verdict(&engine, &layout, &c, &stray, 4), QueueVerdict::ACCEPT);
-        assert_eq!(c.forwarded.load(Ordering::Relaxed), 1);
+        assert_eq!(queue_verdict(&engine, &layout, &c, &stray, 0, 4), QueueVerdict::ACCEPT);
+        assert_eq!(c.forwarded.load(Ordering::Relaxed), 2);
         assert_eq!(c.rejected.load(Ordering::Relaxed), 1);
         assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
         assert_eq!(c.passed.load(Ordering::Relaxed), 1);

@@ -167,7 +167,7 @@ fn accept_with_mark_and_drop() {
 
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let seen2 = seen.clone();
-        let decide: DecisionFn = Arc::new(move |p: &[u8]| {
+        let decide: DecisionFn = Arc::new(move |p: &[u8], _mark: u32| {
             let Some((dport, data)) = udp_of(p) else { return QueueVerdict::ACCEPT };
             seen2.lock().unwrap().push((dport, data.to_vec()));
             if data.starts_with(b"DROP") {
@@ -235,7 +235,7 @@ fn queue_balance_spreads_over_workers() {
     in_new_netns(|ns| {
         // --queue-balance hashes the addresses only: send from 16 source addresses.
         ns.iptables("mangle", "-A OUTPUT -p udp --dport 9998 -j NFQUEUE --queue-balance 4:5");
-        let decide: DecisionFn = Arc::new(|_: &[u8]| QueueVerdict::accept_with_mark(MARK));
+        let decide: DecisionFn = Arc::new(|_: &[u8], _: u32| QueueVerdict::accept_with_mark(MARK));
         let workers = QueueWorkers::start(&QueueConfig::queues(4, 5), decide).unwrap();
         let rx = UdpSocket::bind("127.0.0.1:9998").unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -263,7 +263,7 @@ fn throughput_udp_through_queue() {
     }
     in_new_netns(|ns| {
         ns.iptables("mangle", "-A OUTPUT -p udp --dport 9997 -j NFQUEUE --queue-num 7");
-        let decide: DecisionFn = Arc::new(|p: &[u8]| {
+        let decide: DecisionFn = Arc::new(|p: &[u8], _mark: u32| {
             if p.len() >= 20 {
                 QueueVerdict::accept_with_mark(MARK)
             } else {

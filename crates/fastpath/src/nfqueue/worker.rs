@@ -73,8 +73,10 @@ impl QueueVerdict {
 }
 
 /// The decision callback: gets the packet from its network header on (at most
-/// [`QueueConfig::copy_range`] bytes), returns the verdict. Called on the worker threads.
-pub type DecisionFn = Arc<dyn Fn(&[u8]) -> QueueVerdict + Send + Sync>;
+/// [`QueueConfig::copy_range`] bytes) and its skb mark (0 when it has none), returns the
+/// verdict. Called on the worker threads. A verdict's mark replaces the whole skb mark, so
+/// a callback that sets one keeps the bits that are not its own.
+pub type DecisionFn = Arc<dyn Fn(&[u8], u32) -> QueueVerdict + Send + Sync>;
 
 /// How to bind and run the queues.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -336,7 +338,7 @@ impl VerdictBatcher {
 pub(crate) fn handle_datagram(
     datagram: &[u8],
     truncated: bool,
-    decide: &(dyn Fn(&[u8]) -> QueueVerdict + Send + Sync),
+    decide: &(dyn Fn(&[u8], u32) -> QueueVerdict + Send + Sync),
     fail_open: bool,
     out: &mut VerdictBatcher,
     stats: &mut WorkerStats,
@@ -350,17 +352,19 @@ pub(crate) fn handle_datagram(
         match m {
             Ok(Message::Packet(p)) => {
                 stats.packets += 1;
-                let v = match catch_unwind(AssertUnwindSafe(|| decide(p.payload))) {
-                    Ok(v) => v,
-                    Err(_) => {
-                        stats.errors += 1;
-                        if fail_open {
-                            QueueVerdict::ACCEPT
-                        } else {
-                            QueueVerdict::DROP
+                let v =
+                    match catch_unwind(AssertUnwindSafe(|| decide(p.payload, p.mark.unwrap_or(0))))
+                    {
+                        Ok(v) => v,
+                        Err(_) => {
+                            stats.errors += 1;
+                            if fail_open {
+                                QueueVerdict::ACCEPT
+                            } else {
+                                QueueVerdict::DROP
+                            }
                         }
-                    }
-                };
+                    };
                 if !v.accept {
                     stats.drops += 1;
                 }
@@ -685,7 +689,7 @@ mod tests {
             .collect()
     }
 
-    fn by_first_byte(p: &[u8]) -> QueueVerdict {
+    fn by_first_byte(p: &[u8], _mark: u32) -> QueueVerdict {
         match p.first() {
             Some(0) => QueueVerdict::DROP,
             Some(1) => QueueVerdict::ACCEPT,
