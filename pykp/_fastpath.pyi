@@ -7,7 +7,7 @@ from typing import Final, final
 
 from typing_extensions import Self
 
-__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine", "NfqueueDatapath", "loadgen_main"]
+__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine", "NfqueueDatapath", "loadgen_main", "queue_keeper"]
 
 __version__: Final[str]
 
@@ -189,6 +189,8 @@ class NfqueueDatapath:
         with `fail_open`, packets past it (or past the socket buffer) are accepted unmarked."""
     def start(self) -> None:
         """Bind the queues and start the threads; raises OSError (e.g. a queue already bound)."""
+    def dup_sockets(self) -> list[tuple[int, int]]:
+        """Duplicates of the bound queue sockets as (fd, queue); the caller owns the fds."""
     def stop(self) -> None: ...
     @property
     def running(self) -> bool: ...
@@ -203,3 +205,7 @@ class NfqueueDatapath:
 
 def loadgen_main(args: list[str]) -> None:
     """`pykp-loadgen ARGS...` (pykp bench's load generator) in this process, GIL released."""
+
+def queue_keeper(sockets: list[tuple[int, int]], parent: int) -> None:
+    """Hold the queue sockets (fd, queue) until the pipe end `parent` reaches end of file,
+    then accept what still waits and close (all fds owned from here on)."""

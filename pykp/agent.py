@@ -485,14 +485,17 @@ def _make_rules(config: AgentConfig) -> RulesLike:
 
 def _make_datapath(engine: Engine, config: AgentConfig) -> DatapathLike:
     from pykp._fastpath import NfqueueDatapath
+    from pykp.queue_keeper import KeptDatapath
 
-    return NfqueueDatapath(
-        engine,
-        first_queue=config.first_queue,
-        last_queue=config.last_queue,
-        backend_mask=config.mark_mask,
-        fail_open=config.fail_open,
-        max_len=config.queue_max_len,
+    return KeptDatapath(
+        NfqueueDatapath(
+            engine,
+            first_queue=config.first_queue,
+            last_queue=config.last_queue,
+            backend_mask=config.mark_mask,
+            fail_open=config.fail_open,
+            max_len=config.queue_max_len,
+        )
     )
 
 

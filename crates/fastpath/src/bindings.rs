@@ -555,6 +555,16 @@ impl NfqueueDatapath {
         Ok(())
     }
 
+    /// Duplicates of the bound queue sockets as (fd, queue); the caller owns the fds.
+    fn dup_sockets(&self) -> PyResult<Vec<(i32, u16)>> {
+        use std::os::fd::IntoRawFd;
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(dp) = running.as_ref() else {
+            return Err(value_error("the datapath is not running"));
+        };
+        Ok(dp.dup_sockets()?.into_iter().map(|(fd, q)| (fd.into_raw_fd(), q)).collect())
+    }
+
     fn stop(&self, py: Python<'_>) {
         let taken = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut dp) = taken {
@@ -621,6 +631,22 @@ impl NfqueueDatapath {
     }
 }
 
+/// Hold the queue sockets `sockets` ((fd, queue), owned from here on) until the pipe
+/// `parent` (its read end; owned too) reaches end of file, then accept what still waits
+/// and close: the queue keeper process of a reader that may be killed (SIGKILL).
+#[pyfunction]
+fn queue_keeper(py: Python<'_>, sockets: Vec<(i32, u16)>, parent: i32) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: the caller hands these descriptors over; nothing else closes them.
+    let sockets = sockets
+        .into_iter()
+        .map(|(fd, q)| (crate::nfqueue::NfqSocket::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }), q))
+        .collect();
+    // SAFETY: as above.
+    let parent = unsafe { OwnedFd::from_raw_fd(parent) };
+    py.detach(move || crate::nfqueue::keep_queues(sockets, parent));
+}
+
 /// `pykp-loadgen ARGS...` (`pykp bench`'s load generator) in this process, GIL released:
 /// the wheel's `pykp-loadgen` command, so that a user of the wheel needs no cargo build.
 #[pyfunction]
@@ -639,5 +665,6 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<NfqueueDatapath>()?;
     m.add_function(wrap_pyfunction!(loadgen_main, m)?)?;
+    m.add_function(wrap_pyfunction!(queue_keeper, m)?)?;
     Ok(())
 }

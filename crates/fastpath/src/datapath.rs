@@ -159,6 +159,11 @@ impl NfqueueDatapath {
         self.workers.total()
     }
 
+    /// Duplicates of the bound queue sockets, for a [`crate::nfqueue::keep_queues`] process.
+    pub fn dup_sockets(&self) -> io::Result<Vec<(std::os::fd::OwnedFd, u16)>> {
+        self.workers.dup_sockets()
+    }
+
     pub fn verdicts(&self) -> &VerdictCounters {
         &self.counters
     }

@@ -86,6 +86,12 @@ impl NfqSocket {
         Ok(NfqSocket { fd, portid: got.nl_pid })
     }
 
+    /// A socket from a descriptor of one (e.g. a duplicate of a bound queue socket handed
+    /// to another process); its port id is the original's, unknown here (0).
+    pub fn from_fd(fd: OwnedFd) -> NfqSocket {
+        NfqSocket { fd, portid: 0 }
+    }
+
     /// The port id the kernel assigned.
     pub fn portid(&self) -> u32 {
         self.portid

@@ -39,6 +39,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -558,6 +559,10 @@ impl Worker {
             }
         }
         let mut buf = Vec::with_capacity(32);
+        // What still waits for a verdict goes on undecided (to the kernel path) rather than
+        // being dropped by the unbind.
+        let _ = hand_over_queue(&self.sock, self.queue, &mut buf);
+        buf.clear();
         put_config(
             &mut buf,
             0,
@@ -567,6 +572,58 @@ impl Worker {
         );
         let _ = self.sock.send(&buf);
         // Dropping the socket unbinds too; packets still waiting are dropped by the kernel.
+    }
+}
+
+/// Let go of `queue` before closing it without losing a packet: first its length becomes
+/// 0 with fail-open on, so that every new packet is accepted at once instead of queued;
+/// then every packet still waiting for a verdict is accepted, unmarked (one
+/// `NFQNL_MSG_VERDICT_BATCH` up to the kernel's last id). They go on as if no reader had
+/// been there, to the rules after the queue (pykp's kernel path), instead of the drop that
+/// an unbind or the last close of the socket gives them. `sock` must be the bound socket.
+pub fn hand_over_queue(sock: &NfqSocket, queue: u16, buf: &mut Vec<u8>) -> io::Result<bool> {
+    buf.clear();
+    let pass_all = ConfigRequest {
+        max_len: Some(0),
+        flags: Some(CfgFlags::default().with(NFQA_CFG_F_FAIL_OPEN, true)),
+        ..Default::default()
+    };
+    put_config(buf, 0, queue, &pass_all, false);
+    sock.send(buf)?;
+    let Some(stats) = KernelQueueStats::read()?.into_iter().find(|s| s.queue == queue) else {
+        return Ok(false);
+    };
+    if stats.waiting == 0 {
+        return Ok(false);
+    }
+    buf.clear();
+    put_verdict_batch(buf, queue, stats.id_sequence, Verdict::Accept, None);
+    sock.send(buf)?;
+    Ok(true)
+}
+
+/// Hold a dead reader's queues open until they are drained: given duplicates of the
+/// reader's bound sockets and the read end of a pipe whose write end only the reader
+/// holds, wait for that end to close (the reader stopped, or was killed: SIGKILL runs no
+/// code of the reader's), then hand what still waits to the kernel path ([`hand_over_queue`], a few rounds
+/// for packets queued meanwhile) and close. Without it the kernel drops those packets when
+/// the killed reader's sockets close: the first packets of live connections.
+pub fn keep_queues(sockets: Vec<(NfqSocket, u16)>, parent: std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: reads into a 1-byte buffer from a descriptor this function owns.
+        let n = unsafe { libc::read(parent.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
+            break;
+        }
+    }
+    let mut buf = Vec::with_capacity(64);
+    for _ in 0..4 {
+        for (sock, queue) in &sockets {
+            let _ = hand_over_queue(sock, *queue, &mut buf);
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -580,6 +637,8 @@ pub struct QueueWorkers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     counters: Vec<(u16, Arc<WorkerCounters>)>,
+    /// The bound sockets (owned by the threads), for [`QueueWorkers::dup_sockets`].
+    sockets: Vec<(RawFd, u16)>,
 }
 
 impl fmt::Debug for QueueWorkers {
@@ -611,9 +670,15 @@ impl QueueWorkers {
             w.configure(&cfg.request(true), cfg.bind_timeout)?;
             workers.push(w);
         }
-        let mut me = QueueWorkers { stop: stop.clone(), threads: Vec::new(), counters: Vec::new() };
+        let mut me = QueueWorkers {
+            stop: stop.clone(),
+            threads: Vec::new(),
+            counters: Vec::new(),
+            sockets: Vec::new(),
+        };
         for w in workers {
             me.counters.push((w.queue, w.counters.clone()));
+            me.sockets.push((w.sock.as_raw_fd(), w.queue));
             let stop = stop.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pykp-nfq-{}", w.queue))
@@ -624,6 +689,26 @@ impl QueueWorkers {
             }
         }
         Ok(me)
+    }
+
+    /// Duplicates (close-on-exec) of the bound sockets with their queues, for a
+    /// [`keep_queues`] process. Only while running: the threads own the originals.
+    pub fn dup_sockets(&self) -> io::Result<Vec<(OwnedFd, u16)>> {
+        if self.threads.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "the queues are not running"));
+        }
+        self.sockets
+            .iter()
+            .map(|&(fd, queue)| {
+                // SAFETY: `fd` is a socket the running threads keep open.
+                let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+                Ok((unsafe { OwnedFd::from_raw_fd(dup) }, queue))
+            })
+            .collect()
     }
 
     /// The flag the threads watch.
@@ -647,6 +732,7 @@ impl QueueWorkers {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        self.sockets.clear();
     }
 }
 

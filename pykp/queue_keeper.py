@@ -1,0 +1,80 @@
+"""The NFQUEUE reader's sockets outlive a killed agent for as long as it takes to let
+their waiting packets go on.
+
+When the process that bound a queue dies, the kernel drops the packets still waiting for
+its verdict: first packets of live connections, lost to a SIGKILL (an OOM kill, a crash)
+that runs no code of pykp's. A small keeper process holds duplicates of the bound sockets
+and the read end of a pipe whose write end only the agent holds. Once that end closes (the
+agent stopped, or died), the keeper accepts what waits, unmarked, so that the kernel path
+decides it, and closes the queues; `--queue-bypass` then lets later packets by until the
+next agent binds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pykp._fastpath import NfqueueDatapath
+
+_KEEPER = (
+    "import sys; sys.path[:] = [p for p in sys.path if p != '']; "
+    "from pykp._fastpath import queue_keeper; "
+    "queue_keeper([tuple(map(int, s.split(':'))) for s in sys.argv[2:]], int(sys.argv[1]))"
+)
+
+
+class KeptDatapath:
+    """An `NfqueueDatapath` whose queues a keeper process drains when this process ends."""
+
+    def __init__(self, datapath: NfqueueDatapath) -> None:
+        self.datapath = datapath
+        self._keeper: subprocess.Popen[bytes] | None = None
+        self._pipe: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.datapath.running
+
+    def stats(self) -> dict[str, int]:
+        return self.datapath.stats()
+
+    def start(self) -> None:
+        self.datapath.start()
+        sockets = self.datapath.dup_sockets()
+        read_end, write_end = os.pipe()  # neither inheritable: pass_fds hands one over
+        fds = [fd for fd, _ in sockets] + [read_end]
+        try:
+            self._keeper = subprocess.Popen(
+                [sys.executable, "-c", _KEEPER, str(read_end), *(f"{fd}:{q}" for fd, q in sockets)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._pipe = write_end
+
+    def stop(self) -> None:
+        """Stop reading (the workers let waiting packets go on), then release the keeper."""
+        self.datapath.stop()
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        if self._keeper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._keeper.wait(timeout=5)
+            if self._keeper.poll() is None:
+                self._keeper.kill()
+                self._keeper.wait()
+            self._keeper = None
+
+    def __getattr__(self, name: str) -> Any:  # reject_mark, max_backend_id, ...
+        return getattr(self.datapath, name)

@@ -1,0 +1,155 @@
+"""Never fail closed: new connections to a Service go on while the agent is killed,
+restarted, stopped or overloaded, and its rules come back after someone flushes them.
+
+A steady load of new connections (pykp-loadgen, 200/s, a connect timeout) runs from a
+client pod to a round-robin service (its first packets go to pykp's reader) while the
+agent is disrupted; the kernel path (--queue-bypass, fail-open, numgen over the last
+synced slots) must serve every connection the reader cannot. Privileged: a namespace lab,
+real netfilter rules, real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pykp.bench.loadgen import find_loadgen, run_conns, start_server
+from pykp.lab import Lab
+from pykp.lab_agent import LabAgent, http_get, wait_for
+
+pytestmark = pytest.mark.privileged
+
+if os.geteuid() != 0 and not os.environ.get("CI"):
+    pytest.skip("needs root (network namespaces, netfilter)", allow_module_level=True)
+
+SERVICES = """
+services:
+  - name: web-rr
+    clusterIP: 10.96.0.10
+    policy: round-robin
+    ports: [{port: 80, targetPort: 8080}]
+    endpoints: [{ip: 10.244.0.10}, {ip: 10.244.0.11}, {ip: 10.244.0.12}]
+"""
+SYNC_PERIOD = 2.0
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    binary = find_loadgen()
+    with Lab(backends=3, clients=1) as lab:
+        for pod in lab.backend_pods:
+            start_server(lab, pod, binary, "8080", pod.name)
+        yield lab
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Path:
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICES)
+    return path
+
+
+def agent(lab: Lab, services: Path, workdir: Path) -> LabAgent:
+    return LabAgent(lab, services, "--sync-period", f"{SYNC_PERIOD}s", workdir=workdir)
+
+
+def load(lab: Lab, seconds: float, timeout_ms: int = 1000) -> Future[dict[str, Any]]:
+    """200 new connections/s to the service for `seconds`, in the background."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(
+        run_conns, lab, "client-0", find_loadgen(), ["10.96.0.10:80"],
+        duration=seconds, concurrency=256, threads=1, rate=200, timeout_ms=timeout_ms,
+    )  # fmt: skip
+    pool.shutdown(wait=False)
+    return future
+
+
+def served_everything(result: dict[str, Any]) -> None:
+    assert result["failed"] == 0, result["errors"]
+    assert result["ok"] == result["attempted"] > 0
+    assert set(result["backends"]) == {"backend-0", "backend-1", "backend-2"}
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_restart_under_load_fails_no_connection(
+    lab: Lab, services: Path, tmp_path: Path, how: signal.Signals
+) -> None:
+    first = agent(lab, services, tmp_path / "first")
+    first.start()
+    second = agent(lab, services, tmp_path / "second")
+    try:
+        running = load(lab, 6.0)
+        time.sleep(1.5)
+        assert first.proc is not None
+        first.proc.send_signal(how)  # a crash, or a DaemonSet's rolling update
+        first.proc.wait(timeout=15)
+        time.sleep(2.0)  # no agent at all: the kernel path serves
+        second.start()
+
+        served_everything(running.result(timeout=60))
+        # The reader is back: round-robin decisions again, in user space.
+        assert wait_for(lambda: second.metric("pykp_queue_packets_total") > 0, timeout=10) or (
+            http_get(lab, "client-0", "10.96.0.10") and second.metric("pykp_queue_packets_total") > 0
+        )
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_stalled_agent_is_bypassed_and_nothing_fails_after_it_resumes(
+    lab: Lab, services: Path, tmp_path: Path
+) -> None:
+    node = agent(lab, services, tmp_path / "node")
+    node.start()
+    try:
+        # Connections whose SYN sits in the stalled queue (at most --queue-max-len) are
+        # served on the client's SYN retransmission (~1 s) by the kernel path: a connect
+        # timeout above that counts them as served, late.
+        running = load(lab, 9.0, timeout_ms=3000)
+        time.sleep(1.5)
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+        time.sleep(5.0)
+        node.proc.send_signal(signal.SIGCONT)
+
+        served_everything(running.result(timeout=60))
+        assert node.synced()
+    finally:
+        if node.proc is not None:
+            node.proc.send_signal(signal.SIGCONT)
+        node.stop()
+
+
+def test_a_flushed_ruleset_is_restored_within_a_sync_period(
+    lab: Lab, services: Path, tmp_path: Path
+) -> None:
+    node = agent(lab, services, tmp_path / "node")
+    node.start()
+    try:
+        assert http_get(lab, "client-0", "10.96.0.10") in {"backend-0", "backend-1", "backend-2"}
+        subprocess.run(
+            ["ip", "netns", "exec", lab.node.netns, "nft", "flush", "ruleset"], check=True
+        )
+        flushed = time.monotonic()
+
+        def serves() -> bool:
+            try:
+                answer = http_get(lab, "client-0", "10.96.0.10", timeout=0.5)
+            except OSError:
+                return False
+            return answer in {"backend-0", "backend-1", "backend-2"}
+
+        assert wait_for(serves, timeout=3 * SYNC_PERIOD, step=0.1)
+        repaired = time.monotonic() - flushed
+        assert repaired < 2 * SYNC_PERIOD
+        assert node.metric("pykp_rules_repairs_total") == 1
+    finally:
+        node.stop()
