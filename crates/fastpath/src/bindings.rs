@@ -295,7 +295,7 @@ impl Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (*, default_policy = "random", conntrack_capacity = 262_144, maglev_table_size = 65_537, maglev_seed = 0, hash_key = "5-tuple", seed = None, max_backend_id = u32::MAX - 1))]
+    #[pyo3(signature = (*, default_policy = "random", conntrack_capacity = 262_144, maglev_table_size = 65_537, maglev_seed = 0, hash_key = "5-tuple", seed = None, max_backend_id = 4_294_967_294))]
     fn new(
         default_policy: &str,
         conntrack_capacity: usize,
