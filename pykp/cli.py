@@ -721,6 +721,13 @@ def bench(
         float | None,
         typer.Option(help="Connections/s of the fixed-rate run (latency, CPU).", min=1, max=100000),
     ] = None,
+    faults: Annotated[
+        str | None,
+        typer.Option(
+            help="Fault runs at the first scale, comma-separated: kill (agent SIGKILLed, "
+            "restarted 2 s later), stop (SIGSTOP 5 s), or none (default: both; --quick: none)."
+        ),
+    ] = None,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the raw samples and summary here.")
     ] = None,
@@ -756,6 +763,7 @@ def bench(
             throughput_seconds=1.0,
             streams=[1, 2],
             probe_timeout=60.0,
+            faults=[],
             preset="quick",
         )
     else:
@@ -766,6 +774,13 @@ def bench(
         settings.scales = _int_list(services, "--services")
         if max(settings.scales) > MAX_SERVICES:
             raise typer.BadParameter(f"at most {MAX_SERVICES} services", param_hint="'--services'")
+    if faults is not None:
+        settings.faults = [f.strip() for f in faults.split(",") if f.strip() and f.strip() != "none"]
+        unknown = set(settings.faults) - {"kill", "stop"}
+        if unknown:
+            raise typer.BadParameter(
+                f"{', '.join(sorted(unknown))}: not kill, stop or none", param_hint="'--faults'"
+            )
     if rounds is not None:
         settings.rounds = rounds
     if contenders is not None:
@@ -786,7 +801,7 @@ def bench(
         if value is not None:
             setattr(settings, name, value)
     if settings.preset != "quick" and any(
-        v is not None for v in (rounds, contenders, duration, concurrency, threads, rate)
+        v is not None for v in (rounds, contenders, duration, concurrency, threads, rate, faults)
     ):
         settings.preset = "custom"
 

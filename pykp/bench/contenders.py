@@ -216,6 +216,13 @@ class Contender(ABC):
     def teardown(self) -> None:
         """Stop what `setup` started (the node itself is closed by the harness)."""
 
+    def disrupt(self, fault: str) -> None:
+        """Do `fault` ("kill": SIGKILL, "stop": SIGSTOP) to the proxy's agent. A static rule
+        set has no agent: its rules just stay, as kube-proxy's do."""
+
+    def recover(self, fault: str) -> None:
+        """Undo `disrupt`: restart the killed agent, continue the stopped one."""
+
     def pause(self) -> None:
         """Between its turns: stop background work (so it never loads another's turn)."""
 
@@ -473,6 +480,26 @@ class PykpContender(Contender):
         started = time.perf_counter()
         self._write(services)
         return {"generate_seconds": time.perf_counter() - started}
+
+    def disrupt(self, fault: str) -> None:
+        if self.proc is None:
+            return
+        if fault == "kill":
+            self.proc.kill()  # SIGKILL to the agent alone: a crash, an OOM kill
+            self.proc.wait(timeout=15)
+        elif fault == "stop":
+            self.proc.send_signal(signal.SIGSTOP)  # a stalled process
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
+
+    def recover(self, fault: str) -> None:
+        if fault == "stop":
+            if self.proc is not None:
+                self.proc.send_signal(signal.SIGCONT)
+            return
+        log = self.log_path.open("a")  # a restart, as a DaemonSet's would
+        self.proc = self.lab.popen("node", self._argv(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
 
     def pause(self) -> None:
         # An idle agent still resyncs every --sync-period (a full pass over every service):

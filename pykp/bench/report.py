@@ -54,6 +54,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("tput_8", "throughput, 8 streams", "tput_8", lambda s: s["bits_per_second"] / 1e9, "Gbit/s", True, "{:.2f}"),
     Metric("program", "program all services", "program", lambda s: s["seconds"], "s", False, "{:.3f}"),
     Metric("propagation", "endpoint change -> first conn", "propagation", lambda s: s["seconds"], "s", False, "{:.3f}"),
+    Metric("fault_kill", "failed conns, agent killed + restarted", "fault_kill", lambda s: s["failed"], "", False),
+    Metric("fault_kill_gap", "longest gap, agent killed + restarted", "fault_kill", lambda s: s["max_gap_us"] / 1000, "ms", False, "{:.1f}"),
+    Metric("fault_stop", "failed conns, agent stopped 5 s", "fault_stop", lambda s: s["failed"], "", False),
+    Metric("fault_stop_gap", "longest gap, agent stopped 5 s", "fault_stop", lambda s: s["max_gap_us"] / 1000, "ms", False, "{:.1f}"),
 )
 _BY_KEY = {m.key: m for m in METRICS}
 BASELINES = ("iptables", "nftables", "direct")

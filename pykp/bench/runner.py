@@ -58,6 +58,9 @@ class BenchSettings:
     timeout_ms: int = 3000
     probe_timeout: float = 120.0
     probe_interval_us: int = 1000
+    # Fault runs at the first scale: the agent killed and restarted, or stopped for 5 s,
+    # under a steady load (workloads.fault).
+    faults: list[str] = field(default_factory=lambda: ["kill", "stop"])
     preset: str = "custom"
 
     def load(self) -> LoadSettings:
@@ -119,6 +122,7 @@ def _steps(settings: BenchSettings, contenders: Sequence[Contender]) -> int:
             per = 2 + (1 if scale > 1 else 0)  # conns end, rate, conns random
             per += 2 if c.proxies else 0  # program, propagation
             per += len(settings.streams) if (c.throughput and i == 0) else 0
+            per += len(settings.faults) if (c.proxies and i == 0) else 0
             total += per * settings.rounds
     return total
 
@@ -243,6 +247,10 @@ def _turn(
     if c.proxies:
         progress(f"{tag}: changing endpoints", None)
         record("propagation", workloads.propagation(node, c, services, load, binary))
+    if c.proxies and first_scale:
+        for kind in settings.faults:
+            progress(f"{tag}: fault ({kind}) under a steady load", None)
+            record(f"fault_{kind}", workloads.fault(node, c, services, kind, binary))
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -9,6 +9,9 @@
 * `program`: from no services to the last one answering (a probe connects every ms).
 * `propagation`: from changing one service's endpoints (to the spare backend) to the first
   connection answered by it.
+* `fault`: a steady 200 new connections/s (1 s connect timeout) while the contender's agent
+  is killed and restarted 2 s later, or stopped for 5 s: failed connections and the longest
+  wait for the next successful one. Static rule sets (kube-proxy's) have no agent to lose.
 
 CPU cost comes from /proc/stat (the whole machine: user, nice, system, irq and softirq;
 forwarding and netfilter run in softirq) over the run, per 1000 connections; a second
@@ -26,7 +29,20 @@ from typing import Any
 from pykp.bench.contenders import SERVING, BenchNode, Contender, PykpContender, ServiceSet
 from pykp.bench.loadgen import run_conns, start_probe
 
-__all__ = ["LoadSettings", "conns", "cpu_times", "program", "propagation", "throughput"]
+__all__ = [
+    "LoadSettings",
+    "conns",
+    "cpu_times",
+    "fault",
+    "program",
+    "propagation",
+    "throughput",
+]
+
+FAULT_RATE = 200.0  # new connections/s during a fault run
+FAULT_TIMEOUT_MS = 1000
+# seconds: load before the fault, the fault (dark agent), load after recovery
+FAULT_TIMES = {"kill": (1.5, 2.0, 3.0), "stop": (1.5, 5.0, 2.0)}
 
 _CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 _BUSY = ("user", "nice", "system", "irq", "softirq", "steal")
@@ -176,3 +192,35 @@ def propagation(
         "probe": result,
         **details,
     }
+
+
+def fault(
+    node: BenchNode, contender: Contender, services: ServiceSet, kind: str, binary: str
+) -> dict[str, Any]:
+    """Failed connections and the longest dark gap while the agent suffers `kind`."""
+    import threading
+
+    before, dark, after = FAULT_TIMES[kind]
+    target = contender.targets(services, [services.count - 1])[0]
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        result.update(
+            run_conns(
+                node.lab, node.client, binary, [target], duration=before + dark + after,
+                concurrency=512, threads=1, rate=FAULT_RATE, timeout_ms=FAULT_TIMEOUT_MS,
+            )
+        )  # fmt: skip
+
+    load = threading.Thread(target=run, name="pykp-bench-fault")
+    load.start()
+    try:
+        time.sleep(before)
+        contender.disrupt(kind)
+        time.sleep(dark)
+    finally:
+        contender.recover(kind)
+        load.join()
+    if isinstance(contender, PykpContender):
+        contender.wait_programmed(services, 60)
+    return {**result, "fault": kind, "dark_seconds": dark}

@@ -398,6 +398,9 @@ struct Tally {
     total_us: Vec<u32>,
     late_starts: u64,
     elapsed: f64,
+    /// The longest wait for the next successful connection (from the start, then between
+    /// two successes): how long a service was dark during the run.
+    max_gap_us: u64,
 }
 
 impl Tally {
@@ -418,6 +421,7 @@ impl Tally {
         self.total_us.extend(other.total_us);
         self.late_starts += other.late_starts;
         self.elapsed = self.elapsed.max(other.elapsed);
+        self.max_gap_us = self.max_gap_us.max(other.max_gap_us);
     }
 }
 
@@ -491,6 +495,7 @@ fn conns_loop(cfg: &ConnsConfig) -> Tally {
     let mut rng = cfg.seed | 1;
     let mut next_target = 0usize;
     let start = Instant::now();
+    let mut last_ok = start;
     let deadline = start + cfg.duration;
     let interval =
         if cfg.rate > 0.0 { Some(Duration::from_secs_f64(1.0 / cfg.rate)) } else { None };
@@ -560,6 +565,10 @@ fn conns_loop(cfg: &ConnsConfig) -> Tally {
                 Step::Done => {
                     let conn = slots[slot].take().expect("slot is live");
                     let total = conn.started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    let done = Instant::now();
+                    let gap = done.duration_since(last_ok).as_micros() as u64;
+                    tally.max_gap_us = tally.max_gap_us.max(gap);
+                    last_ok = done;
                     tally.ok += 1;
                     tally.connect_us.push(conn.connected_us);
                     tally.total_us.push(total);
@@ -763,7 +772,8 @@ fn print_tally(t: &mut Tally, threads: usize, concurrency: usize, rate: f64) {
     println!(
         "{{\"attempted\": {}, \"ok\": {}, \"failed\": {}, \"errors\": {{{}}}, \"backends\": {{{}}}, \
          \"elapsed\": {:.6}, \"conns_per_s\": {:.1}, \"late_starts\": {}, \"threads\": {}, \
-         \"concurrency\": {}, \"rate\": {}, \"connect_us\": {}, \"total_us\": {}}}",
+         \"concurrency\": {}, \"rate\": {}, \"max_gap_us\": {}, \"connect_us\": {}, \
+         \"total_us\": {}}}",
         t.attempted,
         t.ok,
         failed,
@@ -775,6 +785,7 @@ fn print_tally(t: &mut Tally, threads: usize, concurrency: usize, rate: f64) {
         threads,
         concurrency,
         rate,
+        t.max_gap_us,
         lat_json(&mut t.connect_us),
         lat_json(&mut t.total_us),
     );
