@@ -439,6 +439,7 @@ class RulesLike(Protocol):
 
     def install(self) -> None: ...
     def installed(self) -> bool: ...
+    def undecided_connections(self) -> int: ...
     def sync(self, state: RuleState) -> object: ...
     def cleanup(self) -> None: ...
 
@@ -586,6 +587,7 @@ class Agent:
         self.registry.add("engine", lambda: engine_families(self.engine.counters()))
         self.registry.add("datapath", self._datapath_families)
         self.registry.add("state", self._state_families)
+        self.registry.add("kernel_path", self._kernel_path_families)
         self.runner = BoundedFrequencyRunner(
             self.sync,
             config.min_sync_period,
@@ -910,7 +912,7 @@ class Agent:
         """The status snapshot (`/status`, the state file, `pykp status`)."""
         programmed = self._programmed
         limit = self.config.status_flows if flows is None else flows
-        return build_status(
+        snapshot = build_status(
             node_name=self.node_name,
             node_addresses=programmed.node_addresses,
             services=programmed.services.values(),
@@ -926,6 +928,8 @@ class Agent:
             flows=self.engine.connections(limit) if limit > 0 else (),
             now=self.deps.wall_clock(),
         )
+        snapshot["kernelPathUndecided"] = self.rules.undecided_connections()
+        return snapshot
 
     def _write_status(self) -> None:
         directory = self.config.state_dir
@@ -940,6 +944,18 @@ class Agent:
 
     def _datapath_families(self) -> list[Family]:
         return datapath_families(self.datapath.stats())
+
+    def _kernel_path_families(self) -> list[Family]:
+        return [
+            Family.single(
+                "pykp_kernel_path_undecided_connections_total",
+                "counter",
+                "Connections to services pykp's reader decides (round-robin, Maglev, "
+                "least-conn, affinity) that the kernel path served at random instead, because "
+                "no reader was bound, it was stalled or its queue was full",
+                self.rules.undecided_connections(),
+            )
+        ]
 
     def _state_families(self) -> list[Family]:
         source = self.source.status()

@@ -704,7 +704,7 @@ def bench(
         str | None,
         typer.Option(
             help="Comma-separated: direct, loopback, iptables, iptables-legacy, nftables, "
-            "pykp/random, pykp/round-robin, pykp/maglev, pykp/least-conn "
+            "pykp/random, pykp/random-nfqueue, pykp/round-robin, pykp/maglev, pykp/least-conn "
             "(default: all but iptables-legacy and least-conn)."
         ),
     ] = None,

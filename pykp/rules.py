@@ -228,6 +228,8 @@ class SyncStats:
 # --- nftables rendering ---------------------------------------------------------------
 
 _FRONTEND_TYPE = "{} . inet_proto . inet_service"
+# Connections to queued frontends that the kernel path served (no reader decided them).
+UNDECIDED_COUNTER = "undecided"
 # The most slots (backends, repeated by weight) the kernel path holds per frontend: one
 # `pick<family>_<n>` chain per count, so `numgen random mod n` has a constant n.
 MAX_SLOTS = 128
@@ -410,7 +412,12 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
         for p, v in fams
     ]
     # No slots (no ready backend): falls through un-NATed to the reject rules.
-    nat_fallback = ["jump nat_masq"] + [
+    nat_fallback = [
+        # A queued frontend's connection that no reader decided: its policy degraded to
+        # random. Counted in a named counter, which outlives the chain rewrites of restarts.
+        f"meta mark & {queue} == {queue} counter name {UNDECIDED_COUNTER}",
+        "jump nat_masq",
+    ] + [
         f"{p} daddr . meta l4proto . th dport vmap @fallback{v}" for p, v in fams
     ]
     picks = {
@@ -538,7 +545,7 @@ class RuleManager:
     def render_table(self) -> str:
         """The complete table, rules included, as installed on an empty kernel."""
         rules = _chain_rules(self.layout, self.cluster_cidrs)
-        lines = [f"table inet {self.table} {{"]
+        lines = [f"table inet {self.table} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
         lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC}.items()]
         for name, spec in _CHAINS.items():
             lines.append(f"\tchain {name} {{")
@@ -579,7 +586,7 @@ class RuleManager:
             n: r for n, r in _chain_rules(self.layout, self.cluster_cidrs).items() if n not in _PICKS
         }
         existing = set(existing_sets)
-        decl = [f"table inet {t} {{"]
+        decl = [f"table inet {t} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
         decl += [
             _set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items() if n not in existing
         ]
@@ -725,6 +732,18 @@ class RuleManager:
         """Remove the table, the mangle chains and our jump rules; safe when absent."""
         cleanup_all(self.table, self.chain, netns=self.netns, ipv6=self.ipv6)
         self._current = None
+
+    def undecided_connections(self) -> int:
+        """Connections to queued frontends that the kernel path served since the table was
+        made (the reader was away, stalled or overloaded): their policy degraded to random."""
+        argv = ["nft", "-j", "list", "counter", "inet", self.table, UNDECIDED_COUNTER]
+        res = run_tool(argv, netns=self.netns, check=False)
+        if res.returncode != 0:
+            return 0
+        for item in json.loads(res.stdout).get("nftables", []):
+            if "counter" in item:
+                return int(item["counter"].get("packets", 0))
+        return 0
 
     def installed(self) -> bool:
         """True when the table, the chains and both jump rules of each family exist."""

@@ -245,6 +245,15 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
         f"; last sync {_ago(snapshot.get('lastSync'), now)}",
     )
     console.print(summary)
+    undecided = snapshot.get("kernelPathUndecided") or 0
+    if undecided:
+        console.print(
+            Text(
+                f"policy degraded for {undecided} connections: no reader decided them (agent "
+                "away, stalled or overloaded), the kernel path picked a backend at random",
+                style="yellow",
+            )
+        )
     source = snapshot.get("source")
     if source:
         line = f"source {source['name']}: {source['loads']} loads"

@@ -83,6 +83,9 @@ class FakeRules:
     def installed(self) -> bool:
         return self.present
 
+    def undecided_connections(self) -> int:
+        return 3 if self.present else 0
+
     @property
     def last(self) -> RuleState:
         return self.states[-1]
@@ -1397,3 +1400,27 @@ def test_the_kernel_path_holds_each_frontends_eligible_backends_and_serves_rando
     # Only terminating ones: kube-proxy's fallback to serving+terminating; none serving: none.
     assert state.fallback[("10.96.0.41", 80, "TCP")] == (("10.244.1.41", 80),)
     assert state.fallback[("10.96.0.42", 80, "TCP")] == ()
+
+
+def test_status_says_what_healthz_answers_and_why() -> None:
+    clock = FakeClock(1_700_000_000.0)
+    health = ProxierHealth(60.0, clock=clock)  # the agent's: the first sync is required
+
+    answers = []
+    for step in ("starting", "synced", "stuck", "leaving"):
+        if step == "synced":
+            health.updated()
+        elif step == "stuck":
+            health.queued_update()
+            clock.now += 61
+        elif step == "leaving":
+            health.updated()
+            health.set_node_eligible(False)
+        answers.append((health.healthz()[0], health.is_healthy(), health.unhealthy_reason()))
+
+    assert answers == [
+        (503, False, "waiting for the first successful sync"),
+        (200, True, None),
+        (503, False, "an update has waited more than 60 s to be programmed"),
+        (503, False, "the node is marked for deletion"),
+    ]

@@ -535,6 +535,10 @@ def make_contender(name: str, binary: str) -> Contender:
         return IptablesContender("legacy")
     if name == "nftables":
         return NftablesContender()
+    if name == "pykp/random-nfqueue":  # random decided by pykp's reader, not the kernel
+        contender = PykpContender("random", ["--no-kernel-random"])
+        contender.name = name
+        return contender
     if name.startswith("pykp/"):
         return PykpContender(name.split("/", 1)[1])
     raise ValueError(f"unknown contender {name!r}")
