@@ -115,8 +115,8 @@ class AgentConfig:
     maglev_seed: int = 0
     state_dir: Path | None = DEFAULT_STATE_DIR  # None: no status file
     # Remove the rules when stopping. False leaves them, as kube-proxy does: established
-    # flows keep their NAT across a restart (deleting pykp's nat chains ends them), and
-    # new connections wait in the queue for the next agent.
+    # flows keep their NAT across a restart (deleting pykp's nat chains ends them), and the
+    # kernel path serves new connections until the next agent.
     cleanup_on_exit: bool = False
     # A service IP (ClusterIP, externalIP, LB IP) equal to one of the node's own addresses
     # would capture the node's traffic to that port (the CVE-2020-8554 class): refused
@@ -265,33 +265,44 @@ def filter_node_addresses(addresses: Iterable[str], cidrs: Sequence[str]) -> lis
 # --- the pieces of a sync (pure functions) ------------------------------------------------
 
 
-def node_address_captures(
+def without_node_address_ips(
     services_file: ServicesFile, node_addresses: Iterable[str]
-) -> dict[str, str]:
-    """Services with a ClusterIP, externalIP or LB IP that is one of the node's own
-    addresses, with why they are refused: programming one would capture the node's own
-    traffic to that port (kube-proxy's CVE-2020-8554 class). NodePorts are not concerned.
+) -> tuple[ServicesFile, dict[str, str]]:
+    """The services minus any ClusterIP, externalIP or LB IP that is one of the node's own
+    addresses, and why, by service: serving one would capture the node's own traffic to
+    that port (kube-proxy's CVE-2020-8554 class). Only the address goes; the service keeps
+    its other addresses and its NodePorts.
     """
     nodes = set()
     for address in node_addresses:
         with contextlib.suppress(ValueError):  # what interfaces report is not ours to check
             nodes.add(str(ipaddress.ip_address(address.split("%")[0])))
-    found: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    specs = []
     for spec in services_file.services:
-        fields = (
-            ("clusterIP", spec.cluster_ips),
-            ("externalIP", spec.external_ips),
-            ("loadBalancerIP", spec.load_balancer_ips),
-        )
-        for field_name, ips in fields:
-            taken = sorted(set(ips) & nodes)
-            if taken and spec.key not in found:
-                found[spec.key] = (
-                    f"{field_name} {taken[0]} is an address of this node: serving it would "
-                    "capture the node's own traffic (CVE-2020-8554); "
-                    "--allow-node-address-service-ips allows it"
-                )
-    return found
+        fields = {
+            "clusterIP": spec.cluster_ips,
+            "externalIP": spec.external_ips,
+            "loadBalancerIP": spec.load_balancer_ips,
+        }
+        taken = [f"{name} {ip}" for name, ips in fields.items() for ip in ips if ip in nodes]
+        if taken:
+            # Its own key: the service's ports themselves may well be served.
+            refused[f"{spec.key} (node address)"] = (
+                f"{', '.join(taken)} not served: an address of this node, where a service "
+                "would capture the node's own traffic (CVE-2020-8554); "
+                "--allow-node-address-service-ips allows it"
+            )
+            spec = dataclasses.replace(
+                spec,
+                cluster_ips=tuple(ip for ip in spec.cluster_ips if ip not in nodes),
+                external_ips=tuple(ip for ip in spec.external_ips if ip not in nodes),
+                load_balancer_ips=tuple(ip for ip in spec.load_balancer_ips if ip not in nodes),
+            )
+        specs.append(spec)
+    if not refused:
+        return services_file, {}
+    return dataclasses.replace(services_file, services=tuple(specs)), refused
 
 
 def build_rule_state(
@@ -317,7 +328,7 @@ def build_rule_state(
     reaches one. With `kernel_random`, random services without session affinity are not
     queued at all: the kernel path is their policy (kube-proxy's nftables `numgen random`).
     """
-    from pykp.rules import FrontendRule, RuleState
+    from pykp.rules import MAX_SLOTS, FrontendRule, RuleState
 
     owners: dict[str, ServiceSpec] = {}
     for spec in services_file.services:
@@ -332,10 +343,15 @@ def build_rule_state(
         spec = owners[service.name]
         masquerade = spec.external_traffic_policy == "Cluster"
         addresses = {*spec.cluster_ips, *spec.external_ips, *spec.load_balancer_ips}
-        queued = not (
-            kernel_random and service.policy == "random" and service.affinity_timeout is None
-        )
         v4_pool, v6_pool = (pools or {}).get(service.name, ([], []))
+        # The kernel path holds at most MAX_SLOTS backends per frontend: a bigger random
+        # service keeps pykp's reader, which picks among all of them.
+        queued = not (
+            kernel_random
+            and service.policy == "random"
+            and service.affinity_timeout is None
+            and max(len(v4_pool), len(v6_pool)) <= MAX_SLOTS
+        )
         for ip, port, protocol in service.frontends:
             if ip in spec.cluster_ips:
                 frontends.add(FrontendRule(ip, port, protocol, queued=queued))
@@ -657,8 +673,8 @@ class Agent:
         """Stop everything, then remove the rules (unless `cleanup`, by default
         --cleanup-on-exit, is False). Idempotent; every step is attempted.
 
-        The rules go before the datapath stops, so that no packet is queued to a queue
-        nobody reads.
+        The rules go before the datapath stops: a packet queued meanwhile would only be
+        handed over to the kernel path, but no rule should send it there.
         """
         remove_rules = self.config.cleanup_on_exit if cleanup is None else cleanup
         self._stop.set()
@@ -761,17 +777,11 @@ class Agent:
             self._seen_file = services_file
 
         # (a) translate, (b) apply: the engine makes the decisions the rules will carry.
-        node_addresses = self.node_addresses()
-        captures = (
-            {}
-            if self.config.allow_node_address_service_ips
-            else node_address_captures(services_file, self.deps.interface_addresses())
-        )
-        if captures:
-            services_file = dataclasses.replace(
-                services_file,
-                services=tuple(s for s in services_file.services if s.key not in captures),
-            )
+        interfaces = self.deps.interface_addresses()
+        node_addresses = filter_node_addresses(interfaces, self.config.nodeport_addresses)
+        captures: dict[str, str] = {}
+        if not self.config.allow_node_address_service_ips:
+            services_file, captures = without_node_address_ips(services_file, interfaces)
         services = services_file_to_engine(services_file, node_addresses, self.node_name)
         refused = self._apply(services, captures)
         wanted = {service.name: service for service in services if service.name not in refused}
@@ -827,12 +837,12 @@ class Agent:
         self._rules_checked = now
         if self.rules.installed():
             return
-        self.metrics.rules_repairs += 1
         _log.error("pykp's rules were removed or changed by someone else: restoring them")
         self.rules.install()
+        self.metrics.rules_repairs += 1
 
     def _apply(
-        self, services: Sequence[EngineService], refused_before: Mapping[str, str] = {}
+        self, services: Sequence[EngineService], refused_before: Mapping[str, str] | None = None
     ) -> dict[str, str]:
         """Make the engine hold `services`; return those it refused, with why.
 
@@ -854,7 +864,7 @@ class Agent:
             if service.name not in present or self._applied.get(service.name) != service
         ]
         upsert_only = cast("Engine", _UpsertOnly(self.engine))
-        refused: dict[str, str] = dict(refused_before)
+        refused: dict[str, str] = dict(refused_before or {})
         # Passes until no progress: when two services swap a frontend, the first may fail
         # until the second has let go of it.
         while pending:

@@ -282,8 +282,9 @@ def make_agent(config: AgentConfig) -> Agent:
     """The agent `pykp run` drives (tests replace this to run without root)."""
     from pykp.agent import Agent
 
+    agent = Agent(config)  # touches no kernel state: a bad source is reported first
     require("run")
-    return Agent(config)
+    return agent
 
 
 @contextmanager
@@ -457,7 +458,8 @@ def run(
             "--cleanup-on-exit/--no-cleanup-on-exit",
             help="Remove the rules when stopping. The default leaves them, like kube-proxy: "
             "established flows keep their NAT across a restart (removing pykp's nat chains "
-            "ends them) and new connections wait for the next agent. `pykp cleanup` removes them.",
+            "ends them) and the kernel path serves new connections until the next agent. "
+            "`pykp cleanup` removes them.",
         ),
     ] = False,
     verbose: Annotated[

@@ -15,15 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from typing import TYPE_CHECKING, Any
+
+from pykp.self_command import python_command
 
 if TYPE_CHECKING:
     from pykp._fastpath import NfqueueDatapath
 
 _KEEPER = (
-    "import sys; sys.path[:] = [p for p in sys.path if p != '']; "
-    "from pykp._fastpath import queue_keeper; "
+    "import sys; from pykp._fastpath import queue_keeper; "
     "queue_keeper([tuple(map(int, s.split(':'))) for s in sys.argv[2:]], int(sys.argv[1]))"
 )
 
@@ -45,14 +45,24 @@ class KeptDatapath:
 
     def start(self) -> None:
         self.datapath.start()
+        try:
+            self._start_keeper()
+        except BaseException:
+            self.datapath.stop()  # the next start tries both again
+            raise
+
+    def _start_keeper(self) -> None:
         sockets = self.datapath.dup_sockets()
         read_end, write_end = os.pipe()  # neither inheritable: pass_fds hands one over
         fds = [fd for fd, _ in sockets] + [read_end]
         try:
             self._keeper = subprocess.Popen(
-                [sys.executable, "-c", _KEEPER, str(read_end), *(f"{fd}:{q}" for fd, q in sockets)],
+                python_command(_KEEPER, str(read_end), *(f"{fd}:{q}" for fd, q in sockets)),
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C goes to the agent, which then stops
+                # and closes the pipe; the keeper never dies before its agent.
+                start_new_session=True,
             )
         except BaseException:
             os.close(write_end)

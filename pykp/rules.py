@@ -285,6 +285,9 @@ _CHAINS: dict[str, str] = {
 
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
+# Chains whose rules `installed` counts: every path of a new connection starts in one.
+_CANARY_CHAINS = ("mark_new", "nat_pre", "nat_backend", "nat_fallback", "reject_fwd")
+_PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}")
 
 
 def _is_map(type_: str) -> bool:
@@ -411,15 +414,15 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
         f"meta l4proto {{ tcp, udp, sctp }} dnat {p} to meta mark & {mask} map @backends{v}"
         for p, v in fams
     ]
-    # No slots (no ready backend): falls through un-NATed to the reject rules.
     nat_fallback = [
         # A queued frontend's connection that no reader decided: its policy degraded to
         # random. Counted in a named counter, which outlives the chain rewrites of restarts.
         f"meta mark & {queue} == {queue} counter name {UNDECIDED_COUNTER}",
         "jump nat_masq",
-    ] + [
-        f"{p} daddr . meta l4proto . th dport vmap @fallback{v}" for p, v in fams
-    ]
+    ] + [f"{p} daddr . meta l4proto . th dport vmap @fallback{v}" for p, v in fams]
+    # No slots (no ready backend): the reject mark, so that do_reject refuses it even on a
+    # node address (a NodePort), which service_ips never holds.
+    nat_fallback.append(f"meta mark set meta mark & {keep} | {reject}")
     picks = {
         f"pick{v}_{n}": [
             f"dnat {p} to {p} daddr . meta l4proto . th dport . numgen random mod {n} map @slots{v}"
@@ -482,16 +485,20 @@ class _Mangle:
     chain_exists: bool
     jumps: dict[str, list[str]]  # hook -> our rules in iptables-save form ("-A HOOK ...")
     foreign_refs: list[str]
+    queue_rule: bool = False  # our chain holds its NFQUEUE rule
 
 
 def _read_mangle(save: str, chain: str, netns: str | None) -> _Mangle:
     text = run_tool([save, "-t", "mangle"], netns=netns).stdout
     exists = False
+    queue_rule = False
     jumps: dict[str, list[str]] = {}
     foreign: list[str] = []
     for line in text.splitlines():
         if line.startswith(f":{chain} "):
             exists = True
+        if line.startswith(f"-A {chain} ") and "-j NFQUEUE" in line:
+            queue_rule = True
         if not line.startswith("-A "):
             continue
         tokens = shlex.split(line)
@@ -502,7 +509,7 @@ def _read_mangle(save: str, chain: str, netns: str | None) -> _Mangle:
             jumps.setdefault(tokens[1], []).append(line)
         else:
             foreign.append(line)
-    return _Mangle(exists, jumps, foreign)
+    return _Mangle(exists, jumps, foreign, queue_rule)
 
 
 def _delete_line(saved: str) -> str:
@@ -661,7 +668,7 @@ class RuleManager:
         A table of another shape (another pykp version) is replaced whole.
         """
         objects = self._table_objects()
-        if objects is None or not _PICKS <= objects["chain"]:
+        if objects is None or not _PICKS <= objects["chain"] or not self._picks_whole():
             self._nft(self._replace_script())
         else:
             known = _SYNCED.keys() | _STATIC.keys()
@@ -733,6 +740,18 @@ class RuleManager:
         cleanup_all(self.table, self.chain, netns=self.netns, ipv6=self.ipv6)
         self._current = None
 
+    def _rule_count(self, chain: str) -> int:
+        argv = ["nft", "-j", "list", "chain", "inet", self.table, chain]
+        res = run_tool(argv, netns=self.netns, check=False)
+        if res.returncode != 0:
+            return -1
+        return sum("rule" in item for item in json.loads(res.stdout)["nftables"])
+
+    def _picks_whole(self) -> bool:
+        """The first and last `pick*` chains hold their rule (a flush of the table empties
+        them all); `install` cannot rewrite them in place (see `_update_script`)."""
+        return all(self._rule_count(chain) == 1 for chain in _PICK_CANARIES)
+
     def undecided_connections(self) -> int:
         """Connections to queued frontends that the kernel path served since the table was
         made (the reader was away, stalled or overloaded): their policy degraded to random."""
@@ -746,12 +765,27 @@ class RuleManager:
         return 0
 
     def installed(self) -> bool:
-        """True when the table, the chains and both jump rules of each family exist."""
-        if self._table_objects() is None:
+        """True when the table holds every chain, set and map pykp's rules need, the
+        chains that pick a path hold their rules, and both jump rules of each family and
+        the queue rule exist: what a flush of the ruleset, of the table or of a chain, or
+        another tool deleting any of them, breaks."""
+        objects = self._table_objects()
+        if objects is None:
+            return False
+        if not (
+            _CHAINS.keys() <= objects["chain"]
+            and {n for n, t in _SYNCED.items() if not _is_map(t)} | _STATIC.keys() <= objects["set"]
+            and {n for n, t in _SYNCED.items() if _is_map(t)} <= objects["map"]
+        ):
+            return False
+        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        if any(self._rule_count(chain) != len(rules[chain]) for chain in _CANARY_CHAINS):
+            return False
+        if not self._picks_whole():
             return False
         for save, _ in _iptables_families(self.ipv6):
             current = _read_mangle(save, self.chain, self.netns)
-            if not current.chain_exists or any(not current.jumps.get(h) for h in _HOOKS):
+            if not current.queue_rule or any(not current.jumps.get(h) for h in _HOOKS):
                 return False
         return True
 

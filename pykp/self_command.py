@@ -8,12 +8,14 @@ import sys
 # checkout, the child would import the tree's `pykp/` (which has no built extension)
 # instead of the installed package. `-c` with that entry removed runs the pykp this
 # interpreter has installed, whatever the current directory.
-_BOOTSTRAP = (
-    "import sys; sys.path[:] = [p for p in sys.path if p != '']; "
-    "from pykp.cli import app; app(prog_name='pykp')"
-)
+_SAFE_PATH = "import sys; sys.path[:] = [p for p in sys.path if p != '']; "
+
+
+def python_command(code: str, *args: str) -> list[str]:
+    """The argv of `python -c CODE ARGS...` by this interpreter, importing the installed pykp."""
+    return [sys.executable, "-c", _SAFE_PATH + code, *args]
 
 
 def pykp_command(*args: str) -> list[str]:
     """The argv of `pykp ARGS...` run by this interpreter's installed pykp."""
-    return [sys.executable, "-c", _BOOTSTRAP, *args]
+    return python_command("from pykp.cli import app; app(prog_name='pykp')", *args)

@@ -567,7 +567,7 @@ def test_a_node_address_never_becomes_a_service_ip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field", ["clusterIP", "externalIPs", "loadBalancerIPs"])
-def test_a_service_ip_that_is_a_node_address_is_refused_by_default(
+def test_a_service_ip_that_is_a_node_address_is_not_served_by_default(
     tmp_path: Path, field: str
 ) -> None:
     address = "192.168.77.1" if field == "clusterIP" else "[192.168.77.1]"
@@ -587,10 +587,11 @@ def test_a_service_ip_that_is_a_node_address_is_refused_by_default(
 
     h.agent.sync()
 
-    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.21"}
-    assert h.agent.engine.services() == ["default/ok"]
-    why = h.agent.snapshot()["refused"]["default/capture"]
-    assert "192.168.77.1 is an address of this node" in why and "CVE-2020-8554" in why
+    # Only the node's address goes: the service keeps its other ClusterIP.
+    kept = set() if field == "clusterIP" else {"10.96.0.22"}
+    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.21"} | kept
+    why = h.agent.snapshot()["refused"]["default/capture (node address)"]
+    assert "192.168.77.1 not served: an address of this node" in why and "CVE-2020-8554" in why
     assert h.agent.metrics.refused_services == 1
     assert h.agent.metrics.sync_errors == 0
 

@@ -85,7 +85,7 @@ def test_a_second_agent_exits_with_one_line_and_leaves_the_rules_alone(
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr
     assert len(lines) == 1 and "another pykp agent" in lines[0], proc.stderr
-    assert f"pid {first.proc.pid}" in lines[0] or "pid " in lines[0]
+    assert first.proc is not None and f"pid {first.proc.pid}" in lines[0]
     assert node_rules(lab) == before
     assert first.synced()
     assert {http_get(lab, "client-0", "10.96.0.10") for _ in range(6)} == {

@@ -60,8 +60,13 @@ def find_loadgen() -> str:
 
 def main() -> None:
     """The ``pykp-loadgen`` command: the generator built into the extension (no cargo needed)."""
+    import signal
+
     from pykp._fastpath import loadgen_main
 
+    # The generator runs in Rust with the GIL released, where Python's own SIGINT handler
+    # would never run: Ctrl-C ends it as it ends the plain binary.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     loadgen_main(sys.argv[1:])
 
 

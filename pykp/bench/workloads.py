@@ -203,14 +203,18 @@ def fault(
     before, dark, after = FAULT_TIMES[kind]
     target = contender.targets(services, [services.count - 1])[0]
     result: dict[str, Any] = {}
+    failure: list[BaseException] = []
 
     def run() -> None:
-        result.update(
-            run_conns(
-                node.lab, node.client, binary, [target], duration=before + dark + after,
-                concurrency=512, threads=1, rate=FAULT_RATE, timeout_ms=FAULT_TIMEOUT_MS,
-            )
-        )  # fmt: skip
+        try:
+            result.update(
+                run_conns(
+                    node.lab, node.client, binary, [target], duration=before + dark + after,
+                    concurrency=512, threads=1, rate=FAULT_RATE, timeout_ms=FAULT_TIMEOUT_MS,
+                )
+            )  # fmt: skip
+        except BaseException as error:  # noqa: BLE001 - raised again in the caller's thread
+            failure.append(error)
 
     load = threading.Thread(target=run, name="pykp-bench-fault")
     load.start()
@@ -221,6 +225,8 @@ def fault(
     finally:
         contender.recover(kind)
         load.join()
+    if failure:
+        raise failure[0]
     if isinstance(contender, PykpContender):
         contender.wait_programmed(services, 60)
     return {**result, "fault": kind, "dark_seconds": dark}

@@ -20,20 +20,21 @@
 //!   `NFQA_SKB_CSUMNOTREADY`; do not validate their checksums — we never modify or return
 //!   the payload, so that is fine). With first-packet-only queuing (`--ctstate NEW`) it
 //!   mostly matters for the first datagram of a UDP/GSO flow; a TCP SYN is never GSO.
-//! - **`NFQA_CFG_F_FAIL_OPEN`** ([`QueueConfig::fail_open`], off by default): when the
-//!   queue already holds `max_len` packets waiting for a verdict, or the reader's socket
-//!   buffer is full, the kernel *accepts* the packet instead of dropping it. The packet
-//!   then bypasses pykp's decision: no mark, so the `dnat ... meta mark map` rule does
-//!   not match and conntrack records the flow **un-NATed** (a null NAT binding). Every
-//!   later packet of that flow, retransmitted SYNs included, keeps that binding until the
-//!   conntrack entry expires or is deleted, so a connection to a service address stays
-//!   broken for the conntrack timeout. Fail-closed (the default) drops the packet
-//!   instead; no conntrack entry is confirmed, and the client's retransmission (TCP SYN
-//!   after ~1 s) is queued and decided afresh. Fail-open is the better trade-off only for
-//!   traffic that pykp would pass through untouched anyway.
+//! - **`NFQA_CFG_F_FAIL_OPEN`** ([`QueueConfig::fail_open`], off by default here; pykp's
+//!   agent turns it on): when the queue already holds `max_len` packets waiting for a
+//!   verdict, or the reader's socket buffer is full, the kernel *accepts* the packet
+//!   instead of dropping it. The packet then goes on undecided: no mark. With nothing
+//!   behind the queue, conntrack would record such a flow **un-NATed** (a null NAT binding
+//!   that stays until the entry expires); pykp's rules have a kernel path behind it (a
+//!   random pick among the service's ready backends), so an undecided packet is still
+//!   DNATed. Without such a path, fail-closed (drop; the client's retransmitted SYN is
+//!   queued afresh) is the safer choice.
 //! - **`--queue-bypass`** in the iptables rule covers the other case, no reader at all
 //!   (no socket bound to the queue: pykp not started or crashed): the packet is accepted
 //!   as if the rule were not there, instead of dropped.
+//! - A reader that stops (or a [`keep_queues`] process, for one that was killed) hands its
+//!   queue over first ([`hand_over_queue`]): packets that waited for it go on undecided
+//!   instead of being dropped by the unbind.
 //! - **`NFQA_CFG_F_CONNTRACK`** is turned off: the decision needs only the L3/L4
 //!   headers, and conntrack attributes would cost a netlink dump per packet.
 
@@ -571,7 +572,7 @@ impl Worker {
             false,
         );
         let _ = self.sock.send(&buf);
-        // Dropping the socket unbinds too; packets still waiting are dropped by the kernel.
+        // Dropping the socket unbinds too (nothing waits any more: handed over above).
     }
 }
 
@@ -630,8 +631,8 @@ pub fn keep_queues(sockets: Vec<(NfqSocket, u16)>, parent: std::os::fd::OwnedFd)
 /// The running queue readers: one thread per queue number.
 ///
 /// Dropping it stops and joins the threads (each waits at most
-/// [`QueueConfig::recv_timeout`] to notice). On stop each thread unbinds its queue; the
-/// kernel drops the packets still waiting for a verdict (fail-closed), and with
+/// [`QueueConfig::recv_timeout`] to notice). On stop each thread hands its queue over
+/// ([`hand_over_queue`]: what still waits is accepted undecided) and unbinds it; with
 /// `--queue-bypass` in the rule later packets pass the queue until a reader binds again.
 pub struct QueueWorkers {
     stop: Arc<AtomicBool>,
