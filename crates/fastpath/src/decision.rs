@@ -242,15 +242,27 @@ impl Engine {
 
     #[inline]
     fn decide_inner(&self, key: &FlowKey, tcp_flags: Option<TcpFlags>, now: Nanos) -> Verdict {
-        if let Some(b) = self.conns.lookup(key, tcp_flags, now) {
-            return Verdict::Forward(Forward {
-                service: b.service,
-                backend: b.backend,
-                new_flow: false,
-            });
-        }
         let frontend = Frontend { addr: key.dst, port: key.dst_port, proto: key.proto };
-        let Some(svc) = self.services.lookup(&frontend) else {
+        let svc = self.services.lookup(&frontend);
+        if let Some(b) = self.conns.lookup(key, tcp_flags, now) {
+            // A connection attempt (a bare SYN) whose recorded backend has left its service's
+            // pool reuses an old flow's 5-tuple: a new connection, decided afresh. The NFQUEUE
+            // datapath sees only first packets, so its table never learns that the old flow
+            // ended, and the old backend's id may no longer be programmed. Any other packet
+            // keeps its backend, as the kernel's conntrack would.
+            let new_attempt = tcp_flags.is_some_and(|f| f.syn() && !f.ack());
+            let stale = svc
+                .as_ref()
+                .is_none_or(|s| s.id != b.service || !s.pool_for(key.src).has(&b.backend));
+            if !(new_attempt && stale) {
+                return Verdict::Forward(Forward {
+                    service: b.service,
+                    backend: b.backend,
+                    new_flow: false,
+                });
+            }
+        }
+        let Some(svc) = svc else {
             return Verdict::Pass(PassReason::NoService);
         };
         let Some(backend) = self.choose(&svc, key, now) else {
@@ -400,6 +412,27 @@ mod tests {
         // Round-robin moved on for the next connection.
         let other = e.decide_flow(&flow(Protocol::Tcp, 1, 40001), SYN, SEC);
         assert_ne!(backend_of(&other), backend_of(&first));
+    }
+
+    #[test]
+    fn a_new_connection_reusing_a_tuple_whose_backend_left_is_decided_afresh() {
+        let e = engine();
+        e.upsert_service(&spec(Protocol::Tcp, &[1, 2], PolicyKind::RoundRobin)).unwrap();
+        let f = flow(Protocol::Tcp, 1, 40000);
+        let old = backend_of(&e.decide_flow(&f, SYN, SEC));
+        // The endpoints move to .3 only; the old flow's end was never seen (the NFQUEUE
+        // datapath gets first packets only), and a new connection reuses the client port.
+        e.upsert_service(&spec(Protocol::Tcp, &[3], PolicyKind::RoundRobin)).unwrap();
+        let again = e.decide_flow(&f, SYN, 2 * SEC);
+        assert!(matches!(&again, Verdict::Forward(x) if x.new_flow));
+        assert_eq!(backend_of(&again).ip(), IpAddr::V4(Ipv4Addr::new(10, 244, 0, 3)));
+        assert_ne!(backend_of(&again), old);
+        // A live flow's later packets keep their backend, in the pool or not (as the
+        // kernel's conntrack keeps a removed endpoint's established connections).
+        let g = flow(Protocol::Tcp, 1, 40001);
+        let live = backend_of(&e.decide_flow(&g, SYN, 3 * SEC));
+        e.upsert_service(&spec(Protocol::Tcp, &[4], PolicyKind::RoundRobin)).unwrap();
+        assert_eq!(backend_of(&e.decide_flow(&g, ACK, 4 * SEC)), live);
     }
 
     #[test]

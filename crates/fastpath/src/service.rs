@@ -190,6 +190,13 @@ pub struct Pool {
     pub selector: Selector,
 }
 
+impl Pool {
+    /// Whether `handle` (the same backend: id and address) is in this pool.
+    pub fn has(&self, handle: &BackendHandle) -> bool {
+        self.backends.iter().any(|b| b.handle.id == handle.id && b.handle.addr == handle.addr)
+    }
+}
+
 impl ServiceState {
     pub fn policy(&self) -> PolicyKind {
         self.policy
