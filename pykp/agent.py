@@ -127,7 +127,7 @@ class AgentConfig:
     kernel_random: bool = True
     # Packets that may wait for the reader's verdict: what a stalled reader holds up before
     # fail-open hands new connections to the kernel path.
-    queue_max_len: int = 64
+    queue_max_len: int = 32
     poll_interval: float = 1.0  # how often the services file is checked
     status_flows: int = 100  # flows included in a status snapshot
 

@@ -421,7 +421,7 @@ def run(
             min=1,
             max=1 << 20,
         ),
-    ] = 64,
+    ] = 32,
     kernel_random: Annotated[
         bool,
         typer.Option(
