@@ -191,6 +191,10 @@ class NfqueueDatapath:
         """Bind the queues and start the threads; raises OSError (e.g. a queue already bound)."""
     def dup_sockets(self) -> list[tuple[int, int]]:
         """Duplicates of the bound queue sockets as (fd, queue); the caller owns the fds."""
+    def heartbeat(self) -> int:
+        """The read end of the readers' heartbeat pipe; the caller owns the fd."""
+    @property
+    def max_len(self) -> int: ...
     def stop(self) -> None: ...
     @property
     def running(self) -> bool: ...
@@ -206,6 +210,9 @@ class NfqueueDatapath:
 def loadgen_main(args: list[str]) -> None:
     """`pykp-loadgen ARGS...` (pykp bench's load generator) in this process, GIL released."""
 
-def queue_keeper(sockets: list[tuple[int, int]], parent: int) -> None:
+def queue_keeper(
+    sockets: list[tuple[int, int]], parent: int, heartbeat: int | None = None, max_len: int = 4096
+) -> None:
     """Hold the queue sockets (fd, queue) until the pipe end `parent` reaches end of file,
-    then accept what still waits and close (all fds owned from here on)."""
+    then accept what still waits and close (all fds owned from here on); with `heartbeat`,
+    hand the queues over while the readers stall and give them back (`max_len`) after."""

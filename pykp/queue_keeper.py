@@ -7,7 +7,9 @@ that runs no code of pykp's. A small keeper process holds duplicates of the boun
 and the read end of a pipe whose write end only the agent holds. Once that end closes (the
 agent stopped, or died), the keeper accepts what waits, unmarked, so that the kernel path
 decides it, and closes the queues; `--queue-bypass` then lets later packets by until the
-next agent binds.
+next agent binds. It also watches the reader threads' heartbeat: a reader that stops
+reading (a stopped or stalled process) has its queues handed over the same way within
+~0.1 s, and given back when it beats again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 
 _KEEPER = (
     "import sys; from pykp._fastpath import queue_keeper; "
-    "queue_keeper([tuple(map(int, s.split(':'))) for s in sys.argv[2:]], int(sys.argv[1]))"
+    "queue_keeper([tuple(map(int, s.split(':'))) for s in sys.argv[4:]], int(sys.argv[1]), "
+    "int(sys.argv[2]), int(sys.argv[3]))"
 )
 
 
@@ -53,11 +56,18 @@ class KeptDatapath:
 
     def _start_keeper(self) -> None:
         sockets = self.datapath.dup_sockets()
+        heartbeat = self.datapath.heartbeat()
         read_end, write_end = os.pipe()  # neither inheritable: pass_fds hands one over
-        fds = [fd for fd, _ in sockets] + [read_end]
+        fds = [fd for fd, _ in sockets] + [read_end, heartbeat]
         try:
             self._keeper = subprocess.Popen(
-                python_command(_KEEPER, str(read_end), *(f"{fd}:{q}" for fd, q in sockets)),
+                python_command(
+                    _KEEPER,
+                    str(read_end),
+                    str(heartbeat),
+                    str(self.datapath.max_len),
+                    *(f"{fd}:{q}" for fd, q in sockets),
+                ),
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 # Its own session: a terminal's Ctrl-C goes to the agent, which then stops

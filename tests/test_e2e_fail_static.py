@@ -121,18 +121,24 @@ def test_a_stalled_agent_is_bypassed_and_nothing_fails_after_it_resumes(
     node = agent(lab, services, tmp_path / "node")
     node.start()
     try:
-        # Connections whose SYN sits in the stalled queue (at most --queue-max-len) are
-        # served on the client's SYN retransmission (~1 s) by the kernel path: a connect
-        # timeout above that counts them as served, late.
-        running = load(lab, 9.0, timeout_ms=3000)
+        # The queue keeper sees the reader stop beating within ~0.1 s and hands its queue
+        # over: what waited goes on to the kernel path, and so does every new connection
+        # until the reader reads again. Nothing waits for a SYN retransmission.
+        running = load(lab, 9.0)
         time.sleep(1.5)
         assert node.proc is not None
         node.proc.send_signal(signal.SIGSTOP)
         time.sleep(5.0)
         node.proc.send_signal(signal.SIGCONT)
 
-        served_everything(running.result(timeout=60))
+        result = running.result(timeout=60)
+        served_everything(result)
+        assert result["max_gap_us"] < 400_000
         assert node.synced()
+        # The queue is given back: the reader decides new connections again.
+        queued = node.metric("pykp_queue_packets_total")
+        assert http_get(lab, "client-0", "10.96.0.10") in {"backend-0", "backend-1", "backend-2"}
+        assert node.metric("pykp_queue_packets_total") == queued + 1
     finally:
         if node.proc is not None:
             node.proc.send_signal(signal.SIGCONT)

@@ -565,6 +565,22 @@ impl NfqueueDatapath {
         Ok(dp.dup_sockets()?.into_iter().map(|(fd, q)| (fd.into_raw_fd(), q)).collect())
     }
 
+    /// The read end of the readers' heartbeat pipe (a byte about every 10 ms while they
+    /// read); the caller owns the fd.
+    fn heartbeat(&self) -> PyResult<i32> {
+        use std::os::fd::IntoRawFd;
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(dp) = running.as_mut() else {
+            return Err(value_error("the datapath is not running"));
+        };
+        Ok(dp.heartbeat()?.into_raw_fd())
+    }
+
+    #[getter]
+    fn max_len(&self) -> u32 {
+        self.config.max_len
+    }
+
     fn stop(&self, py: Python<'_>) {
         let taken = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut dp) = taken {
@@ -634,8 +650,19 @@ impl NfqueueDatapath {
 /// Hold the queue sockets `sockets` ((fd, queue), owned from here on) until the pipe
 /// `parent` (its read end; owned too) reaches end of file, then accept what still waits
 /// and close: the queue keeper process of a reader that may be killed (SIGKILL).
+///
+/// With `heartbeat` (the read end of `NfqueueDatapath.heartbeat()`, owned too) it
+/// also hands the queues over while the readers stop beating (stalled) and gives them back
+/// (`max_len`) when they beat again.
 #[pyfunction]
-fn queue_keeper(py: Python<'_>, sockets: Vec<(i32, u16)>, parent: i32) {
+#[pyo3(signature = (sockets, parent, heartbeat = None, max_len = 4096))]
+fn queue_keeper(
+    py: Python<'_>,
+    sockets: Vec<(i32, u16)>,
+    parent: i32,
+    heartbeat: Option<i32>,
+    max_len: u32,
+) {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: the caller hands these descriptors over; nothing else closes them.
     let sockets = sockets
@@ -644,7 +671,9 @@ fn queue_keeper(py: Python<'_>, sockets: Vec<(i32, u16)>, parent: i32) {
         .collect();
     // SAFETY: as above.
     let parent = unsafe { OwnedFd::from_raw_fd(parent) };
-    py.detach(move || crate::nfqueue::keep_queues(sockets, parent));
+    // SAFETY: as above.
+    let heartbeat = heartbeat.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    py.detach(move || crate::nfqueue::keep_queues(sockets, parent, heartbeat, max_len));
 }
 
 /// `pykp-loadgen ARGS...` (`pykp bench`'s load generator) in this process, GIL released:

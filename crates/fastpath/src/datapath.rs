@@ -149,6 +149,8 @@ impl NfqueueDatapath {
             batch_size: 32,
             fail_open: cfg.fail_open,
             max_len: cfg.max_len,
+            // Wake at least this often: the heartbeat a keeper watches for stalls.
+            recv_timeout: std::time::Duration::from_millis(20),
             ..QueueConfig::queues(cfg.first_queue, cfg.last_queue)
         };
         let workers = QueueWorkers::start(&queue_cfg, decide)?;
@@ -162,6 +164,11 @@ impl NfqueueDatapath {
     /// Duplicates of the bound queue sockets, for a [`crate::nfqueue::keep_queues`] process.
     pub fn dup_sockets(&self) -> io::Result<Vec<(std::os::fd::OwnedFd, u16)>> {
         self.workers.dup_sockets()
+    }
+
+    /// The read end of the readers' heartbeat pipe, for the same process.
+    pub fn heartbeat(&mut self) -> io::Result<std::os::fd::OwnedFd> {
+        self.workers.heartbeat()
     }
 
     pub fn verdicts(&self) -> &VerdictCounters {

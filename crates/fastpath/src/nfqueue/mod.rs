@@ -16,6 +16,6 @@ pub mod worker;
 pub use msg::{Message, Packet, ParseError, Verdict};
 pub use sys::{NfqSocket, RecvBatch};
 pub use worker::{
-    hand_over_queue, keep_queues, DecisionFn, KernelQueueStats, QueueConfig, QueueVerdict,
-    QueueWorkers, WorkerCounters, WorkerStats,
+    give_queue_back, hand_over_queue, keep_queues, DecisionFn, KernelQueueStats, QueueConfig,
+    QueueVerdict, QueueWorkers, WorkerCounters, WorkerStats,
 };

@@ -42,7 +42,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -552,11 +552,21 @@ impl Worker {
         res
     }
 
-    fn run(mut self, stop: Arc<AtomicBool>) {
+    fn run(mut self, stop: Arc<AtomicBool>, heartbeat: Arc<AtomicI32>) {
+        let mut beat = Instant::now();
         while !stop.load(Ordering::Acquire) {
             if self.poll(None).is_err() {
                 // An unexpected socket error: do not spin.
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            if beat.elapsed() >= HEARTBEAT_EVERY {
+                beat = Instant::now();
+                let fd = heartbeat.load(Ordering::Relaxed);
+                if fd >= 0 {
+                    // SAFETY: a 1-byte write to a non-blocking pipe the workers keep open;
+                    // a full pipe (EAGAIN) only means the keeper has not read yet.
+                    unsafe { libc::write(fd, b"h".as_ptr().cast(), 1) };
+                }
             }
         }
         let mut buf = Vec::with_capacity(32);
@@ -574,6 +584,33 @@ impl Worker {
         let _ = self.sock.send(&buf);
         // Dropping the socket unbinds too (nothing waits any more: handed over above).
     }
+}
+
+/// How often a reader thread tells its keeper it is alive, and how long the keeper waits
+/// for that before it takes the reader for stalled.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(10);
+pub const STALL_AFTER: Duration = Duration::from_millis(100);
+
+fn is_retry(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
+}
+
+/// Undo [`hand_over_queue`] for a reader that reads again: `max_len` packets may wait.
+pub fn give_queue_back(
+    sock: &NfqSocket,
+    queue: u16,
+    max_len: u32,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    buf.clear();
+    put_config(
+        buf,
+        0,
+        queue,
+        &ConfigRequest { max_len: Some(max_len), ..Default::default() },
+        false,
+    );
+    sock.send(buf).map(drop)
 }
 
 /// Let go of `queue` before closing it without losing a packet: first its length becomes
@@ -609,17 +646,63 @@ pub fn hand_over_queue(sock: &NfqSocket, queue: u16, buf: &mut Vec<u8>) -> io::R
 /// code of the reader's), then hand what still waits to the kernel path ([`hand_over_queue`], a few rounds
 /// for packets queued meanwhile) and close. Without it the kernel drops those packets when
 /// the killed reader's sockets close: the first packets of live connections.
-pub fn keep_queues(sockets: Vec<(NfqSocket, u16)>, parent: std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
+///
+/// With `heartbeat` (the read end of [`QueueWorkers::heartbeat`]) it also watches a reader
+/// that is alive but not reading (stopped, stalled): after [`STALL_AFTER`] without a beat
+/// it hands the queues over the same way (what waits goes on, new packets fail open to the
+/// kernel path) and gives them back (`max_len` again) at the next beat.
+pub fn keep_queues(
+    sockets: Vec<(NfqSocket, u16)>,
+    parent: OwnedFd,
+    heartbeat: Option<OwnedFd>,
+    max_len: u32,
+) {
+    let mut buf = Vec::with_capacity(64);
+    let mut byte = [0u8; 64];
+    let mut last_beat = Instant::now();
+    let mut handed_over = false;
     loop {
-        // SAFETY: reads into a 1-byte buffer from a descriptor this function owns.
-        let n = unsafe { libc::read(parent.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
-        if n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
+        let mut fds = [
+            libc::pollfd { fd: parent.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: heartbeat.as_ref().map_or(-1, |h| h.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of 2 pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 10) };
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break;
         }
+        if fds[0].revents != 0 {
+            // SAFETY: reads into a local buffer from a descriptor this function owns.
+            let got = unsafe { libc::read(parent.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+            if got == 0 || (got < 0 && !is_retry(&io::Error::last_os_error())) {
+                break; // the reader's end closed: it stopped or died
+            }
+        }
+        if let Some(h) = &heartbeat {
+            if fds[1].revents != 0 {
+                // SAFETY: as above; the pipe is non-blocking, so this drains it.
+                while unsafe { libc::read(h.as_raw_fd(), byte.as_mut_ptr().cast(), byte.len()) } > 0
+                {
+                }
+                last_beat = Instant::now();
+                if handed_over {
+                    for (sock, queue) in &sockets {
+                        let _ = give_queue_back(sock, *queue, max_len, &mut buf);
+                    }
+                    handed_over = false;
+                }
+            } else if !handed_over && last_beat.elapsed() >= STALL_AFTER {
+                for (sock, queue) in &sockets {
+                    let _ = hand_over_queue(sock, *queue, &mut buf);
+                }
+                handed_over = true;
+            }
+        }
     }
-    let mut buf = Vec::with_capacity(64);
     for _ in 0..4 {
         for (sock, queue) in &sockets {
             let _ = hand_over_queue(sock, *queue, &mut buf);
@@ -640,6 +723,9 @@ pub struct QueueWorkers {
     counters: Vec<(u16, Arc<WorkerCounters>)>,
     /// The bound sockets (owned by the threads), for [`QueueWorkers::dup_sockets`].
     sockets: Vec<(RawFd, u16)>,
+    /// The write end of the heartbeat pipe the threads beat on (-1: none yet).
+    heartbeat: Arc<AtomicI32>,
+    heartbeat_fd: Option<OwnedFd>,
 }
 
 impl fmt::Debug for QueueWorkers {
@@ -676,14 +762,17 @@ impl QueueWorkers {
             threads: Vec::new(),
             counters: Vec::new(),
             sockets: Vec::new(),
+            heartbeat: Arc::new(AtomicI32::new(-1)),
+            heartbeat_fd: None,
         };
         for w in workers {
             me.counters.push((w.queue, w.counters.clone()));
             me.sockets.push((w.sock.as_raw_fd(), w.queue));
             let stop = stop.clone();
+            let heartbeat = me.heartbeat.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pykp-nfq-{}", w.queue))
-                .spawn(move || w.run(stop));
+                .spawn(move || w.run(stop, heartbeat));
             match t {
                 Ok(t) => me.threads.push(t),
                 Err(e) => return Err(e), // `me` drops: stops the threads already started
@@ -712,6 +801,23 @@ impl QueueWorkers {
             .collect()
     }
 
+    /// The read end of a pipe every thread writes a byte to about every
+    /// [`HEARTBEAT_EVERY`] while it runs: what a [`keep_queues`] process watches. One per
+    /// workers; a second call replaces the first.
+    pub fn heartbeat(&mut self) -> io::Result<OwnedFd> {
+        let mut ends = [0; 2];
+        // SAFETY: `ends` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both are fresh descriptors that nothing else owns.
+        let (read, write) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        self.heartbeat.store(write.as_raw_fd(), Ordering::Relaxed);
+        self.heartbeat_fd = Some(write); // an older one closes after the swap
+        Ok(read)
+    }
+
     /// The flag the threads watch.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
@@ -734,6 +840,8 @@ impl QueueWorkers {
             let _ = t.join();
         }
         self.sockets.clear();
+        self.heartbeat.store(-1, Ordering::Relaxed);
+        self.heartbeat_fd = None;
     }
 }
 
