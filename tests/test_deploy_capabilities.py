@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +114,8 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Path:
-    path = tmp_path / "services.yaml"
-    path.write_text(SERVICES)
-    return path
+def services(write_services: Callable[[str], Path]) -> Path:
+    return write_services(SERVICES)
 
 
 def test_the_capability_list_names_linux_capabilities() -> None:

@@ -19,7 +19,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,10 +60,8 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Path:
-    path = tmp_path / "services.yaml"
-    path.write_text(SERVICES)
-    return path
+def services(write_services: Callable[[str], Path]) -> Path:
+    return write_services(SERVICES)
 
 
 def agent(lab: Lab, services: Path, workdir: Path) -> LabAgent:
