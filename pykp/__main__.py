@@ -1,5 +1,5 @@
 """`python -m pykp`: the same CLI as the `pykp` command."""
 
-from pykp.cli import app
+from pykp.cli.app import app
 
 app(prog_name="pykp")

@@ -18,4 +18,4 @@ def python_command(code: str, *args: str) -> list[str]:
 
 def pykp_command(*args: str) -> list[str]:
     """The argv of `pykp ARGS...` run by this interpreter's installed pykp."""
-    return python_command("from pykp.cli import app; app(prog_name='pykp')", *args)
+    return python_command("from pykp.cli.app import app; app(prog_name='pykp')", *args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pykp.lab import ClusterLab
+from pykp.labs.lab import ClusterLab
 
 
 def kube_service(

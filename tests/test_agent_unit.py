@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pykp.agent import (
+from pykp.agent.agent import (
     Agent,
     AgentConfig,
     ConfigError,
@@ -31,19 +31,14 @@ from pykp.agent import (
     filter_node_addresses,
     stale_udp_flows,
 )
-from pykp.health import GO_ZERO_TIME, ProxierHealth, go_time
-from pykp.rules import FrontendRule, MarkLayout, RulesError, RuleState
-from pykp.rules import _elements as rules_elements
-from pykp.services_file import (
-    EngineBackend,
-    EngineService,
-    Problem,
-    ServicesFile,
-    load_services_text,
-    services_file_to_engine,
-)
-from pykp.sources import FileSource, SourceStatus
-from pykp.status import STATUS_FILE, read_status_file
+from pykp.agent.plan import EngineBackend, EngineService, services_file_to_engine
+from pykp.model import Problem, Catalog
+from pykp.netfilter.rules import FrontendRule, MarkLayout, RulesError, RuleState
+from pykp.netfilter.rules import _elements as rules_elements
+from pykp.observe.health import GO_ZERO_TIME, ProxierHealth, go_time
+from pykp.observe.status import STATUS_FILE, read_status_file
+from pykp.sources.file import FileSource, SourceStatus
+from pykp.sources.services_file import load_services_text
 
 # --- fakes --------------------------------------------------------------------------------
 
@@ -130,7 +125,7 @@ class StaticSource:
     """A source the test sets by hand."""
 
     def __init__(self, text: str | None = None, changed_at: float | None = None) -> None:
-        self._file: ServicesFile | None = None
+        self._file: Catalog | None = None
         self._problems: list[Problem] = []
         self._changed_at = changed_at
         self.notify: Callable[[], None] | None = None
@@ -152,7 +147,7 @@ class StaticSource:
     def stop(self) -> None:
         self.stopped = True
 
-    def current(self) -> ServicesFile | None:
+    def current(self) -> Catalog | None:
         return self._file
 
     def problems(self) -> list[Problem]:
@@ -533,7 +528,7 @@ def test_the_engine_refusing_a_service_skips_only_that_service(
     """
     h, _ = agent_with(text, tmp_path, allow_node_address_service_ips=True)
 
-    with caplog.at_level(logging.ERROR, logger="pykp.agent"):
+    with caplog.at_level(logging.ERROR, logger="pykp.agent.agent"):
         h.agent.sync()
         h.agent.sync()  # a periodic resync: the same refusal is not reported again
 
@@ -931,8 +926,8 @@ def test_the_defaults_are_valid_and_kube_proxys() -> None:
 
 
 def test_without_a_services_file_the_source_is_the_kubernetes_api(tmp_path: Path) -> None:
-    from pykp.agent import make_source
-    from pykp.kube.source import KubeSource
+    from pykp.agent.agent import make_source
+    from pykp.sources.kube.source import KubeSource
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -1004,7 +999,7 @@ def test_count_changes_from_nothing() -> None:
 
     assert count_changes(None, services) == (3, 3)
     assert count_changes(services, services) == (0, 0)
-    assert count_changes(services, ServicesFile()) == (3, 3)
+    assert count_changes(services, Catalog()) == (3, 3)
 
 
 def test_rule_state_follows_engine_services_including_split_external_ones() -> None:
@@ -1019,7 +1014,7 @@ def test_rule_state_follows_engine_services_including_split_external_ones() -> N
         endpoints: [{ip: 10.244.1.40, nodeName: node-a}]
     """
     parsed, _ = load_services_text(textwrap.dedent(text))
-    parsed = ServicesFile(parsed.services, traffic_policies=True)
+    parsed = Catalog(parsed.services, traffic_policies=True)
     services = services_file_to_engine(parsed, ["192.168.77.1"], "node-a")
     assert [s.name for s in services] == ["default/split", "default/split#external"]
 
@@ -1150,7 +1145,7 @@ def test_invalid_entries_are_skipped_logged_with_their_location_and_kept(
     )
     source = FileSource(services_path, poll_interval=60)
 
-    with caplog.at_level(logging.WARNING, logger="pykp.sources"):
+    with caplog.at_level(logging.WARNING, logger="pykp.sources.file"):
         source.start(Notified())
     source.stop()
 
@@ -1170,7 +1165,7 @@ def test_a_broken_file_keeps_the_last_good_state(
     source.start(notified)
     good = source.current()
     try:
-        with caplog.at_level(logging.ERROR, logger="pykp.sources"):
+        with caplog.at_level(logging.ERROR, logger="pykp.sources.file"):
             rewrite(services_path, "services:\n  - name: web\n   ports: [\n")
             assert source.check() is False
             assert source.check() is False  # the same error: counted and logged once
@@ -1226,7 +1221,7 @@ def test_an_invalid_edit_of_one_service_keeps_its_last_good_version(
             two.replace("{ip: 10.244.2.10}", "{ip: 10.244.2.999}"),
         ):
             rewrite(services_path, broken.replace("10.244.1.20", "10.244.3.20"))
-            with caplog.at_level(logging.ERROR, logger="pykp.sources"):
+            with caplog.at_level(logging.ERROR, logger="pykp.sources.file"):
                 assert source.check() is True
             current = source.current()
             assert current is not None

@@ -20,8 +20,8 @@ from pykp.bench import rulegen
 from pykp.bench.contenders import CLUSTER_CIDR, SERVICE_CIDR, ServiceSet
 from pykp.bench.report import METRICS, served_failures, summarize
 from pykp.bench.runner import DEFAULT_CONTENDERS, SCHEMA
-from pykp.cli import app
-from pykp.services_file import load_services_file
+from pykp.cli.app import app
+from pykp.sources.services_file import load_services_file
 
 BACKENDS = ["10.244.0.10", "10.244.0.11", "10.244.0.12", "10.244.0.13"]
 

@@ -16,8 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pykp import __version__
-from pykp.cli import app
-from pykp.services_file import load_bundled_example, services_file_to_engine
+from pykp.agent.plan import services_file_to_engine
+from pykp.cli.app import app
+from pykp.sources.services_file import load_bundled_example
 
 runner = CliRunner()
 
@@ -91,7 +92,7 @@ def test_help_lists_the_commands_without_the_extension() -> None:
 
 
 def test_importing_the_cli_does_not_import_the_extension() -> None:
-    code = "import sys, pykp.cli; sys.exit('pykp._fastpath' in sys.modules)"
+    code = "import sys, pykp.cli.app; sys.exit('pykp._fastpath' in sys.modules)"
 
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -17,10 +17,11 @@ import typer
 from typer.testing import CliRunner
 
 from pykp import __version__
-from pykp.cli import app
-from pykp.preflight import problems
+from pykp.cli.app import app
+from pykp.cli.preflight import problems
+from pykp.model import family_warnings
 from pykp.self_command import pykp_command
-from pykp.services_file import family_warnings, load_services_text
+from pykp.sources.services_file import load_services_text
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

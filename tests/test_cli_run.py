@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_agent_unit import SERVICES, Harness, StaticSource
 from typer.testing import CliRunner
 
-from pykp import cli
-from pykp.agent import Agent, AgentConfig
-from pykp.metrics import MetricsServer
-from pykp.rules import RulesError
-from pykp.status import write_status_file
-from test_agent_unit import SERVICES, Harness, StaticSource
+from pykp.cli import app as cli
+from pykp.agent.agent import Agent, AgentConfig
+from pykp.netfilter.rules import RulesError
+from pykp.observe.metrics import MetricsServer
+from pykp.observe.status import write_status_file
 
 runner = CliRunner()
 

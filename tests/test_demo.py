@@ -7,8 +7,8 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from pykp import cli
-from pykp.demo import run_demo
+from pykp.cli import app as cli
+from pykp.labs.demo import run_demo
 
 pytestmark = pytest.mark.privileged
 

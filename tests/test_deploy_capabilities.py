@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from pykp.lab import Lab, netns_pids
-from pykp.lab_agent import AgentStartError, LabAgent, http_get
 from test_kube_deploy import manifests, pykp_container
+
+from pykp.labs.lab import Lab, netns_pids
+from pykp.labs.lab_agent import AgentStartError, LabAgent, http_get
 
 pytestmark = pytest.mark.privileged
 
@@ -101,7 +101,7 @@ def agent_status(lab: Lab) -> dict[str, str]:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        if b"run" in cmdline and any(b"pykp.cli" in part for part in cmdline):
+        if b"run" in cmdline and any(b"pykp.cli.app" in part for part in cmdline):
             return dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     raise AssertionError("no pykp run process in the node's namespace")
 

@@ -21,12 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from pykp.lab import NETNS_DIR, RECORD_DIR, ClusterLab
-from pykp.kube.standin import ClusterApiServer
-from pykp.lab_agent import TCP_ECHO, connect_error, http_get, in_parallel, start_nodes, wait_for
-from pykp.lab_agent import LabAgent as Node
 from e2e_support import kube_service, kube_slice
+
+from pykp.labs.kube_apiserver import ClusterApiServer
+from pykp.labs.lab import NETNS_DIR, RECORD_DIR, ClusterLab
+from pykp.labs.lab_agent import (
+    TCP_ECHO,
+    connect_error,
+    http_get,
+    in_parallel,
+    start_nodes,
+    wait_for,
+)
+from pykp.labs.lab_agent import LabAgent as Node
 
 pytestmark = pytest.mark.privileged
 
@@ -326,8 +333,8 @@ def test_maglev_sends_one_5_tuple_to_one_backend_on_every_node(
     cluster: ClusterLab, apiserver: ClusterApiServer, nodes: list[Node]
 ) -> None:
     from pykp._fastpath import Engine
-    from pykp.kube.translate import translate
-    from pykp.services_file import apply_to_engine, services_file_to_engine
+    from pykp.agent.plan import apply_to_engine, services_file_to_engine
+    from pykp.sources.kube.translate import translate
 
     backends = ["pod-0-1", "pod-1-0", "pod-1-1", "pod-2-1"]
     service = kube_service("hash", ["10.96.0.30"], annotations={POLICY: "maglev"})
@@ -474,7 +481,7 @@ def test_api_server_outage_leaves_the_datapath_alone_and_changes_follow_after(
 
 
 def test_cluster_demo_builds_serves_and_tears_down(tmp_path: Path) -> None:
-    from pykp.cluster_demo import start_cluster_demo
+    from pykp.labs.cluster_demo import start_cluster_demo
 
     def apiserver(lab: ClusterLab) -> ClusterApiServer:
         server = ClusterApiServer(lab.ns("net"), lab.api_ip4)

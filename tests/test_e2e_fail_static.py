@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from pykp.bench.loadgen import find_loadgen, run_conns, start_server
-from pykp.lab import Lab
-from pykp.lab_agent import LabAgent, http_get, wait_for
+from pykp.labs.lab import Lab
+from pykp.labs.lab_agent import LabAgent, http_get, wait_for
 
 pytestmark = pytest.mark.privileged
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pykp.lab import Lab
-from pykp.lab_agent import (
+from pykp.labs.lab import Lab
+from pykp.labs.lab_agent import (
     TCP_ECHO,
     connect_error,
     distribution,
@@ -23,7 +23,7 @@ from pykp.lab_agent import (
     udp_socket,
     wait_for,
 )
-from pykp.lab_agent import LabAgent as Node
+from pykp.labs.lab_agent import LabAgent as Node
 
 pytestmark = pytest.mark.privileged
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pykp.lab import Lab
-from pykp.lab_agent import LabAgent, http_get
+from pykp.labs.lab import Lab
+from pykp.labs.lab_agent import LabAgent, http_get
 
 pytestmark = pytest.mark.privileged
 

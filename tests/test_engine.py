@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykp import services_file
+from pykp import model
+from pykp.agent import plan
+from pykp.sources import services_file
 from pykp._fastpath import POLICIES, Backend, Decision, Engine, Frontend
 
 SERVICE = "default/web:http"
@@ -100,7 +102,7 @@ def test_chi_square_helper_matches_known_values() -> None:
 
 
 def test_policies_match_the_services_file() -> None:
-    assert set(POLICIES) == set(services_file.POLICIES)
+    assert set(POLICIES) == set(model.POLICIES)
 
 
 def test_frontend_and_backend_keep_their_values_and_defaults() -> None:
@@ -579,11 +581,11 @@ def test_maglev_table_holds_every_backend_evenly() -> None:
 
 def test_apply_to_engine_programs_the_bundled_example_and_removes_what_went() -> None:
     services, _ = services_file.load_bundled_example()
-    engine_services = services_file.services_file_to_engine(services, ["192.168.0.10"], "node-a")
+    engine_services = plan.services_file_to_engine(services, ["192.168.0.10"], "node-a")
     engine = Engine(seed=1)
 
-    services_file.apply_to_engine(engine, engine_services)
-    services_file.apply_to_engine(engine, engine_services)  # idempotent
+    plan.apply_to_engine(engine, engine_services)
+    plan.apply_to_engine(engine, engine_services)  # idempotent
 
     assert sorted(engine.services()) == sorted(service.name for service in engine_services)
     by_vip = engine.decide("10.1.0.1", 40000, "10.96.0.10", 80, now=NOW)
@@ -593,7 +595,7 @@ def test_apply_to_engine_programs_the_bundled_example_and_removes_what_went() ->
     assert (by_node_port.action, by_node_port.service) == ("forward", "default/web-random:http")
     assert (dns.action, dns.service) == ("forward", "kube-system/dns:dns")
 
-    services_file.apply_to_engine(engine, engine_services[1:])
+    plan.apply_to_engine(engine, engine_services[1:])
 
     assert "default/web-random:http" not in engine.services()
     gone = engine.decide("10.1.0.1", 40003, "10.96.0.10", 80, now=NOW)

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import urllib3
-from pykp.kube.standin import KubeApiServer, endpoint_slice, node, service
 from kubernetes import client, config, watch
+
+from pykp.labs.kube_apiserver import KubeApiServer, endpoint_slice, node, service
 
 
 @pytest.fixture

@@ -29,9 +29,9 @@ import kubernetes.config.incluster_config as incluster_config
 import pytest
 import yaml
 
-from pykp.agent import DEFAULT_STATE_DIR
-from pykp.health import ProxierHealth
-from pykp.kube.client import api_client
+from pykp.agent.agent import DEFAULT_STATE_DIR
+from pykp.observe.health import ProxierHealth
+from pykp.sources.kube.client import api_client
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUSTOMIZATION = DEPLOY / "kustomization.yaml"
@@ -346,7 +346,7 @@ def test_the_api_server_address_comes_from_the_configmap_not_the_cluster_ip() ->
 def test_pykps_client_in_the_pod_goes_to_the_configured_address_with_fresh_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The environment the DaemonSet gives, through pykp.kube.client as `pykp run` uses it."""
+    """The environment the DaemonSet gives, through pykp.sources.kube.client as `pykp run` uses it."""
     host, port = api_server_address()
     token, ca = tmp_path / "token", tmp_path / "ca.crt"
     token.write_text("first-token")
@@ -417,7 +417,7 @@ def test_probes_ask_the_healthz_server_what_it_answers() -> None:
     assert {"name": "healthz", "containerPort": port, "protocol": "TCP"} in container["ports"]
     # The agent binds every address: the kubelet probes the node's address (hostNetwork).
     assert bind_address == f"0.0.0.0:{port}"
-    # Before the first sync (pykp.health, with the default --sync-period of 30 s): not
+    # Before the first sync (pykp.observe.health, with the default --sync-period of 30 s): not
     # ready, still alive; alive no longer when no sync succeeds within two sync periods.
     now = 1000.0
     health = ProxierHealth(2 * 30.0, clock=lambda: now)

@@ -11,13 +11,14 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from pykp.kube.standin import KubeApiServer, endpoint_slice, node, service
 
-from pykp.kube.client import ApiListWatch, Timeouts, api_client
-from pykp.kube.source import KubeSource
-from pykp.kube.watch import Backoff
-from pykp.services_file import ServicesFile, services_file_to_engine
-from pykp.sources import ServiceSource
+from pykp.agent.plan import services_file_to_engine
+from pykp.labs.kube_apiserver import KubeApiServer, endpoint_slice, node, service
+from pykp.model import Catalog
+from pykp.sources.file import ServiceSource
+from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
+from pykp.sources.kube.source import KubeSource
+from pykp.sources.kube.watch import Backoff
 
 FAST = Timeouts(connect=2.0, list=5.0, silence=5.0, watch_min=30, watch_max=60)
 
@@ -302,7 +303,7 @@ def test_the_nodes_zone_drives_topology_hints(
 
     source, _ = make_source()
     # The Node does not gate the first state: wait for its zone.
-    current: ServicesFile = wait_for(
+    current: Catalog = wait_for(
         lambda: (c := source.current()) is not None and c.zone == "zone-a" and c
     )
 

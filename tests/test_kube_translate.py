@@ -9,26 +9,22 @@ from typing import Any
 import pytest
 import yaml
 
-from pykp.kube.translate import KubeProblem, parse_node, translate
-from pykp.services_file import (
-    EndpointPort,
-    EndpointSpec,
+from pykp.agent.plan import (
     EngineBackend,
     EngineService,
-    ServicePort,
-    ServicesFile,
-    ServiceSpec,
     apply_to_engine,
     service_ports_to_engine,
     services_file_to_engine,
 )
+from pykp.model import EndpointPort, EndpointSpec, ServicePort, Catalog, ServiceSpec
+from pykp.sources.kube.translate import KubeProblem, parse_node, translate
 
 
 def docs(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(textwrap.dedent(text)) if doc is not None]
 
 
-def run(text: str, node: str | None = None) -> tuple[ServicesFile, list[KubeProblem]]:
+def run(text: str, node: str | None = None) -> tuple[Catalog, list[KubeProblem]]:
     """Translate a YAML stream of Services, EndpointSlices and at most one Node."""
     objects = docs(text)
     services = [obj for obj in objects if obj["kind"] == "Service"]
@@ -37,7 +33,7 @@ def run(text: str, node: str | None = None) -> tuple[ServicesFile, list[KubeProb
     return translate(services, slices, nodes[0] if nodes else None)
 
 
-def clean(text: str) -> ServicesFile:
+def clean(text: str) -> Catalog:
     services_file, problems = run(text)
     assert problems == []
     return services_file

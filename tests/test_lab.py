@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pykp.lab import NETNS_DIR, RECORD_DIR, Lab, LabError, cleanup_stale, netns_pids
+from pykp.labs.lab import NETNS_DIR, RECORD_DIR, Lab, LabError, cleanup_stale, netns_pids
 
 pytestmark = [
     pytest.mark.privileged,
@@ -64,7 +64,7 @@ def spawn_lab(prefix: str, then: str) -> tuple[subprocess.Popen[str], str, list[
     """A lab in another Python process; returns it, its key and its server PIDs."""
     code = (
         "import sys, time\n"
-        "from pykp.lab import Lab\n"
+        "from pykp.labs.lab import Lab\n"
         f"lab = Lab(backends=2, clients=1, prefix={prefix!r}, clean_stale=False)\n"
         "procs = lab.start_http_servers()\n"
         "print(lab.key, *[p.pid for p in procs], flush=True)\n"

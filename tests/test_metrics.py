@@ -24,8 +24,9 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from test_agent_unit import SERVICES, Harness, StaticSource, without_endpoint
 
-from pykp.metrics import (
+from pykp.observe.metrics import (
     CONTENT_TYPE,
     NETWORK_PROGRAMMING_BUCKETS,
     SYNC_DURATION_BUCKETS,
@@ -36,7 +37,6 @@ from pykp.metrics import (
     datapath_families,
     engine_families,
 )
-from test_agent_unit import SERVICES, Harness, StaticSource, without_endpoint
 
 # What Prometheus 2.x sends when it scrapes.
 PROMETHEUS_ACCEPT = (
@@ -415,7 +415,7 @@ def test_the_agents_metrics_have_kube_proxys_and_pykps_names(synced: Harness) ->
 
 
 def test_sync_errors_are_counted_in_the_metrics(synced: Harness) -> None:
-    from pykp.rules import RulesError
+    from pykp.netfilter.rules import RulesError
 
     synced.rules.fail = RulesError(["nft"], 1, "boom")
     with pytest.raises(RulesError):

@@ -10,10 +10,10 @@ import uuid
 
 import pytest
 
-from pykp.lab_agent import wait_for
-from pykp.node_lock import NodeLock, NodeLockHeld
+from pykp.agent.node_lock import NodeLock, NodeLockHeld
+from pykp.labs.lab_agent import wait_for
 
-HOLD = "import sys, time; from pykp.node_lock import NodeLock; NodeLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from pykp.agent.node_lock import NodeLock; NodeLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid_until_it_releases() -> None:

@@ -1,4 +1,4 @@
-"""pykp.rules and pykp.kernel_conntrack: rendering, and the real kernel inside namespaces.
+"""pykp.netfilter.rules and pykp.netfilter.conntrack: rendering, and the real kernel inside namespaces.
 
 Kernel tests need root; CI runs as root, so they never skip there. Every kernel test
 works in network namespaces it creates and deletes (even on failure): nothing here
@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from pykp import kernel_conntrack
-from pykp.lab import NETNS_DIR, Lab
-from pykp.rules import (
+from pykp.netfilter import conntrack as kernel_conntrack
+from pykp.labs.lab import NETNS_DIR, Lab
+from pykp.netfilter.rules import (
     FrontendRule,
     MarkLayout,
     RuleManager,

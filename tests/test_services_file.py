@@ -8,23 +8,27 @@ from pathlib import Path
 
 import pytest
 
-from pykp.services_file import (
-    DEFAULT_AFFINITY_TIMEOUT_SECONDS,
-    POLICIES,
-    EndpointSpec,
+from pykp.agent.plan import (
     EngineBackend,
     EngineService,
-    Problem,
-    ServicePort,
-    ServicesFile,
-    ServicesFileError,
-    ServiceSpec,
-    load_bundled_example,
-    load_services_file,
-    load_services_text,
     service_port_name,
     service_ports_to_engine,
     services_file_to_engine,
+)
+from pykp.model import (
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+    POLICIES,
+    EndpointSpec,
+    Problem,
+    ServicePort,
+    Catalog,
+    ServiceSpec,
+)
+from pykp.sources.services_file import (
+    ServicesFileError,
+    load_bundled_example,
+    load_services_file,
+    load_services_text,
 )
 
 COMPLETE = """\
@@ -61,11 +65,11 @@ services:
 """
 
 
-def load(text: str) -> tuple[ServicesFile, list[Problem]]:
+def load(text: str) -> tuple[Catalog, list[Problem]]:
     return load_services_text(textwrap.dedent(text), "services.yaml")
 
 
-def load_clean(text: str) -> ServicesFile:
+def load_clean(text: str) -> Catalog:
     services, problems = load(text)
     assert problems == []
     return services
@@ -230,7 +234,7 @@ def test_null_means_unset() -> None:
 
 
 def test_an_empty_file_has_no_services() -> None:
-    assert load("") == (ServicesFile(), [])
+    assert load("") == (Catalog(), [])
 
 
 def test_the_bundled_example_is_clean_and_covers_the_features() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pykp.sync_runner import BoundedFrequencyRunner
+from pykp.agent.sync_runner import BoundedFrequencyRunner
 
 
 class FakeClock:
@@ -160,7 +160,7 @@ def test_a_failing_sync_is_counted_logged_and_retried_with_backoff(
     fn.failing = RuntimeError("nft said no")
     runner.run()
     delays = []
-    with caplog.at_level(logging.ERROR, logger="pykp.sync_runner"):
+    with caplog.at_level(logging.ERROR, logger="pykp.agent.sync_runner"):
         for _ in range(5):
             delay = runner.step()
             delays.append(delay)

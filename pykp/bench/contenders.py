@@ -35,7 +35,7 @@ from typing import Any
 
 from pykp.bench import rulegen
 from pykp.bench.loadgen import iperf3, start_server
-from pykp.lab import Lab
+from pykp.labs.lab import Lab
 from pykp.self_command import pykp_command
 
 __all__ = [

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pykp.lab import Host, Lab
+from pykp.labs.lab import Host, Lab
 
 __all__ = [
     "BINARY",

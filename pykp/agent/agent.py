@@ -28,8 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from pykp.health import HealthServer, ProxierHealth, parse_bind_address
-from pykp.metrics import (
+from pykp.agent.plan import (
+    EXTERNAL_SUFFIX,
+    EngineBackend,
+    EngineService,
+    apply_to_engine,
+    service_port_name,
+    services_file_to_engine,
+)
+from pykp.agent.sync_runner import BoundedFrequencyRunner
+from pykp.model import POLICIES, Catalog, ServiceSpec
+from pykp.observe.health import HealthServer, ProxierHealth, parse_bind_address
+from pykp.observe.metrics import (
     AgentMetrics,
     Family,
     MetricsServer,
@@ -37,24 +47,12 @@ from pykp.metrics import (
     datapath_families,
     engine_families,
 )
-from pykp.services_file import (
-    EXTERNAL_SUFFIX,
-    POLICIES,
-    EngineBackend,
-    EngineService,
-    ServicesFile,
-    ServiceSpec,
-    apply_to_engine,
-    service_port_name,
-    services_file_to_engine,
-)
-from pykp.sources import FileSource, ServiceSource
-from pykp.status import build_status, write_status_file
-from pykp.sync_runner import BoundedFrequencyRunner
+from pykp.observe.status import build_status, write_status_file
+from pykp.sources.file import FileSource, ServiceSource
 
 if TYPE_CHECKING:
     from pykp._fastpath import Engine
-    from pykp.rules import RuleState
+    from pykp.netfilter.rules import RuleState
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -211,7 +209,7 @@ class AgentConfig:
 
 def check_mark_mask(mask: int) -> str | None:
     """Why `mask` cannot hold backend ids next to pykp's other mark bits, or None."""
-    from pykp.rules import MarkLayout
+    from pykp.netfilter.rules import MarkLayout
 
     try:
         MarkLayout(backend_mask=mask).validate()
@@ -266,8 +264,8 @@ def filter_node_addresses(addresses: Iterable[str], cidrs: Sequence[str]) -> lis
 
 
 def without_node_address_ips(
-    services_file: ServicesFile, node_addresses: Iterable[str]
-) -> tuple[ServicesFile, dict[str, str]]:
+    services_file: Catalog, node_addresses: Iterable[str]
+) -> tuple[Catalog, dict[str, str]]:
     """The services minus any ClusterIP, externalIP or LB IP that is one of the node's own
     addresses, and why, by service: serving one would capture the node's own traffic to
     that port (kube-proxy's CVE-2020-8554 class). Only the address goes; the service keeps
@@ -306,7 +304,7 @@ def without_node_address_ips(
 
 
 def build_rule_state(
-    services_file: ServicesFile,
+    services_file: Catalog,
     services: Iterable[EngineService],
     backends: Mapping[int, tuple[str, int]],
     node_addresses: Iterable[str] = (),
@@ -328,7 +326,7 @@ def build_rule_state(
     reaches one. With `kernel_random`, random services without session affinity are not
     queued at all: the kernel path is their policy (kube-proxy's nftables `numgen random`).
     """
-    from pykp.rules import MAX_SLOTS, FrontendRule, RuleState
+    from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, RuleState
 
     owners: dict[str, ServiceSpec] = {}
     for spec in services_file.services:
@@ -378,7 +376,7 @@ def fallback_slots(
 ) -> tuple[tuple[str, int], ...]:
     """The kernel path's slots of one frontend: each backend repeated by its weight (over
     the weights' common divisor) when that fits the rules' slot limit, else once each."""
-    from pykp.rules import MAX_SLOTS
+    from pykp.netfilter.rules import MAX_SLOTS
 
     live = [(backend_id, weight) for backend_id, weight in pool if backend_id in backends]
     if not live:
@@ -428,7 +426,7 @@ def stale_udp_flows(
     return sorted(stale)
 
 
-def count_changes(old: ServicesFile | None, new: ServicesFile) -> tuple[int, int]:
+def count_changes(old: Catalog | None, new: Catalog) -> tuple[int, int]:
     """(service changes, endpoint changes) between two states, kube-proxy's way of counting:
     a service added, removed or whose spec changed; a service whose endpoints changed."""
     before = {service.key: service for service in old.services} if old else {}
@@ -451,7 +449,7 @@ def count_changes(old: ServicesFile | None, new: ServicesFile) -> tuple[int, int
 
 
 class RulesLike(Protocol):
-    """pykp.rules.RuleManager, as far as the agent uses it."""
+    """pykp.netfilter.rules.RuleManager, as far as the agent uses it."""
 
     def install(self) -> None: ...
     def installed(self) -> bool: ...
@@ -472,7 +470,7 @@ class DatapathLike(Protocol):
 
 def _make_engine(config: AgentConfig) -> Engine:
     from pykp._fastpath import Engine
-    from pykp.rules import MarkLayout
+    from pykp.netfilter.rules import MarkLayout
 
     return Engine(
         default_policy=config.default_policy,
@@ -490,7 +488,7 @@ def _ipv6_enabled() -> bool:
 
 
 def _make_rules(config: AgentConfig) -> RulesLike:
-    from pykp.rules import MarkLayout, RuleManager
+    from pykp.netfilter.rules import MarkLayout, RuleManager
 
     return RuleManager(
         MarkLayout(backend_mask=config.mark_mask),
@@ -502,7 +500,7 @@ def _make_rules(config: AgentConfig) -> RulesLike:
 
 def _make_datapath(engine: Engine, config: AgentConfig) -> DatapathLike:
     from pykp._fastpath import NfqueueDatapath
-    from pykp.queue_keeper import KeptDatapath
+    from pykp.agent.queue_keeper import KeptDatapath
 
     return KeptDatapath(
         NfqueueDatapath(
@@ -517,7 +515,7 @@ def _make_datapath(engine: Engine, config: AgentConfig) -> DatapathLike:
 
 
 def _delete_udp_flows(service_ip: str, backend_ip: str, backend_port: int | None) -> int:
-    from pykp.kernel_conntrack import delete_udp_flows
+    from pykp.netfilter.conntrack import delete_udp_flows
 
     return delete_udp_flows(service_ip, backend_ip, backend_port)
 
@@ -565,7 +563,7 @@ def make_source(config: AgentConfig) -> ServiceSource:
     """The services file when one is given, else the Kubernetes API (like kube-proxy)."""
     if config.services is not None:
         return FileSource(config.services, poll_interval=config.poll_interval)
-    from pykp.kube.source import KubeSource
+    from pykp.sources.kube.source import KubeSource
 
     return KubeSource(
         kubeconfig=config.kubeconfig,
@@ -612,7 +610,7 @@ class Agent:
             clock=self.deps.monotonic,
         )
         self._programmed = _Programmed()
-        self._seen_file: ServicesFile | None = None
+        self._seen_file: Catalog | None = None
         self._refused: dict[str, str] = {}
         self._applied: dict[str, EngineService] = {}  # what the engine holds, by name
         self._sync_lock = threading.Lock()

@@ -1,6 +1,6 @@
 """Where the agent's services come from.
 
-A `ServiceSource` hands the agent a complete `ServicesFile` and tells it when that changed;
+A `ServiceSource` hands the agent a complete `Catalog` and tells it when that changed;
 the agent then syncs everything (level-triggered, like kube-proxy's full syncs). Sources
 report what is wrong (`problems()`, `status()`) instead of raising into the agent, in the
 manner of Cilium's reconcilers: a bad entry is skipped, a bad file keeps the last good state.
@@ -19,12 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pykp.services_file import (
-    Problem,
-    ServicesFile,
-    ServicesFileError,
-    load_services_file,
-)
+from pykp.model import Problem, Catalog
+from pykp.sources.services_file import ServicesFileError, load_services_file
 
 __all__ = ["FileSource", "ServiceSource", "SourceStatus"]
 
@@ -51,7 +47,7 @@ class ServiceSource(Protocol):
     def start(self, notify: Callable[[], None]) -> None:
         """Begin watching; call `notify()` (from any thread) whenever `current()` changes."""
 
-    def current(self) -> ServicesFile | None:
+    def current(self) -> Catalog | None:
         """The latest complete state; None until the first full load."""
 
     def problems(self) -> list[Problem]:
@@ -88,7 +84,7 @@ class FileSource:
         self.poll_interval = poll_interval
         self._log = logger or _log
         self._lock = threading.Lock()
-        self._current: ServicesFile | None = None
+        self._current: Catalog | None = None
         self._problems: list[Problem] = []
         self._signature: _Signature | str | None = None  # a str: the error of the last attempt
         self._changed_at: float | None = None
@@ -118,7 +114,7 @@ class FileSource:
             self._thread.join()
             self._thread = None
 
-    def current(self) -> ServicesFile | None:
+    def current(self) -> Catalog | None:
         with self._lock:
             return self._current
 
@@ -183,7 +179,7 @@ class FileSource:
             self._log.error("cannot load services (nothing is programmed yet): %s", message)
         return False
 
-    def _keep_last_good(self, services: ServicesFile) -> ServicesFile:
+    def _keep_last_good(self, services: Catalog) -> Catalog:
         """An entry with a problem keeps its last good version serving, as a file that does
         not load at all keeps the whole last good state (its problems are still reported)."""
         with self._lock:
@@ -203,7 +199,7 @@ class FileSource:
         self,
         signature: _Signature,
         mtime: float,
-        services: ServicesFile,
+        services: Catalog,
         problems: list[Problem],
     ) -> bool:
         self._signature = signature

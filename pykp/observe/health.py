@@ -160,7 +160,7 @@ class ProxierHealth:
             return dict(self.responses)
 
 
-# --- the HTTP servers (health here, metrics and status in pykp.metrics) -------------------
+# --- the HTTP servers (health here, metrics and status in pykp.observe.metrics) -------------------
 
 
 def parse_bind_address(text: str) -> tuple[str, int]:

@@ -5,8 +5,8 @@ client keeps sending, even after the backend is gone; kube-proxy deletes such en
 when an endpoint goes away. TCP needs none of this: a dead backend resets or times out.
 
 Implemented with the ``conntrack`` CLI (Debian package ``conntrack``), run through
-`pykp.rules.run_tool` like every other kernel command, so ``netns`` works the same way
-and failures raise `pykp.rules.RulesError`. The CLI was chosen over pyroute2's
+`pykp.netfilter.rules.run_tool` like every other kernel command, so ``netns`` works the same way
+and failures raise `pykp.netfilter.rules.RulesError`. The CLI was chosen over pyroute2's
 conntrack support because it filters by NAT state and works in another namespace
 without moving a thread there.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pykp.rules import RulesError, run_tool
+from pykp.netfilter.rules import RulesError, run_tool
 
 __all__ = ["count_entries", "delete_udp_flows", "delete_udp_flows_to_backend"]
 

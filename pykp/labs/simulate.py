@@ -19,12 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pykp.services_file import (
-    EngineService,
-    ServicesFile,
-    apply_to_engine,
-    services_file_to_engine,
-)
+from pykp.agent.plan import EngineService, apply_to_engine, services_file_to_engine
+from pykp.model import Catalog
 
 # Synthetic addresses from ranges that are never routed, so the output cannot be mistaken
 # for real traffic: a TEST-NET-1 node (RFC 5737), so services with nodePorts get that
@@ -61,7 +57,7 @@ class SimulationResult:
 
 
 def simulate_connections(
-    services_file: ServicesFile,
+    services_file: Catalog,
     *,
     connections: int = 1000,
     seed: int = 0,

@@ -24,19 +24,12 @@ import typer
 from rich.console import Console
 
 from pykp import __version__
-from pykp.services_file import (
-    POLICIES,
-    Problem,
-    ServicesFile,
-    ServicesFileError,
-    family_warnings,
-    load_bundled_example,
-    load_services_file,
-)
-from pykp.simulate import render_simulation, simulate_connections
+from pykp.labs.simulate import render_simulation, simulate_connections
+from pykp.model import POLICIES, Problem, Catalog, family_warnings
+from pykp.sources.services_file import ServicesFileError, load_bundled_example, load_services_file
 
 if TYPE_CHECKING:
-    from pykp.agent import Agent, AgentConfig
+    from pykp.agent.agent import Agent, AgentConfig
 
 app = typer.Typer(
     name="pykp",
@@ -90,7 +83,7 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def services_summary(services: ServicesFile, problems: list[Problem]) -> str:
+def services_summary(services: Catalog, problems: list[Problem]) -> str:
     """One line: what loaded, and how many problems were skipped."""
     summary = ", ".join(
         (
@@ -143,7 +136,7 @@ def _check_policy(value: str | None) -> str | None:
     return value
 
 
-def _load_services(path: Path | None) -> ServicesFile:
+def _load_services(path: Path | None) -> Catalog:
     """The services file at `path` (the bundled example if None); problems go to stderr."""
     try:
         services, problems = load_bundled_example() if path is None else load_services_file(path)
@@ -269,7 +262,7 @@ def _configure_logging(verbose: int) -> None:
 
 def require(command: str, tools: tuple[str, ...] | None = None, extension: bool = True) -> None:
     """Exit with one line per unmet need (root, commands, the extension) before doing anything."""
-    from pykp.preflight import NODE_TOOLS, problems
+    from pykp.cli.preflight import NODE_TOOLS, problems
 
     unmet = problems(command, NODE_TOOLS if tools is None else tools, extension=extension)
     for line in unmet:
@@ -280,7 +273,7 @@ def require(command: str, tools: tuple[str, ...] | None = None, extension: bool 
 
 def make_agent(config: AgentConfig) -> Agent:
     """The agent `pykp run` drives (tests replace this to run without root)."""
-    from pykp.agent import Agent
+    from pykp.agent.agent import Agent
 
     agent = Agent(config)  # touches no kernel state: a bad source is reported first
     require("run")
@@ -304,7 +297,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def _cleanup_rules() -> list[str]:
-    from pykp.rules import cleanup_all
+    from pykp.netfilter.rules import cleanup_all
 
     require("cleanup", extension=False)
     return cleanup_all()
@@ -312,7 +305,7 @@ def _cleanup_rules() -> list[str]:
 
 def _kubeproxy_settings(ctx: typer.Context, path: Path) -> dict[str, str]:
     """The settings a KubeProxyConfiguration gives for parameters not set on the command line."""
-    from pykp.kubeproxy_config import KubeProxyConfigError, load_kubeproxy_config
+    from pykp.agent.kubeproxy_config import KubeProxyConfigError, load_kubeproxy_config
 
     try:
         loaded = load_kubeproxy_config(path)
@@ -485,7 +478,7 @@ def run(
     The rules stay after it stops (like kube-proxy) unless --cleanup-on-exit. Needs root
     (CAP_NET_ADMIN), nft, iptables and conntrack.
     """
-    from pykp.agent import AgentConfig, ConfigError
+    from pykp.agent.agent import AgentConfig, ConfigError
 
     if config_file is not None:
         from_file = _kubeproxy_settings(ctx, config_file)
@@ -532,7 +525,7 @@ def run(
     if cleanup:
         _do_cleanup()
         return
-    from pykp.kube.client import KubeConfigError
+    from pykp.sources.kube.client import KubeConfigError
 
     try:
         agent = make_agent(config)
@@ -544,7 +537,7 @@ def run(
     except KubeConfigError as error:
         typer.echo(f"pykp run: {error}", err=True)
         raise typer.Exit(1) from None
-    from pykp.node_lock import NodeLock, NodeLockHeld
+    from pykp.agent.node_lock import NodeLock, NodeLockHeld
 
     lock = NodeLock()
     try:
@@ -567,7 +560,7 @@ def run(
 
 
 def _do_cleanup() -> None:
-    from pykp.rules import RulesError
+    from pykp.netfilter.rules import RulesError
 
     try:
         removed = _cleanup_rules()
@@ -601,11 +594,10 @@ def demo(
     every service and prints which backend answered; removes everything afterwards. Needs
     root and the Rust extension.
     """
-    from pykp.cluster_demo import render_cluster_demo, run_cluster_demo
-    from pykp.demo import render_demo, run_demo
-
-    from pykp.lab_agent import AgentStartError
-    from pykp.preflight import LAB_TOOLS
+    from pykp.cli.preflight import LAB_TOOLS
+    from pykp.labs.cluster_demo import render_cluster_demo, run_cluster_demo
+    from pykp.labs.demo import render_demo, run_demo
+    from pykp.labs.lab_agent import AgentStartError
 
     require("demo", LAB_TOOLS)
     console = _console()
@@ -658,7 +650,7 @@ def status(
     flows: Annotated[int, typer.Option(help="Flows to list.", min=0)] = 20,
 ) -> None:
     """Show a running agent's services, backends, counters and live flows."""
-    from pykp.status import StatusError, fetch_status, read_status_file, render_status
+    from pykp.observe.status import StatusError, fetch_status, read_status_file, render_status
 
     try:
         snapshot = read_status_file(file) if file is not None else fetch_status(address)
@@ -750,7 +742,7 @@ def bench(
 
     from pykp.bench import report
     from pykp.bench.runner import BenchSettings, run_bench
-    from pykp.preflight import LAB_TOOLS
+    from pykp.cli.preflight import LAB_TOOLS
 
     require("bench", (*LAB_TOOLS, "iperf3"))
 
@@ -871,5 +863,5 @@ def bench(
         raise typer.Exit(1)
 
 
-if __name__ == "__main__":  # `python -m pykp.cli`, for when the script is not on PATH
+if __name__ == "__main__":  # `python -m pykp.cli.app`, for when the script is not on PATH
     app()

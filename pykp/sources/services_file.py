@@ -1,5 +1,6 @@
 """The local services file: pykp's own source of services when no cluster is used.
 
+
 The format borrows Kubernetes' names (a Service's spec plus its endpoints) so operators
 recognise it:
 
@@ -19,9 +20,6 @@ file:line:column of the offending node and skipped, and the rest of the file loa
 invalid endpoint skips only that endpoint (as with an EndpointSlice); anything else wrong
 in a service skips the whole service. Only a file that is not YAML, or whose top level is
 not a mapping, is fatal (`ServicesFileError`).
-
-The second half of this module translates the parsed services into the engine's terms
-(one engine service per service port, like kube-proxy's ServicePortName) and applies them.
 """
 
 from __future__ import annotations
@@ -32,149 +30,31 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-if TYPE_CHECKING:
-    from pykp._fastpath import Engine
-
-# Kept in step with `pykp._fastpath.POLICIES` (tested); duplicated here so that parsing
-# and the CLI work without the extension.
-POLICIES: Final = ("random", "round-robin", "maglev", "least-conn")
-DEFAULT_POLICY: Final = "random"
-PROTOCOLS: Final = ("TCP", "UDP", "SCTP")
-HASH_KEYS: Final = ("5-tuple", "source-ip")
-SESSION_AFFINITIES: Final = ("None", "ClientIP")
-TRAFFIC_POLICIES: Final = ("Cluster", "Local")
-# Kubernetes' defaults and limits for ClientIP session affinity.
-DEFAULT_AFFINITY_TIMEOUT_SECONDS: Final = 10800
-MAX_AFFINITY_TIMEOUT_SECONDS: Final = 86400
-MAX_WEIGHT: Final = 65535
+from pykp.model import (
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+    DEFAULT_POLICY,
+    HASH_KEYS,
+    MAX_AFFINITY_TIMEOUT_SECONDS,
+    MAX_WEIGHT,
+    POLICIES,
+    PROTOCOLS,
+    SESSION_AFFINITIES,
+    TRAFFIC_POLICIES,
+    EndpointSpec,
+    Problem,
+    ServicePort,
+    Catalog,
+    ServiceSpec,
+)
 
 BUNDLED_EXAMPLE: Final = "examples/services.yaml"
-
-
-# --- the parsed file ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServicePort:
-    """One port of a service. `name` is "" when the service has a single unnamed port."""
-
-    port: int
-    target_port: int
-    protocol: str = "TCP"
-    name: str = ""
-    node_port: int | None = None
-
-
-@dataclass(frozen=True)
-class EndpointPort:
-    """A port of an endpoint, as an EndpointSlice names it (matched to service ports)."""
-
-    name: str
-    port: int
-    protocol: str = "TCP"
-
-
-@dataclass(frozen=True)
-class EndpointSpec:
-    """One endpoint (a pod address) with Kubernetes' endpoint conditions.
-
-    `ports` None (the services file) means every service port's targetPort; a Kubernetes
-    source sets it from the EndpointSlice, whose port numbers can differ per pod when a
-    service's targetPort is a name. `zone_hints` and `node_hints` are the slice's
-    topology hints (empty: none).
-    """
-
-    ip: str
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-    node_name: str | None = None
-    zone: str | None = None
-    weight: int = 1
-    ports: tuple[EndpointPort, ...] | None = None
-    zone_hints: tuple[str, ...] = ()
-    node_hints: tuple[str, ...] = ()
-
-    def port_for(self, port: ServicePort) -> int | None:
-        """This endpoint's port for a service port; None when it does not serve it."""
-        if self.ports is None:
-            return port.target_port
-        for endpoint_port in self.ports:
-            if endpoint_port.name == port.name and endpoint_port.protocol == port.protocol:
-                return endpoint_port.port
-        return None
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    """A service and its endpoints. Addresses are normalised (`ipaddress` spelling)."""
-
-    name: str
-    namespace: str = "default"
-    cluster_ips: tuple[str, ...] = ()
-    external_ips: tuple[str, ...] = ()
-    load_balancer_ips: tuple[str, ...] = ()
-    ports: tuple[ServicePort, ...] = ()
-    policy: str = DEFAULT_POLICY
-    hash_key: str | None = None  # None: the engine's default
-    session_affinity: str = "None"
-    session_affinity_timeout_seconds: int | None = None  # set exactly when ClientIP
-    external_traffic_policy: str = "Cluster"
-    internal_traffic_policy: str = "Cluster"
-    endpoints: tuple[EndpointSpec, ...] = ()
-
-    @property
-    def key(self) -> str:
-        """`namespace/name`, as kubectl and kube-proxy spell a service."""
-        return f"{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class ServicesFile:
-    """Everything that loaded from a services file (invalid entries left out).
-
-    A Kubernetes source sets `traffic_policies` (apply externalTrafficPolicy and
-    internalTrafficPolicy when translating, as kube-proxy does) and `zone` (this node's
-    topology.kubernetes.io/zone, for topology hints); a services file keeps the defaults.
-    """
-
-    services: tuple[ServiceSpec, ...] = ()
-    default_policy: str = DEFAULT_POLICY
-    traffic_policies: bool = False
-    zone: str | None = None
-    # namespace/name of entries with a problem (skipped, or loaded without their invalid
-    # endpoints): a source that has a last good version of one keeps serving that instead.
-    invalid: frozenset[str] = frozenset()
-
-    @property
-    def port_count(self) -> int:
-        return sum(len(service.ports) for service in self.services)
-
-    @property
-    def endpoint_count(self) -> int:
-        return sum(len(service.endpoints) for service in self.services)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """An invalid entry, where it is and what is wrong with it."""
-
-    source: str  # the file, as the caller named it
-    line: int  # 1-based
-    column: int  # 1-based
-    path: str  # the field, e.g. "services[1].ports[0].port"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.source}:{self.line}:{self.column}: {self.path}: {self.message}"
 
 
 class ServicesFileError(Exception):
@@ -188,27 +68,6 @@ class ServicesFileError(Exception):
         self.message = message
 
 
-def family_warnings(services_file: ServicesFile) -> list[str]:
-    """Valid but likely wrong: a service address of a family none of its endpoints has.
-
-    NAT does not cross families, so every connection to that address is refused; a
-    dual-stack service needs endpoints of both families.
-    """
-    warnings = []
-    for service in services_file.services:
-        families = {ipaddress.ip_address(endpoint.ip).version for endpoint in service.endpoints}
-        if not families:
-            continue  # no endpoints at all: refused on purpose, as kube-proxy does
-        addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
-        for address in addresses:
-            version = ipaddress.ip_address(address).version
-            if version not in families:
-                warnings.append(
-                    f"{service.key}: {address} has no IPv{version} endpoint, so every "
-                    f"connection to it is refused (add IPv{version} endpoints or drop the address)"
-                )
-    return warnings
-
 
 # --- loading ------------------------------------------------------------------------------
 
@@ -220,7 +79,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def load_services_file(
     path: str | os.PathLike[str],
-) -> tuple[ServicesFile, list[Problem]]:
+) -> tuple[Catalog, list[Problem]]:
     """Load a services file; problems name the file as `path` was given.
 
     Raises `ServicesFileError` when the file is not YAML or not a mapping, and `OSError`
@@ -236,7 +95,7 @@ def load_services_file(
     return load_services_text(text, source)
 
 
-def load_bundled_example() -> tuple[ServicesFile, list[Problem]]:
+def load_bundled_example() -> tuple[Catalog, list[Problem]]:
     """The example services file shipped inside the package (`pykp/examples/`)."""
     resource = resources.files("pykp").joinpath(BUNDLED_EXAMPLE)
     return load_services_text(resource.read_text(encoding="utf-8"), f"pykp/{BUNDLED_EXAMPLE}")
@@ -244,7 +103,7 @@ def load_bundled_example() -> tuple[ServicesFile, list[Problem]]:
 
 def load_services_text(
     text: str, source_name: str = "<string>"
-) -> tuple[ServicesFile, list[Problem]]:
+) -> tuple[Catalog, list[Problem]]:
     """Parse services-file text. Raises `ServicesFileError` only for fatal errors."""
     try:
         root = yaml.compose(text, Loader=_LOADER)
@@ -256,7 +115,7 @@ def load_services_text(
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ServicesFileError(source_name, line, column, f"invalid YAML: {message}") from None
     if root is None:  # an empty file: no services, nothing wrong
-        return ServicesFile(), []
+        return Catalog(), []
     if not isinstance(root, MappingNode):
         line, column = _position(root)
         raise ServicesFileError(
@@ -534,19 +393,19 @@ class _Parser:
 
     # -- the file
 
-    def parse_file(self, root: MappingNode) -> ServicesFile:
+    def parse_file(self, root: MappingNode) -> Catalog:
         fields = self.fields(root, "", _FILE_FIELDS)  # unknown top-level keys are only reported
         default_policy = self.parse_defaults(fields)
         try:
             entries = self.required(fields, "services", "", root, self.items)
         except _Invalid:
-            return ServicesFile(default_policy=default_policy)
+            return Catalog(default_policy=default_policy)
         services = []
         for index, entry in enumerate(entries):
             service = self.parse_service(entry, f"services[{index}]", default_policy)
             if service is not None:
                 services.append(service)
-        return ServicesFile(
+        return Catalog(
             services=tuple(services),
             default_policy=default_policy,
             invalid=frozenset(self._invalid_services),
@@ -839,244 +698,3 @@ def _frontend_text(frontend: tuple[str, int, str]) -> str:
     return f"{host}:{port}/{protocol}"
 
 
-# --- translation to the engine ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EngineBackend:
-    """A backend as `pykp._fastpath.Backend` takes it."""
-
-    ip: str
-    port: int
-    weight: int = 1
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
-    local: bool = False
-
-
-@dataclass(frozen=True)
-class EngineService:
-    """One engine service: what `Engine.upsert_service` takes, as plain data."""
-
-    name: str
-    frontends: tuple[tuple[str, int, str], ...]  # (ip, port, protocol)
-    backends: tuple[EngineBackend, ...]
-    policy: str = DEFAULT_POLICY
-    affinity_timeout: float | None = None  # None: no session affinity
-    hash_key: str | None = None  # None: the engine's default
-
-
-def service_port_name(service: ServiceSpec, port: ServicePort) -> str:
-    """kube-proxy's ServicePortName: `namespace/name:port`, or `namespace/name` if unnamed."""
-    return f"{service.key}:{port.name}" if port.name else service.key
-
-
-EXTERNAL_SUFFIX: Final = "#external"
-
-
-def service_ports_to_engine(
-    spec: ServiceSpec,
-    node_addresses: Sequence[str],
-    node_name: str | None = None,
-    *,
-    traffic_policies: bool = False,
-    zone: str | None = None,
-) -> list[EngineService]:
-    """One engine service per service port (kube-proxy programs each port separately).
-
-    Frontends: every clusterIP, externalIP and loadBalancerIP at `port`, and every node
-    address at `nodePort` when the port has one. Backends: every endpoint that serves the
-    port, at its port (`targetPort` unless the endpoint names its own); `local` marks the
-    endpoints on `node_name`. Endpoints with topology hints are narrowed to those hinted
-    for this node or `zone`, exactly when kube-proxy would.
-
-    With `traffic_policies`, a Local internalTrafficPolicy (for clusterIPs) or
-    externalTrafficPolicy (for externalIPs, loadBalancerIPs and nodePorts) gives those
-    frontends only this node's endpoints, none at all when the node has none (the engine
-    then refuses the traffic rather than sending it off the node). When the two policies
-    differ, a port becomes two engine services: `name` for the clusterIPs and
-    `name#external` for the rest.
-    """
-    nodes = [str(ipaddress.ip_address(address)) for address in node_addresses]
-    affinity_timeout = (
-        float(spec.session_affinity_timeout_seconds)
-        if spec.session_affinity == "ClientIP" and spec.session_affinity_timeout_seconds is not None
-        else None
-    )
-    engine_services = []
-    for port in spec.ports:
-        internal = [(address, port.port, port.protocol) for address in spec.cluster_ips]
-        external = [
-            (address, port.port, port.protocol)
-            for address in (*spec.external_ips, *spec.load_balancer_ips)
-        ]
-        if port.node_port is not None:
-            external += [(address, port.node_port, port.protocol) for address in nodes]
-        every = _port_backends(spec, port, node_name)
-        cluster = _topology_filter(every, spec.endpoints, port, node_name, zone)
-        local = tuple(backend for backend in every if backend.local)
-        internal_backends = (
-            local if traffic_policies and spec.internal_traffic_policy == "Local" else cluster
-        )
-        external_backends = (
-            local if traffic_policies and spec.external_traffic_policy == "Local" else cluster
-        )
-        name = service_port_name(spec, port)
-        groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...]]]
-        if not internal:
-            groups = [(name, external, external_backends)]
-        elif not external or spec.internal_traffic_policy == spec.external_traffic_policy:
-            groups = [(name, internal + external, internal_backends)]
-        elif traffic_policies:
-            # Split on the policies, not on whether the backend sets differ, so the
-            # engine services' names stay put as endpoints come and go.
-            groups = [
-                (name, internal, internal_backends),
-                (name + EXTERNAL_SUFFIX, external, external_backends),
-            ]
-        else:
-            groups = [(name, internal + external, cluster)]
-        for group_name, frontends, backends in groups:
-            # The engine refuses a backend that no frontend's family reaches (NAT does not
-            # cross families): e.g. IPv4 endpoints behind IPv6-only node addresses.
-            families = {ipaddress.ip_address(address).version for address, _, _ in frontends}
-            if frontends:
-                backends = tuple(
-                    backend
-                    for backend in backends
-                    if ipaddress.ip_address(backend.ip).version in families
-                )
-            engine_services.append(
-                EngineService(
-                    name=group_name,
-                    # An externalIP may repeat a node address; a frontend is listed once.
-                    frontends=tuple(dict.fromkeys(frontends)),
-                    backends=backends,
-                    policy=spec.policy,
-                    affinity_timeout=affinity_timeout,
-                    hash_key=spec.hash_key,
-                )
-            )
-    return engine_services
-
-
-def _port_backends(
-    spec: ServiceSpec, port: ServicePort, node_name: str | None
-) -> tuple[EngineBackend, ...]:
-    """Every endpoint serving `port`, as backends, in endpoint order."""
-    backends = []
-    for endpoint in spec.endpoints:
-        backend_port = endpoint.port_for(port)
-        if backend_port is None:
-            continue
-        backends.append(
-            EngineBackend(
-                ip=endpoint.ip,
-                port=backend_port,
-                weight=endpoint.weight,
-                ready=endpoint.ready,
-                serving=endpoint.serving,
-                terminating=endpoint.terminating,
-                local=node_name is not None and endpoint.node_name == node_name,
-            )
-        )
-    return tuple(backends)
-
-
-def _topology_filter(
-    backends: tuple[EngineBackend, ...],
-    endpoints: Sequence[EndpointSpec],
-    port: ServicePort,
-    node_name: str | None,
-    zone: str | None,
-) -> tuple[EngineBackend, ...]:
-    """kube-proxy's topology-aware routing (pkg/proxy/topology.go) for one port.
-
-    Hints are used only when every ready endpoint carries one and at least one is for this
-    node (same-node hints) or this zone (same-zone hints); otherwise every endpoint stays.
-    The ready-or-terminating fallback is the engine's, so only the hint filter is here.
-    """
-    serving = [endpoint for endpoint in endpoints if endpoint.port_for(port) is not None]
-    ready = [endpoint for endpoint in serving if endpoint.ready]
-    if not ready:
-        return backends
-    # Same-node hints win over same-zone ones, as in kube-proxy's topologyModeFromHints.
-    hint_kinds: tuple[tuple[Callable[[EndpointSpec], tuple[str, ...]], str | None], ...] = (
-        (_node_hints, node_name),
-        (_zone_hints, zone),
-    )
-    for hints_of, wanted in hint_kinds:
-        if (
-            wanted
-            and all(hints_of(endpoint) for endpoint in ready)
-            and any(wanted in hints_of(endpoint) for endpoint in ready)
-        ):
-            # `serving` and `backends` are in the same order: one backend per endpoint.
-            return tuple(
-                backend
-                for endpoint, backend in zip(serving, backends, strict=True)
-                if wanted in hints_of(endpoint)
-            )
-    return backends
-
-
-def _node_hints(endpoint: EndpointSpec) -> tuple[str, ...]:
-    return endpoint.node_hints
-
-
-def _zone_hints(endpoint: EndpointSpec) -> tuple[str, ...]:
-    return endpoint.zone_hints
-
-
-def services_file_to_engine(
-    services_file: ServicesFile,
-    node_addresses: Sequence[str] = (),
-    node_name: str | None = None,
-) -> list[EngineService]:
-    """Every engine service of a services file, in file order.
-
-    Traffic policies and topology apply as the file asks (`traffic_policies`, `zone`).
-    """
-    return [
-        engine_service
-        for service in services_file.services
-        for engine_service in service_ports_to_engine(
-            service,
-            node_addresses,
-            node_name,
-            traffic_policies=services_file.traffic_policies,
-            zone=services_file.zone,
-        )
-    ]
-
-
-def apply_to_engine(engine: Engine, services: Sequence[EngineService]) -> None:
-    """Make the engine's services exactly `services`: upsert each, remove the rest."""
-    from pykp._fastpath import Backend, Frontend
-
-    wanted = {service.name for service in services}
-    # Remove first, so a frontend that moved to a renamed service is free when it arrives.
-    for name in engine.services():
-        if name not in wanted:
-            engine.remove_service(name)
-    for service in services:
-        engine.upsert_service(
-            service.name,
-            [Frontend(ip, port, protocol) for ip, port, protocol in service.frontends],
-            [
-                Backend(
-                    backend.ip,
-                    backend.port,
-                    weight=backend.weight,
-                    ready=backend.ready,
-                    serving=backend.serving,
-                    terminating=backend.terminating,
-                    local=backend.local,
-                )
-                for backend in service.backends
-            ],
-            policy=service.policy,
-            affinity_timeout=service.affinity_timeout,
-            hash_key=service.hash_key,
-        )

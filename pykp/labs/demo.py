@@ -19,8 +19,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pykp.lab import Lab
-from pykp.lab_agent import LabAgent, http_get
+from pykp.labs.lab import Lab
+from pykp.labs.lab_agent import LabAgent, http_get
 
 # One service per policy, all on the same three backend pods (10.244.0.10-12 in a Lab).
 DEMO_SERVICES = """

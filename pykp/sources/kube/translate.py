@@ -6,7 +6,7 @@ port out of range rejects that one object with a `KubeProblem` naming it, and th
 translate. What kube-proxy skips is skipped silently (ExternalName and headless services,
 services another proxy owns, slices of unknown services).
 
-The result is a `ServicesFile`, so the agent translates it to the engine with the same
+The result is a `Catalog`, so the agent translates it to the engine with the same
 `services_file_to_engine` as a local file; it carries `traffic_policies=True` and the
 node's zone so that translation applies traffic policies and topology like kube-proxy.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from pykp.services_file import (
+from pykp.model import (
     DEFAULT_AFFINITY_TIMEOUT_SECONDS,
     DEFAULT_POLICY,
     HASH_KEYS,
@@ -32,7 +32,7 @@ from pykp.services_file import (
     EndpointSpec,
     Problem,
     ServicePort,
-    ServicesFile,
+    Catalog,
     ServiceSpec,
 )
 
@@ -619,7 +619,7 @@ def build_services_file(
     *,
     zone: str | None = None,
     default_policy: str = DEFAULT_POLICY,
-) -> tuple[ServicesFile, list[KubeProblem]]:
+) -> tuple[Catalog, list[KubeProblem]]:
     """The services with their endpoints, ready for `services_file_to_engine`.
 
     Two services may not share a frontend (an address, port and protocol) or a nodePort:
@@ -666,7 +666,7 @@ def build_services_file(
         endpoints = service_endpoints(spec, slices_by_service.get(spec.key, ()))
         specs.append(replace(spec, endpoints=endpoints))
     specs.sort(key=lambda spec: spec.key)
-    services_file = ServicesFile(
+    services_file = Catalog(
         services=tuple(specs),
         default_policy=default_policy,
         traffic_policies=True,
@@ -687,7 +687,7 @@ def translate(
     node: object | None = None,
     *,
     default_policy: str = DEFAULT_POLICY,
-) -> tuple[ServicesFile, list[KubeProblem]]:
+) -> tuple[Catalog, list[KubeProblem]]:
     """Everything at once, from raw objects (the unit tests' and a one-shot caller's entry)."""
     problems: list[KubeProblem] = []
     parsed_services = []

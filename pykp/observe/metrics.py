@@ -33,7 +33,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from pykp.health import HttpServer, Response
+from pykp.observe.health import HttpServer, Response
 
 __all__ = [
     "CONTENT_TYPE",

@@ -10,10 +10,10 @@ down on `close()`; a failure half-way tears down what was built.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pykp.lab import ClusterLab
-from pykp.lab_agent import LabAgent, http_get, wait_for
+from pykp.labs.lab import ClusterLab
+from pykp.labs.lab_agent import LabAgent, http_get, wait_for
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -159,8 +159,8 @@ class ClusterDemoResult:
 def run_cluster_demo(connections: int = 30, nodes: int = 3) -> ClusterDemoResult:
     """A cluster of `nodes` nodes fed by the stand-in API server; one Service per policy
     whose backends are the pods of every node but the first; a client pod on each node."""
-    from pykp.demo import DEMO_POLICIES
-    from pykp.kube.standin import ClusterApiServer, endpoint_slice, service
+    from pykp.labs.demo import DEMO_POLICIES
+    from pykp.labs.kube_apiserver import ClusterApiServer, endpoint_slice, service
 
     def apiserver(lab: ClusterLab) -> ClusterApiServer:
         server = ClusterApiServer(lab.ns("net"), lab.api_ip4)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pykp.lab import ClusterLab, Lab
+from pykp.labs.lab import ClusterLab, Lab
 from pykp.self_command import pykp_command
 
 AnyLab = Lab | ClusterLab

@@ -1,10 +1,10 @@
 """The Kubernetes source: the agent's view of Services and EndpointSlices.
 
-Shape (the agent's source protocol, `pykp.sources.ServiceSource`): `start(notify)`,
+Shape (the agent's source protocol, `pykp.sources.file.ServiceSource`): `start(notify)`,
 `current()`, `stop()`, `problems()`, `status()`, plus `last_change_time()` and
 `invalid_objects_total`. Three reflectors (Services, EndpointSlices and, with
 a node name, this node's Node for its zone) keep caches equal to the API; `current()`
-translates them into a `ServicesFile`, re-using each object's translation until its
+translates them into a `Catalog`, re-using each object's translation until its
 resourceVersion changes.
 
 Like kube-proxy, nothing is offered before the first lists of Services and
@@ -24,8 +24,10 @@ from typing import Any, Generic, TypeVar
 
 import kubernetes.client
 
-from pykp.kube.client import ApiListWatch, Timeouts, api_client
-from pykp.kube.translate import (
+from pykp.model import DEFAULT_POLICY, Problem, Catalog
+from pykp.sources.file import SourceStatus
+from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
+from pykp.sources.kube.translate import (
     KubeProblem,
     NodeInfo,
     ParsedService,
@@ -35,11 +37,9 @@ from pykp.kube.translate import (
     parse_node,
     parse_service,
 )
-from pykp.kube.watch import Backoff, ListWatch, Reflector, ReflectorStats
-from pykp.services_file import DEFAULT_POLICY, Problem, ServicesFile
-from pykp.sources import SourceStatus
+from pykp.sources.kube.watch import Backoff, ListWatch, Reflector, ReflectorStats
 
-log = logging.getLogger("pykp.kube")
+log = logging.getLogger("pykp.sources.kube")
 
 _GATING = ("services", "endpointslices")  # the lists that must be in before programming
 
@@ -127,7 +127,7 @@ class KubeSource:
         self._generation = 0
         self._last_change: float | None = None
         self._built_generation = -1
-        self._built: ServicesFile | None = None
+        self._built: Catalog | None = None
         self._build_lock = threading.Lock()
         self._services: _Translations[ParsedService] = _Translations(self._parse_service)
         self._slices: _Translations[ParsedSlice] = _Translations(parse_endpoint_slice)
@@ -150,7 +150,7 @@ class KubeSource:
         if self._client is not None:
             self._client.close()  # type: ignore[no-untyped-call]  # the connection pool
 
-    def current(self) -> ServicesFile | None:
+    def current(self) -> Catalog | None:
         """None until every first list is in; then the services the API describes."""
         if not self.synced:
             return None
@@ -239,7 +239,7 @@ class KubeSource:
     def _parse_service(self, obj: JSON) -> tuple[ParsedService | None, list[KubeProblem]]:
         return parse_service(obj, self.default_policy)
 
-    def _build(self) -> ServicesFile:
+    def _build(self) -> Catalog:
         services, problems = self._services.update(self._cache("services"))
         slices, slice_problems = self._slices.update(self._cache("endpointslices"))
         problems += slice_problems

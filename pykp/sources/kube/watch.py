@@ -20,11 +20,11 @@ from typing import Any, Protocol
 
 import urllib3
 
-from pykp.kube.client import ApiError, Gone, WatchEvent
+from pykp.sources.kube.client import ApiError, Gone, WatchEvent
 
 JSON = Mapping[str, Any]
 
-log = logging.getLogger("pykp.kube")
+log = logging.getLogger("pykp.sources.kube")
 
 
 class EventStream(Protocol):

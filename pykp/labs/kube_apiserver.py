@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from pykp.lab import in_namespace
+from pykp.labs.lab import in_namespace
 
 Obj = dict[str, Any]
 

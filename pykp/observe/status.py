@@ -22,10 +22,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pykp.health import parse_bind_address
-from pykp.services_file import EngineBackend, EngineService, Problem
-from pykp.sources import SourceStatus
-from pykp.sync_runner import RunnerStats
+from pykp.agent.plan import EngineBackend, EngineService
+from pykp.agent.sync_runner import RunnerStats
+from pykp.model import Problem
+from pykp.observe.health import parse_bind_address
+from pykp.sources.file import SourceStatus
 
 if TYPE_CHECKING:
     from pykp._fastpath import Connection

@@ -1,0 +1,257 @@
+"""Services in the engine's terms: one engine service per service port (kube-proxy's
+ServicePortName), with the node's view applied (traffic policies, topology, node ports)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from pykp.model import DEFAULT_POLICY, EndpointSpec, ServicePort, Catalog, ServiceSpec
+
+if TYPE_CHECKING:
+    from pykp._fastpath import Engine
+
+
+# --- translation to the engine ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineBackend:
+    """A backend as `pykp._fastpath.Backend` takes it."""
+
+    ip: str
+    port: int
+    weight: int = 1
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class EngineService:
+    """One engine service: what `Engine.upsert_service` takes, as plain data."""
+
+    name: str
+    frontends: tuple[tuple[str, int, str], ...]  # (ip, port, protocol)
+    backends: tuple[EngineBackend, ...]
+    policy: str = DEFAULT_POLICY
+    affinity_timeout: float | None = None  # None: no session affinity
+    hash_key: str | None = None  # None: the engine's default
+
+
+def service_port_name(service: ServiceSpec, port: ServicePort) -> str:
+    """kube-proxy's ServicePortName: `namespace/name:port`, or `namespace/name` if unnamed."""
+    return f"{service.key}:{port.name}" if port.name else service.key
+
+
+EXTERNAL_SUFFIX: Final = "#external"
+
+
+def service_ports_to_engine(
+    spec: ServiceSpec,
+    node_addresses: Sequence[str],
+    node_name: str | None = None,
+    *,
+    traffic_policies: bool = False,
+    zone: str | None = None,
+) -> list[EngineService]:
+    """One engine service per service port (kube-proxy programs each port separately).
+
+    Frontends: every clusterIP, externalIP and loadBalancerIP at `port`, and every node
+    address at `nodePort` when the port has one. Backends: every endpoint that serves the
+    port, at its port (`targetPort` unless the endpoint names its own); `local` marks the
+    endpoints on `node_name`. Endpoints with topology hints are narrowed to those hinted
+    for this node or `zone`, exactly when kube-proxy would.
+
+    With `traffic_policies`, a Local internalTrafficPolicy (for clusterIPs) or
+    externalTrafficPolicy (for externalIPs, loadBalancerIPs and nodePorts) gives those
+    frontends only this node's endpoints, none at all when the node has none (the engine
+    then refuses the traffic rather than sending it off the node). When the two policies
+    differ, a port becomes two engine services: `name` for the clusterIPs and
+    `name#external` for the rest.
+    """
+    nodes = [str(ipaddress.ip_address(address)) for address in node_addresses]
+    affinity_timeout = (
+        float(spec.session_affinity_timeout_seconds)
+        if spec.session_affinity == "ClientIP" and spec.session_affinity_timeout_seconds is not None
+        else None
+    )
+    engine_services = []
+    for port in spec.ports:
+        internal = [(address, port.port, port.protocol) for address in spec.cluster_ips]
+        external = [
+            (address, port.port, port.protocol)
+            for address in (*spec.external_ips, *spec.load_balancer_ips)
+        ]
+        if port.node_port is not None:
+            external += [(address, port.node_port, port.protocol) for address in nodes]
+        every = _port_backends(spec, port, node_name)
+        cluster = _topology_filter(every, spec.endpoints, port, node_name, zone)
+        local = tuple(backend for backend in every if backend.local)
+        internal_backends = (
+            local if traffic_policies and spec.internal_traffic_policy == "Local" else cluster
+        )
+        external_backends = (
+            local if traffic_policies and spec.external_traffic_policy == "Local" else cluster
+        )
+        name = service_port_name(spec, port)
+        groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...]]]
+        if not internal:
+            groups = [(name, external, external_backends)]
+        elif not external or spec.internal_traffic_policy == spec.external_traffic_policy:
+            groups = [(name, internal + external, internal_backends)]
+        elif traffic_policies:
+            # Split on the policies, not on whether the backend sets differ, so the
+            # engine services' names stay put as endpoints come and go.
+            groups = [
+                (name, internal, internal_backends),
+                (name + EXTERNAL_SUFFIX, external, external_backends),
+            ]
+        else:
+            groups = [(name, internal + external, cluster)]
+        for group_name, frontends, backends in groups:
+            # The engine refuses a backend that no frontend's family reaches (NAT does not
+            # cross families): e.g. IPv4 endpoints behind IPv6-only node addresses.
+            families = {ipaddress.ip_address(address).version for address, _, _ in frontends}
+            if frontends:
+                backends = tuple(
+                    backend
+                    for backend in backends
+                    if ipaddress.ip_address(backend.ip).version in families
+                )
+            engine_services.append(
+                EngineService(
+                    name=group_name,
+                    # An externalIP may repeat a node address; a frontend is listed once.
+                    frontends=tuple(dict.fromkeys(frontends)),
+                    backends=backends,
+                    policy=spec.policy,
+                    affinity_timeout=affinity_timeout,
+                    hash_key=spec.hash_key,
+                )
+            )
+    return engine_services
+
+
+def _port_backends(
+    spec: ServiceSpec, port: ServicePort, node_name: str | None
+) -> tuple[EngineBackend, ...]:
+    """Every endpoint serving `port`, as backends, in endpoint order."""
+    backends = []
+    for endpoint in spec.endpoints:
+        backend_port = endpoint.port_for(port)
+        if backend_port is None:
+            continue
+        backends.append(
+            EngineBackend(
+                ip=endpoint.ip,
+                port=backend_port,
+                weight=endpoint.weight,
+                ready=endpoint.ready,
+                serving=endpoint.serving,
+                terminating=endpoint.terminating,
+                local=node_name is not None and endpoint.node_name == node_name,
+            )
+        )
+    return tuple(backends)
+
+
+def _topology_filter(
+    backends: tuple[EngineBackend, ...],
+    endpoints: Sequence[EndpointSpec],
+    port: ServicePort,
+    node_name: str | None,
+    zone: str | None,
+) -> tuple[EngineBackend, ...]:
+    """kube-proxy's topology-aware routing (pkg/proxy/topology.go) for one port.
+
+    Hints are used only when every ready endpoint carries one and at least one is for this
+    node (same-node hints) or this zone (same-zone hints); otherwise every endpoint stays.
+    The ready-or-terminating fallback is the engine's, so only the hint filter is here.
+    """
+    serving = [endpoint for endpoint in endpoints if endpoint.port_for(port) is not None]
+    ready = [endpoint for endpoint in serving if endpoint.ready]
+    if not ready:
+        return backends
+    # Same-node hints win over same-zone ones, as in kube-proxy's topologyModeFromHints.
+    hint_kinds: tuple[tuple[Callable[[EndpointSpec], tuple[str, ...]], str | None], ...] = (
+        (_node_hints, node_name),
+        (_zone_hints, zone),
+    )
+    for hints_of, wanted in hint_kinds:
+        if (
+            wanted
+            and all(hints_of(endpoint) for endpoint in ready)
+            and any(wanted in hints_of(endpoint) for endpoint in ready)
+        ):
+            # `serving` and `backends` are in the same order: one backend per endpoint.
+            return tuple(
+                backend
+                for endpoint, backend in zip(serving, backends, strict=True)
+                if wanted in hints_of(endpoint)
+            )
+    return backends
+
+
+def _node_hints(endpoint: EndpointSpec) -> tuple[str, ...]:
+    return endpoint.node_hints
+
+
+def _zone_hints(endpoint: EndpointSpec) -> tuple[str, ...]:
+    return endpoint.zone_hints
+
+
+def services_file_to_engine(
+    services_file: Catalog,
+    node_addresses: Sequence[str] = (),
+    node_name: str | None = None,
+) -> list[EngineService]:
+    """Every engine service of a services file, in file order.
+
+    Traffic policies and topology apply as the file asks (`traffic_policies`, `zone`).
+    """
+    return [
+        engine_service
+        for service in services_file.services
+        for engine_service in service_ports_to_engine(
+            service,
+            node_addresses,
+            node_name,
+            traffic_policies=services_file.traffic_policies,
+            zone=services_file.zone,
+        )
+    ]
+
+
+def apply_to_engine(engine: Engine, services: Sequence[EngineService]) -> None:
+    """Make the engine's services exactly `services`: upsert each, remove the rest."""
+    from pykp._fastpath import Backend, Frontend
+
+    wanted = {service.name for service in services}
+    # Remove first, so a frontend that moved to a renamed service is free when it arrives.
+    for name in engine.services():
+        if name not in wanted:
+            engine.remove_service(name)
+    for service in services:
+        engine.upsert_service(
+            service.name,
+            [Frontend(ip, port, protocol) for ip, port, protocol in service.frontends],
+            [
+                Backend(
+                    backend.ip,
+                    backend.port,
+                    weight=backend.weight,
+                    ready=backend.ready,
+                    serving=backend.serving,
+                    terminating=backend.terminating,
+                    local=backend.local,
+                )
+                for backend in service.backends
+            ],
+            policy=service.policy,
+            affinity_timeout=service.affinity_timeout,
+            hash_key=service.hash_key,
+        )

@@ -1,0 +1,168 @@
+"""pykp's domain model: services, their ports and endpoints, as every source delivers them.
+
+Kubernetes' names and semantics (a Service's spec plus its endpoints); the services file and
+the Kubernetes source both produce these, and the agent consumes nothing else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Final
+
+# Kept in step with `pykp._fastpath.POLICIES` (tested); duplicated here so that parsing
+# and the CLI work without the extension.
+POLICIES: Final = ("random", "round-robin", "maglev", "least-conn")
+DEFAULT_POLICY: Final = "random"
+PROTOCOLS: Final = ("TCP", "UDP", "SCTP")
+HASH_KEYS: Final = ("5-tuple", "source-ip")
+SESSION_AFFINITIES: Final = ("None", "ClientIP")
+TRAFFIC_POLICIES: Final = ("Cluster", "Local")
+# Kubernetes' defaults and limits for ClientIP session affinity.
+DEFAULT_AFFINITY_TIMEOUT_SECONDS: Final = 10800
+MAX_AFFINITY_TIMEOUT_SECONDS: Final = 86400
+MAX_WEIGHT: Final = 65535
+
+
+
+# --- the parsed file ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One port of a service. `name` is "" when the service has a single unnamed port."""
+
+    port: int
+    target_port: int
+    protocol: str = "TCP"
+    name: str = ""
+    node_port: int | None = None
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    """A port of an endpoint, as an EndpointSlice names it (matched to service ports)."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """One endpoint (a pod address) with Kubernetes' endpoint conditions.
+
+    `ports` None (the services file) means every service port's targetPort; a Kubernetes
+    source sets it from the EndpointSlice, whose port numbers can differ per pod when a
+    service's targetPort is a name. `zone_hints` and `node_hints` are the slice's
+    topology hints (empty: none).
+    """
+
+    ip: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    weight: int = 1
+    ports: tuple[EndpointPort, ...] | None = None
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
+
+    def port_for(self, port: ServicePort) -> int | None:
+        """This endpoint's port for a service port; None when it does not serve it."""
+        if self.ports is None:
+            return port.target_port
+        for endpoint_port in self.ports:
+            if endpoint_port.name == port.name and endpoint_port.protocol == port.protocol:
+                return endpoint_port.port
+        return None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service and its endpoints. Addresses are normalised (`ipaddress` spelling)."""
+
+    name: str
+    namespace: str = "default"
+    cluster_ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    policy: str = DEFAULT_POLICY
+    hash_key: str | None = None  # None: the engine's default
+    session_affinity: str = "None"
+    session_affinity_timeout_seconds: int | None = None  # set exactly when ClientIP
+    external_traffic_policy: str = "Cluster"
+    internal_traffic_policy: str = "Cluster"
+    endpoints: tuple[EndpointSpec, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`, as kubectl and kube-proxy spell a service."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every service a source holds (invalid entries left out): a services file's content,
+    or the Kubernetes API's Services and EndpointSlices.
+
+    A Kubernetes source sets `traffic_policies` (apply externalTrafficPolicy and
+    internalTrafficPolicy when translating, as kube-proxy does) and `zone` (this node's
+    topology.kubernetes.io/zone, for topology hints); a services file keeps the defaults.
+    """
+
+    services: tuple[ServiceSpec, ...] = ()
+    default_policy: str = DEFAULT_POLICY
+    traffic_policies: bool = False
+    zone: str | None = None
+    # namespace/name of entries with a problem (skipped, or loaded without their invalid
+    # endpoints): a source that has a last good version of one keeps serving that instead.
+    invalid: frozenset[str] = frozenset()
+
+    @property
+    def port_count(self) -> int:
+        return sum(len(service.ports) for service in self.services)
+
+    @property
+    def endpoint_count(self) -> int:
+        return sum(len(service.endpoints) for service in self.services)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An invalid entry, where it is and what is wrong with it."""
+
+    source: str  # the file, as the caller named it
+    line: int  # 1-based
+    column: int  # 1-based
+    path: str  # the field, e.g. "services[1].ports[0].port"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}:{self.column}: {self.path}: {self.message}"
+
+
+def family_warnings(services_file: Catalog) -> list[str]:
+    """Valid but likely wrong: a service address of a family none of its endpoints has.
+
+    NAT does not cross families, so every connection to that address is refused; a
+    dual-stack service needs endpoints of both families.
+    """
+    warnings = []
+    for service in services_file.services:
+        families = {ipaddress.ip_address(endpoint.ip).version for endpoint in service.endpoints}
+        if not families:
+            continue  # no endpoints at all: refused on purpose, as kube-proxy does
+        addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
+        for address in addresses:
+            version = ipaddress.ip_address(address).version
+            if version not in families:
+                warnings.append(
+                    f"{service.key}: {address} has no IPv{version} endpoint, so every "
+                    f"connection to it is refused (add IPv{version} endpoints or drop the address)"
+                )
+    return warnings
+
+
