@@ -7,7 +7,8 @@ the Kubernetes source both produce these, and the agent consumes nothing else.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 # Kept in step with `pykp._fastpath.POLICIES` (tested); duplicated here so that parsing
@@ -96,6 +97,9 @@ class ServiceSpec:
     external_traffic_policy: str = "Cluster"
     internal_traffic_policy: str = "Cluster"
     endpoints: tuple[EndpointSpec, ...] = ()
+    # metadata.creationTimestamp (RFC 3339, which sorts as text); "" in a services file.
+    # Two services that claim one frontend: the older keeps it (then the smaller key).
+    created: str = ""
 
     @property
     def key(self) -> str:
@@ -120,6 +124,21 @@ class Catalog:
     # namespace/name of entries with a problem (skipped, or loaded without their invalid
     # endpoints): a source that has a last good version of one keeps serving that instead.
     invalid: frozenset[str] = frozenset()
+    # The services by key, when the source keeps them so (else built on first use).
+    by_key: Mapping[str, ServiceSpec] | None = field(default=None, compare=False, repr=False)
+
+    def get(self, key: str) -> ServiceSpec | None:
+        """The service `namespace/name`, or None."""
+        if self.by_key is None:
+            # Frozen, but a cache is not state: built once, on first use.
+            object.__setattr__(self, "by_key", {s.key: s for s in self.services})
+        assert self.by_key is not None
+        return self.by_key.get(key)
+
+    def keys(self) -> Iterable[str]:
+        if self.by_key is not None:
+            return self.by_key.keys()
+        return [s.key for s in self.services]
 
     @property
     def port_count(self) -> int:

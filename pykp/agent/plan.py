@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from pykp.model import DEFAULT_POLICY, EndpointSpec, ServicePort, Catalog, ServiceSpec
+from pykp.model import DEFAULT_POLICY, Catalog, EndpointSpec, ServicePort, ServiceSpec
 
 if TYPE_CHECKING:
     from pykp._fastpath import Engine

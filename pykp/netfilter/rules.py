@@ -735,6 +735,50 @@ class RuleManager:
             by_set=by_set,
         )
 
+    # the incremental path: element changes, owner by owner (pykp.netfilter.elements)
+
+    def load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int:
+        """Replace the content of every synced set and map by `wanted`, in one
+        transaction; returns the elements sent."""
+        t = self.table
+        lines: list[str] = []
+        for name in _SYNCED:
+            kind = "map" if _is_map(_SYNCED[name]) else "set"
+            lines.append(f"flush {kind} inet {t} {name}")
+            lines += _element_lines("add", t, name, (wanted.get(name) or {}).values())
+        self._current = None
+        self._nft("\n".join(lines) + "\n")
+        return sum(len(items) for items in wanted.values())
+
+    def add_elements(
+        self,
+        added: Mapping[str, Sequence[str]],
+        replaced: Mapping[str, Sequence[tuple[str, str]]] = {},  # noqa: B006 - read only
+    ) -> None:
+        """New elements, and new values of map keys, in one transaction (a replaced key
+        is deleted and added in it: atomic for packets)."""
+        t = self.table
+        lines: list[str] = []
+        for name, pairs in replaced.items():
+            lines += _element_lines("delete", t, name, [key for key, _ in pairs])
+        for name, pairs in replaced.items():
+            lines += _element_lines("add", t, name, [element for _, element in pairs])
+        for name, elements in added.items():
+            lines += _element_lines("add", t, name, elements)
+        if lines:
+            self._current = None
+            self._nft("\n".join(lines) + "\n")
+
+    def remove_elements(self, removed: Mapping[str, Sequence[str]]) -> None:
+        """Delete elements by key, in one transaction."""
+        t = self.table
+        lines: list[str] = []
+        for name, keys in removed.items():
+            lines += _element_lines("delete", t, name, keys)
+        if lines:
+            self._current = None
+            self._nft("\n".join(lines) + "\n")
+
     def cleanup(self) -> None:
         """Remove the table, the mangle chains and our jump rules; safe when absent."""
         cleanup_all(self.table, self.chain, netns=self.netns, ipv6=self.ipv6)

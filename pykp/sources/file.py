@@ -1,12 +1,8 @@
-"""Where the agent's services come from.
+"""`FileSource`: services from a local services file, watched for edits.
 
-A `ServiceSource` hands the agent a complete `Catalog` and tells it when that changed;
-the agent then syncs everything (level-triggered, like kube-proxy's full syncs). Sources
-report what is wrong (`problems()`, `status()`) instead of raising into the agent, in the
-manner of Cilium's reconcilers: a bad entry is skipped, a bad file keeps the last good state.
-
-`FileSource` watches a local services file. A Kubernetes source (Services and
-EndpointSlices from the API server) will implement the same protocol.
+Each load is compared with the previous one entry by entry: the agent hears only of the
+services that changed, and an unchanged service keeps its very object (the agent's caches
+key on it).
 """
 
 from __future__ import annotations
@@ -16,46 +12,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
-from pykp.model import Problem, Catalog
+from pykp.model import Catalog, Problem, ServiceSpec
+from pykp.sources.base import ChangeLog, Changes, SourceStatus
 from pykp.sources.services_file import ServicesFileError, load_services_file
 
-__all__ = ["FileSource", "ServiceSource", "SourceStatus"]
+__all__ = ["FileSource"]
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SourceStatus:
-    """A source's health, for metrics, `/status` and logs."""
-
-    name: str  # e.g. "file:/etc/pykp/services.yaml"
-    initialized: bool  # a first full state has loaded (nothing is programmed before)
-    changed_at: float | None  # wall-clock time of the change `current()` reflects
-    loads: int  # successful (re)loads
-    load_errors: int  # reads that failed (the last good state was kept)
-    invalid_objects: int  # invalid entries skipped, summed over every load
-    last_error: str | None  # the latest failed read, None once a read succeeds again
-
-
-@runtime_checkable
-class ServiceSource(Protocol):
-    """What the agent needs from a source of services."""
-
-    def start(self, notify: Callable[[], None]) -> None:
-        """Begin watching; call `notify()` (from any thread) whenever `current()` changes."""
-
-    def current(self) -> Catalog | None:
-        """The latest complete state; None until the first full load."""
-
-    def problems(self) -> list[Problem]:
-        """The invalid entries the latest load skipped, with their locations."""
-
-    def status(self) -> SourceStatus: ...
-
-    def stop(self) -> None: ...
 
 
 # What identifies a version of the file without reading it. The inode and device catch
@@ -93,6 +57,7 @@ class FileSource:
         self._invalid_objects = 0
         self._last_error: str | None = None
         self._notify: Callable[[], None] | None = None
+        self._changes = ChangeLog()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -117,6 +82,13 @@ class FileSource:
     def current(self) -> Catalog | None:
         with self._lock:
             return self._current
+
+    def take_changes(self) -> Changes | None:
+        with self._lock:
+            current = self._current
+            if current is None:
+                return None
+            return Changes(current, self._changes.take())
 
     def problems(self) -> list[Problem]:
         with self._lock:
@@ -210,8 +182,21 @@ class FileSource:
             self._loads += 1
             self._invalid_objects += len(problems)
             self._last_error = None
-            changed = services != self._current or problems != self._problems
+            services, changed_keys = _diff(self._current, services)
+            changed = (
+                self._current is None
+                or bool(changed_keys)
+                or dataclasses.replace(services, services=(), by_key=None)
+                != dataclasses.replace(self._current, services=(), by_key=None)
+                or problems != self._problems
+            )
             if changed:
+                if self._current is not None and services.default_policy != (
+                    self._current.default_policy
+                ):
+                    self._changes.everything()
+                else:
+                    self._changes.add(changed_keys)
                 self._current = services
                 self._problems = list(problems)
                 self._changed_at = mtime
@@ -227,3 +212,20 @@ class FileSource:
         if changed and self._notify is not None:
             self._notify()
         return changed
+
+
+def _diff(old: Catalog | None, new: Catalog) -> tuple[Catalog, set[str]]:
+    """`new` with each unchanged service replaced by its object in `old`, and the keys of
+    the services added, changed or removed."""
+    by_key: dict[str, ServiceSpec] = {}
+    before = old.by_key if old is not None and old.by_key is not None else {}
+    changed: set[str] = set()
+    for spec in new.services:
+        previous = before.get(spec.key)
+        if previous is not None and previous == spec:
+            spec = previous
+        else:
+            changed.add(spec.key)
+        by_key[spec.key] = spec
+    changed.update(before.keys() - by_key.keys())
+    return dataclasses.replace(new, services=tuple(by_key.values()), by_key=by_key), changed

@@ -47,10 +47,10 @@ from pykp.model import (
     PROTOCOLS,
     SESSION_AFFINITIES,
     TRAFFIC_POLICIES,
+    Catalog,
     EndpointSpec,
     Problem,
     ServicePort,
-    Catalog,
     ServiceSpec,
 )
 

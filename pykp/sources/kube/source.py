@@ -3,9 +3,10 @@
 Shape (the agent's source protocol, `pykp.sources.file.ServiceSource`): `start(notify)`,
 `current()`, `stop()`, `problems()`, `status()`, plus `last_change_time()` and
 `invalid_objects_total`. Three reflectors (Services, EndpointSlices and, with
-a node name, this node's Node for its zone) keep caches equal to the API; `current()`
-translates them into a `Catalog`, re-using each object's translation until its
-resourceVersion changes.
+a node name, this node's Node for its zone) keep caches equal to the API. Each event is
+translated as it comes, for the one object it names; a service's spec (the Service and its
+EndpointSlices merged) is rebuilt only when one of them changed, and `take_changes()` tells
+the agent which services those were.
 
 Like kube-proxy, nothing is offered before the first lists of Services and
 EndpointSlices are in (`current()` is None until then), and an unreachable API server
@@ -14,28 +15,29 @@ changes nothing: the last state stays.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
+from typing import Any
 
 import kubernetes.client
 
-from pykp.model import DEFAULT_POLICY, Problem, Catalog
-from pykp.sources.file import SourceStatus
+from pykp.model import DEFAULT_POLICY, Catalog, Problem, ServiceSpec
+from pykp.sources.base import ChangeLog, Changes, SourceStatus
 from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
 from pykp.sources.kube.translate import (
     KubeProblem,
     NodeInfo,
     ParsedService,
     ParsedSlice,
-    build_services_file,
     parse_endpoint_slice,
     parse_node,
     parse_service,
+    service_endpoints,
 )
 from pykp.sources.kube.watch import Backoff, ListWatch, Reflector, ReflectorStats
 
@@ -44,44 +46,6 @@ log = logging.getLogger("pykp.sources.kube")
 _GATING = ("services", "endpointslices")  # the lists that must be in before programming
 
 JSON = Mapping[str, Any]
-_P = TypeVar("_P")
-
-
-@dataclass
-class _Memo(Generic[_P]):
-    version: str | None
-    parsed: _P | None
-    problems: list[KubeProblem]
-
-
-def _version(obj: JSON) -> str | None:
-    metadata = obj.get("metadata")
-    version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
-    return version if isinstance(version, str) else None
-
-
-class _Translations(Generic[_P]):
-    """Per-object translations, recomputed only for objects whose version changed."""
-
-    def __init__(self, parse: Callable[[JSON], tuple[_P | None, list[KubeProblem]]]) -> None:
-        self._parse = parse
-        self._memo: dict[str, _Memo[_P]] = {}
-
-    def update(self, cache: Mapping[str, JSON]) -> tuple[list[_P], list[KubeProblem]]:
-        for key in self._memo.keys() - cache.keys():
-            del self._memo[key]
-        parsed: list[_P] = []
-        problems: list[KubeProblem] = []
-        for key, obj in cache.items():
-            version = _version(obj)
-            memo = self._memo.get(key)
-            if memo is None or memo.version != version or version is None:
-                memo = _Memo(version, *self._parse(obj))
-                self._memo[key] = memo
-            if memo.parsed is not None:
-                parsed.append(memo.parsed)
-            problems += memo.problems
-        return parsed, problems
 
 
 class KubeSource:
@@ -117,24 +81,26 @@ class KubeSource:
         self._reflectors = {
             name: Reflector(
                 list_watch,
-                self._changed,
+                functools.partial(self._changed, name),
                 backoff=Backoff(initial=backoff_initial, maximum=backoff_max),
             )
             for name, list_watch in list_watches.items()
         }
         self._lock = threading.Lock()
         self._notify: Callable[[], None] | None = None
-        self._generation = 0
         self._last_change: float | None = None
-        self._built_generation = -1
-        self._built: Catalog | None = None
-        self._build_lock = threading.Lock()
-        self._services: _Translations[ParsedService] = _Translations(self._parse_service)
-        self._slices: _Translations[ParsedSlice] = _Translations(parse_endpoint_slice)
+        # What the API holds, translated object by object (under _lock).
+        self._parsed_services: dict[str, ParsedService] = {}
+        self._slices: dict[str, ParsedSlice] = {}
+        self._slices_of: dict[str, dict[str, ParsedSlice]] = {}  # service key -> its slices
         self._node: NodeInfo | None = None
-        self._problems: list[Problem] = []
-        self._reported: set[KubeProblem] = set()
+        self._object_problems: dict[tuple[str, str], list[KubeProblem]] = {}
         self._invalid_objects_total = 0
+        # Services whose spec must be rebuilt, and the specs built so far.
+        self._stale: set[str] = set()
+        self._specs: dict[str, ServiceSpec] = {}
+        self._catalog: Catalog | None = None
+        self._changes = ChangeLog()
 
     # -- the source protocol
 
@@ -154,26 +120,25 @@ class KubeSource:
         """None until every first list is in; then the services the API describes."""
         if not self.synced:
             return None
-        with self._build_lock:
-            with self._lock:
-                generation = self._generation
-            if generation != self._built_generation:
-                self._built = self._build()
-                self._built_generation = generation
-            return self._built
+        with self._lock:
+            return self._rebuild()
+
+    def take_changes(self) -> Changes | None:
+        if not self.synced:
+            return None
+        with self._lock:
+            catalog = self._rebuild()
+            return Changes(catalog, self._changes.take())
 
     def problems(self) -> list[Problem]:
-        """The objects (or parts) left out in the latest `current()`, and why.
-
-        Each is a `KubeProblem` (kind, namespace, name, message).
-        """
-        with self._build_lock:
-            return list(self._problems)
+        """The objects (or parts) left out, and why; each is a `KubeProblem`."""
+        with self._lock:
+            return [p for problems in self._object_problems.values() for p in problems]
 
     @property
     def invalid_objects_total(self) -> int:
         """Problems found so far, each object version counted once (a counter)."""
-        with self._build_lock:
+        with self._lock:
             return self._invalid_objects_total
 
     def status(self) -> SourceStatus:
@@ -216,8 +181,7 @@ class KubeSource:
 
     def node(self) -> NodeInfo | None:
         """This node as the API last described it (zone, addresses); None if unknown."""
-        self.current()
-        with self._build_lock:
+        with self._lock:
             return self._node
 
     def stats(self) -> dict[str, ReflectorStats]:
@@ -228,49 +192,102 @@ class KubeSource:
 
     # -- internals
 
-    def _changed(self) -> None:
+    def _changed(self, kind: str, keys: Collection[str]) -> None:
+        """A reflector's objects changed: translate those, note which services they touch."""
+        reflector = self._reflectors[kind]
+        translated = [(key, reflector.get(key)) for key in keys]
         with self._lock:
-            self._generation += 1
+            for key, obj in translated:
+                if kind == "services":
+                    self._service_changed(key, obj)
+                elif kind == "endpointslices":
+                    self._slice_changed(key, obj)
+                else:
+                    self._node_changed(key, obj)
             self._last_change = time.time()
             notify = self._notify
         if notify is not None:
             notify()
 
-    def _parse_service(self, obj: JSON) -> tuple[ParsedService | None, list[KubeProblem]]:
-        return parse_service(obj, self.default_policy)
+    def _service_changed(self, key: str, obj: JSON | None) -> None:
+        parsed, problems = (None, []) if obj is None else parse_service(obj, self.default_policy)
+        self._set_problems(("Service", key), problems)
+        if parsed is None:
+            self._parsed_services.pop(key, None)
+        else:
+            self._parsed_services[key] = parsed
+            key = parsed.key  # the same, spelled by the object itself
+        self._stale.add(key)
 
-    def _build(self) -> Catalog:
-        services, problems = self._services.update(self._cache("services"))
-        slices, slice_problems = self._slices.update(self._cache("endpointslices"))
-        problems += slice_problems
-        self._node = None
-        if "nodes" in self._reflectors:
-            for obj in self._cache("nodes").values():
-                self._node, node_problems = parse_node(obj)
-                problems += node_problems
-        services_file, build_problems = build_services_file(
-            services,
-            slices,
-            zone=self._node.zone if self._node is not None else None,
-            default_policy=self.default_policy,
-        )
-        problems += build_problems
-        self._report(problems)
-        return services_file
+    def _slice_changed(self, key: str, obj: JSON | None) -> None:
+        parsed, problems = (None, []) if obj is None else parse_endpoint_slice(obj)
+        self._set_problems(("EndpointSlice", key), problems)
+        old = self._slices.pop(key, None)
+        if old is not None:
+            siblings = self._slices_of.get(old.service_key, {})
+            siblings.pop(key, None)
+            if not siblings:
+                self._slices_of.pop(old.service_key, None)
+            self._stale.add(old.service_key)
+        if parsed is not None:
+            self._slices[key] = parsed
+            self._slices_of.setdefault(parsed.service_key, {})[key] = parsed
+            self._stale.add(parsed.service_key)
 
-    def _cache(self, name: str) -> dict[str, JSON]:
-        reflector = self._reflectors.get(name)
-        return reflector.cache() if reflector is not None else {}
+    def _node_changed(self, key: str, obj: JSON | None) -> None:
+        node, problems = (None, []) if obj is None else parse_node(obj)
+        self._set_problems(("Node", key), problems)
+        zone = self._node.zone if self._node is not None else None
+        self._node = node
+        if (node.zone if node is not None else None) != zone:
+            # Topology hints are read against the zone: every service may change.
+            self._stale.update(self._parsed_services)
+            self._catalog = None
+            self._changes.everything()
 
-    def _report(self, problems: list[KubeProblem]) -> None:
-        """Log and count each problem once while it lasts (it recurs on every build)."""
-        current = set(problems)
+    def _set_problems(self, where: tuple[str, str], problems: list[KubeProblem]) -> None:
+        """Log and count each problem once per object version (an unchanged object that
+        is listed again reports nothing new)."""
+        before = self._object_problems.get(where, [])
         for problem in problems:
-            if problem not in self._reported:
+            if problem not in before:
                 log.warning("invalid object: %s", problem)
                 self._invalid_objects_total += 1
-        self._reported = current
-        self._problems = list(dict.fromkeys(problems))
+        if problems:
+            self._object_problems[where] = problems
+        else:
+            self._object_problems.pop(where, None)
+
+    def _rebuild(self) -> Catalog:
+        """The catalog, with the specs of the services whose objects changed rebuilt."""
+        changed: list[str] = []
+        for key in self._stale:
+            parsed = self._parsed_services.get(key)
+            old = self._specs.get(key)
+            if parsed is None:
+                if self._specs.pop(key, None) is not None:
+                    changed.append(key)
+                continue
+            slices = self._slices_of.get(key, {}).values()
+            spec = replace(
+                parsed.spec,
+                endpoints=service_endpoints(parsed.spec, slices),
+                created=parsed.created,
+            )
+            if spec != old:
+                self._specs[key] = spec
+                changed.append(key)
+        self._stale.clear()
+        if changed or self._catalog is None:
+            self._changes.add(changed)
+            self._catalog = Catalog(
+                services=tuple(self._specs.values()),
+                default_policy=self.default_policy,
+                traffic_policies=True,
+                zone=self._node.zone if self._node is not None else None,
+                by_key=dict(self._specs),
+            )
+        return self._catalog
 
 
 def _api_list_watches(

@@ -28,11 +28,11 @@ from pykp.model import (
     PROTOCOLS,
     SESSION_AFFINITIES,
     TRAFFIC_POLICIES,
+    Catalog,
     EndpointPort,
     EndpointSpec,
     Problem,
     ServicePort,
-    Catalog,
     ServiceSpec,
 )
 

@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,8 +92,9 @@ def _version(obj: JSON) -> str | None:
 class Reflector:
     """Runs list and watch for one resource type in a thread; `cache()` is a snapshot.
 
-    `on_change` is called (from the reflector's thread, no lock held) after every change
-    to the cache, and once when the first list is in even if it is empty.
+    `on_change(keys)` is called (from the reflector's thread, no lock held) after every
+    change to the cache with the keys of the objects that changed (added, modified or
+    deleted), and once when the first list is in even if it is empty.
     """
 
     # A stream that ends this soon without an event counts as a failure (a proxy that
@@ -103,7 +104,7 @@ class Reflector:
     def __init__(
         self,
         list_watch: ListWatch,
-        on_change: Callable[[], None],
+        on_change: Callable[[Collection[str]], None],
         *,
         backoff: Backoff | None = None,
     ) -> None:
@@ -152,6 +153,11 @@ class Reflector:
     def cache(self) -> dict[str, JSON]:
         with self._lock:
             return dict(self._cache)
+
+    def get(self, key: str) -> JSON | None:
+        """One object of the cache (`namespace/name`), or None."""
+        with self._lock:
+            return self._cache.get(key)
 
     # -- the loop
 
@@ -203,8 +209,12 @@ class Reflector:
                 fresh[key] = item
         with self._lock:
             # Diff against the cache: what is gone from the list was deleted meanwhile.
-            changed = fresh.keys() != self._cache.keys() or any(
-                _version(obj) != _version(self._cache[key]) for key, obj in fresh.items()
+            old = self._cache
+            changed = {key for key in old.keys() - fresh.keys()}
+            changed.update(
+                key
+                for key, obj in fresh.items()
+                if key not in old or _version(obj) != _version(old[key]) or _version(obj) is None
             )
             self._cache = fresh
             self._version = version
@@ -214,7 +224,7 @@ class Reflector:
         log.debug("%s: listed %d objects at version %s", self.name, len(fresh), version)
         self._synced.set()
         if changed or first:
-            self._on_change()
+            self._on_change(changed)
 
     def _watch(self) -> None:
         self.stats.watches += 1
@@ -261,7 +271,7 @@ class Reflector:
             if event.resource_version:
                 self._version = event.resource_version
         if changed:
-            self._on_change()
+            self._on_change((key,))
 
 
 def all_synced(reflectors: Iterable[Reflector]) -> bool:

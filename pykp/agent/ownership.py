@@ -1,0 +1,105 @@
+"""Who holds a frontend two services claim: the older service (kube-proxy's rule), for
+both sources alike.
+
+A claim is a service address with a port and protocol, or a nodePort with its protocol
+(held on every node address). Each claim goes to its oldest claimant (creationTimestamp,
+then namespace/name); a service that loses a claim loses that frontend only, and keeps the
+rest, as a service IP equal to a node address does. Updating one service touches only its
+own claims, and names the other services whose holdings that changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pykp.model import ServiceSpec
+
+__all__ = ["NODE_PORT", "Claim", "FrontendOwners", "claim_text", "claims_of"]
+
+# The address of a nodePort claim: it is held on every node address at once.
+NODE_PORT = "nodePort"
+
+Claim = tuple[str, int, str]  # (address or NODE_PORT, port, protocol)
+_Rank = tuple[str, str]  # (created, key): the smaller is the older
+
+
+def claims_of(spec: ServiceSpec) -> frozenset[Claim]:
+    """Every frontend `spec` asks for."""
+    addresses = (*spec.cluster_ips, *spec.external_ips, *spec.load_balancer_ips)
+    claims = {(address, port.port, port.protocol) for port in spec.ports for address in addresses}
+    claims.update(
+        (NODE_PORT, port.node_port, port.protocol)
+        for port in spec.ports
+        if port.node_port is not None
+    )
+    return frozenset(claims)
+
+
+def claim_text(claim: Claim) -> str:
+    address, port, protocol = claim
+    if address == NODE_PORT:
+        return f"nodePort {port}/{protocol}"
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}/{protocol}"
+
+
+class FrontendOwners:
+    """The claimants of every claim, and so its holder."""
+
+    def __init__(self) -> None:
+        self._claimants: dict[Claim, dict[str, _Rank]] = {}
+        self._claims: dict[str, tuple[_Rank, frozenset[Claim]]] = {}
+
+    def update(self, key: str, spec: ServiceSpec | None) -> set[str]:
+        """Record what `key` claims now (None: it is gone); return the other services
+        whose holdings changed."""
+        before = self._claims.pop(key, None)
+        rank: _Rank = ("", key)
+        claims: frozenset[Claim] = frozenset()
+        if spec is not None:
+            rank, claims = (spec.created, key), claims_of(spec)
+        if before is not None and before == (rank, claims):
+            self._claims[key] = before
+            return set()
+        touched = set(claims)
+        if before is not None:
+            touched |= before[1]
+        holders = {claim: self.holder(claim) for claim in touched}
+        if before is not None:
+            for claim in before[1]:
+                claimants = self._claimants[claim]
+                del claimants[key]
+                if not claimants:
+                    del self._claimants[claim]
+        for claim in claims:
+            self._claimants.setdefault(claim, {})[key] = rank
+        if spec is not None:
+            self._claims[key] = (rank, claims)
+        affected: set[str] = set()
+        for claim, holder in holders.items():
+            now = self.holder(claim)
+            if now != holder:
+                affected.update(k for k in (holder, now) if k is not None)
+        affected.discard(key)
+        return affected
+
+    def holder(self, claim: Claim) -> str | None:
+        claimants = self._claimants.get(claim)
+        if not claimants:
+            return None
+        return min(claimants.items(), key=lambda item: item[1])[0]
+
+    def lost(self, key: str) -> dict[Claim, str]:
+        """The claims of `key` another service holds, with that service."""
+        entry = self._claims.get(key)
+        if entry is None:
+            return {}
+        lost: dict[Claim, str] = {}
+        for claim in entry[1]:
+            holder = self.holder(claim)
+            if holder is not None and holder != key:
+                lost[claim] = holder
+        return lost
+
+    def keys(self) -> Iterable[str]:
+        return self._claims.keys()

@@ -1,0 +1,531 @@
+"""One sync, incremental: the services that changed in, engine and rule changes out.
+
+For each changed service (its key named by the source, or every key on a full resync):
+translate it (node addresses, frontend ownership, engine services), stage the engine
+services that differ in one engine batch, render their rule elements, then commit in the
+order that never shows a new connection a half-applied change:
+
+1. one nft transaction adds the new elements (new backend ids' map entries included) and
+   replaces changed ones;
+2. the engine publishes the batch (one snapshot swap);
+3. one nft transaction removes what nobody holds any more.
+
+Work per sync is proportional to what changed, not to the number of services; a service
+whose spec object and node context are unchanged is skipped by identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from pykp.agent.ownership import NODE_PORT, FrontendOwners, claim_text
+from pykp.agent.plan import EXTERNAL_SUFFIX, EngineBackend, EngineService, service_ports_to_engine
+from pykp.model import Catalog, ServiceSpec
+from pykp.netfilter.elements import ElementTracker, backend_contribution, frontend_contribution
+from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout
+
+if TYPE_CHECKING:
+    from pykp._fastpath import Engine
+
+__all__ = [
+    "NodeContext",
+    "RulesLike",
+    "ServiceSync",
+    "SyncResult",
+    "fallback_slots",
+    "stale_udp_flows",
+    "without_node_address_ips",
+]
+
+Pool = list[tuple[int, int]]  # (backend id, weight)
+
+
+class RulesLike(Protocol):
+    """The element operations of pykp.netfilter.rules.RuleManager."""
+
+    def load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int: ...
+    def add_elements(
+        self,
+        added: Mapping[str, Sequence[str]],
+        replaced: Mapping[str, Sequence[tuple[str, str]]] = ...,
+    ) -> None: ...
+    def remove_elements(self, removed: Mapping[str, Sequence[str]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a service's translation depends on besides the service."""
+
+    node_name: str | None
+    node_addresses: tuple[str, ...]  # where NodePorts listen
+    interface_addresses: frozenset[str]  # every address of the node (capture check)
+    traffic_policies: bool
+    zone: str | None
+    default_policy: str
+
+
+@dataclass
+class _Plan:
+    """What one service translated to, and from what."""
+
+    spec: ServiceSpec
+    context: NodeContext
+    lost: Mapping[tuple[str, int, str], str]
+    engine_services: dict[str, EngineService]
+    rule_info: dict[str, tuple[frozenset[str], frozenset[str], bool]]
+    refused: dict[str, str]
+
+
+@dataclass
+class SyncResult:
+    """What a sync did."""
+
+    services: int  # keys translated
+    upserted: int  # engine services staged
+    removed: int  # engine services removed
+    elements_added: int
+    elements_removed: int
+    full_load: bool
+    stale_udp: list[tuple[str, str, int]] = field(default_factory=list)
+    service_changes: int = 0
+    endpoint_changes: int = 0
+
+
+class ServiceSync:
+    """The incremental pipeline's state: plans by service, the engine's services, the
+    rule elements wanted. `reset()` drops it all: the next sync is a full one."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        rules: RulesLike,
+        layout: MarkLayout,
+        *,
+        kernel_random: bool,
+        allow_node_address_service_ips: bool,
+    ) -> None:
+        self.engine = engine
+        self.rules = rules
+        self.layout = layout
+        self.kernel_random = kernel_random
+        self.allow_node_address_service_ips = allow_node_address_service_ips
+        # What the engine holds, by engine service name: kept across `reset()`.
+        self._applied: dict[str, EngineService] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything but what the engine holds: the next sync re-derives every
+        service and reloads every element."""
+        self._plans: dict[str, _Plan] = {}
+        self._owners = FrontendOwners()
+        self._elements = ElementTracker()
+        self._backends: dict[int, tuple[str, int]] = {}
+        self._full_load = True
+        self._refused: dict[str, str] = {}
+
+    # -- reading
+
+    @property
+    def applied(self) -> Mapping[str, EngineService]:
+        return self._applied
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        return self._refused
+
+    @property
+    def backends(self) -> Mapping[int, tuple[str, int]]:
+        return self._backends
+
+    def elements(self) -> dict[str, dict[str, str]]:
+        return self._elements.wanted()
+
+    # -- the sync
+
+    def sync(
+        self, catalog: Catalog, keys: Iterable[str] | None, context: NodeContext
+    ) -> SyncResult:
+        """Bring the engine and the rules to `catalog` for `keys` (None: every key).
+
+        Raises on a failed commit, after which `reset()` must be called (the agent does):
+        the next sync then starts from a full reload.
+        """
+        full = keys is None or self._full_load
+        if full:
+            candidates: set[str] = set(catalog.keys()) | set(self._plans)
+            if self._full_load and not self._plans:
+                # After a reset: the engine may hold services no plan knows.
+                for name in self._applied:
+                    candidates.add(_key_of(name))
+        else:
+            assert keys is not None
+            candidates = set(keys)
+
+        # (a) translate the changed services; ownership may pull in others. A full resync
+        # also retries the engine services the engine refused (ids may have freed up).
+        work = [
+            key
+            for key in candidates
+            if self._stale(key, catalog.get(key), context) or (full and self._unapplied(key))
+        ]
+        specs = {key: catalog.get(key) for key in work}
+        pending = list(work)
+        seen = set(work)
+        while pending:
+            key = pending.pop()
+            for other in self._owners.update(key, specs.get(key, catalog.get(key))):
+                if other not in seen:
+                    seen.add(other)
+                    specs[other] = catalog.get(other)
+                    pending.append(other)
+        service_changes = endpoint_changes = 0
+        new_plans: dict[str, _Plan | None] = {}
+        for key in seen:
+            spec = specs[key]
+            old = self._plans.get(key)
+            if old is None or spec is None or old.spec is not spec:
+                s, e = _count_change(old.spec if old else None, spec)
+                service_changes += s
+                endpoint_changes += e
+            new_plans[key] = None if spec is None else self._plan(spec, context)
+
+        # (b) the engine services that differ.
+        upserts: dict[str, EngineService] = {}
+        removals: list[str] = []
+        for key, plan in new_plans.items():
+            old = self._plans.get(key)
+            before = set(old.engine_services) if old else set()
+            if old is None:
+                before |= {name for name in self._applied if _key_of(name) == key}
+            after = plan.engine_services if plan else {}
+            for name in before - after.keys():
+                if name in self._applied:
+                    removals.append(name)
+            for name, service in after.items():
+                if self._applied.get(name) != service:
+                    upserts[name] = service
+        staged = self.engine.stage([_update(s) for s in upserts.values()], removals)
+
+        # (c) render: backends first (slots name their addresses), then each service.
+        full_load = self._full_load
+        backends = dict(self.engine.backend_ids()) if full_load else dict(self._backends)
+        backends.update(staged.backends_added)
+        for backend_id in staged.backends_removed:
+            backends.pop(backend_id, None)
+        if full_load:
+            self._elements = ElementTracker()
+            added_ids: Iterable[int] = backends
+        else:
+            added_ids = staged.backends_added
+        for backend_id in added_ids:
+            ip, port = backends[backend_id]
+            self._elements.set(
+                f"backend:{backend_id}", backend_contribution(backend_id, ip, port, self.layout)
+            )
+        refused_now = dict(staged.refused)
+        gone = set(removals) | set(staged.removed)
+        for name in gone:
+            self._elements.set(f"service:{name}", None)
+        render = {name: s for name, s in upserts.items() if name not in refused_now}
+        pools = dict(staged.pools)
+        if full_load:
+            kept = [n for n in self._applied if n not in gone and n not in upserts]
+            pools.update(self.engine.pools(kept))
+            render.update((name, self._applied[name]) for name in kept)
+        plans = {**self._plans, **{k: p for k, p in new_plans.items() if p is not None}}
+        for name in refused_now:
+            self._elements.set(f"service:{name}", None)
+        for name, service in render.items():
+            self._elements.set(
+                f"service:{name}",
+                self._contribution(
+                    service, plans[_key_of(name)], pools.get(name, ([], [])), backends
+                ),
+            )
+        if not full_load:
+            for backend_id in staged.backends_removed:
+                self._elements.set(f"backend:{backend_id}", None)
+        delta = self._elements.take_delta()
+
+        # (d) commit: additions, the engine, removals.
+        if full_load:
+            self.rules.load_elements(self._elements.wanted())
+        else:
+            self.rules.add_elements(delta.added, delta.replaced)
+        self.engine.commit(staged)
+        previous = {
+            name: self._applied[name] for name in gone | upserts.keys() if name in self._applied
+        }
+        for name in gone | refused_now.keys():
+            self._applied.pop(name, None)
+        self._applied.update(render)
+        self._backends = backends
+        self._full_load = True  # until the removals are in too
+        if not full_load:
+            self.rules.remove_elements(delta.removed)
+        self._full_load = False
+
+        # (e) record.
+        stale = stale_udp_flows(
+            previous, {name: s for name, s in upserts.items() if name not in refused_now}
+        )
+        for key, plan in new_plans.items():
+            for name in list(self._refused):
+                if _key_of(name.split(" (", 1)[0]) == key:
+                    del self._refused[name]
+            if plan is None:
+                self._plans.pop(key, None)
+            else:
+                self._plans[key] = plan
+                self._refused.update(plan.refused)
+        for name, message in refused_now.items():
+            self._refused[name] = message
+        added, removed = delta.counts
+        return SyncResult(
+            services=len(new_plans),
+            upserted=len(upserts),
+            removed=len(gone),
+            elements_added=len(self._elements) if full_load else added,
+            elements_removed=0 if full_load else removed,
+            full_load=full_load,
+            stale_udp=stale,
+            service_changes=service_changes,
+            endpoint_changes=endpoint_changes,
+        )
+
+    # -- pieces
+
+    def _stale(self, key: str, spec: ServiceSpec | None, context: NodeContext) -> bool:
+        plan = self._plans.get(key)
+        if plan is None:
+            return spec is not None or any(_key_of(n) == key for n in self._applied)
+        return spec is not plan.spec or (context is not plan.context and context != plan.context)
+
+    def _unapplied(self, key: str) -> bool:
+        plan = self._plans.get(key)
+        return plan is not None and any(name not in self._applied for name in plan.engine_services)
+
+    def _plan(self, spec: ServiceSpec, context: NodeContext) -> _Plan:
+        refused: dict[str, str] = {}
+        served = spec
+        if not self.allow_node_address_service_ips:
+            served, message = without_node_address_ips(spec, context.interface_addresses)
+            if message:
+                refused[f"{spec.key} (node address)"] = message
+        lost = self._owners.lost(spec.key)
+        if lost:
+            refused[f"{spec.key} (frontend taken)"] = (
+                ", ".join(
+                    f"{claim_text(claim)} (held by {holder}, the older service)"
+                    for claim, holder in sorted(lost.items())
+                )
+                + " not served: the older service keeps a contested frontend"
+            )
+        engine_services: dict[str, EngineService] = {}
+        rule_info: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
+        nodes = set(context.node_addresses)
+        cluster_ips = frozenset(served.cluster_ips)
+        addresses = frozenset(
+            {*served.cluster_ips, *served.external_ips, *served.load_balancer_ips}
+        )
+        masquerade = served.external_traffic_policy == "Cluster"
+        for service in service_ports_to_engine(
+            served,
+            context.node_addresses,
+            context.node_name,
+            traffic_policies=context.traffic_policies,
+            zone=context.zone,
+        ):
+            frontends = tuple(
+                f
+                for f in service.frontends
+                if (f[0], f[1], f[2]) not in lost
+                and not (f[0] in nodes and (NODE_PORT, f[1], f[2]) in lost)
+            )
+            if not frontends:
+                continue
+            if frontends != service.frontends:
+                service = dataclasses.replace(service, frontends=frontends)
+            engine_services[service.name] = service
+            rule_info[service.name] = (cluster_ips, addresses - nodes, masquerade)
+        return _Plan(spec, context, lost, engine_services, rule_info, refused)
+
+    def _contribution(
+        self,
+        service: EngineService,
+        plan: _Plan,
+        pools: tuple[Pool, Pool],
+        backends: Mapping[int, tuple[str, int]],
+    ) -> dict[str, dict[str, str]]:
+        cluster_ips, service_ips, masquerade = plan.rule_info[service.name]
+        v4_pool, v6_pool = pools
+        # The kernel path holds at most MAX_SLOTS backends per frontend: a bigger random
+        # service keeps pykp's reader, which picks among all of them.
+        queued = not (
+            self.kernel_random
+            and service.policy == "random"
+            and service.affinity_timeout is None
+            and max(len(v4_pool), len(v6_pool)) <= MAX_SLOTS
+        )
+        rules = []
+        slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
+        used_ips = set()
+        for ip, port, protocol in service.frontends:
+            if ip in cluster_ips:
+                rules.append(FrontendRule(ip, port, protocol, queued=queued))
+            else:
+                rules.append(
+                    FrontendRule(
+                        ip, port, protocol, external=True, masquerade=masquerade, queued=queued
+                    )
+                )
+            if ip in service_ips:
+                used_ips.add(ip)
+            pool = v4_pool if ":" not in ip else v6_pool
+            slots[(ip, port, protocol)] = fallback_slots(pool, backends)
+        return frontend_contribution(rules, slots, used_ips)
+
+
+def _key_of(engine_service_name: str) -> str:
+    """The service key of an engine service name (`ns/name[:port][#external]`)."""
+    name = engine_service_name.removesuffix(EXTERNAL_SUFFIX)
+    namespace, _, rest = name.partition("/")
+    return f"{namespace}/{rest.split(':', 1)[0]}"
+
+
+def _update(service: EngineService) -> object:
+    from pykp._fastpath import Backend, Frontend, ServiceUpdate
+
+    return ServiceUpdate(
+        service.name,
+        [Frontend(ip, port, protocol) for ip, port, protocol in service.frontends],
+        [
+            Backend(
+                b.ip,
+                b.port,
+                weight=b.weight,
+                ready=b.ready,
+                serving=b.serving,
+                terminating=b.terminating,
+                local=b.local,
+            )
+            for b in service.backends
+        ],
+        policy=service.policy,
+        affinity_timeout=service.affinity_timeout,
+        hash_key=service.hash_key,
+    )
+
+
+def _count_change(old: ServiceSpec | None, new: ServiceSpec | None) -> tuple[int, int]:
+    """kube-proxy's counting: (the service changed, its endpoints changed)."""
+    if old is None or new is None:
+        return 1, int(bool((old or new) and (old or new).endpoints))  # type: ignore[union-attr]
+    service = int(dataclasses.replace(old, endpoints=()) != dataclasses.replace(new, endpoints=()))
+    return service, int(old.endpoints != new.endpoints)
+
+
+def without_node_address_ips(
+    spec: ServiceSpec, node_addresses: Iterable[str]
+) -> tuple[ServiceSpec, str | None]:
+    """The service minus any ClusterIP, externalIP or LB IP that is one of the node's own
+    addresses, and why: serving one would capture the node's own traffic to that port
+    (kube-proxy's CVE-2020-8554 class). Only the address goes; the service keeps its other
+    addresses and its NodePorts."""
+    nodes = node_addresses if isinstance(node_addresses, (set, frozenset)) else set(node_addresses)
+    fields = {
+        "clusterIP": spec.cluster_ips,
+        "externalIP": spec.external_ips,
+        "loadBalancerIP": spec.load_balancer_ips,
+    }
+    taken = [f"{name} {ip}" for name, ips in fields.items() for ip in ips if ip in nodes]
+    if not taken:
+        return spec, None
+    message = (
+        f"{', '.join(taken)} not served: an address of this node, where a service "
+        "would capture the node's own traffic (CVE-2020-8554); "
+        "--allow-node-address-service-ips allows it"
+    )
+    return (
+        dataclasses.replace(
+            spec,
+            cluster_ips=tuple(ip for ip in spec.cluster_ips if ip not in nodes),
+            external_ips=tuple(ip for ip in spec.external_ips if ip not in nodes),
+            load_balancer_ips=tuple(ip for ip in spec.load_balancer_ips if ip not in nodes),
+        ),
+        message,
+    )
+
+
+def canonical_addresses(addresses: Iterable[str]) -> frozenset[str]:
+    """Addresses as `ipaddress` spells them; what is not an address is left out."""
+    out = set()
+    for address in addresses:
+        try:
+            out.add(str(ipaddress.ip_address(address.split("%")[0])))
+        except ValueError:
+            continue
+    return frozenset(out)
+
+
+def fallback_slots(
+    pool: Sequence[tuple[int, int]], backends: Mapping[int, tuple[str, int]]
+) -> tuple[tuple[str, int], ...]:
+    """The kernel path's slots of one frontend: each backend repeated by its weight (over
+    the weights' common divisor) when that fits the rules' slot limit, else once each."""
+    live = [(backend_id, weight) for backend_id, weight in pool if backend_id in backends]
+    if not live:
+        return ()
+    divisor = functools.reduce(math.gcd, (weight for _, weight in live))
+    shares = [weight // divisor for _, weight in live]
+    if sum(shares) > MAX_SLOTS:
+        shares = [1] * len(live)
+    return tuple(
+        backends[backend_id]
+        for (backend_id, _), share in zip(live, shares, strict=True)
+        for _ in range(share)
+    )[:MAX_SLOTS]
+
+
+def _usable(backend: EngineBackend) -> bool:
+    # kube-proxy clears conntrack for endpoints that were serving and no longer are.
+    return backend.ready or backend.serving
+
+
+def stale_udp_flows(
+    old: Mapping[str, EngineService], new: Mapping[str, EngineService]
+) -> list[tuple[str, str, int]]:
+    """(frontend IP, backend IP, backend port) whose kernel UDP conntrack entries are stale.
+
+    kube-proxy's rule: a UDP "connection" never ends, so once its backend is gone the
+    kernel's NAT binding would blackhole the client's next datagrams until the entry
+    times out; deleting it lets the next datagram be decided again. Stale: a backend that
+    left a UDP service (or stopped serving), or every backend of a UDP frontend that went
+    away. TCP is left alone: its flows end on their own (RST/timeouts), as with kube-proxy.
+    `old` and `new` hold the engine services that changed (a name missing from `new` is
+    gone).
+    """
+    stale: set[tuple[str, str, int]] = set()
+    for name, before in old.items():
+        before_ips = {ip for ip, _, protocol in before.frontends if protocol == "UDP"}
+        if not before_ips:
+            continue
+        after = new.get(name)
+        after_ips = (
+            {ip for ip, _, protocol in after.frontends if protocol == "UDP"} if after else set()
+        )
+        still_usable = {(b.ip, b.port) for b in after.backends if _usable(b)} if after else set()
+        for backend in before.backends:
+            if not _usable(backend):
+                continue
+            gone = (backend.ip, backend.port) not in still_usable
+            for ip in before_ips:
+                if gone or ip not in after_ips:
+                    stale.add((ip, backend.ip, backend.port))
+    return sorted(stale)
