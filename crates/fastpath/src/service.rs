@@ -293,11 +293,14 @@ pub struct Staged {
     /// Each touched service's state before (`None`: new) and after (`None`: gone), for
     /// flushing the flows the change strands. A name removed and upserted again in one
     /// batch is two entries.
-    pub(crate) changes: Vec<(Option<Arc<ServiceState>>, Option<Arc<ServiceState>>)>,
+    pub(crate) changes: Vec<Change>,
     next: Version,
     table_id: u64,
     generation: u64,
 }
+
+/// One service's state before a batch (`None`: new) and after it (`None`: gone).
+pub(crate) type Change = (Option<Arc<ServiceState>>, Option<Arc<ServiceState>>);
 
 /// What a batch did, kept after its commit: [`Staged`]'s reports without the table.
 #[derive(Clone, Debug, Default)]
