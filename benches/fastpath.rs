@@ -168,5 +168,33 @@ fn service_update(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decisions, maglev_build, conntrack_1m, service_update);
+/// A batch of one changed service staged and committed into tables of growing size: the
+/// cost must not grow with the table (persistent maps, one snapshot swap).
+fn batch_update(c: &mut Criterion) {
+    let mut g = c.benchmark_group("stage_commit_one_service");
+    g.sample_size(30);
+    for total in [10_000u32, 100_000] {
+        let e = engine_with(total, PolicyKind::Random);
+        let mut k = 0u32;
+        g.bench_function(BenchmarkId::new("random_3_backends", total), |b| {
+            b.iter_batched(
+                || {
+                    k = k.wrapping_add(1);
+                    let mut s = spec(total / 2, 3, PolicyKind::Random);
+                    s.backends[0].weight = 1 + k % 2;
+                    [s]
+                },
+                |batch| {
+                    let staged = e.stage(&batch, &[]);
+                    assert!(staged.refused.is_empty());
+                    e.commit(black_box(staged)).unwrap()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decisions, maglev_build, conntrack_1m, service_update, batch_update);
 criterion_main!(benches);

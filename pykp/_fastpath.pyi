@@ -3,11 +3,25 @@
 Checked against the built extension by `python -m mypy.stubtest pykp._fastpath`.
 """
 
+from collections.abc import Sequence
 from typing import Final, final
 
 from typing_extensions import Self
 
-__all__ = ["__version__", "POLICIES", "Frontend", "Backend", "Decision", "Connection", "Engine", "NfqueueDatapath", "loadgen_main", "queue_keeper"]
+__all__ = [
+    "__version__",
+    "POLICIES",
+    "Frontend",
+    "Backend",
+    "ServiceUpdate",
+    "StagedChange",
+    "Decision",
+    "Connection",
+    "Engine",
+    "NfqueueDatapath",
+    "loadgen_main",
+    "queue_keeper",
+]
 
 __version__: Final[str]
 
@@ -54,6 +68,60 @@ class Backend:
     def terminating(self) -> bool: ...
     @property
     def local(self) -> bool: ...
+
+@final
+class ServiceUpdate:
+    """One service as `Engine.stage` upserts it: `Engine.upsert_service`'s arguments as a
+    value. Raises ValueError on a bad policy, hash key or affinity timeout; what only the
+    table can judge (a taken frontend, a bad port) is refused by `stage` instead."""
+
+    def __new__(
+        cls,
+        name: str,
+        frontends: Sequence[Frontend],
+        backends: Sequence[Backend],
+        *,
+        policy: str | None = None,
+        affinity_timeout: float | None = None,
+        hash_key: str | None = None,
+    ) -> Self: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def frontends(self) -> list[Frontend]: ...
+    @property
+    def backends(self) -> list[Backend]: ...
+    @property
+    def policy(self) -> str | None: ...
+    @property
+    def affinity_timeout(self) -> float | None: ...
+    @property
+    def hash_key(self) -> str | None: ...
+
+@final
+class StagedChange:
+    """A batch computed by `Engine.stage` (or applied by `Engine.apply`); readers see none
+    of it until `Engine.commit`, then all of it at once."""
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Refused upserts and why. A refused service's previous version is removed too."""
+    @property
+    def backends_added(self) -> dict[int, tuple[str, int]]:
+        """Backend ids that come into use: program them before committing."""
+    @property
+    def backends_removed(self) -> dict[int, tuple[str, int]]:
+        """Backend ids that leave use once committed (reused only after the commit)."""
+    @property
+    def pools(self) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        """The accepted upserts' pools, as `Engine.pools()` will give them."""
+    @property
+    def removed(self) -> list[str]:
+        """Services that no longer exist after the commit: removals that existed and
+        refused upserts that existed."""
+    @property
+    def committed(self) -> bool:
+        """True once committed (or refused as stale), and for `Engine.apply`'s result."""
 
 @final
 class Decision:
@@ -135,10 +203,24 @@ class Engine:
         """
     def remove_service(self, name: str) -> bool:
         """Remove a service and its frontends; False when there was none."""
+    def stage(self, upserts: Sequence[ServiceUpdate], removals: Sequence[str]) -> StagedChange:
+        """Compute a batch without publishing it. Removals go first; then upserts claim their
+        frontends in the order given (put the oldest service first: on a conflict the
+        earlier one wins and the later is refused). Backend ids are allocated here (an
+        address already live keeps its id): program `backends_added` before `commit`."""
+    def commit(self, staged: StagedChange) -> None:
+        """Publish a staged batch at once, forgetting the flows it strands. Raises ValueError
+        when it was already committed, or when another change was committed after it was
+        staged (stale: stage again)."""
+    def apply(self, upserts: Sequence[ServiceUpdate], removals: Sequence[str]) -> StagedChange:
+        """`stage` then `commit`."""
     def services(self) -> list[str]: ...
-    def pools(self) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+    def pools(
+        self, names: Sequence[str] | None = None
+    ) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
         """Each service's eligible backends as (id, weight), IPv4 then IPv6 (kube-proxy's
-        rule: ready ones, else serving and terminating; weight above 0), sorted by address."""
+        rule: ready ones, else serving and terminating; weight above 0), sorted by address.
+        Only the services in `names` when given (unknown names are left out)."""
     def backend_ids(self) -> dict[int, tuple[str, int]]:
         """Every live backend id and the address and port it stands for."""
     def decide(

@@ -17,9 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykp import model
+from pykp._fastpath import (
+    POLICIES,
+    Backend,
+    Decision,
+    Engine,
+    Frontend,
+    ServiceUpdate,
+    StagedChange,
+)
 from pykp.agent import plan
 from pykp.sources import services_file
-from pykp._fastpath import POLICIES, Backend, Decision, Engine, Frontend
 
 SERVICE = "default/web:http"
 VIP = "10.96.0.10"
@@ -600,6 +608,129 @@ def test_apply_to_engine_programs_the_bundled_example_and_removes_what_went() ->
     assert "default/web-random:http" not in engine.services()
     gone = engine.decide("10.1.0.1", 40003, "10.96.0.10", 80, now=NOW)
     assert gone.action == "pass"
+
+
+# --- batches: stage, commit, apply -------------------------------------------------------
+
+VIP_B = "10.96.0.11"
+
+
+def owner(engine: Engine, vip: str) -> str | None:
+    """The service a new connection to `vip`:80 goes to (None when no service has it)."""
+    return engine.decide("10.1.0.1", 40000, vip, PORT, now=NOW).service
+
+
+def update(name: str, vip: str, *addresses: str) -> ServiceUpdate:
+    return ServiceUpdate(name, [Frontend(vip, PORT)], [Backend(a, TARGET_PORT) for a in addresses])
+
+
+def test_service_update_keeps_its_values_and_refuses_bad_ones() -> None:
+    u = ServiceUpdate(
+        "a",
+        (Frontend(VIP, PORT),),
+        [Backend("10.244.1.10", TARGET_PORT)],
+        policy="maglev",
+        affinity_timeout=30.0,
+        hash_key="source-ip",
+    )
+    assert (u.name, u.policy, u.affinity_timeout, u.hash_key) == ("a", "maglev", 30.0, "source-ip")
+    assert [(f.ip, f.port) for f in u.frontends] == [(VIP, PORT)]
+    assert [address(b) for b in u.backends] == [("10.244.1.10", TARGET_PORT)]
+    assert (update("b", VIP).policy, update("b", VIP).affinity_timeout) == (None, None)
+    with pytest.raises(ValueError):
+        ServiceUpdate("a", [], [], policy="fastest")
+    with pytest.raises(ValueError):
+        ServiceUpdate("a", [], [], affinity_timeout=0.0)
+
+
+def test_a_staged_batch_is_invisible_until_committed_then_whole() -> None:
+    engine = Engine(seed=1)
+    engine.apply([update("a", VIP, "10.244.1.10"), update("b", VIP_B, "10.244.2.10")], [])
+
+    # Swap the two frontends and give b a new backend.
+    staged = engine.stage(
+        [update("a", VIP_B, "10.244.1.10"), update("b", VIP, "10.244.2.10", "10.244.2.11")], []
+    )
+    assert isinstance(staged, StagedChange)
+    assert (staged.refused, staged.removed, staged.backends_removed) == ({}, [], {})
+    assert list(staged.backends_added.values()) == [("10.244.2.11", TARGET_PORT)]
+    assert (owner(engine, VIP), owner(engine, VIP_B)) == ("a", "b")
+    assert not staged.committed
+    assert set(staged.backends_added) - set(engine.backend_ids()) == set(staged.backends_added)
+
+    engine.commit(staged)
+
+    assert staged.committed
+    assert (owner(engine, VIP), owner(engine, VIP_B)) == ("b", "a")
+    assert engine.pools(["a", "b"]) == staged.pools
+    assert set(staged.backends_added) <= set(engine.backend_ids())
+
+
+def test_a_frontend_conflict_is_refused_in_order_and_drops_the_refused_service() -> None:
+    engine = Engine(seed=1)
+    engine.apply([update("old", VIP, "10.244.1.10"), update("late", VIP_B, "10.244.2.10")], [])
+    late_id = next(i for i, a in engine.backend_ids().items() if a[0] == "10.244.2.10")
+
+    # "late" now also wants "old"'s frontend: refused, and its previous version goes too.
+    change = engine.apply(
+        [
+            update("old", VIP, "10.244.1.10"),
+            ServiceUpdate(
+                "late",
+                [Frontend(VIP_B, PORT), Frontend(VIP, PORT)],
+                [Backend("10.244.2.10", TARGET_PORT)],
+            ),
+            update("", "10.96.0.12"),
+        ],
+        ["absent"],
+    )
+
+    assert change.committed
+    assert set(change.refused) == {"late", ""}
+    assert '"old"' in change.refused["late"]
+    assert change.removed == ["late"]
+    assert change.backends_removed == {late_id: ("10.244.2.10", TARGET_PORT)}
+    assert set(change.pools) == {"old"}
+    assert (owner(engine, VIP), owner(engine, VIP_B)) == ("old", None)
+    assert engine.services() == ["old"]
+
+
+def test_commit_refuses_a_change_committed_twice_or_stale() -> None:
+    engine = Engine(seed=1)
+    first = engine.stage([update("a", VIP, "10.244.1.10")], [])
+    second = engine.stage([update("b", VIP, "10.244.2.10")], [])
+    engine.commit(second)
+
+    with pytest.raises(ValueError, match="already committed"):
+        engine.commit(second)
+    with pytest.raises(ValueError, match="stage it again"):
+        engine.commit(first)
+    assert engine.services() == ["b"]
+    # A change that is never committed changes nothing.
+    engine.stage([], ["b"])
+    assert engine.services() == ["b"]
+
+
+def test_a_removal_in_a_batch_forgets_the_services_flows() -> None:
+    engine = engine_with(backends(2))
+    connect(engine, ("10.1.0.1", 40000))
+    assert len(engine.connections(now=NOW)) == 1
+
+    change = engine.apply([], [SERVICE])
+
+    assert change.removed == [SERVICE]
+    assert engine.connections(now=NOW) == []
+    assert engine.backend_ids() == {}
+
+
+def test_pools_can_be_restricted_to_some_services() -> None:
+    engine = Engine(seed=1)
+    engine.apply([update("a", VIP, "10.244.1.10"), update("b", VIP_B, "10.244.2.10")], [])
+
+    assert set(engine.pools()) == {"a", "b"}
+    assert set(engine.pools(["b", "absent"])) == {"b"}
+    assert engine.pools([]) == {}
+    assert engine.pools(["a"])["a"] == engine.pools()["a"]
 
 
 # --- beyond the brief: properties a datapath needs ----------------------------------------

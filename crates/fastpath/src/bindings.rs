@@ -1,6 +1,7 @@
 //! PyO3 bindings: `pykp._fastpath`. Thin by design: argument conversion, then the core,
 //! with the GIL released around the core's work. The stub is `pykp/_fastpath.pyi`.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,10 @@ use crate::decision::{counter_snapshot, Engine as CoreEngine, EngineConfig, Verd
 use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags, NANOS_PER_SEC};
 use crate::nfqueue::KernelQueueStats;
 use crate::policy::{HashKey, MaglevConfig, PolicyKind};
-use crate::service::{BackendSpec, Conditions, Frontend as CoreFrontend, ServiceSpec, TableConfig};
+use crate::service::{
+    BackendId, BackendSpec, BatchReport, Conditions, Frontend as CoreFrontend, PoolIds,
+    ServiceSpec, ServiceState, Staged, TableConfig,
+};
 
 fn value_error(msg: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(msg.to_string())
@@ -154,6 +158,159 @@ impl Backend {
 
     fn __repr__(&self) -> String {
         format!("Backend({:?}, {}, weight={})", self.ip(), self.port(), self.inner.weight)
+    }
+}
+
+/// One service as a batch upserts it: what `Engine.upsert_service` takes, as a value.
+#[pyclass(frozen, from_py_object, module = "pykp._fastpath")]
+#[derive(Clone)]
+pub struct ServiceUpdate {
+    spec: ServiceSpec,
+    /// As given, for the getter (the spec holds nanoseconds).
+    affinity_timeout: Option<f64>,
+}
+
+impl ServiceUpdate {
+    fn build(
+        name: String,
+        frontends: Vec<Frontend>,
+        backends: Vec<Backend>,
+        policy: Option<&str>,
+        affinity_timeout: Option<f64>,
+        hash_key: Option<&str>,
+    ) -> PyResult<Self> {
+        let spec = ServiceSpec {
+            name,
+            frontends: frontends.into_iter().map(|f| f.inner).collect(),
+            backends: backends.into_iter().map(|b| b.inner).collect(),
+            policy: policy.map(PolicyKind::from_str).transpose().map_err(value_error)?,
+            affinity_timeout: match affinity_timeout {
+                Some(t) if t <= 0.0 => {
+                    return Err(value_error("affinity_timeout must be positive"))
+                }
+                Some(t) => Some(parse_seconds(t, "affinity_timeout")?),
+                None => None,
+            },
+            hash_key: hash_key.map(HashKey::from_str).transpose().map_err(value_error)?,
+        };
+        Ok(ServiceUpdate { spec, affinity_timeout })
+    }
+}
+
+#[pymethods]
+impl ServiceUpdate {
+    #[new]
+    #[pyo3(signature = (name, frontends, backends, *, policy = None, affinity_timeout = None, hash_key = None))]
+    fn new(
+        name: String,
+        frontends: Vec<Frontend>,
+        backends: Vec<Backend>,
+        policy: Option<&str>,
+        affinity_timeout: Option<f64>,
+        hash_key: Option<&str>,
+    ) -> PyResult<Self> {
+        ServiceUpdate::build(name, frontends, backends, policy, affinity_timeout, hash_key)
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.spec.name.clone()
+    }
+    #[getter]
+    fn frontends(&self) -> Vec<Frontend> {
+        self.spec.frontends.iter().map(|&inner| Frontend { inner }).collect()
+    }
+    #[getter]
+    fn backends(&self) -> Vec<Backend> {
+        self.spec.backends.iter().map(|&inner| Backend { inner }).collect()
+    }
+    #[getter]
+    fn policy(&self) -> Option<&'static str> {
+        self.spec.policy.map(PolicyKind::as_str)
+    }
+    #[getter]
+    fn affinity_timeout(&self) -> Option<f64> {
+        self.affinity_timeout
+    }
+    #[getter]
+    fn hash_key(&self) -> Option<&'static str> {
+        self.spec.hash_key.map(HashKey::as_str)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ServiceUpdate({:?}, {} frontends, {} backends)",
+            self.spec.name,
+            self.spec.frontends.len(),
+            self.spec.backends.len()
+        )
+    }
+}
+
+type PoolPairs = (Vec<(u32, u32)>, Vec<(u32, u32)>);
+
+fn pool_pairs(s: &ServiceState) -> PoolPairs {
+    let (v4, v6) = s.pool_ids();
+    let pairs = |p: PoolIds| p.into_iter().map(|(id, w)| (id.0, w)).collect();
+    (pairs(v4), pairs(v6))
+}
+
+/// A batch staged by `Engine.stage` (or applied by `Engine.apply`): what it does, and,
+/// until `Engine.commit`, the change itself.
+#[pyclass(frozen, module = "pykp._fastpath")]
+pub struct StagedChange {
+    report: BatchReport,
+    staged: Mutex<Option<Staged>>,
+}
+
+impl StagedChange {
+    fn new(report: BatchReport, staged: Option<Staged>) -> Self {
+        StagedChange { report, staged: Mutex::new(staged) }
+    }
+
+    fn ids(list: &[(BackendId, SocketAddr)]) -> HashMap<u32, (String, u16)> {
+        list.iter().map(|&(id, a)| (id.0, sock(a))).collect()
+    }
+}
+
+#[pymethods]
+impl StagedChange {
+    #[getter]
+    fn refused(&self) -> HashMap<String, String> {
+        self.report.refused.iter().map(|(n, e)| (n.clone(), e.to_string())).collect()
+    }
+    #[getter]
+    fn backends_added(&self) -> HashMap<u32, (String, u16)> {
+        StagedChange::ids(&self.report.backends_added)
+    }
+    #[getter]
+    fn backends_removed(&self) -> HashMap<u32, (String, u16)> {
+        StagedChange::ids(&self.report.backends_removed)
+    }
+    #[getter]
+    fn pools(&self) -> HashMap<String, PoolPairs> {
+        self.report.accepted.iter().map(|s| (s.name.to_string(), pool_pairs(s))).collect()
+    }
+    #[getter]
+    fn removed(&self) -> Vec<String> {
+        self.report.removed.clone()
+    }
+    #[getter]
+    fn committed(&self) -> bool {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    fn __repr__(&self) -> String {
+        let r = &self.report;
+        format!(
+            "StagedChange({} accepted, {} refused, {} removed, {} backend ids added, {} removed{})",
+            r.accepted.len(),
+            r.refused.len(),
+            r.removed.len(),
+            r.backends_added.len(),
+            r.backends_removed.len(),
+            if self.committed() { ", committed" } else { "" }
+        )
     }
 }
 
@@ -349,20 +506,9 @@ impl Engine {
         affinity_timeout: Option<f64>,
         hash_key: Option<&str>,
     ) -> PyResult<u32> {
-        let spec = ServiceSpec {
-            name,
-            frontends: frontends.into_iter().map(|f| f.inner).collect(),
-            backends: backends.into_iter().map(|b| b.inner).collect(),
-            policy: policy.map(PolicyKind::from_str).transpose().map_err(value_error)?,
-            affinity_timeout: match affinity_timeout {
-                Some(t) if t <= 0.0 => {
-                    return Err(value_error("affinity_timeout must be positive"))
-                }
-                Some(t) => Some(parse_seconds(t, "affinity_timeout")?),
-                None => None,
-            },
-            hash_key: hash_key.map(HashKey::from_str).transpose().map_err(value_error)?,
-        };
+        let spec =
+            ServiceUpdate::build(name, frontends, backends, policy, affinity_timeout, hash_key)?
+                .spec;
         let state = py.detach(|| self.core.upsert_service(&spec)).map_err(value_error)?;
         Ok(state.id.0)
     }
@@ -375,20 +521,51 @@ impl Engine {
         self.core.services().services().iter().map(|s| s.name.to_string()).collect()
     }
 
+    /// Compute a batch of upserts (in priority order: the oldest service first) and
+    /// removals without publishing it.
+    fn stage(
+        &self,
+        py: Python<'_>,
+        upserts: Vec<ServiceUpdate>,
+        removals: Vec<String>,
+    ) -> StagedChange {
+        let specs: Vec<ServiceSpec> = upserts.into_iter().map(|u| u.spec).collect();
+        let staged = py.detach(|| self.core.stage(&specs, &removals));
+        StagedChange::new(staged.report(), Some(staged))
+    }
+
+    /// Publish a staged batch with one snapshot swap.
+    fn commit(&self, py: Python<'_>, staged: &StagedChange) -> PyResult<()> {
+        let taken = staged.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(taken) = taken else {
+            return Err(value_error("this change was already committed (or refused as stale)"));
+        };
+        py.detach(|| self.core.commit(taken)).map_err(value_error)
+    }
+
+    /// Stage and commit a batch.
+    fn apply(
+        &self,
+        py: Python<'_>,
+        upserts: Vec<ServiceUpdate>,
+        removals: Vec<String>,
+    ) -> StagedChange {
+        let specs: Vec<ServiceSpec> = upserts.into_iter().map(|u| u.spec).collect();
+        StagedChange::new(py.detach(|| self.core.apply(&specs, &removals)), None)
+    }
+
     /// Each service's pools as its policy sees them (kube-proxy's eligibility: ready
     /// backends, else serving and terminating ones; weight above 0), as (id, weight)
     /// pairs per family, sorted by address: what the kernel's fallback path may pick.
-    #[allow(clippy::type_complexity)]
-    fn pools(&self) -> std::collections::HashMap<String, (Vec<(u32, u32)>, Vec<(u32, u32)>)> {
-        let ids = |pool: &crate::service::Pool| -> Vec<(u32, u32)> {
-            pool.backends.iter().map(|b| (b.handle.id.0, b.weight)).collect()
+    /// Only the services named in `names` when given (unknown names are left out).
+    #[pyo3(signature = (names = None))]
+    fn pools(&self, names: Option<Vec<String>>) -> HashMap<String, PoolPairs> {
+        let table = self.core.services();
+        let states = match names {
+            Some(names) => names.iter().filter_map(|n| table.get(n)).collect(),
+            None => table.services(),
         };
-        self.core
-            .services()
-            .services()
-            .iter()
-            .map(|s| (s.name.to_string(), (ids(&s.v4), ids(&s.v6))))
-            .collect()
+        states.iter().map(|s| (s.name.to_string(), pool_pairs(s))).collect()
     }
 
     fn backend_ids(&self) -> std::collections::HashMap<u32, (String, u16)> {
@@ -689,6 +866,8 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POLICIES", pyo3::types::PyTuple::new(m.py(), PolicyKind::ALL.map(|p| p.as_str()))?)?;
     m.add_class::<Frontend>()?;
     m.add_class::<Backend>()?;
+    m.add_class::<ServiceUpdate>()?;
+    m.add_class::<StagedChange>()?;
     m.add_class::<Decision>()?;
     m.add_class::<Connection>()?;
     m.add_class::<Engine>()?;

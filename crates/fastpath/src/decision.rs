@@ -10,8 +10,8 @@ use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags};
 use crate::hash::mix64;
 use crate::policy::{Policy, PolicyKind, SelectInput};
 use crate::service::{
-    BackendHandle, Frontend, ServiceId, ServiceSpec, ServiceState, ServiceTable, SpecError,
-    TableConfig,
+    BackendHandle, BatchReport, CommitError, Frontend, ServiceId, ServiceSpec, ServiceState,
+    ServiceTable, SpecError, Staged, TableConfig,
 };
 use crate::wire::{self, WireError};
 
@@ -304,31 +304,69 @@ impl Engine {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Add or replace a service. Flows to backends it no longer has are forgotten for
-    /// UDP (kube-proxy's stale-UDP cleanup: the client's next datagram picks a live
-    /// backend); TCP flows are left to end on their own, as the kernel's would be.
-    pub fn upsert_service(&self, spec: &ServiceSpec) -> Result<Arc<ServiceState>, SpecError> {
-        let old = self.services.get(&spec.name);
-        let new = self.services.upsert(spec)?;
-        if let Some(old) = old {
-            for b in old.backends.iter().filter(|b| !new.in_pool(b.handle.id)) {
-                self.conns.flush_backend_proto(old.id, b.handle.id, Protocol::Udp);
-                self.affinity.flush_backend(b.handle.id);
+    /// Compute a batch of upserts and removals without publishing it (see
+    /// [`ServiceTable::stage`]): program `backends_added` before [`Engine::commit`].
+    pub fn stage(&self, upserts: &[ServiceSpec], removals: &[String]) -> Staged {
+        self.services.stage(upserts, removals)
+    }
+
+    /// Publish a staged batch at once, then forget the flows it strands: every flow and
+    /// affinity of a removed service; for a replaced one, UDP flows and affinities to
+    /// backends it no longer has (kube-proxy's stale-UDP cleanup: the client's next
+    /// datagram picks a live backend). TCP flows are left to end on their own, as the
+    /// kernel's would be.
+    pub fn commit(&self, mut staged: Staged) -> Result<(), CommitError> {
+        let changes = std::mem::take(&mut staged.changes);
+        self.services.commit(staged)?;
+        for (old, new) in changes {
+            let Some(old) = old else { continue };
+            match new.filter(|new| new.id == old.id) {
+                Some(new) => {
+                    for b in old.backends.iter().filter(|b| !new.in_pool(b.handle.id)) {
+                        self.conns.flush_backend_proto(old.id, b.handle.id, Protocol::Udp);
+                        self.affinity.flush_backend(b.handle.id);
+                    }
+                }
+                None => {
+                    self.conns.flush_service(old.id);
+                    self.affinity.flush_service(old.id);
+                }
             }
         }
-        Ok(new)
+        Ok(())
+    }
+
+    /// Stage and commit a batch.
+    pub fn apply(&self, upserts: &[ServiceSpec], removals: &[String]) -> BatchReport {
+        loop {
+            let staged = self.stage(upserts, removals);
+            let report = staged.report();
+            // Stale only when another writer got in between: stage again on its version.
+            if self.commit(staged).is_ok() {
+                return report;
+            }
+        }
+    }
+
+    /// Add or replace a service (a one-service batch, except that a refused write changes
+    /// nothing), forgetting the flows it strands as [`Engine::commit`] does.
+    pub fn upsert_service(&self, spec: &ServiceSpec) -> Result<Arc<ServiceState>, SpecError> {
+        loop {
+            let mut staged = self.stage(std::slice::from_ref(spec), &[]);
+            if let Some((_, e)) = staged.refused.pop() {
+                return Err(e);
+            }
+            let state = staged.accepted[0].clone();
+            if self.commit(staged).is_ok() {
+                return Ok(state);
+            }
+        }
     }
 
     /// Remove a service and forget its flows and affinities.
     pub fn remove_service(&self, name: &str) -> bool {
-        match self.services.remove(name) {
-            Some(old) => {
-                self.conns.flush_service(old.id);
-                self.affinity.flush_service(old.id);
-                true
-            }
-            None => false,
-        }
+        let removed = self.apply(&[], &[name.to_string()]);
+        !removed.removed.is_empty()
     }
 
     /// Forget every flow to a backend; returns how many flows were removed.
@@ -530,5 +568,29 @@ mod tests {
         assert!(e.remove_service("default/web:http"));
         assert_eq!(e.conntrack().len(), 0);
         assert!(matches!(e.decide_flow(&f, ACK, SEC), Verdict::Pass(PassReason::NoService)));
+    }
+
+    #[test]
+    fn a_committed_batch_forgets_the_flows_it_strands() {
+        let e = engine();
+        e.upsert_service(&spec(Protocol::Tcp, &[1], PolicyKind::Random)).unwrap();
+        let mut udp = spec(Protocol::Udp, &[1, 2], PolicyKind::RoundRobin);
+        udp.name = "default/dns:udp".into();
+        e.upsert_service(&udp).unwrap();
+        let (t, u) = (flow(Protocol::Tcp, 1, 1), flow(Protocol::Udp, 1, 1));
+        e.decide_flow(&t, SYN, SEC);
+        let ub = backend_of(&e.decide_flow(&u, None, SEC));
+        let keep = if ub.ip() == IpAddr::V4(Ipv4Addr::new(10, 244, 0, 1)) { 2 } else { 1 };
+        let mut udp2 = spec(Protocol::Udp, &[keep], PolicyKind::RoundRobin);
+        udp2.name = udp.name.clone();
+        let staged = e.stage(&[udp2], &["default/web:http".to_string()]);
+        assert_eq!(e.conntrack().len(), 2, "nothing happens before the commit");
+        e.commit(staged).unwrap();
+        assert_eq!(e.conntrack().len(), 0, "the removed service's flow and the stale UDP flow");
+        assert!(matches!(e.decide_flow(&t, ACK, SEC), Verdict::Pass(PassReason::NoService)));
+        assert_ne!(backend_of(&e.decide_flow(&u, None, 2 * SEC)), ub);
+        let report = e.apply(&[], &["default/dns:udp".to_string()]);
+        assert_eq!(report.removed, ["default/dns:udp"]);
+        assert!(e.commit(e.stage(&[], &[])).is_ok());
     }
 }

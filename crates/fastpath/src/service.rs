@@ -1,10 +1,10 @@
 //! The service table: frontends map to services, services to backends.
 //!
 //! Readers (the packet path) load an immutable snapshot through `arc-swap` and never wait
-//! for a writer. Writers go through one `&mut`-free writer lock; an update of one service
-//! rebuilds only that service (persistent maps share the rest of the table).
+//! for a writer. A writer stages a batch of upserts and removals against a copy of the
+//! table (persistent maps: the copy and each edit cost O(log n), the rest is shared), then
+//! commits it with one snapshot swap, so readers see the whole batch or none of it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -133,6 +133,8 @@ pub enum SpecError {
         max: u32,
     },
     Config(String),
+    /// The name is upserted more than once in one batch (the first one stands).
+    Duplicate(String),
 }
 
 impl fmt::Display for SpecError {
@@ -158,6 +160,9 @@ impl fmt::Display for SpecError {
                  only (widen --mark-mask)"
             ),
             SpecError::Config(msg) => f.write_str(msg),
+            SpecError::Duplicate(name) => {
+                write!(f, "service {name:?} is upserted more than once in one batch")
+            }
         }
     }
 }
@@ -244,16 +249,125 @@ type FrontendMap = imbl::HashMap<Frontend, Arc<ServiceState>>;
 
 /// The service table: frontends -> services -> backends.
 pub struct ServiceTable {
+    /// What readers load: the published frontend map.
     frontends: ArcSwap<FrontendMap>,
     writer: Mutex<Writer>,
     config: TableConfig,
+    /// Tells this table's [`Staged`] changes from another's.
+    table_id: u64,
 }
 
+/// The writer's side: the published version of the whole table and how many commits
+/// led to it.
 struct Writer {
-    services: HashMap<String, Arc<ServiceState>>,
-    next_service_id: u32,
-    backends: BackendRegistry,
+    version: Version,
+    generation: u64,
 }
+
+/// One version of the whole table. Every map is persistent, so a copy costs O(1) and an
+/// edit O(log n): a staged change edits its own copy and never the published one.
+#[derive(Clone)]
+struct Version {
+    services: imbl::HashMap<Arc<str>, Arc<ServiceState>>,
+    frontends: FrontendMap,
+    backends: BackendRegistry,
+    next_service_id: u32,
+}
+
+/// A batch of upserts and removals, computed against one version of the table and not
+/// yet visible to readers. [`ServiceTable::commit`] publishes it whole; dropping it leaves
+/// the table as it was (its backend ids were reserved in its own copy only).
+pub struct Staged {
+    /// Upserts refused, in the batch's order, with why. A refused service's previous
+    /// version is removed by the commit: it must not keep serving or holding frontends.
+    pub refused: Vec<(String, SpecError)>,
+    /// Backend ids that come into use: program them before committing.
+    pub backends_added: Vec<(BackendId, SocketAddr)>,
+    /// Backend ids that leave use once committed (reused only after the commit).
+    pub backends_removed: Vec<(BackendId, SocketAddr)>,
+    /// Accepted upserts as they will be published, in the batch's order.
+    pub accepted: Vec<Arc<ServiceState>>,
+    /// Names that no longer exist after the commit: removals that existed, and refused
+    /// upserts that existed.
+    pub removed: Vec<String>,
+    /// Each touched service's state before (`None`: new) and after (`None`: gone), for
+    /// flushing the flows the change strands. A name removed and upserted again in one
+    /// batch is two entries.
+    pub(crate) changes: Vec<Change>,
+    next: Version,
+    table_id: u64,
+    generation: u64,
+}
+
+/// One service's state before a batch (`None`: new) and after it (`None`: gone).
+pub(crate) type Change = (Option<Arc<ServiceState>>, Option<Arc<ServiceState>>);
+
+/// What a batch did, kept after its commit: [`Staged`]'s reports without the table.
+#[derive(Clone, Debug, Default)]
+pub struct BatchReport {
+    pub refused: Vec<(String, SpecError)>,
+    pub backends_added: Vec<(BackendId, SocketAddr)>,
+    pub backends_removed: Vec<(BackendId, SocketAddr)>,
+    pub accepted: Vec<Arc<ServiceState>>,
+    pub removed: Vec<String>,
+}
+
+impl Staged {
+    pub fn report(&self) -> BatchReport {
+        BatchReport {
+            refused: self.refused.clone(),
+            backends_added: self.backends_added.clone(),
+            backends_removed: self.backends_removed.clone(),
+            accepted: self.accepted.clone(),
+            removed: self.removed.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Staged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staged")
+            .field("refused", &self.refused)
+            .field("backends_added", &self.backends_added)
+            .field("backends_removed", &self.backends_removed)
+            .field("accepted", &self.accepted.iter().map(|s| &s.name).collect::<Vec<_>>())
+            .field("removed", &self.removed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a commit was refused. The table is unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitError {
+    /// Another change was committed after this one was staged: stage again.
+    Stale,
+    /// The change was staged on another table.
+    ForeignTable,
+}
+
+impl fmt::Display for CommitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CommitError::Stale => "the table changed after this change was staged: stage it again",
+            CommitError::ForeignTable => "this change was staged on another table",
+        })
+    }
+}
+
+impl std::error::Error for CommitError {}
+
+/// A pool as the kernel's fallback path sees it: (backend id, weight), sorted by address.
+pub type PoolIds = Vec<(BackendId, u32)>;
+
+impl ServiceState {
+    /// The v4 and v6 pools as (id, weight) pairs.
+    pub fn pool_ids(&self) -> (PoolIds, PoolIds) {
+        let ids = |p: &Pool| p.backends.iter().map(|b| (b.handle.id, b.weight)).collect();
+        (ids(&self.v4), ids(&self.v6))
+    }
+}
+
+static NEXT_TABLE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl ServiceTable {
     pub fn new(config: TableConfig) -> Result<Self, SpecError> {
@@ -261,16 +375,25 @@ impl ServiceTable {
         Ok(ServiceTable {
             frontends: ArcSwap::from_pointee(FrontendMap::new()),
             writer: Mutex::new(Writer {
-                services: HashMap::new(),
-                next_service_id: 1,
-                backends: BackendRegistry::default(),
+                version: Version {
+                    services: imbl::HashMap::new(),
+                    frontends: FrontendMap::new(),
+                    backends: BackendRegistry::default(),
+                    next_service_id: 1,
+                },
+                generation: 0,
             }),
             config,
+            table_id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
     pub fn config(&self) -> &TableConfig {
         &self.config
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The packet path's lookup: never blocks, whatever writers do.
@@ -279,50 +402,139 @@ impl ServiceTable {
         self.frontends.load().get(frontend).cloned()
     }
 
-    /// Add or replace a service, atomically for readers. Costs O(this service's
-    /// frontends x log(services) + its backends), plus O(M) for a Maglev table.
-    pub fn upsert(&self, spec: &ServiceSpec) -> Result<Arc<ServiceState>, SpecError> {
-        validate(spec)?;
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let old = w.services.get(&spec.name).cloned();
-        let current = self.frontends.load_full();
-        for f in &spec.frontends {
-            if let Some(owner) = current.get(f) {
-                if owner.name.as_ref() != spec.name {
-                    return Err(SpecError::FrontendTaken {
-                        frontend: *f,
-                        owner: owner.name.to_string(),
-                    });
+    /// Compute a batch against the current version without publishing it.
+    ///
+    /// Removals go first; then every upserted service lets go of its previous frontends;
+    /// then upserts claim theirs in the order given, so on a conflict the earlier one (the
+    /// caller puts the oldest service first) wins. Backend ids are allocated here, stable
+    /// for addresses already live. Costs O(the change x log(services)) plus the upserted
+    /// services' policy builds.
+    pub fn stage(&self, upserts: &[ServiceSpec], removals: &[String]) -> Staged {
+        let (mut next, generation) = {
+            let w = self.writer();
+            (w.version.clone(), w.generation)
+        };
+        let mut changes = Vec::new();
+        // Backend releases wait for every acquisition: an address that moves from one
+        // service to another keeps its id, and an id freed here is not reused before the
+        // commit (the old snapshot still uses it).
+        let mut released: Vec<SocketAddr> = Vec::new();
+
+        for name in removals {
+            if let Some(old) = next.services.remove(name.as_str()) {
+                next.release_frontends(&old);
+                released.extend(old.backends.iter().map(|b| b.handle.addr));
+                changes.push((Some(old), None));
+            }
+        }
+
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<bool> = upserts.iter().map(|s| seen.insert(s.name.as_str())).collect();
+        let previous: Vec<Option<Arc<ServiceState>>> = upserts
+            .iter()
+            .zip(&first)
+            .map(|(spec, &first)| {
+                let old = next.services.get(spec.name.as_str()).filter(|_| first).cloned();
+                if let Some(old) = &old {
+                    next.release_frontends(old);
+                }
+                old
+            })
+            .collect();
+
+        let mut refused = Vec::new();
+        let mut accepted = Vec::new();
+        let mut backends_added = Vec::new();
+        for ((spec, old), first) in upserts.iter().zip(previous).zip(first) {
+            if !first {
+                refused.push((spec.name.clone(), SpecError::Duplicate(spec.name.clone())));
+                continue;
+            }
+            match self.build(&mut next, spec, old.as_deref(), &mut backends_added) {
+                Ok(state) => {
+                    for f in &state.frontends {
+                        next.frontends.insert(*f, state.clone());
+                    }
+                    next.services.insert(state.name.clone(), state.clone());
+                    if let Some(old) = &old {
+                        released.extend(old.backends.iter().map(|b| b.handle.addr));
+                    }
+                    changes.push((old, Some(state.clone())));
+                    accepted.push(state);
+                }
+                Err(e) => {
+                    refused.push((spec.name.clone(), e));
+                    if let Some(old) = old {
+                        next.services.remove(old.name.as_ref());
+                        released.extend(old.backends.iter().map(|b| b.handle.addr));
+                        changes.push((Some(old), None));
+                    }
                 }
             }
         }
-        let id = match &old {
-            Some(s) => s.id,
-            None => {
-                let id = ServiceId(w.next_service_id);
-                w.next_service_id += 1;
-                id
-            }
-        };
-        let needed = w.backends.new_addresses(spec.backends.iter().map(|b| b.addr));
-        if needed > w.backends.ids_left(self.config.max_backend_id) {
+
+        let backends_removed =
+            released.into_iter().filter_map(|a| next.backends.release(a)).collect::<Vec<_>>();
+        next.backends.free_released(&backends_removed);
+
+        let mut removed: Vec<String> = changes
+            .iter()
+            .filter_map(|(old, _)| old.as_ref())
+            .filter(|old| !next.services.contains_key(old.name.as_ref()))
+            .map(|old| old.name.to_string())
+            .collect();
+        removed.dedup();
+        Staged {
+            refused,
+            backends_added,
+            backends_removed,
+            accepted,
+            removed,
+            changes,
+            next,
+            table_id: self.table_id,
+            generation,
+        }
+    }
+
+    /// One upserted service's new state, its frontends checked against `next` (they are
+    /// not claimed here) and its backends' ids acquired in `next`.
+    fn build(
+        &self,
+        next: &mut Version,
+        spec: &ServiceSpec,
+        old: Option<&ServiceState>,
+        added: &mut Vec<(BackendId, SocketAddr)>,
+    ) -> Result<Arc<ServiceState>, SpecError> {
+        validate(spec)?;
+        // Previous frontends were let go of: whoever holds one now is another service.
+        if let Some((f, owner)) =
+            spec.frontends.iter().find_map(|f| next.frontends.get(f).map(|o| (f, o)))
+        {
+            return Err(SpecError::FrontendTaken { frontend: *f, owner: owner.name.to_string() });
+        }
+        let needed = next.backends.new_addresses(spec.backends.iter().map(|b| b.addr));
+        if needed > next.backends.ids_left(self.config.max_backend_id) {
             return Err(SpecError::BackendIdsExhausted { needed, max: self.config.max_backend_id });
         }
+        let id = match old {
+            Some(s) => s.id,
+            None => {
+                next.next_service_id += 1;
+                ServiceId(next.next_service_id - 1)
+            }
+        };
         let backends: Vec<Backend> = spec
             .backends
             .iter()
-            .map(|b| Backend {
-                handle: w.backends.acquire(b.addr),
-                weight: b.weight,
-                conditions: b.conditions,
-                local: b.local,
+            .map(|b| {
+                let (handle, fresh) = next.backends.acquire(b.addr);
+                if fresh {
+                    added.push((handle.id, handle.addr));
+                }
+                Backend { handle, weight: b.weight, conditions: b.conditions, local: b.local }
             })
             .collect();
-        if let Some(old) = &old {
-            for b in &old.backends {
-                w.backends.release(b.handle.addr);
-            }
-        }
         let policy = spec.policy.unwrap_or(self.config.default_policy);
         let key = spec.hash_key.unwrap_or(self.config.default_hash_key);
         let pool = |v4: bool| {
@@ -330,7 +542,7 @@ impl ServiceTable {
             let selector = Selector::build(policy, &backends, &self.config.maglev, key);
             Pool { backends, selector }
         };
-        let state = Arc::new(ServiceState {
+        Ok(Arc::new(ServiceState {
             id,
             name: Arc::from(spec.name.as_str()),
             frontends: spec.frontends.clone(),
@@ -339,68 +551,95 @@ impl ServiceTable {
             backends,
             policy,
             affinity_timeout: spec.affinity_timeout,
-        });
-        let mut next = (*current).clone();
-        if let Some(old) = &old {
-            for f in &old.frontends {
-                next.remove(f);
+        }))
+    }
+
+    /// Publish a staged batch with one snapshot swap: readers see all of it or none.
+    /// Refused, table unchanged, when anything was committed after it was staged.
+    pub fn commit(&self, staged: Staged) -> Result<(), CommitError> {
+        let mut w = self.writer();
+        if staged.table_id != self.table_id {
+            return Err(CommitError::ForeignTable);
+        }
+        if staged.generation != w.generation {
+            return Err(CommitError::Stale);
+        }
+        self.frontends.store(Arc::new(staged.next.frontends.clone()));
+        w.version = staged.next;
+        w.generation += 1;
+        Ok(())
+    }
+
+    /// Add or replace a service, atomically for readers: a one-service batch, except that
+    /// a refused write changes nothing (the previous version stays).
+    pub fn upsert(&self, spec: &ServiceSpec) -> Result<Arc<ServiceState>, SpecError> {
+        loop {
+            let mut staged = self.stage(std::slice::from_ref(spec), &[]);
+            if let Some((_, e)) = staged.refused.pop() {
+                return Err(e);
+            }
+            let state = staged.accepted[0].clone();
+            // Stale only when another writer got in between: stage again on its version.
+            if self.commit(staged).is_ok() {
+                return Ok(state);
             }
         }
-        for f in &state.frontends {
-            next.insert(*f, state.clone());
-        }
-        self.frontends.store(Arc::new(next));
-        w.services.insert(spec.name.clone(), state.clone());
-        Ok(state)
     }
 
     /// Remove a service; returns it (for flushing its flows) when it existed.
     pub fn remove(&self, name: &str) -> Option<Arc<ServiceState>> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let old = w.services.remove(name)?;
-        let mut next = (*self.frontends.load_full()).clone();
-        for f in &old.frontends {
-            next.remove(f);
+        loop {
+            let mut staged = self.stage(&[], &[name.to_string()]);
+            let old = staged.changes.pop()?.0;
+            if self.commit(staged).is_ok() {
+                return old;
+            }
         }
-        self.frontends.store(Arc::new(next));
-        for b in &old.backends {
-            w.backends.release(b.handle.addr);
-        }
-        Some(old)
     }
 
     /// Every service, by name.
     pub fn services(&self) -> Vec<Arc<ServiceState>> {
-        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = w.services.values().cloned().collect();
+        let mut v: Vec<_> = self.writer().version.services.values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<ServiceState>> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).services.get(name).cloned()
+        self.writer().version.services.get(name).cloned()
     }
 
     /// Every live backend id and its address (what the NFQUEUE datapath's mark map holds).
     pub fn backend_ids(&self) -> Vec<(BackendId, SocketAddr)> {
-        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = w.backends.live.values().map(|(h, _)| (h.id, h.addr)).collect();
+        let w = self.writer();
+        let mut v: Vec<_> = w.version.backends.live.values().map(|(h, _)| (h.id, h.addr)).collect();
         v.sort();
         v
     }
 
     /// Service name by id (slow path: for display).
     pub fn name_of(&self, id: ServiceId) -> Option<Arc<str>> {
-        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.services.values().find(|s| s.id == id).map(|s| s.name.clone())
+        let w = self.writer();
+        let name = w.version.services.values().find(|s| s.id == id).map(|s| s.name.clone());
+        name
     }
 
     pub fn len(&self) -> usize {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).services.len()
+        self.writer().version.services.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Version {
+    /// Let go of `old`'s frontends (those still mapped to it).
+    fn release_frontends(&mut self, old: &Arc<ServiceState>) {
+        for f in &old.frontends {
+            if self.frontends.get(f).is_some_and(|s| Arc::ptr_eq(s, old)) {
+                self.frontends.remove(f);
+            }
+        }
     }
 }
 
@@ -448,12 +687,14 @@ fn build_pool<'a>(backends: impl Iterator<Item = &'a Backend> + Clone) -> Vec<Ba
     pool
 }
 
-/// Backend handles by address, shared across services, with recycled ids.
-#[derive(Default)]
+/// Backend handles by address, shared across services, with recycled ids. Persistent
+/// maps: a staged copy costs O(1).
+#[derive(Clone, Default)]
 struct BackendRegistry {
-    live: HashMap<SocketAddr, (Arc<BackendHandle>, usize)>,
+    live: imbl::HashMap<SocketAddr, (Arc<BackendHandle>, usize)>,
     /// Freed ids, reused oldest first so a just-freed id is not handed out again at once.
-    free: std::collections::VecDeque<u32>,
+    /// Every id here is at most the table's `max_backend_id` (none past it is handed out).
+    free: imbl::Vector<u32>,
     next_id: u32,
 }
 
@@ -468,14 +709,14 @@ impl BackendRegistry {
 
     /// Ids that can still be handed out without passing `max`.
     fn ids_left(&self, max: u32) -> usize {
-        let recycled = self.free.iter().filter(|&&id| id <= max).count();
-        recycled + max.saturating_sub(self.next_id) as usize
+        self.free.len() + max.saturating_sub(self.next_id) as usize
     }
 
-    fn acquire(&mut self, addr: SocketAddr) -> Arc<BackendHandle> {
+    /// The address's handle, and whether its id is new.
+    fn acquire(&mut self, addr: SocketAddr) -> (Arc<BackendHandle>, bool) {
         if let Some((h, refs)) = self.live.get_mut(&addr) {
             *refs += 1;
-            return h.clone();
+            return (h.clone(), false);
         }
         // Id 0 means "no backend" in a packet mark.
         let id = self.free.pop_front().unwrap_or_else(|| {
@@ -484,16 +725,25 @@ impl BackendRegistry {
         });
         let h = Arc::new(BackendHandle::new(BackendId(id), addr));
         self.live.insert(addr, (h.clone(), 1));
-        h
+        (h, true)
     }
 
-    fn release(&mut self, addr: SocketAddr) {
-        if let Some((h, refs)) = self.live.get_mut(&addr) {
-            *refs -= 1;
-            if *refs == 0 {
-                self.free.push_back(h.id.0);
-                self.live.remove(&addr);
-            }
+    /// Drop one reference; the id and address when it was the last (the id is not free
+    /// until [`BackendRegistry::free_released`]).
+    fn release(&mut self, addr: SocketAddr) -> Option<(BackendId, SocketAddr)> {
+        let (h, refs) = self.live.get_mut(&addr)?;
+        *refs -= 1;
+        if *refs > 0 {
+            return None;
+        }
+        let id = h.id;
+        self.live.remove(&addr);
+        Some((id, addr))
+    }
+
+    fn free_released(&mut self, released: &[(BackendId, SocketAddr)]) {
+        for (id, _) in released {
+            self.free.push_back(id.0);
         }
     }
 }
@@ -640,5 +890,226 @@ mod tests {
         assert_eq!(held.v4.backends[0].handle.addr.ip(), IpAddr::V4(Ipv4Addr::new(10, 244, 0, 1)));
         let now = t.lookup(&fe(1, 80)).unwrap();
         assert_eq!(now.v4.backends[0].handle.addr.ip(), IpAddr::V4(Ipv4Addr::new(10, 244, 0, 2)));
+    }
+
+    fn names(states: &[Arc<ServiceState>]) -> Vec<&str> {
+        states.iter().map(|s| s.name.as_ref()).collect()
+    }
+
+    fn owner(t: &ServiceTable, f: Frontend) -> Option<String> {
+        t.lookup(&f).map(|s| s.name.to_string())
+    }
+
+    fn id_of(t: &ServiceTable, last: u8) -> Option<BackendId> {
+        let addr = be(last, Conditions::READY).addr;
+        t.backend_ids().into_iter().find(|(_, a)| *a == addr).map(|(id, _)| id)
+    }
+
+    const R: Conditions = Conditions::READY;
+
+    #[test]
+    fn a_batch_swaps_a_frontend_between_two_services() {
+        let t = ServiceTable::new(TableConfig::default()).unwrap();
+        t.upsert(&spec("a", vec![fe(1, 80)], vec![be(1, R)])).unwrap();
+        t.upsert(&spec("b", vec![fe(2, 80)], vec![be(2, R)])).unwrap();
+        let (a, b) = (t.get("a").unwrap().id, t.get("b").unwrap().id);
+        let staged = t.stage(
+            &[
+                spec("a", vec![fe(2, 80)], vec![be(1, R)]),
+                spec("b", vec![fe(1, 80)], vec![be(2, R)]),
+            ],
+            &[],
+        );
+        assert!(staged.refused.is_empty(), "{:?}", staged.refused);
+        assert_eq!(names(&staged.accepted), ["a", "b"]);
+        assert!(staged.backends_added.is_empty() && staged.backends_removed.is_empty());
+        assert_eq!(owner(&t, fe(1, 80)).as_deref(), Some("a"), "nothing visible before commit");
+        t.commit(staged).unwrap();
+        assert_eq!(owner(&t, fe(1, 80)).as_deref(), Some("b"));
+        assert_eq!(owner(&t, fe(2, 80)).as_deref(), Some("a"));
+        assert_eq!((t.get("a").unwrap().id, t.get("b").unwrap().id), (a, b), "ids are stable");
+    }
+
+    #[test]
+    fn on_a_frontend_conflict_the_earlier_upsert_wins_and_others_keep_theirs() {
+        let t = ServiceTable::new(TableConfig::default()).unwrap();
+        t.upsert(&spec("c", vec![fe(3, 80)], vec![])).unwrap();
+        let staged = t.stage(
+            &[
+                spec("old", vec![fe(1, 80)], vec![be(1, R)]),
+                spec("new", vec![fe(2, 80), fe(1, 80)], vec![be(2, R)]),
+                spec("thief", vec![fe(3, 80)], vec![]),
+                spec("bad", vec![fe(4, 0)], vec![]),
+            ],
+            &[],
+        );
+        assert_eq!(names(&staged.accepted), ["old"]);
+        let refused: Vec<(&str, String)> =
+            staged.refused.iter().map(|(n, e)| (n.as_str(), e.to_string())).collect();
+        assert_eq!(refused.len(), 3);
+        assert_eq!(refused[0].0, "new");
+        assert!(refused[0].1.contains("\"old\""), "{}", refused[0].1);
+        assert_eq!(refused[1].0, "thief");
+        assert!(refused[1].1.contains("\"c\""), "{}", refused[1].1);
+        assert_eq!(refused[2].0, "bad");
+        // A refused upsert acquires no backend id.
+        assert_eq!(staged.backends_added.len(), 1);
+        t.commit(staged).unwrap();
+        assert_eq!(owner(&t, fe(1, 80)).as_deref(), Some("old"));
+        assert_eq!(owner(&t, fe(2, 80)), None, "a refused service claims none of its frontends");
+        assert_eq!(owner(&t, fe(3, 80)).as_deref(), Some("c"));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_refused_service_loses_its_previous_version() {
+        let t = ServiceTable::new(TableConfig::default()).unwrap();
+        t.upsert(&spec("a", vec![fe(1, 80)], vec![be(1, R)])).unwrap();
+        t.upsert(&spec("b", vec![fe(2, 80)], vec![be(2, R)])).unwrap();
+        let b2 = id_of(&t, 2).unwrap();
+        // b now wants a's frontend: refused, and its old version stops serving fe 2.
+        let staged = t.stage(&[spec("b", vec![fe(1, 80)], vec![be(2, R)])], &[]);
+        assert_eq!(staged.refused.len(), 1);
+        assert!(matches!(staged.refused[0].1, SpecError::FrontendTaken { .. }));
+        assert_eq!(staged.removed, ["b"]);
+        assert_eq!(staged.backends_removed, [(b2, be(2, R).addr)]);
+        t.commit(staged).unwrap();
+        assert!(t.get("b").is_none());
+        assert_eq!(owner(&t, fe(2, 80)), None);
+        assert_eq!(id_of(&t, 2), None);
+        // The single-service upsert keeps its old contract: refused, nothing changes.
+        t.upsert(&spec("b", vec![fe(2, 80)], vec![be(2, R)])).unwrap();
+        assert!(t.upsert(&spec("b", vec![fe(1, 80)], vec![])).is_err());
+        assert_eq!(owner(&t, fe(2, 80)).as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_batch_reports_the_backend_ids_it_adds_and_removes() {
+        let t = ServiceTable::new(TableConfig::default()).unwrap();
+        t.upsert(&spec("a", vec![fe(1, 80)], vec![be(1, R), be(2, R)])).unwrap();
+        t.upsert(&spec("c", vec![fe(3, 80)], vec![be(4, R)])).unwrap();
+        let (id1, id2, id4) = (id_of(&t, 1).unwrap(), id_of(&t, 2).unwrap(), id_of(&t, 4).unwrap());
+        // a drops .1 and adds .3; b (new) takes .1 over; c goes away with .4.
+        let staged = t.stage(
+            &[
+                spec("a", vec![fe(1, 80)], vec![be(2, R), be(3, R)]),
+                spec("b", vec![fe(2, 80)], vec![be(1, R)]),
+            ],
+            &["c".to_string(), "absent".to_string()],
+        );
+        assert!(staged.refused.is_empty());
+        assert_eq!(staged.removed, ["c"]);
+        assert_eq!(staged.backends_removed, [(id4, be(4, R).addr)]);
+        assert_eq!(staged.backends_added.len(), 1);
+        let (id3, addr3) = staged.backends_added[0];
+        assert_eq!(addr3, be(3, R).addr);
+        assert!(![id1, id2, id4].contains(&id3), "an id freed by the batch is not reused in it");
+        let pools: Vec<_> = staged.accepted.iter().map(|s| s.pool_ids()).collect();
+        assert_eq!(pools[0], (vec![(id2, 1), (id3, 1)], vec![]));
+        assert_eq!(pools[1], (vec![(id1, 1)], vec![]), "a moved address keeps its id");
+        t.commit(staged).unwrap();
+        assert_eq!(
+            t.backend_ids(),
+            [(id1, be(1, R).addr), (id2, be(2, R).addr), (id3, addr3)]
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        // After the commit the freed id is handed out again.
+        let staged = t.stage(&[spec("d", vec![fe(4, 80)], vec![be(5, R)])], &[]);
+        assert_eq!(staged.backends_added, [(id4, be(5, R).addr)]);
+    }
+
+    #[test]
+    fn a_name_removed_and_upserted_in_one_batch_is_a_new_service() {
+        let t = ServiceTable::new(TableConfig::default()).unwrap();
+        let old = t.upsert(&spec("a", vec![fe(1, 80)], vec![be(1, R)])).unwrap();
+        let staged = t.stage(
+            &[spec("a", vec![fe(1, 80)], vec![be(1, R)]), spec("a", vec![fe(2, 80)], vec![])],
+            &["a".to_string()],
+        );
+        assert!(staged.removed.is_empty(), "a exists after the commit");
+        assert!(staged.backends_added.is_empty() && staged.backends_removed.is_empty());
+        assert_eq!(staged.refused.len(), 1);
+        assert_eq!(staged.refused[0].1, SpecError::Duplicate("a".into()));
+        t.commit(staged).unwrap();
+        assert_ne!(t.get("a").unwrap().id, old.id);
+        assert_eq!(owner(&t, fe(2, 80)), None);
+    }
+
+    #[test]
+    fn a_stale_or_foreign_staged_change_is_refused_and_changes_nothing() {
+        let t = ServiceTable::new(TableConfig::default()).unwrap();
+        let first = t.stage(&[spec("a", vec![fe(1, 80)], vec![be(1, R)])], &[]);
+        let second = t.stage(&[spec("b", vec![fe(1, 80)], vec![be(2, R)])], &[]);
+        // Both allocated the same first id, for different addresses.
+        assert_eq!(first.backends_added[0].0, second.backends_added[0].0);
+        t.commit(second).unwrap();
+        assert_eq!(t.commit(first).unwrap_err(), CommitError::Stale);
+        assert_eq!(owner(&t, fe(1, 80)).as_deref(), Some("b"));
+        assert_eq!(t.backend_ids(), [(BackendId(1), be(2, R).addr)]);
+        // Any write in between makes a staged change stale, a single upsert too.
+        let third = t.stage(&[], &["b".to_string()]);
+        t.upsert(&spec("c", vec![fe(3, 80)], vec![])).unwrap();
+        assert_eq!(t.commit(third).unwrap_err(), CommitError::Stale);
+        assert!(t.get("b").is_some());
+        let other = ServiceTable::new(TableConfig::default()).unwrap();
+        let foreign = other.stage(&[], &[]);
+        assert_eq!(t.commit(foreign).unwrap_err(), CommitError::ForeignTable);
+    }
+
+    #[test]
+    fn a_dropped_staged_change_leaves_the_table_as_it_was() {
+        let t =
+            ServiceTable::new(TableConfig { max_backend_id: 3, ..TableConfig::default() }).unwrap();
+        t.upsert(&spec("a", vec![fe(1, 80)], vec![be(1, R)])).unwrap();
+        let before = (t.backend_ids(), t.services().len(), owner(&t, fe(1, 80)));
+        let staged = t.stage(
+            &[spec("b", vec![fe(1, 80), fe(2, 80)], vec![be(2, R), be(3, R)])],
+            &["a".to_string()],
+        );
+        assert_eq!(staged.backends_added.len(), 2);
+        drop(staged);
+        assert_eq!((t.backend_ids(), t.services().len(), owner(&t, fe(1, 80))), before);
+        assert_eq!(owner(&t, fe(2, 80)), None);
+        // Its reserved ids were never taken: the two left are still there.
+        let staged = t.stage(&[spec("c", vec![fe(3, 80)], vec![be(4, R), be(5, R)])], &[]);
+        assert!(staged.refused.is_empty());
+        assert_eq!(staged.backends_added.iter().map(|(id, _)| id.0).collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn readers_see_a_whole_batch_or_none_of_it() {
+        use std::sync::atomic::AtomicBool;
+        let t = Arc::new(ServiceTable::new(TableConfig::default()).unwrap());
+        let layout = |flip: bool| {
+            let (x, y) = if flip { (fe(2, 80), fe(1, 80)) } else { (fe(1, 80), fe(2, 80)) };
+            [spec("a", vec![x], vec![be(1, R)]), spec("b", vec![y], vec![be(2, R)])]
+        };
+        t.commit(t.stage(&layout(false), &[])).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut snapshots = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let snap = t.frontends.load_full();
+                    let (x, y) = (snap.get(&fe(1, 80)), snap.get(&fe(2, 80)));
+                    let (x, y) = (x.expect("fe 1 absent"), y.expect("fe 2 absent"));
+                    assert_ne!(x.name, y.name, "one service holds both: half a batch");
+                    assert!(t.lookup(&fe(1, 80)).is_some(), "fe 1 absent");
+                    snapshots += 1;
+                }
+                snapshots
+            })
+        };
+        for i in 0..2000 {
+            let staged = t.stage(&layout(i % 2 == 0), &[]);
+            assert!(staged.refused.is_empty());
+            t.commit(staged).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
     }
 }
