@@ -26,18 +26,17 @@ from pykp.agent.agent import (
     AgentConfig,
     ConfigError,
     Dependencies,
-    build_rule_state,
-    count_changes,
     filter_node_addresses,
-    stale_udp_flows,
 )
-from pykp.agent.plan import EngineBackend, EngineService, services_file_to_engine
-from pykp.model import Problem, Catalog
+from pykp.agent.plan import EngineBackend, EngineService
+from pykp.agent.sync import stale_udp_flows
+from pykp.model import Catalog, Problem
 from pykp.netfilter.rules import FrontendRule, MarkLayout, RulesError, RuleState
 from pykp.netfilter.rules import _elements as rules_elements
 from pykp.observe.health import GO_ZERO_TIME, ProxierHealth, go_time
 from pykp.observe.status import STATUS_FILE, read_status_file
-from pykp.sources.file import FileSource, SourceStatus
+from pykp.sources.base import ChangeLog, Changes, SourceStatus
+from pykp.sources.file import FileSource, diff_catalogs
 from pykp.sources.services_file import load_services_text
 
 # --- fakes --------------------------------------------------------------------------------
@@ -51,25 +50,52 @@ class Events:
 
 
 class FakeRules:
-    """RuleManager's interface: records each RuleState; fails while `fail` is set."""
+    """RuleManager's interface without a kernel: keeps the elements it is sent, and the
+    RuleState they spell after each change; fails while `fail` is set."""
 
-    def __init__(self, events: Events | None = None) -> None:
+    def __init__(self, events: Events | None = None, shift: int = 16) -> None:
         self.events = events or Events()
         self.states: list[RuleState] = []
+        self.elements: dict[str, dict[str, str]] = {}
         self.fail: Exception | None = None
         self.present = False
+        self.loads = 0
+        self.shift = shift
         self.synced = threading.Event()
 
     def install(self) -> None:
         self.events.log.append("rules.install")
         self.present = True
 
-    def sync(self, state: RuleState) -> object:
+    def load_elements(self, wanted: Any) -> int:
         if self.fail is not None:
             raise self.fail
-        self.states.append(state)
+        self.loads += 1
+        self.elements = {name: dict(items) for name, items in wanted.items()}
+        self._changed()
+        return sum(map(len, wanted.values()))
+
+    def add_elements(self, added: Any, replaced: Any = {}) -> None:  # noqa: B006
+        if self.fail is not None:
+            raise self.fail
+        for name, pairs in replaced.items():
+            for key, element in pairs:
+                self.elements.setdefault(name, {})[key] = element
+        for name, items in added.items():
+            for element in items:
+                self.elements.setdefault(name, {})[element.split(" : ")[0]] = element
+
+    def remove_elements(self, removed: Any) -> None:
+        if self.fail is not None:
+            raise self.fail
+        for name, keys in removed.items():
+            for key in keys:
+                del self.elements[name][key]
+        self._changed()
+
+    def _changed(self) -> None:
+        self.states.append(state_of(self.elements, self.shift))
         self.synced.set()
-        return None
 
     def cleanup(self) -> None:
         self.events.log.append("rules.cleanup")
@@ -84,6 +110,48 @@ class FakeRules:
     @property
     def last(self) -> RuleState:
         return self.states[-1]
+
+
+_PROTOCOL_NAMES = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP"}
+
+
+def state_of(elements: dict[str, dict[str, str]], shift: int = 16) -> RuleState:
+    """The RuleState that nftables elements spell (the agent's output, read back)."""
+
+    def keys(name: str) -> set[str]:
+        return set(elements.get(f"{name}4", {})) | set(elements.get(f"{name}6", {}))
+
+    def frontend(key: str) -> tuple[str, int, str]:
+        ip, protocol, port = key.split(" . ")
+        return ip, int(port), _PROTOCOL_NAMES[protocol]
+
+    queued, masq, local = keys("queued"), keys("masq_frontends"), keys("local_frontends")
+    frontends = frozenset(
+        FrontendRule(
+            *frontend(key),
+            external=key in masq or key in local,
+            masquerade=key not in local,
+            queued=key in queued,
+        )
+        for key in keys("frontends")
+    )
+    backends = {}
+    for family in (4, 6):
+        for mark, element in elements.get(f"backends{family}", {}).items():
+            ip, port = element.split(" : ")[1].split(" . ")
+            backends[int(mark, 16) >> shift] = (ip, int(port))
+    slots: dict[tuple[str, int, str], dict[int, tuple[str, int]]] = {}
+    for family in (4, 6):
+        for slot, element in elements.get(f"slots{family}", {}).items():
+            key, _, index = slot.rpartition(" . ")
+            ip, port = element.split(" : ")[1].split(" . ")
+            slots.setdefault(frontend(key), {})[int(index)] = (ip, int(port))
+    return RuleState(
+        frontends=frontends,
+        service_ips=frozenset(keys("service_ips")),
+        backends=backends,
+        fallback={f: tuple(s[i] for i in sorted(s)) for f, s in slots.items()},
+    )
 
 
 class FakeDatapath:
@@ -128,13 +196,16 @@ class StaticSource:
         self._file: Catalog | None = None
         self._problems: list[Problem] = []
         self._changed_at = changed_at
+        self._changes = ChangeLog()
         self.notify: Callable[[], None] | None = None
         self.stopped = False
         if text is not None:
             self.set(text, changed_at)
 
     def set(self, text: str, changed_at: float | None = None) -> None:
-        self._file, self._problems = load_services_text(textwrap.dedent(text), "test.yaml")
+        loaded, self._problems = load_services_text(textwrap.dedent(text), "test.yaml")
+        self._file, keys = diff_catalogs(self._file, loaded)
+        self._changes.add(keys)
         self._changed_at = changed_at
         if self.notify is not None:
             self.notify()
@@ -149,6 +220,11 @@ class StaticSource:
 
     def current(self) -> Catalog | None:
         return self._file
+
+    def take_changes(self) -> Changes | None:
+        if self._file is None:
+            return None
+        return Changes(self._file, self._changes.take())
 
     def problems(self) -> list[Problem]:
         return list(self._problems)
@@ -193,6 +269,7 @@ class Harness:
             "healthz_bind_address": "",
             "metrics_bind_address": "",
             "state_dir": tmp_path / "state",
+            "status_interval": 0,
         }
         settings.update(config or {})
         self.config = AgentConfig(**settings)
@@ -509,11 +586,12 @@ def test_a_first_sync_that_keeps_failing_fails_livez_after_the_timeout(tmp_path:
     assert h.agent.health.healthz()[0] == 503
 
 
-def test_the_engine_refusing_a_service_skips_only_that_service(
+def test_a_contested_frontend_goes_to_the_older_service_and_only_it_is_taken(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An external IP equal to the node address, on another service's NodePort: the file
-    # cannot know (node addresses are the agent's), the engine refuses the second owner.
+    # cannot know (node addresses are the agent's). The older service (a tie in a file:
+    # then the smaller name) keeps the node's port; b keeps its ClusterIP.
     text = """\
     services:
       - name: a
@@ -532,15 +610,22 @@ def test_the_engine_refusing_a_service_skips_only_that_service(
         h.agent.sync()
         h.agent.sync()  # a periodic resync: the same refusal is not reported again
 
-    assert h.agent.engine.services() == ["default/a"]
-    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.20", "192.168.77.1", "fd00:77::1"}
-    assert "10.96.0.21" not in h.rules.last.service_ips
+    assert h.agent.engine.services() == ["default/a", "default/b"]
+    assert {(f.ip, f.port) for f in h.rules.last.frontends} == {
+        ("10.96.0.20", 80),
+        ("192.168.77.1", 30080),
+        ("fd00:77::1", 30080),
+        ("10.96.0.21", 30080),
+    }
+    decision = h.agent.engine.decide("10.0.0.9", 40000, "192.168.77.1", 30080)
+    assert decision.service == "default/a"
+    assert "held by default/a" in h.agent._refused["default/b (frontend taken)"]
     assert h.agent.metrics.refused_services == 1
     assert h.agent.metrics.sync_errors == 0
-    why = h.agent.snapshot()["refused"]["default/b"]
-    assert "already service" in why
+    why = h.agent.snapshot()["refused"]["default/b (frontend taken)"]
+    assert "nodePort 30080/TCP (held by default/a, the older service)" in why
     assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == [
-        f"service default/b refused (skipped): {why}"
+        f"service default/b (frontend taken) refused (skipped): {why}"
     ]
 
 
@@ -557,7 +642,9 @@ def test_a_node_address_never_becomes_a_service_ip(tmp_path: Path) -> None:
 
     h.agent.sync()
 
-    assert ("192.168.77.1", 8080, "TCP") in {(f.ip, f.port, f.protocol) for f in h.rules.last.frontends}
+    assert ("192.168.77.1", 8080, "TCP") in {
+        (f.ip, f.port, f.protocol) for f in h.rules.last.frontends
+    }
     assert h.rules.last.service_ips == {"10.96.0.21"}, "the node's own ports stay reachable"
 
 
@@ -672,11 +759,13 @@ def test_each_sync_records_its_duration_and_time(tmp_path: Path) -> None:
     h, _ = agent_with(SERVICES, tmp_path)
     started = h.mono.now
 
-    def slow_sync(state: RuleState) -> object:
-        h.mono.now = started + 0.04
-        return None
+    load = h.rules.load_elements
 
-    h.rules.sync = slow_sync  # type: ignore[method-assign]
+    def slow_load(wanted: Any) -> int:
+        h.mono.now = started + 0.04
+        return load(wanted)
+
+    h.rules.load_elements = slow_load  # type: ignore[method-assign]
     h.agent.sync()
 
     family = h.agent.metrics.sync_duration.family("d", "d")
@@ -698,8 +787,8 @@ def test_each_sync_writes_the_status_file(tmp_path: Path) -> None:
     assert snapshot["lastSync"] == h.wall.now
     names = [service["name"] for service in snapshot["services"]]
     assert names == [
-        "default/web:http",
         "default/local",
+        "default/web:http",
         "kube-system/dns:dns",
         "kube-system/dns:dns-tcp",
     ]
@@ -776,6 +865,7 @@ def test_a_started_agent_syncs_serves_and_follows_the_file(
     h, path = running
     healthz, metrics = addresses(h)
     assert h.rules.synced.wait(5), "no first sync"
+    assert wait_for(lambda: h.datapath.running), "the reader never bound"
     # The reader binds after the first sync: until then --queue-bypass lets the kernel path
     # serve from the maps a previous agent left, instead of an empty engine refusing.
     assert h.events.log[:2] == ["rules.install", "datapath.start"]
@@ -992,40 +1082,6 @@ def test_stale_udp_flows_ignore_backends_that_were_not_serving() -> None:
     )
 
     assert stale_udp_flows({"s": before}, {}) == []
-
-
-def test_count_changes_from_nothing() -> None:
-    services, _ = load_services_text(SERVICES)
-
-    assert count_changes(None, services) == (3, 3)
-    assert count_changes(services, services) == (0, 0)
-    assert count_changes(services, Catalog()) == (3, 3)
-
-
-def test_rule_state_follows_engine_services_including_split_external_ones() -> None:
-    """A Kubernetes source splits a port by traffic policy (`name#external`)."""
-    text = """\
-    services:
-      - name: split
-        clusterIP: 10.96.0.40
-        externalIPs: [203.0.113.40]
-        externalTrafficPolicy: Local
-        ports: [{port: 80, nodePort: 30040}]
-        endpoints: [{ip: 10.244.1.40, nodeName: node-a}]
-    """
-    parsed, _ = load_services_text(textwrap.dedent(text))
-    parsed = Catalog(parsed.services, traffic_policies=True)
-    services = services_file_to_engine(parsed, ["192.168.77.1"], "node-a")
-    assert [s.name for s in services] == ["default/split", "default/split#external"]
-
-    state = build_rule_state(parsed, services, {}, ["192.168.77.1"])
-
-    assert state.frontends == {
-        FrontendRule("10.96.0.40", 80, "TCP"),
-        ext("203.0.113.40", 80, masquerade=False),
-        ext("192.168.77.1", 30040, masquerade=False),
-    }
-    assert state.service_ips == {"10.96.0.40", "203.0.113.40"}
 
 
 # --- the file source ----------------------------------------------------------------------
@@ -1343,8 +1399,11 @@ def test_backends_past_the_marks_range_are_refused_per_service_and_syncs_go_on(
     assert h.agent.metrics.refused_services == 1
     rules_elements(state, layout)  # renders: no id outside the mark
 
-    # Removing a frees its ids: b fits now, and syncs go on as usual.
+    # Removing a frees its ids once that removal is committed: the next sync (which the
+    # agent asks for at once) retries b, and it fits.
     source.set("services:\n" + service("b", "10.96.0.2", 11, 4) + service("c", "10.96.0.3", 21, 2))
+    h.agent.sync()
+    assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.3"}
     h.agent.sync()
 
     assert {f.ip for f in h.rules.last.frontends} == {"10.96.0.2", "10.96.0.3"}
@@ -1395,7 +1454,7 @@ def test_the_kernel_path_holds_each_frontends_eligible_backends_and_serves_rando
     assert state.fallback[("fd00:96::40", 80, "TCP")] == (("fd00:244::40", 8080),)
     # Only terminating ones: kube-proxy's fallback to serving+terminating; none serving: none.
     assert state.fallback[("10.96.0.41", 80, "TCP")] == (("10.244.1.41", 80),)
-    assert state.fallback[("10.96.0.42", 80, "TCP")] == ()
+    assert state.fallback.get(("10.96.0.42", 80, "TCP"), ()) == ()
 
 
 def test_status_says_what_healthz_answers_and_why() -> None:

@@ -15,7 +15,7 @@ import pytest
 from pykp.agent.plan import services_file_to_engine
 from pykp.labs.kube_apiserver import KubeApiServer, endpoint_slice, node, service
 from pykp.model import Catalog
-from pykp.sources.file import ServiceSource
+from pykp.sources.base import ServiceSource
 from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
 from pykp.sources.kube.source import KubeSource
 from pykp.sources.kube.watch import Backoff
@@ -82,7 +82,7 @@ def make_source(
 def names(source: KubeSource) -> list[str]:
     current = source.current()
     assert current is not None
-    return [spec.key for spec in current.services]
+    return sorted(spec.key for spec in current.services)
 
 
 def has(source: KubeSource, expected: list[str]) -> Callable[[], bool]:

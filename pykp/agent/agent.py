@@ -284,6 +284,7 @@ class Agent:
         self.runner.wake()
         steps: list[tuple[str, Callable[[], None]]] = [("source", self.source.stop)]
         steps += [(thread.name, thread.join) for thread in self._threads]
+        steps.append(("status", self._flush_status))
         if remove_rules:
             steps.append(("rules", self._cleanup_rules))
         steps.append(("datapath", self._stop_datapath))
@@ -391,7 +392,8 @@ class Agent:
         if context == self._context:
             context = self._context  # the same object: each service's check is `is`
         now = self.deps.monotonic()
-        full = now - self._last_full >= self.config.sync_period
+        # A new node context (addresses, zone) may change any service: all are checked.
+        full = now - self._last_full >= self.config.sync_period or context is not self._context
         if self._repair_rules():
             self.service_sync.reset()
         try:
@@ -426,6 +428,8 @@ class Agent:
         self.health.updated()
         # Stale UDP: after the commit, so the next datagram is decided on the new rules.
         self._delete_stale_udp(result.stale_udp)
+        if result.retry:
+            self.runner.run()
         self._status_dirty = True
         if self.config.status_interval <= 0:
             self._write_status()
@@ -513,6 +517,10 @@ class Agent:
         )
         snapshot["kernelPathUndecided"] = self.rules.undecided_connections()
         return snapshot
+
+    def _flush_status(self) -> None:
+        if self._status_dirty:
+            self._write_status()
 
     def _write_status(self) -> None:
         self._status_dirty = False

@@ -10,7 +10,7 @@ own claims, and names the other services whose holdings that changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from pykp.model import ServiceSpec
 
@@ -23,10 +23,15 @@ Claim = tuple[str, int, str]  # (address or NODE_PORT, port, protocol)
 _Rank = tuple[str, str]  # (created, key): the smaller is the older
 
 
-def claims_of(spec: ServiceSpec) -> frozenset[Claim]:
-    """Every frontend `spec` asks for."""
+def claims_of(spec: ServiceSpec, node_addresses: Collection[str] = ()) -> frozenset[Claim]:
+    """Every frontend `spec` asks for. An address of the node is claimed as a nodePort
+    is: both are the node's port, whoever asks for it."""
     addresses = (*spec.cluster_ips, *spec.external_ips, *spec.load_balancer_ips)
-    claims = {(address, port.port, port.protocol) for port in spec.ports for address in addresses}
+    claims = {
+        (NODE_PORT if address in node_addresses else address, port.port, port.protocol)
+        for port in spec.ports
+        for address in addresses
+    }
     claims.update(
         (NODE_PORT, port.node_port, port.protocol)
         for port in spec.ports
@@ -50,14 +55,16 @@ class FrontendOwners:
         self._claimants: dict[Claim, dict[str, _Rank]] = {}
         self._claims: dict[str, tuple[_Rank, frozenset[Claim]]] = {}
 
-    def update(self, key: str, spec: ServiceSpec | None) -> set[str]:
+    def update(
+        self, key: str, spec: ServiceSpec | None, node_addresses: Collection[str] = ()
+    ) -> set[str]:
         """Record what `key` claims now (None: it is gone); return the other services
         whose holdings changed."""
         before = self._claims.pop(key, None)
         rank: _Rank = ("", key)
         claims: frozenset[Claim] = frozenset()
         if spec is not None:
-            rank, claims = (spec.created, key), claims_of(spec)
+            rank, claims = (spec.created, key), claims_of(spec, node_addresses)
         if before is not None and before == (rank, claims):
             self._claims[key] = before
             return set()

@@ -31,7 +31,7 @@ from pykp.netfilter.elements import ElementTracker, backend_contribution, fronte
 from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout
 
 if TYPE_CHECKING:
-    from pykp._fastpath import Engine
+    from pykp._fastpath import Engine, ServiceUpdate
 
 __all__ = [
     "NodeContext",
@@ -95,6 +95,8 @@ class SyncResult:
     stale_udp: list[tuple[str, str, int]] = field(default_factory=list)
     service_changes: int = 0
     endpoint_changes: int = 0
+    # Refused services may fit now (backend ids were freed): sync again soon.
+    retry: bool = False
 
 
 class ServiceSync:
@@ -128,6 +130,9 @@ class ServiceSync:
         self._backends: dict[int, tuple[str, int]] = {}
         self._full_load = True
         self._refused: dict[str, str] = {}
+        # Services with an engine service the engine refused: retried at every sync (a
+        # removal elsewhere may have freed the backend ids it needs).
+        self._retry: set[str] = set()
 
     # -- reading
 
@@ -165,21 +170,23 @@ class ServiceSync:
                     candidates.add(_key_of(name))
         else:
             assert keys is not None
-            candidates = set(keys)
+            candidates = set(keys) | self._retry
 
         # (a) translate the changed services; ownership may pull in others. A full resync
         # also retries the engine services the engine refused (ids may have freed up).
         work = [
             key
             for key in candidates
-            if self._stale(key, catalog.get(key), context) or (full and self._unapplied(key))
+            if self._stale(key, catalog.get(key), context) or key in self._retry
         ]
         specs = {key: catalog.get(key) for key in work}
         pending = list(work)
         seen = set(work)
         while pending:
             key = pending.pop()
-            for other in self._owners.update(key, specs.get(key, catalog.get(key))):
+            for other in self._owners.update(
+                key, specs.get(key, catalog.get(key)), context.node_addresses
+            ):
                 if other not in seen:
                     seen.add(other)
                     specs[other] = catalog.get(other)
@@ -210,6 +217,10 @@ class ServiceSync:
             for name, service in after.items():
                 if self._applied.get(name) != service:
                     upserts[name] = service
+        # The oldest service first: the engine's own frontend check then agrees with
+        # ownership, and ids run out for the newest services first.
+        order = {key: (p.spec.created, key) for key, p in new_plans.items() if p is not None}
+        upserts = dict(sorted(upserts.items(), key=lambda item: order[_key_of(item[0])]))
         staged = self.engine.stage([_update(s) for s in upserts.values()], removals)
 
         # (c) render: backends first (slots name their addresses), then each service.
@@ -286,6 +297,9 @@ class ServiceSync:
                 self._refused.update(plan.refused)
         for name, message in refused_now.items():
             self._refused[name] = message
+        self._retry = {_key_of(name) for name in refused_now} | {
+            key for key in self._retry - new_plans.keys()
+        }
         added, removed = delta.counts
         return SyncResult(
             services=len(new_plans),
@@ -297,6 +311,7 @@ class ServiceSync:
             stale_udp=stale,
             service_changes=service_changes,
             endpoint_changes=endpoint_changes,
+            retry=bool(self._retry and staged.backends_removed),
         )
 
     # -- pieces
@@ -306,10 +321,6 @@ class ServiceSync:
         if plan is None:
             return spec is not None or any(_key_of(n) == key for n in self._applied)
         return spec is not plan.spec or (context is not plan.context and context != plan.context)
-
-    def _unapplied(self, key: str) -> bool:
-        plan = self._plans.get(key)
-        return plan is not None and any(name not in self._applied for name in plan.engine_services)
 
     def _plan(self, spec: ServiceSpec, context: NodeContext) -> _Plan:
         refused: dict[str, str] = {}
@@ -399,7 +410,7 @@ def _key_of(engine_service_name: str) -> str:
     return f"{namespace}/{rest.split(':', 1)[0]}"
 
 
-def _update(service: EngineService) -> object:
+def _update(service: EngineService) -> ServiceUpdate:
     from pykp._fastpath import Backend, Frontend, ServiceUpdate
 
     return ServiceUpdate(

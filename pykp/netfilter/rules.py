@@ -233,7 +233,9 @@ UNDECIDED_COUNTER = "undecided"
 # The most slots (backends, repeated by weight) the kernel path holds per frontend: one
 # `pick<family>_<n>` chain per count, so `numgen random mod n` has a constant n.
 MAX_SLOTS = 128
-_SLOTS_TYPE = "typeof {p} daddr . meta l4proto . th dport . numgen random mod {n} : {p} daddr . th dport"
+_SLOTS_TYPE = (
+    "typeof {p} daddr . meta l4proto . th dport . numgen random mod {n} : {p} daddr . th dport"
+)
 # Sets and maps `sync` maintains, with their types.
 _SYNCED: dict[str, str] = {
     # Every frontend (its backend field is cleared on a new connection) ...
@@ -590,13 +592,13 @@ class RuleManager:
         """
         t = self.table
         rules = {
-            n: r for n, r in _chain_rules(self.layout, self.cluster_cidrs).items() if n not in _PICKS
+            n: r
+            for n, r in _chain_rules(self.layout, self.cluster_cidrs).items()
+            if n not in _PICKS
         }
         existing = set(existing_sets)
         decl = [f"table inet {t} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
-        decl += [
-            _set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items() if n not in existing
-        ]
+        decl += [_set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items() if n not in existing]
         decl += [f"\tchain {n} {{ {spec} }}" for n, spec in _CHAINS.items() if n not in _PICKS]
         decl.append("}")
         stale_chains = list(stale_chains)

@@ -26,7 +26,7 @@ from pykp.agent.plan import EngineBackend, EngineService
 from pykp.agent.sync_runner import RunnerStats
 from pykp.model import Problem
 from pykp.observe.health import parse_bind_address
-from pykp.sources.file import SourceStatus
+from pykp.sources.base import SourceStatus
 
 if TYPE_CHECKING:
     from pykp._fastpath import Connection
@@ -141,7 +141,7 @@ def build_status(
         },
         "problems": [str(problem) for problem in problems],
         "refused": dict(refused),
-        "services": [service_status(service) for service in services],
+        "services": [service_status(service) for service in sorted(services, key=_name)],
         "counters": dict(sorted(counters.items())),
         "datapath": None if datapath is None else dict(sorted(datapath.items())),
         "flows": [flow_status(flow) for flow in flows],
@@ -314,3 +314,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
             f"{flow['expiresIn']:.1f}s",
         )
     console.print(table)
+
+
+def _name(service: EngineService) -> str:
+    return service.name

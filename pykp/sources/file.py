@@ -182,7 +182,7 @@ class FileSource:
             self._loads += 1
             self._invalid_objects += len(problems)
             self._last_error = None
-            services, changed_keys = _diff(self._current, services)
+            services, changed_keys = diff_catalogs(self._current, services)
             changed = (
                 self._current is None
                 or bool(changed_keys)
@@ -214,7 +214,7 @@ class FileSource:
         return changed
 
 
-def _diff(old: Catalog | None, new: Catalog) -> tuple[Catalog, set[str]]:
+def diff_catalogs(old: Catalog | None, new: Catalog) -> tuple[Catalog, set[str]]:
     """`new` with each unchanged service replaced by its object in `old`, and the keys of
     the services added, changed or removed."""
     by_key: dict[str, ServiceSpec] = {}

@@ -68,7 +68,6 @@ class ServicesFileError(Exception):
         self.message = message
 
 
-
 # --- loading ------------------------------------------------------------------------------
 
 
@@ -101,9 +100,7 @@ def load_bundled_example() -> tuple[Catalog, list[Problem]]:
     return load_services_text(resource.read_text(encoding="utf-8"), f"pykp/{BUNDLED_EXAMPLE}")
 
 
-def load_services_text(
-    text: str, source_name: str = "<string>"
-) -> tuple[Catalog, list[Problem]]:
+def load_services_text(text: str, source_name: str = "<string>") -> tuple[Catalog, list[Problem]]:
     """Parse services-file text. Raises `ServicesFileError` only for fatal errors."""
     try:
         root = yaml.compose(text, Loader=_LOADER)
@@ -696,5 +693,3 @@ def _frontend_text(frontend: tuple[str, int, str]) -> str:
     address, port, protocol = frontend
     host = f"[{address}]" if ":" in address else address
     return f"{host}:{port}/{protocol}"
-
-
