@@ -139,10 +139,76 @@ def test_random_spreads_like_kube_proxy(lab: Lab, node: Node) -> None:
     assert chi2 < 13.82, counts
 
 
-def test_maglev_sends_one_source_to_one_backend(lab: Lab, node: Node) -> None:
-    for client in ("client-0", "client-1"):
-        counts = distribution(lab, client, "10.96.0.12", 20)
-        assert len(counts) == 1, f"{client}: {counts}"
+# Extra client addresses for the Maglev test: one client pod, many sources.
+MAGLEV_SOURCES = [f"10.244.0.{200 + i}" for i in range(12)]
+
+
+def http_get_from(lab: Lab, pod: str, source: str, host: str, port: int = 80) -> str:
+    """One HTTP request from `pod` on a new connection bound to the address `source`."""
+    with lab.in_namespace(pod):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.settimeout(3)
+        s.bind((source, 0))
+        s.connect((host, port))
+        s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.decode().rpartition("\r\n\r\n")[2].strip()
+
+
+@pytest.fixture
+def many_sources(lab: Lab) -> Iterator[list[str]]:
+    """MAGLEV_SOURCES added to client-0 (and routed to it by the node), removed after."""
+    client = lab.host("client-0")
+    added: list[str] = []
+    try:
+        for ip in MAGLEV_SOURCES:
+            lab.exec(client, ["ip", "addr", "add", f"{ip}/32", "dev", "eth0"], check=True)
+            added.append(ip)
+            lab.exec(
+                "node", ["ip", "route", "add", f"{ip}/32", "dev", str(client.host_ifname)], check=True
+            )
+        yield list(MAGLEV_SOURCES)
+    finally:
+        for ip in added:
+            lab.exec("node", ["ip", "route", "del", f"{ip}/32"])
+            lab.exec(client, ["ip", "addr", "del", f"{ip}/32", "dev", "eth0"])
+
+
+def test_maglev_sends_each_source_to_one_backend_and_sources_to_several(
+    lab: Lab, node: Node, many_sources: list[str]
+) -> None:
+    """hashKey source-ip: a client address always reaches the same backend (its many
+    connections, with as many source ports, are decided afresh each time: no flow-table
+    hit can explain it), different addresses spread over the backends, and the backend is
+    the one pykp's engine computes for that address on any node (same table everywhere)."""
+    from pykp._fastpath import Engine
+    from pykp.services_file import apply_to_engine, load_services_file, services_file_to_engine
+
+    seen = {
+        source: [http_get_from(lab, "client-0", source, "10.96.0.12") for _ in range(4)]
+        for source in many_sources
+    }
+    for source, backends in seen.items():
+        assert len(set(backends)) == 1, f"{source} moved between backends: {backends}"
+    chosen = {source: backends[0] for source, backends in seen.items()}
+    assert len(set(chosen.values())) >= 2, f"every source went to one backend: {chosen}"
+
+    # What any node computes: the agent's defaults (table size 65537, seed 0).
+    assert node.services_file is not None
+    services, problems = load_services_file(node.services_file)
+    assert not problems
+    engine = Engine()
+    apply_to_engine(engine, services_file_to_engine(services, [lab.node_ip4], "node"))
+    name_of = dict(zip(BACKENDS, ["backend-0", "backend-1", "backend-2"]))
+    expected = {}
+    for i, source in enumerate(many_sources):
+        decision = engine.decide(source, 40000 + i, "10.96.0.12", 80)
+        assert decision.backend is not None, decision.reason
+        expected[source] = name_of[decision.backend[0]]
+    assert chosen == expected
 
 
 def test_only_the_first_packet_is_queued_and_flows_survive_a_restart(lab: Lab, node: Node) -> None:
@@ -202,12 +268,21 @@ def test_ipv6_cluster_ip(lab: Lab, node: Node) -> None:
     assert seen == {"backend-0", "backend-1", "backend-2"}
 
 
-def test_session_affinity_holds_until_the_timeout(lab: Lab, node: Node) -> None:
+def test_session_affinity_holds_until_the_timeout_then_decides_afresh(
+    lab: Lab, node: Node
+) -> None:
+    """ClientIP affinity on a round-robin service (timeoutSeconds 3): without affinity
+    every new connection moves on to the next backend; with it, the client stays put
+    until the timeout, after which round-robin decides again (the next backend) and binds
+    the client anew."""
     first = http_get(lab, "client-1", "10.96.0.13")
-    assert all(http_get(lab, "client-1", "10.96.0.13") == first for _ in range(10))
+    held = [http_get(lab, "client-1", "10.96.0.13") for _ in range(10)]
+    assert held == [first] * 10, "affinity holds within the timeout"
     time.sleep(3.5)  # the service's sessionAffinityTimeoutSeconds is 3
-    after = {http_get(lab, "client-1", "10.96.0.13") for _ in range(3)}
-    assert len(after) == 1, "a new affinity binds the client again"
+    after = http_get(lab, "client-1", "10.96.0.13")
+    assert after != first, "an expired affinity still binds the client"
+    again = [http_get(lab, "client-1", "10.96.0.13") for _ in range(5)]
+    assert again == [after] * 5, "a new affinity binds the client again"
 
 
 def test_no_endpoints_refuses_at_once_until_an_endpoint_appears(lab: Lab, node: Node) -> None:

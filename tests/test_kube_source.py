@@ -393,3 +393,57 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
     assert len(set(delays)) == len(delays)  # jittered
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+def test_a_watch_that_ends_at_once_backs_off_instead_of_spinning(
+    apiserver: KubeApiServer, make_source: Callable[..., tuple[KubeSource, Notes]]
+) -> None:
+    """The server ends every watch at once (timeoutSeconds 0: a clean, empty stream),
+    again and again: each such watch counts as a failure and the reflector backs off
+    (0.05 s doubling to 0.4 s here), a handful of watches per second, not a busy loop;
+    what it knows stays, and changes still arrive through the short watches."""
+    source, _ = make_source(Timeouts(connect=2, list=5, silence=5, watch_min=0, watch_max=0))
+    wait_for(lambda: source.synced)
+    wait_for(lambda: source.stats()["services"].errors >= 2)
+    watches = apiserver.count("services", watch=True)
+    time.sleep(2.0)
+    during = apiserver.count("services", watch=True) - watches
+    # Backing off: at most ~2 s / 0.2 s (the jittered cap's lower half) plus slack.
+    assert 1 <= during <= 15, f"{during} watches in 2 s"
+    assert source.stats()["services"].last_error is not None
+    assert apiserver.count("services", watch=False) == 1  # resumed each time, never relisted
+    apiserver.create("services", service("later", "10.96.0.12"))
+    wait_for(has(source, ["default/later"]))
+
+
+def test_410_gone_twice_in_a_row_relists_each_time_and_ends_consistent(
+    apiserver: KubeApiServer, make_source: Callable[..., tuple[KubeSource, Notes]]
+) -> None:
+    apiserver.create("services", service("stays", "10.96.0.1"))
+    apiserver.create("services", service("goes", "10.96.0.2"))
+    source, _ = make_source()
+    wait_for(has(source, ["default/goes", "default/stays"]))
+
+    apiserver.set_available(False)
+    apiserver.delete("services", "default", "goes")  # its delete event is compacted away
+    apiserver.create("services", service("new", "10.96.0.3"))
+    apiserver.compact()
+    apiserver.fail_requests("services", 410)  # the resumed watch, and every relist, are Gone
+    apiserver.set_available(True)
+
+    wait_for(lambda: source.stats()["services"].relists_after_gone >= 3)
+    assert names(source) == ["default/goes", "default/stays"]  # the last known state stays
+    lists = apiserver.count("services", watch=False)
+    time.sleep(1.0)
+    # Gone again right after a relist: it pauses (0.05 s doubling to 0.4 s), no busy loop.
+    assert apiserver.count("services", watch=False) - lists <= 10
+
+    apiserver.fail_requests("services", None)
+    wait_for(has(source, ["default/new", "default/stays"]))  # consistent: "goes" is gone
+    # Every Gone led to one relist (the first list aside), the last of which succeeded.
+    wait_for(lambda: source.stats()["services"].last_error is None)
+    assert apiserver.count("services", watch=False) - 1 == source.stats()["services"].relists_after_gone
+    # And the reflector watches on from the relist's version: a later change arrives.
+    apiserver.create("services", service("after", "10.96.0.4"))
+    wait_for(has(source, ["default/after", "default/new", "default/stays"]))
+    assert apiserver.count("services", watch=False) - 1 == source.stats()["services"].relists_after_gone
