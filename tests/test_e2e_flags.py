@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pykp.lab import Lab
-from pykp.lab_agent import TCP_ECHO, LabAgent, connect_error, http_get, wait_for
+from pykp.labs.lab import Lab
+from pykp.labs.lab_agent import TCP_ECHO, LabAgent, connect_error, http_get, wait_for
 from pykp.self_command import pykp_command
 
 pytestmark = pytest.mark.privileged

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pykp.lab import Lab
-from pykp.lab_agent import LabAgent, http_get, wait_for
+from pykp.labs.lab import Lab
+from pykp.labs.lab_agent import LabAgent, http_get, wait_for
 
 pytestmark = pytest.mark.privileged
 
