@@ -11,10 +11,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::conntrack::ConntrackConfig;
-use crate::datapath::{MarkLayout, NfqueueConfig, NfqueueDatapath as CoreNfqueue};
-use crate::decision::{counter_snapshot, Engine as CoreEngine, EngineConfig, Verdict};
+use crate::datapath::nfqueue::KernelQueueStats;
+use crate::datapath::nfqueue::{MarkLayout, NfqueueConfig, NfqueueDatapath as CoreNfqueue};
+use crate::engine::{counter_snapshot, Engine as CoreEngine, EngineConfig, Verdict};
 use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags, NANOS_PER_SEC};
-use crate::nfqueue::KernelQueueStats;
 use crate::policy::{HashKey, MaglevConfig, PolicyKind};
 use crate::service::{
     BackendId, BackendSpec, BatchReport, Conditions, Frontend as CoreFrontend, PoolIds,
@@ -844,13 +844,15 @@ fn queue_keeper(
     // SAFETY: the caller hands these descriptors over; nothing else closes them.
     let sockets = sockets
         .into_iter()
-        .map(|(fd, q)| (crate::nfqueue::NfqSocket::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }), q))
+        .map(|(fd, q)| {
+            (crate::datapath::nfqueue::NfqSocket::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }), q)
+        })
         .collect();
     // SAFETY: as above.
     let parent = unsafe { OwnedFd::from_raw_fd(parent) };
     // SAFETY: as above.
     let heartbeat = heartbeat.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-    py.detach(move || crate::nfqueue::keep_queues(sockets, parent, heartbeat, max_len));
+    py.detach(move || crate::datapath::nfqueue::keep_queues(sockets, parent, heartbeat, max_len));
 }
 
 /// `pykp-loadgen ARGS...` (`pykp bench`'s load generator) in this process, GIL released:

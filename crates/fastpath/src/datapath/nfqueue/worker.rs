@@ -47,10 +47,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::msg::{
+use super::codec::{
     self, put_config, put_verdict, put_verdict_batch, CfgCmd, CfgFlags, ConfigRequest, CopyParams,
-    Message, Verdict, NFQA_CFG_F_CONNTRACK, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO,
+    Message, Verdict,
 };
+use super::consts::{self, NFQA_CFG_F_CONNTRACK, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO};
 use super::sys::{is_enobufs, read_proc_queue_stats, NfqSocket, RecvBatch};
 
 /// What the callback decided for one packet.
@@ -158,7 +159,7 @@ impl QueueConfig {
     /// Receive slot size: the copy range plus room for the netlink header and every
     /// metadata attribute the kernel may add.
     pub fn slot_size(&self) -> usize {
-        msg::align4(self.copy_range.min(msg::NFQNL_MAX_COPY_RANGE) as usize) + 1024
+        consts::align4(self.copy_range.min(consts::NFQNL_MAX_COPY_RANGE) as usize) + 1024
     }
 }
 
@@ -282,7 +283,7 @@ impl VerdictBatcher {
     pub(crate) fn new(coalesce: bool, capacity: usize) -> VerdictBatcher {
         VerdictBatcher {
             coalesce,
-            buf: Vec::with_capacity(capacity * msg::VERDICT_MSG_MAX_LEN),
+            buf: Vec::with_capacity(capacity * consts::VERDICT_MSG_MAX_LEN),
             run: None,
             verdicts: 0,
         }
@@ -345,12 +346,12 @@ pub(crate) fn handle_datagram(
     out: &mut VerdictBatcher,
     stats: &mut WorkerStats,
     await_seq: Option<u32>,
-) -> Option<msg::Ack> {
+) -> Option<codec::Ack> {
     let mut awaited = None;
     if truncated {
         stats.errors += 1;
     }
-    for m in msg::messages(datagram) {
+    for m in codec::messages(datagram) {
         match m {
             Ok(Message::Packet(p)) => {
                 stats.packets += 1;
@@ -503,7 +504,7 @@ impl Worker {
 
     /// One receive batch: decide, send verdicts, publish counters. Returns the ack for
     /// `await_seq` if seen. Timeouts and interrupts are `Ok(None)`.
-    fn poll(&mut self, await_seq: Option<u32>) -> io::Result<Option<msg::Ack>> {
+    fn poll(&mut self, await_seq: Option<u32>) -> io::Result<Option<codec::Ack>> {
         let mut st = WorkerStats::default();
         let mut awaited = None;
         let res = match self.sock.recv_batch(&mut self.rx) {
@@ -854,7 +855,8 @@ impl Drop for QueueWorkers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nfqueue::msg::{put_packet, Packet, VerdictMsg, NF_ACCEPT, NF_DROP, NLMSG_ERROR};
+    use crate::datapath::nfqueue::codec::{put_packet, Packet, VerdictMsg};
+    use crate::datapath::nfqueue::consts::{NF_ACCEPT, NF_DROP, NLMSG_ERROR};
 
     fn pkt(queue: u16, id: u32, payload: &[u8]) -> Packet<'_> {
         Packet {
@@ -876,7 +878,7 @@ mod tests {
     }
 
     fn verdicts(buf: &[u8]) -> Vec<VerdictMsg> {
-        msg::messages(buf)
+        codec::messages(buf)
             .map(|m| match m.unwrap() {
                 Message::Verdict(v) => v,
                 o => panic!("{o:?}"),
