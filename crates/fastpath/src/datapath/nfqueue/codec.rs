@@ -22,6 +22,31 @@
 //! The parser never panics: malformed input yields a [`ParseError`]. A malformed netlink
 //! *header* ends iteration over the buffer (the next message cannot be located); a
 //! malformed message *body* yields an error for that message and iteration goes on.
+//!
+//! # Example
+//!
+//! A queued packet as the kernel sends it, parsed; then its verdict (accept, with a mark
+//! naming backend 1 in the upper 16 bits), built and read back:
+//!
+//! ```
+//! use fastpath::datapath::nfqueue::codec::{messages, put_packet, put_verdict, Message, Packet, Verdict};
+//! use fastpath::datapath::nfqueue::consts::NF_ACCEPT;
+//!
+//! let queued = Packet {
+//!     queue: 3, family: 2, id: 42, hw_protocol: 0x0800, hook: 1, payload: &[0x45, 0, 0, 20],
+//!     mark: None, skb_info: 0, cap_len: None, indev: None, outdev: None, ct_info: None,
+//!     uid: None, gid: None,
+//! };
+//! let mut from_kernel = Vec::new();
+//! put_packet(&mut from_kernel, &queued);
+//! let Some(Ok(Message::Packet(p))) = messages(&from_kernel).next() else { panic!() };
+//! assert_eq!((p.queue, p.id, p.payload), (3, 42, &[0x45, 0, 0, 20][..]));
+//!
+//! let mut to_kernel = Vec::new();
+//! assert_eq!(put_verdict(&mut to_kernel, p.queue, p.id, Verdict::Accept, Some(1 << 16)), 40);
+//! let Some(Ok(Message::Verdict(v))) = messages(&to_kernel).next() else { panic!() };
+//! assert_eq!((v.queue, v.id, v.verdict, v.mark), (3, 42, NF_ACCEPT, Some(1 << 16)));
+//! ```
 
 use super::consts::*;
 pub use super::netlink::ParseError;
