@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use fastpath::conntrack::{Binding, ConnTable, ConntrackConfig};
-use fastpath::decision::{Engine, EngineConfig};
+use fastpath::engine::{Engine, EngineConfig};
 use fastpath::policy::{HashKey, Maglev, MaglevConfig, PolicyKind};
 use fastpath::service::{
     Backend, BackendHandle, BackendId, BackendSpec, Conditions, Frontend, ServiceId, ServiceSpec,

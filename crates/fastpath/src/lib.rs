@@ -4,18 +4,17 @@
 //! - [`service`]: the service table (frontends -> service -> backends), lock-free reads.
 //! - [`policy`]: backend selection (random, round-robin, Maglev, least-connections).
 //! - [`conntrack`]: the connection table and session affinity.
-//! - [`decision`]: the one entry point every datapath calls for every packet it sees.
+//! - [`engine`]: the one entry point every datapath calls for every packet it sees.
+//! - [`datapath`]: how packets reach the engine (NFQUEUE today), Linux only.
 //!
 //! The PyO3 bindings live in `bindings` behind the `python` feature.
 
 pub mod conntrack;
 #[cfg(target_os = "linux")]
 pub mod datapath;
-pub mod decision;
+pub mod engine;
 pub mod flow;
 pub mod hash;
-#[cfg(target_os = "linux")]
-pub mod nfqueue;
 pub mod policy;
 pub mod service;
 pub mod wire;

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fastpath::nfqueue::{DecisionFn, KernelQueueStats, QueueConfig, QueueVerdict, QueueWorkers};
+use fastpath::datapath::nfqueue::{
+    DecisionFn, KernelQueueStats, QueueConfig, QueueVerdict, QueueWorkers,
+};
 
 const MARK: u32 = 0x10000;
 

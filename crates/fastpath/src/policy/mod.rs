@@ -175,6 +175,21 @@ pub(crate) mod testutil {
             .sum()
     }
 
+    /// Chi-square statistic of the transitions `picks[i] -> picks[i + 1]` among `n` choices
+    /// against independence (every one of the n x n transitions equally likely; n^2 - 1
+    /// degrees of freedom). A fixed cycle such as round-robin is uniform in its picks but
+    /// uses n of the n^2 transitions only: this tells them apart.
+    pub fn transition_chi_square(picks: &[usize], n: usize) -> f64 {
+        let mut counts = vec![0u64; n * n];
+        for w in picks.windows(2) {
+            counts[w[0] * n + w[1]] += 1;
+        }
+        chi_square(&counts, &vec![1.0 / (n * n) as f64; n * n])
+    }
+
+    /// The 0.999 quantile of chi-square with 24 degrees of freedom (5 x 5 transitions).
+    pub const CHI2_24_P999: f64 = 51.18;
+
     /// splitmix64 stream: the tests' seeded entropy.
     pub fn entropy_stream(seed: u64) -> impl FnMut() -> u64 {
         let mut s = seed;

@@ -87,6 +87,28 @@ mod tests {
     }
 
     #[test]
+    fn successive_picks_are_independent() {
+        // Uniform picks are not enough: round-robin's are too. Each pick must not depend
+        // on the previous one, so all 25 transitions of 5 backends are about equally
+        // frequent. Seeded: deterministic.
+        let pool = pool(&[1, 1, 1, 1, 1]);
+        let draws = |p: &dyn Policy| {
+            let mut next = entropy_stream(3);
+            (0..50_000u32)
+                .map(|i| {
+                    let f = flow(i);
+                    p.select(&pool, &SelectInput { flow: &f, entropy: next(), now: 0 }).unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        let chi = transition_chi_square(&draws(&Random::new(&pool)), 5);
+        assert!(chi < CHI2_24_P999, "transitions chi2 {chi}");
+        // The same test catches a fixed cycle, which the uniformity test above passes.
+        let cycle = draws(&crate::policy::RoundRobin::new(&pool));
+        assert!(transition_chi_square(&cycle, 5) > 1000.0 * CHI2_24_P999);
+    }
+
+    #[test]
     fn empty_pool_selects_nothing() {
         let f = flow(0);
         let p = Random::new(&[]);

@@ -8,6 +8,38 @@
 //!
 //! Checksums are assumed complete (not the pseudo-header-only `CHECKSUM_PARTIAL` form an
 //! offloading NIC driver may hand over).
+//!
+//! # Example
+//!
+//! A TCP SYN from 10.0.0.1:40000 to 10.96.0.10:80, read through the views, then summarised
+//! by [`parse`] into what the engine decides on:
+//!
+//! ```
+//! use std::net::Ipv4Addr;
+//! use fastpath::wire::{self, Ipv4Packet, TcpPacket};
+//! use fastpath::{FlowKey, Protocol};
+//!
+//! let bytes = [
+//!     0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, // IPv4, 40 bytes, DF, TTL 64, TCP
+//!     10, 0, 0, 1, 10, 96, 0, 10, // source, destination
+//!     0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, // ports 40000 -> 80, seq 1, ack 0
+//!     0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0, // 20-byte header, SYN, window
+//! ];
+//! let ip = Ipv4Packet::new_checked(&bytes[..]).unwrap();
+//! assert_eq!((ip.src_addr(), ip.dst_addr()), (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 96, 0, 10)));
+//! assert_eq!((ip.header_len(), ip.protocol()), (20, 6));
+//! let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+//! assert_eq!((tcp.src_port(), tcp.dst_port()), (40000, 80));
+//! assert!(tcp.flags().syn() && !tcp.flags().ack());
+//!
+//! let info = wire::parse(&bytes).unwrap();
+//! let key = FlowKey::new(Protocol::Tcp, [10, 0, 0, 1].into(), 40000, [10, 96, 0, 10].into(), 80);
+//! assert_eq!(info.key, key);
+//! assert_eq!(info.tcp_flags, Some(tcp.flags()));
+//! assert_eq!(info.l4_offset, 20);
+//! // Cut short, the same bytes are a typed error, never a panic.
+//! assert!(wire::parse(&bytes[..30]).is_err());
+//! ```
 
 pub mod build;
 pub mod checksum;

@@ -593,4 +593,24 @@ mod tests {
         assert_eq!(report.removed, ["default/dns:udp"]);
         assert!(e.commit(e.stage(&[], &[])).is_ok());
     }
+
+    #[test]
+    fn the_random_policy_picks_each_new_flow_independently_of_the_last() {
+        // Through the engine's own entropy (seeded): successive new flows' backends are
+        // not a function of the previous one (round-robin's would be).
+        use crate::policy::testutil::{transition_chi_square, CHI2_24_P999};
+        let e = engine();
+        e.upsert_service(&spec(Protocol::Tcp, &[1, 2, 3, 4, 5], PolicyKind::Random)).unwrap();
+        let picks: Vec<usize> = (0..40_000u32)
+            .map(|i| {
+                let f = flow(Protocol::Tcp, 1 + (i / 20_000) as u8, 1024 + (i % 20_000) as u16);
+                match backend_of(&e.decide_flow(&f, SYN, SEC)).ip() {
+                    IpAddr::V4(ip) => usize::from(ip.octets()[3] - 1), // 10.244.0.1..=5
+                    IpAddr::V6(_) => unreachable!(),
+                }
+            })
+            .collect();
+        let chi = transition_chi_square(&picks, 5);
+        assert!(chi < CHI2_24_P999, "transitions chi2 {chi}");
+    }
 }

@@ -1,4 +1,5 @@
-//! A sans-I/O codec for nfnetlink_queue messages over netlink.
+//! A sans-I/O codec for nfnetlink_queue messages: building and parsing NFQUEUE config,
+//! packet and verdict messages on top of the [netlink framing](super::netlink).
 //!
 //! Nothing here does I/O or calls libc: encoders append complete netlink messages to a
 //! caller-owned `Vec<u8>` (reuse it with `clear()` and steady state allocates nothing),
@@ -21,378 +22,35 @@
 //! The parser never panics: malformed input yields a [`ParseError`]. A malformed netlink
 //! *header* ends iteration over the buffer (the next message cannot be located); a
 //! malformed message *body* yields an error for that message and iteration goes on.
+//!
+//! # Example
+//!
+//! A queued packet as the kernel sends it, parsed; then its verdict (accept, with a mark
+//! naming backend 1 in the upper 16 bits), built and read back:
+//!
+//! ```
+//! use fastpath::datapath::nfqueue::codec::{messages, put_packet, put_verdict, Message, Packet, Verdict};
+//! use fastpath::datapath::nfqueue::consts::NF_ACCEPT;
+//!
+//! let queued = Packet {
+//!     queue: 3, family: 2, id: 42, hw_protocol: 0x0800, hook: 1, payload: &[0x45, 0, 0, 20],
+//!     mark: None, skb_info: 0, cap_len: None, indev: None, outdev: None, ct_info: None,
+//!     uid: None, gid: None,
+//! };
+//! let mut from_kernel = Vec::new();
+//! put_packet(&mut from_kernel, &queued);
+//! let Some(Ok(Message::Packet(p))) = messages(&from_kernel).next() else { panic!() };
+//! assert_eq!((p.queue, p.id, p.payload), (3, 42, &[0x45, 0, 0, 20][..]));
+//!
+//! let mut to_kernel = Vec::new();
+//! assert_eq!(put_verdict(&mut to_kernel, p.queue, p.id, Verdict::Accept, Some(1 << 16)), 40);
+//! let Some(Ok(Message::Verdict(v))) = messages(&to_kernel).next() else { panic!() };
+//! assert_eq!((v.queue, v.id, v.verdict, v.mark), (3, 42, NF_ACCEPT, Some(1 << 16)));
+//! ```
 
-use core::fmt;
-
-// ---------------------------------------------------------------------------------------
-// linux/netlink.h
-// ---------------------------------------------------------------------------------------
-
-/// `NLMSG_HDRLEN`: size of `struct nlmsghdr`.
-pub const NLMSG_HDRLEN: usize = 16;
-/// `NLA_HDRLEN`: size of `struct nlattr`.
-pub const NLA_HDRLEN: usize = 4;
-/// `NLMSG_NOOP`.
-pub const NLMSG_NOOP: u16 = 0x1;
-/// `NLMSG_ERROR`: an error, or an ack when the error code is 0.
-pub const NLMSG_ERROR: u16 = 0x2;
-/// `NLMSG_DONE`: end of a multipart message.
-pub const NLMSG_DONE: u16 = 0x3;
-/// `NLMSG_OVERRUN`.
-pub const NLMSG_OVERRUN: u16 = 0x4;
-/// `NLM_F_REQUEST`: must be set on every message to the kernel.
-pub const NLM_F_REQUEST: u16 = 0x01;
-/// `NLM_F_MULTI`.
-pub const NLM_F_MULTI: u16 = 0x02;
-/// `NLM_F_ACK`: ask for an `NLMSG_ERROR` with code 0 on success.
-pub const NLM_F_ACK: u16 = 0x04;
-/// `NLA_F_NESTED`.
-pub const NLA_F_NESTED: u16 = 1 << 15;
-/// `NLA_F_NET_BYTEORDER`.
-pub const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
-/// `NLA_TYPE_MASK`.
-pub const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
-
-// ---------------------------------------------------------------------------------------
-// linux/netfilter/nfnetlink.h
-// ---------------------------------------------------------------------------------------
-
-/// Size of `struct nfgenmsg`.
-pub const NFGENMSG_LEN: usize = 4;
-/// `NFNETLINK_V0`.
-pub const NFNETLINK_V0: u8 = 0;
-/// `NFNL_SUBSYS_QUEUE`.
-pub const NFNL_SUBSYS_QUEUE: u8 = 3;
-/// `AF_UNSPEC` (the family of configuration and verdict messages).
-pub const AF_UNSPEC: u8 = 0;
-
-// ---------------------------------------------------------------------------------------
-// linux/netfilter/nfnetlink_queue.h
-// ---------------------------------------------------------------------------------------
-
-/// `NFQNL_MSG_PACKET`: packet from kernel to user space.
-pub const NFQNL_MSG_PACKET: u8 = 0;
-/// `NFQNL_MSG_VERDICT`: verdict for one packet id.
-pub const NFQNL_MSG_VERDICT: u8 = 1;
-/// `NFQNL_MSG_CONFIG`: bind / unbind / configure a queue.
-pub const NFQNL_MSG_CONFIG: u8 = 2;
-/// `NFQNL_MSG_VERDICT_BATCH`: one verdict for every queued id `<=` the given id.
-pub const NFQNL_MSG_VERDICT_BATCH: u8 = 3;
-
-/// `NFQA_PACKET_HDR` (`struct nfqnl_msg_packet_hdr`, 7 bytes packed).
-pub const NFQA_PACKET_HDR: u16 = 1;
-/// `NFQA_VERDICT_HDR` (`struct nfqnl_msg_verdict_hdr`, 8 bytes).
-pub const NFQA_VERDICT_HDR: u16 = 2;
-/// `NFQA_MARK` (be32 skb->mark).
-pub const NFQA_MARK: u16 = 3;
-/// `NFQA_TIMESTAMP`.
-pub const NFQA_TIMESTAMP: u16 = 4;
-/// `NFQA_IFINDEX_INDEV` (be32).
-pub const NFQA_IFINDEX_INDEV: u16 = 5;
-/// `NFQA_IFINDEX_OUTDEV` (be32).
-pub const NFQA_IFINDEX_OUTDEV: u16 = 6;
-/// `NFQA_IFINDEX_PHYSINDEV` (be32).
-pub const NFQA_IFINDEX_PHYSINDEV: u16 = 7;
-/// `NFQA_IFINDEX_PHYSOUTDEV` (be32).
-pub const NFQA_IFINDEX_PHYSOUTDEV: u16 = 8;
-/// `NFQA_HWADDR`.
-pub const NFQA_HWADDR: u16 = 9;
-/// `NFQA_PAYLOAD`: the packet from its network header on, up to the copy range.
-pub const NFQA_PAYLOAD: u16 = 10;
-/// `NFQA_CT` (nested, only with `NFQA_CFG_F_CONNTRACK`).
-pub const NFQA_CT: u16 = 11;
-/// `NFQA_CT_INFO` (be32 `enum ip_conntrack_info`).
-pub const NFQA_CT_INFO: u16 = 12;
-/// `NFQA_CAP_LEN` (be32 full packet length, sent when the payload was cut).
-pub const NFQA_CAP_LEN: u16 = 13;
-/// `NFQA_SKB_INFO` (be32 `NFQA_SKB_*` flags).
-pub const NFQA_SKB_INFO: u16 = 14;
-/// `NFQA_EXP`.
-pub const NFQA_EXP: u16 = 15;
-/// `NFQA_UID` (be32).
-pub const NFQA_UID: u16 = 16;
-/// `NFQA_GID` (be32).
-pub const NFQA_GID: u16 = 17;
-/// `NFQA_SECCTX`.
-pub const NFQA_SECCTX: u16 = 18;
-/// `NFQA_VLAN` (nested).
-pub const NFQA_VLAN: u16 = 19;
-/// `NFQA_L2HDR`.
-pub const NFQA_L2HDR: u16 = 20;
-/// `NFQA_PRIORITY`.
-pub const NFQA_PRIORITY: u16 = 21;
-
-/// `NFQA_CFG_CMD` (`struct nfqnl_msg_config_cmd`, 4 bytes).
-pub const NFQA_CFG_CMD: u16 = 1;
-/// `NFQA_CFG_PARAMS` (`struct nfqnl_msg_config_params`, 5 bytes packed).
-pub const NFQA_CFG_PARAMS: u16 = 2;
-/// `NFQA_CFG_QUEUE_MAXLEN` (be32).
-pub const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
-/// `NFQA_CFG_MASK` (be32): which flags `NFQA_CFG_FLAGS` changes.
-pub const NFQA_CFG_MASK: u16 = 4;
-/// `NFQA_CFG_FLAGS` (be32).
-pub const NFQA_CFG_FLAGS: u16 = 5;
-
-/// `NFQNL_CFG_CMD_BIND`.
-pub const NFQNL_CFG_CMD_BIND: u8 = 1;
-/// `NFQNL_CFG_CMD_UNBIND`.
-pub const NFQNL_CFG_CMD_UNBIND: u8 = 2;
-
-/// `NFQNL_COPY_NONE`.
-pub const NFQNL_COPY_NONE: u8 = 0;
-/// `NFQNL_COPY_META`.
-pub const NFQNL_COPY_META: u8 = 1;
-/// `NFQNL_COPY_PACKET`.
-pub const NFQNL_COPY_PACKET: u8 = 2;
-/// `NFQNL_MAX_COPY_RANGE` (`0xffff - NLA_HDRLEN`); the kernel clamps larger ranges and 0.
-pub const NFQNL_MAX_COPY_RANGE: u32 = 0xffff - NLA_HDRLEN as u32;
-
-/// `NFQA_CFG_F_FAIL_OPEN`: accept instead of drop when the queue is full.
-pub const NFQA_CFG_F_FAIL_OPEN: u32 = 1 << 0;
-/// `NFQA_CFG_F_CONNTRACK`: attach conntrack info (`NFQA_CT`, `NFQA_CT_INFO`).
-pub const NFQA_CFG_F_CONNTRACK: u32 = 1 << 1;
-/// `NFQA_CFG_F_GSO`: hand GSO packets over unsegmented.
-pub const NFQA_CFG_F_GSO: u32 = 1 << 2;
-/// `NFQA_CFG_F_UID_GID`.
-pub const NFQA_CFG_F_UID_GID: u32 = 1 << 3;
-/// `NFQA_CFG_F_SECCTX`.
-pub const NFQA_CFG_F_SECCTX: u32 = 1 << 4;
-
-/// `NFQA_SKB_CSUMNOTREADY`: checksums look wrong but will be filled in (offload).
-pub const NFQA_SKB_CSUMNOTREADY: u32 = 1 << 0;
-/// `NFQA_SKB_GSO`: the packet is a GSO super-packet (longer than the MTU).
-pub const NFQA_SKB_GSO: u32 = 1 << 1;
-/// `NFQA_SKB_CSUM_NOTVERIFIED`.
-pub const NFQA_SKB_CSUM_NOTVERIFIED: u32 = 1 << 2;
-
-/// `NF_DROP`.
-pub const NF_DROP: u32 = 0;
-/// `NF_ACCEPT`.
-pub const NF_ACCEPT: u32 = 1;
-/// `NF_REPEAT`.
-pub const NF_REPEAT: u32 = 4;
-
-/// Size of one encoded `NFQNL_MSG_VERDICT` with a mark (the largest verdict message).
-pub const VERDICT_MSG_MAX_LEN: usize =
-    NLMSG_HDRLEN + NFGENMSG_LEN + NLA_HDRLEN + 8 + NLA_HDRLEN + 4;
-
-/// `(NFNL_SUBSYS_QUEUE << 8) | msg`.
-#[inline]
-pub const fn nfq_msg_type(msg: u8) -> u16 {
-    ((NFNL_SUBSYS_QUEUE as u16) << 8) | msg as u16
-}
-
-/// `NLMSG_ALIGN` / `NLA_ALIGN`: round up to 4.
-#[inline]
-pub const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-// ---------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------
-
-/// What was wrong with a netlink buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ParseError {
-    /// Fewer bytes than a fixed header needs (`what`: which header).
-    Truncated {
-        /// Which structure was cut.
-        what: &'static str,
-        /// Bytes it needs.
-        needed: usize,
-        /// Bytes there were.
-        have: usize,
-    },
-    /// `nlmsg_len` shorter than the header or longer than the bytes left.
-    BadMessageLength {
-        /// The `nlmsg_len` read.
-        len: u32,
-        /// Bytes left in the buffer.
-        have: usize,
-    },
-    /// `nla_len` shorter than the attribute header or longer than the bytes left.
-    BadAttributeLength {
-        /// The `nla_len` read.
-        len: u16,
-        /// Bytes left in the attribute area.
-        have: usize,
-    },
-    /// An attribute's payload is too short for its type.
-    AttributeTooShort {
-        /// The attribute type.
-        attr: u16,
-        /// Payload bytes it needs.
-        needed: usize,
-        /// Payload bytes it had.
-        have: usize,
-    },
-    /// A message lacks an attribute it cannot do without (e.g. `NFQA_PACKET_HDR`).
-    MissingAttribute {
-        /// The attribute type.
-        attr: u16,
-    },
-}
-
-impl fmt::Display for ParseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ParseError::Truncated { what, needed, have } => {
-                write!(f, "truncated {what}: need {needed} bytes, have {have}")
-            }
-            ParseError::BadMessageLength { len, have } => {
-                write!(f, "bad nlmsg_len {len} ({have} bytes left)")
-            }
-            ParseError::BadAttributeLength { len, have } => {
-                write!(f, "bad nla_len {len} ({have} bytes left)")
-            }
-            ParseError::AttributeTooShort { attr, needed, have } => {
-                write!(f, "attribute {attr} too short: need {needed} bytes, have {have}")
-            }
-            ParseError::MissingAttribute { attr } => write!(f, "missing attribute {attr}"),
-        }
-    }
-}
-
-impl std::error::Error for ParseError {}
-
-// ---------------------------------------------------------------------------------------
-// Little readers (safe, no alignment needed)
-// ---------------------------------------------------------------------------------------
-
-#[inline]
-fn ne16(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-#[inline]
-fn ne32(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-#[inline]
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-#[inline]
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-// ---------------------------------------------------------------------------------------
-// Netlink header
-// ---------------------------------------------------------------------------------------
-
-/// A decoded `struct nlmsghdr`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NlHeader {
-    /// `nlmsg_len`: header plus body, without the trailing alignment padding.
-    pub len: u32,
-    /// `nlmsg_type`.
-    pub msg_type: u16,
-    /// `nlmsg_flags`.
-    pub flags: u16,
-    /// `nlmsg_seq`.
-    pub seq: u32,
-    /// `nlmsg_pid`.
-    pub pid: u32,
-}
-
-impl NlHeader {
-    /// Decode the first 16 bytes of `buf` (no length validation against `buf`).
-    pub fn parse(buf: &[u8]) -> Result<NlHeader, ParseError> {
-        if buf.len() < NLMSG_HDRLEN {
-            return Err(ParseError::Truncated {
-                what: "nlmsghdr",
-                needed: NLMSG_HDRLEN,
-                have: buf.len(),
-            });
-        }
-        Ok(NlHeader {
-            len: ne32(buf, 0),
-            msg_type: ne16(buf, 4),
-            flags: ne16(buf, 6),
-            seq: ne32(buf, 8),
-            pid: ne32(buf, 12),
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Attributes
-// ---------------------------------------------------------------------------------------
-
-/// One netlink attribute, borrowed from the buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Attr<'a> {
-    /// Type with `NLA_F_NESTED` / `NLA_F_NET_BYTEORDER` masked off.
-    pub kind: u16,
-    /// `NLA_F_NESTED` was set.
-    pub nested: bool,
-    /// The payload (without header or padding).
-    pub data: &'a [u8],
-}
-
-impl<'a> Attr<'a> {
-    /// The payload as a big-endian u32 (extra bytes are ignored).
-    pub fn be32(&self) -> Result<u32, ParseError> {
-        self.need(4)?;
-        Ok(be32(self.data, 0))
-    }
-
-    /// The attributes nested inside this one.
-    pub fn nested_attrs(&self) -> Attrs<'a> {
-        Attrs::new(self.data)
-    }
-
-    fn need(&self, n: usize) -> Result<(), ParseError> {
-        if self.data.len() < n {
-            Err(ParseError::AttributeTooShort { attr: self.kind, needed: n, have: self.data.len() })
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Iterator over the attributes of an attribute area (`NLA_ALIGN`ed, 4 bytes).
-///
-/// Fewer than `NLA_HDRLEN` trailing bytes are taken as padding and ignored; an attribute
-/// whose length is impossible yields one error and ends the iteration.
-#[derive(Clone, Debug)]
-pub struct Attrs<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Attrs<'a> {
-    /// Walk the attributes in `buf`.
-    pub fn new(buf: &'a [u8]) -> Attrs<'a> {
-        Attrs { buf }
-    }
-}
-
-impl<'a> Iterator for Attrs<'a> {
-    type Item = Result<Attr<'a>, ParseError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let buf = self.buf;
-        if buf.len() < NLA_HDRLEN {
-            self.buf = &[];
-            return None;
-        }
-        let len = ne16(buf, 0);
-        let raw_type = ne16(buf, 2);
-        let l = len as usize;
-        if l < NLA_HDRLEN || l > buf.len() {
-            self.buf = &[];
-            return Some(Err(ParseError::BadAttributeLength { len, have: buf.len() }));
-        }
-        let next = align4(l).min(buf.len());
-        self.buf = &buf[next..];
-        Some(Ok(Attr {
-            kind: raw_type & NLA_TYPE_MASK,
-            nested: raw_type & NLA_F_NESTED != 0,
-            data: &buf[NLA_HDRLEN..l],
-        }))
-    }
-}
+use super::consts::*;
+pub use super::netlink::ParseError;
+use super::netlink::{be16, be32, finish_msg, ne16, ne32, put_attr, Attrs, NlHeader};
 
 // ---------------------------------------------------------------------------------------
 // Decoded messages
@@ -784,20 +442,6 @@ fn start_msg(buf: &mut Vec<u8>, msg: u8, flags: u16, seq: u32, queue: u16) -> us
     buf.extend_from_slice(&[AF_UNSPEC, NFNETLINK_V0]);
     buf.extend_from_slice(&queue.to_be_bytes());
     start
-}
-
-fn finish_msg(buf: &mut [u8], start: usize) {
-    let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-}
-
-fn put_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    let len = (NLA_HDRLEN + data.len()) as u16;
-    buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(data);
-    let pad = align4(data.len()) - data.len();
-    buf.extend_from_slice(&[0u8; 3][..pad]);
 }
 
 /// Append an `NFQNL_MSG_CONFIG` for `queue`. With `ack`, the kernel answers with an

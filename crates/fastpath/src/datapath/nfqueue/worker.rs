@@ -47,10 +47,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::msg::{
+use super::codec::{
     self, put_config, put_verdict, put_verdict_batch, CfgCmd, CfgFlags, ConfigRequest, CopyParams,
-    Message, Verdict, NFQA_CFG_F_CONNTRACK, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO,
+    Message, Verdict,
 };
+use super::consts::{self, NFQA_CFG_F_CONNTRACK, NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO};
 use super::sys::{is_enobufs, read_proc_queue_stats, NfqSocket, RecvBatch};
 
 /// What the callback decided for one packet.
@@ -158,7 +159,7 @@ impl QueueConfig {
     /// Receive slot size: the copy range plus room for the netlink header and every
     /// metadata attribute the kernel may add.
     pub fn slot_size(&self) -> usize {
-        msg::align4(self.copy_range.min(msg::NFQNL_MAX_COPY_RANGE) as usize) + 1024
+        consts::align4(self.copy_range.min(consts::NFQNL_MAX_COPY_RANGE) as usize) + 1024
     }
 }
 
@@ -282,7 +283,7 @@ impl VerdictBatcher {
     pub(crate) fn new(coalesce: bool, capacity: usize) -> VerdictBatcher {
         VerdictBatcher {
             coalesce,
-            buf: Vec::with_capacity(capacity * msg::VERDICT_MSG_MAX_LEN),
+            buf: Vec::with_capacity(capacity * consts::VERDICT_MSG_MAX_LEN),
             run: None,
             verdicts: 0,
         }
@@ -345,12 +346,12 @@ pub(crate) fn handle_datagram(
     out: &mut VerdictBatcher,
     stats: &mut WorkerStats,
     await_seq: Option<u32>,
-) -> Option<msg::Ack> {
+) -> Option<codec::Ack> {
     let mut awaited = None;
     if truncated {
         stats.errors += 1;
     }
-    for m in msg::messages(datagram) {
+    for m in codec::messages(datagram) {
         match m {
             Ok(Message::Packet(p)) => {
                 stats.packets += 1;
@@ -462,8 +463,13 @@ impl Worker {
         sock.set_no_enobufs(!cfg.report_enobufs)?;
         let _ = sock.set_cap_ack(true); // smaller error messages; optional
         sock.set_recv_timeout(cfg.recv_timeout)?;
+        Ok(Worker::on_socket(cfg, queue, sock, decide))
+    }
+
+    /// A worker reading `sock` as it is (bound or not).
+    fn on_socket(cfg: &QueueConfig, queue: u16, sock: NfqSocket, decide: DecisionFn) -> Worker {
         let batch = cfg.batch_size.max(1);
-        Ok(Worker {
+        Worker {
             queue,
             sock,
             rx: RecvBatch::new(batch, cfg.slot_size()),
@@ -472,7 +478,7 @@ impl Worker {
             fail_open: cfg.fail_open,
             counters: Arc::new(WorkerCounters::default()),
             seq: 0,
-        })
+        }
     }
 
     /// Send a config request with an ack and wait for the answer, handling any packets
@@ -503,7 +509,7 @@ impl Worker {
 
     /// One receive batch: decide, send verdicts, publish counters. Returns the ack for
     /// `await_seq` if seen. Timeouts and interrupts are `Ok(None)`.
-    fn poll(&mut self, await_seq: Option<u32>) -> io::Result<Option<msg::Ack>> {
+    fn poll(&mut self, await_seq: Option<u32>) -> io::Result<Option<codec::Ack>> {
         let mut st = WorkerStats::default();
         let mut awaited = None;
         let res = match self.sock.recv_batch(&mut self.rx) {
@@ -528,25 +534,16 @@ impl Worker {
                 let bytes = self.out.finish();
                 if !bytes.is_empty() {
                     st.sends += 1;
+                    // A failed send leaves the batch's packets queued: the kernel holds
+                    // them until the queue is unbound or handed over. Counted; the next
+                    // batch goes on.
                     if self.sock.send(bytes).is_err() {
                         st.errors += 1;
                     }
                 }
                 Ok(awaited)
             }
-            Err(e)
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
-            {
-                Ok(None)
-            }
-            Err(e) if is_enobufs(&e) => {
-                st.enobufs += 1;
-                Ok(None)
-            }
-            Err(e) => {
-                st.errors += 1;
-                Err(e)
-            }
+            Err(e) => recv_failed(e, &mut st).map(|()| None),
         };
         self.counters.publish(&st);
         res
@@ -583,6 +580,23 @@ impl Worker {
         );
         let _ = self.sock.send(&buf);
         // Dropping the socket unbinds too (nothing waits any more: handed over above).
+    }
+}
+
+/// What a failed receive means. A timeout or an interrupt is nothing. `ENOBUFS` means the
+/// socket overran and the kernel dropped packets (reported only with
+/// [`QueueConfig::report_enobufs`]): counted, and reading goes on at once, since the
+/// socket is fine and falling further behind would overrun it again. Anything else is
+/// counted and returned: the caller backs off instead of spinning on a broken socket.
+fn recv_failed(e: io::Error, st: &mut WorkerStats) -> io::Result<()> {
+    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+        Ok(())
+    } else if is_enobufs(&e) {
+        st.enobufs += 1;
+        Ok(())
+    } else {
+        st.errors += 1;
+        Err(e)
     }
 }
 
@@ -854,7 +868,8 @@ impl Drop for QueueWorkers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nfqueue::msg::{put_packet, Packet, VerdictMsg, NF_ACCEPT, NF_DROP, NLMSG_ERROR};
+    use crate::datapath::nfqueue::codec::{put_packet, Packet, VerdictMsg};
+    use crate::datapath::nfqueue::consts::{NF_ACCEPT, NF_DROP, NLMSG_ERROR};
 
     fn pkt(queue: u16, id: u32, payload: &[u8]) -> Packet<'_> {
         Packet {
@@ -876,7 +891,7 @@ mod tests {
     }
 
     fn verdicts(buf: &[u8]) -> Vec<VerdictMsg> {
-        msg::messages(buf)
+        codec::messages(buf)
             .map(|m| match m.unwrap() {
                 Message::Verdict(v) => v,
                 o => panic!("{o:?}"),
@@ -1039,5 +1054,54 @@ mod tests {
         let s = c.snapshot(4);
         assert_eq!((s.queue, s.packets, s.verdicts, s.errors, s.batches), (4, 5, 3, 1, 1));
         assert_eq!(s.add(&s).packets, 10);
+    }
+
+    #[test]
+    fn an_overrun_is_counted_and_reading_goes_on() {
+        let mut st = WorkerStats::default();
+        let enobufs = io::Error::from_raw_os_error(libc::ENOBUFS);
+        assert!(recv_failed(enobufs, &mut st).is_ok(), "an overrun does not stop the reader");
+        assert_eq!((st.enobufs, st.errors), (1, 0));
+        let timeout = io::Error::from_raw_os_error(libc::EAGAIN);
+        assert!(recv_failed(timeout, &mut st).is_ok());
+        assert_eq!((st.enobufs, st.errors), (1, 0), "a timeout is not counted");
+        let broken = io::Error::from_raw_os_error(libc::EBADF);
+        assert!(recv_failed(broken, &mut st).is_err(), "the reader backs off");
+        assert_eq!((st.enobufs, st.errors), (1, 1));
+    }
+
+    /// A worker on one end of a datagram socket pair (a real socket: `recvmmsg` and
+    /// `send` as on a netlink one), the other end returned to play the kernel.
+    fn worker_on_socketpair() -> (Worker, std::os::unix::net::UnixDatagram) {
+        let (ours, kernel) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let cfg = QueueConfig { batch_size: 4, ..QueueConfig::default() };
+        let sock = NfqSocket::from_fd(OwnedFd::from(ours));
+        (Worker::on_socket(&cfg, 7, sock, Arc::new(by_first_byte)), kernel)
+    }
+
+    #[test]
+    fn a_verdict_that_cannot_be_sent_is_counted_and_the_worker_goes_on() {
+        let mut buf = Vec::new();
+        put_packet(&mut buf, &pkt(7, 1, &[1, 0, 0]));
+        // Sent: the verdict reaches the other end.
+        let (mut worker, kernel) = worker_on_socketpair();
+        kernel.send(&buf).unwrap();
+        assert!(worker.poll(None).unwrap().is_none());
+        let mut got = [0u8; 256];
+        let n = kernel.recv(&mut got).unwrap();
+        assert_eq!(verdicts(&got[..n])[0].verdict, NF_ACCEPT);
+        let st = worker.counters.snapshot(7);
+        assert_eq!((st.packets, st.verdicts, st.sends, st.errors), (1, 1, 1, 0));
+        // The send fails (our end is shut for writing): counted, and the next poll works.
+        let (mut worker, kernel) = worker_on_socketpair();
+        // SAFETY: shutdown(2) on a descriptor the worker owns and keeps open.
+        assert_eq!(unsafe { libc::shutdown(worker.sock.as_raw_fd(), libc::SHUT_WR) }, 0);
+        kernel.send(&buf).unwrap();
+        assert!(worker.poll(None).unwrap().is_none(), "a failed send is not a failed poll");
+        let st = worker.counters.snapshot(7);
+        assert_eq!((st.packets, st.verdicts, st.sends, st.errors), (1, 1, 1, 1));
+        kernel.send(&buf).unwrap();
+        worker.poll(None).unwrap();
+        assert_eq!(worker.counters.snapshot(7).packets, 2);
     }
 }
