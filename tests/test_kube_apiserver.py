@@ -257,3 +257,71 @@ def test_lists_come_in_pages(apiserver: KubeApiServer, api: client.ApiClient) ->
     assert [len(page.items) for page in pages] == [2, 2, 1]
     assert third.metadata is not None and third.metadata.var_continue is None
     assert {page.metadata.resource_version for page in pages if page.metadata} == {"6"}
+
+
+def test_thousands_of_objects_list_in_pages_of_one_snapshot_then_watch_from_its_version(
+    apiserver: KubeApiServer, api: client.ApiClient
+) -> None:
+    count = 2000
+    names = [f"s{i:04}" for i in range(count)]
+    version = apiserver.create_many(
+        "services", (service(name, f"10.96.{i // 256}.{i % 256}") for i, name in enumerate(names))
+    )
+    addresses = [f"10.244.{i // 256}.{i % 256}" for i in range(count)]
+    apiserver.create_many(
+        "endpointslices", (endpoint_slice(f"{n}-1", n, [a]) for n, a in zip(names, addresses))
+    )
+    core = client.CoreV1Api(api)
+
+    whole = core.list_service_for_all_namespaces()
+    assert whole.metadata is not None and whole.metadata.resource_version == str(version + count)
+    assert [s.metadata.name for s in whole.items if s.metadata] == names
+    assert all(s.metadata and s.metadata.resource_version for s in whole.items)
+
+    # Pages are one snapshot: a write between them shows in none of them.
+    pages = [core.list_service_for_all_namespaces(limit=700)]
+    apiserver.delete("services", "default", "s1999")
+    while pages[-1].metadata is not None and pages[-1].metadata.var_continue:
+        token = pages[-1].metadata.var_continue
+        pages.append(core.list_service_for_all_namespaces(limit=700, _continue=token))
+    assert [len(page.items) for page in pages] == [700, 700, 600]
+    assert {page.metadata.resource_version for page in pages if page.metadata} == {
+        whole.metadata.resource_version
+    }
+    slices = client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces()
+    assert len(slices.items) == count
+
+    apiserver.update("services", service("s0007", "10.96.0.7", ports=[{"port": 81}]))
+    events = stream(api, resource_version=whole.metadata.resource_version, timeout_seconds=1)
+    assert [(e["type"], e["object"].metadata.name) for e in events] == [
+        ("DELETED", "s1999"),
+        ("MODIFIED", "s0007"),
+    ]
+    assert events[1]["object"].spec.ports[0].port == 81
+
+    # A watch without a version starts with every object (many events to a chunk).
+    assert len(stream(api, timeout_seconds=1)) == count - 1
+
+
+def test_create_many_sends_an_event_for_each_object(
+    apiserver: KubeApiServer, api: client.ApiClient
+) -> None:
+    watcher = watch.Watch()  # type: ignore[no-untyped-call]
+    seen: list[tuple[str, str]] = []
+
+    def create_while_watching() -> None:
+        while apiserver.open_watches("services") == 0:
+            threading.Event().wait(0.01)
+        apiserver.create_many("services", (service(f"s{i}", f"10.96.1.{i}") for i in range(1, 4)))
+
+    threading.Thread(target=create_while_watching).start()
+    for event in watcher.stream(  # type: ignore[no-untyped-call]
+        client.CoreV1Api(api).list_service_for_all_namespaces,
+        resource_version="1",
+        timeout_seconds=5,
+    ):
+        seen.append((event["type"], event["object"].metadata.name))
+        if len(seen) == 3:
+            watcher.stop()  # type: ignore[no-untyped-call]
+
+    assert seen == [("ADDED", "s1"), ("ADDED", "s2"), ("ADDED", "s3")]

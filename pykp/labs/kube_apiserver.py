@@ -8,7 +8,8 @@ efficient detection of changes, watch bookmarks, resource versions):
   per-namespace collections and single objects (GET only).
 - LIST: `{"kind": "ServiceList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
   "items": [...]}` (items without kind and apiVersion, like the real server), in pages with
-  `limit` and `continue`.
+  `limit` and `continue`; the pages of one list are one snapshot, as with the real server,
+  whatever is written meanwhile.
 - WATCH (`watch=1|true`): a chunked response of newline-delimited JSON events
   `{"type": "ADDED|MODIFIED|DELETED|BOOKMARK|ERROR", "object": {...}}`. Without a
   resourceVersion (or "0") it starts with synthetic ADDED events for what exists; from a
@@ -22,16 +23,21 @@ efficient detection of changes, watch bookmarks, resource versions):
   ADDED and DELETED, as with the real server.
 - Bearer-token authentication (401 otherwise).
 
-Test controls: `create`/`update`/`apply`/`delete` objects, `send_bookmarks`,
-`drop_watches` (cut every watch stream mid-flight), `stall_watches` (keep them open but
-silent), `compact` (forget history: older versions answer 410), `set_available(False)`
-(refuse connections, drop open ones), `fail_requests` (an HTTP error status for one
-resource) and the `requests` log.
+Built to keep up with 100,000s of objects: each object's JSON is encoded once when it is
+written (a stored version never changes), a list joins those bytes, a watch event wraps them,
+and an event is offered only to the watches of its kind.
+
+Test controls: `create`/`update`/`apply`/`delete` objects (`create_many` for many at once:
+the same versions and events), `send_bookmarks`, `drop_watches` (cut every watch stream
+mid-flight), `stall_watches` (keep them open but silent), `compact` (forget history: older
+versions answer 410), `set_available(False)` (refuse connections, drop open ones),
+`fail_requests` (an HTTP error status for one resource) and the `requests` log.
+`benches/standin_scale.py` measures it with 100,000 Services and EndpointSlices.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import queue
 import re
@@ -39,8 +45,8 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,6 +61,9 @@ Obj = dict[str, Any]
 TOKEN = "pykp-stand-in-token"
 # The real server's default cap on a watch without timeoutSeconds is 30-60 minutes.
 DEFAULT_WATCH_TIMEOUT = 1800.0
+# Snapshots held for paged lists to continue from (each is one list of references).
+PAGED_SNAPSHOTS = 64
+WATCH_LINES_PER_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,11 @@ class Resource:
     @property
     def list_kind(self) -> str:
         return self.kind + "List"
+
+    @property
+    def prefix(self) -> bytes:
+        """The start of an object's JSON up to its first own field."""
+        return b'{"kind":"%s","apiVersion":"%s",' % (self.kind.encode(), self.api_version.encode())
 
 
 RESOURCES = {
@@ -93,13 +107,37 @@ class Request:
     watch: bool
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """One object as stored at its resourceVersion; never changed once made.
+
+    The JSON is encoded once, at write time: a list joins these bytes and a watch event
+    wraps them, so serving costs no re-encoding and no copying of the object.
+    """
+
+    namespace: str  # "" for a cluster-scoped object
+    name: str
+    labels: dict[str, str]  # a private copy, for selectors
+    uid: str
+    created: str
+    generation: int
+    item: bytes  # the object without kind and apiVersion, as a list's item
+
+    def body(self, resource: Resource) -> bytes:
+        """The object with kind and apiVersion first (a GET's body, a watch event's object)."""
+        return resource.prefix + self.item[1:]  # item is "{" + at least "metadata"
+
+    def decoded(self, resource: Resource) -> Obj:
+        return json.loads(self.body(resource))  # a fresh copy for the caller
+
+
+@dataclass(frozen=True, slots=True)
 class _Event:
     rv: int
     resource: str
     type: str  # ADDED, MODIFIED, DELETED
-    old: Obj | None
-    new: Obj
+    old: _Stored | None
+    new: _Stored
 
 
 @dataclass
@@ -108,15 +146,18 @@ class _Selector:
     fields: list[tuple[str, str, bool]] = field(default_factory=list)  # (path, value, equal)
     labels: list[tuple[str, str | None, bool]] = field(default_factory=list)  # None: exists
 
-    def matches(self, obj: Obj) -> bool:
-        metadata = obj.get("metadata", {})
-        if self.namespace is not None and metadata.get("namespace") != self.namespace:
+    @property
+    def everything(self) -> bool:
+        return self.namespace is None and not self.fields and not self.labels
+
+    def matches(self, stored: _Stored) -> bool:
+        if self.namespace is not None and stored.namespace != self.namespace:
             return False
         for path, value, equal in self.fields:
-            actual = metadata.get(path.removeprefix("metadata."))
+            actual = stored.name if path == "metadata.name" else stored.namespace
             if (actual == value) != equal:
                 return False
-        labels = metadata.get("labels") or {}
+        labels = stored.labels
         for key, label_value, positive in self.labels:
             present = key in labels if label_value is None else labels.get(key) == label_value
             if present != positive:
@@ -157,24 +198,31 @@ class _Watch:
         self.selector = selector
         self.bookmarks = bookmarks
         self.stalled = False
+        # (ADDED|MODIFIED|DELETED, _Stored), (BOOKMARK, version), (ERROR, Status), (DROP, None)
         self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def view(self, event: _Event) -> tuple[str, _Stored] | None:
+        """`event` as this watcher sees it through its selector (None: not at all)."""
+        if event.type == "DELETED":
+            return ("DELETED", event.new) if self.selector.matches(event.new) else None
+        was = event.old is not None and self.selector.matches(event.old)
+        now = self.selector.matches(event.new)
+        if was and now:
+            return ("MODIFIED", event.new)
+        if now:
+            return ("ADDED", event.new)
+        if was:
+            # Left the selection: the real server reports it as deleted.
+            return ("DELETED", event.new)
+        return None
 
     def offer(self, event: _Event) -> None:
         """Queue `event` as this watcher sees it through its selector."""
-        if self.stalled or event.resource != self.resource:
+        if self.stalled:
             return
-        was = event.old is not None and self.selector.matches(event.old)
-        now = event.type != "DELETED" and self.selector.matches(event.new)
-        if event.type == "DELETED":
-            if self.selector.matches(event.new):
-                self.items.put(("DELETED", event.new))
-        elif was and now:
-            self.items.put(("MODIFIED", event.new))
-        elif now:
-            self.items.put(("ADDED", event.new))
-        elif was:
-            # Left the selection: the real server reports it as deleted.
-            self.items.put(("DELETED", event.new))
+        seen = self.view(event)
+        if seen is not None:
+            self.items.put(seen)
 
 
 def _now() -> str:
@@ -214,10 +262,17 @@ class KubeApiServer:
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._rv = 1  # like etcd, whose first revision is 1: no list ever says "0"
-        self._objects: dict[str, dict[tuple[str, str], Obj]] = {name: {} for name in RESOURCES}
+        self._objects: dict[str, dict[tuple[str, str], _Stored]] = {name: {} for name in RESOURCES}
+        # Each kind's objects in key order, made on the first list after a write; immutable,
+        # so a list (or a paged list's later pages) reads it outside the lock.
+        self._sorted: dict[str, list[_Stored] | None] = {name: None for name in RESOURCES}
+        self._written: dict[str, int] = {name: 0 for name in RESOURCES}  # version of last write
+        # The snapshots that paged lists continue from, by (kind, version): pages stay one
+        # consistent list while writes go on, as with the real server (etcd reads at a revision).
+        self._paged: OrderedDict[tuple[str, int], list[_Stored]] = OrderedDict()
         self._history: deque[_Event] = deque(maxlen=history_limit)
         self._compacted = 0  # a watch may start at this version or later
-        self._watches: set[_Watch] = set()
+        self._watches: dict[str, set[_Watch]] = {name: set() for name in RESOURCES}
         self._connections: set[socket.socket] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -325,62 +380,106 @@ class KubeApiServer:
 
     def get(self, plural: str, namespace: str, name: str) -> Obj | None:
         with self._lock:
-            obj = self._objects[plural].get((namespace, name))
-            return copy.deepcopy(obj) if obj is not None else None
+            stored = self._objects[plural].get((namespace, name))
+        return stored.decoded(RESOURCES[plural]) if stored is not None else None
 
     def create(self, plural: str, obj: Obj) -> Obj:
-        return self._write(plural, obj, create=True)
+        with self._lock:
+            stored = self._write(plural, obj, create=True)
+        return stored.decoded(RESOURCES[plural])
+
+    def create_many(self, plural: str, objects: Iterable[Obj]) -> int:
+        """`create` each object (each its own version and ADDED event); the last version.
+
+        For labs and benchmarks with many objects: it skips decoding a copy for the caller,
+        and takes the lock per batch rather than per object.
+        """
+        batch: list[Obj] = []
+        for obj in objects:
+            batch.append(obj)
+            if len(batch) == 1000:
+                self._create_batch(plural, batch)
+                batch = []
+        self._create_batch(plural, batch)
+        return self.resource_version
+
+    def _create_batch(self, plural: str, batch: list[Obj]) -> None:
+        with self._lock:
+            for obj in batch:
+                self._write(plural, obj, create=True)
 
     def update(self, plural: str, obj: Obj) -> Obj:
-        return self._write(plural, obj, create=False)
+        with self._lock:
+            stored = self._write(plural, obj, create=False)
+        return stored.decoded(RESOURCES[plural])
 
     def apply(self, plural: str, obj: Obj) -> Obj:
         """Create, or update when it exists (kubectl apply's effect, without merging)."""
-        return self._write(plural, obj, create=None)
+        with self._lock:
+            stored = self._write(plural, obj, create=None)
+        return stored.decoded(RESOURCES[plural])
 
-    def _write(self, plural: str, obj: Obj, create: bool | None) -> Obj:
+    def _write(self, plural: str, obj: Obj, create: bool | None) -> _Stored:
+        """Store `obj` at the next version (the caller holds the lock)."""
         resource = RESOURCES[plural]
-        new = copy.deepcopy(obj)
-        metadata = new.setdefault("metadata", {})
+        # Encoding below takes what the object holds now: only metadata is changed here,
+        # so only it is copied (the caller's object stays as it was).
+        metadata = dict(obj.get("metadata") or {})
         if resource.namespaced:
             metadata.setdefault("namespace", "default")
         key = (metadata.get("namespace", ""), metadata["name"])
-        with self._lock:
-            old = self._objects[plural].get(key)
-            if create is True and old is not None:
-                raise KeyError(f"{plural} {key} already exists")
-            if create is False and old is None:
-                raise KeyError(f"{plural} {key} not found")
-            self._rv += 1
-            new["kind"], new["apiVersion"] = resource.kind, resource.api_version
-            if old is None:
-                metadata["uid"] = str(uuid.uuid4())
-                metadata.setdefault("creationTimestamp", _now())
-                metadata["generation"] = 1
-            else:
-                for kept in ("uid", "creationTimestamp"):
-                    metadata[kept] = old["metadata"][kept]
-                metadata["generation"] = old["metadata"].get("generation", 1) + 1
-            metadata["resourceVersion"] = str(self._rv)
-            self._objects[plural][key] = new
-            self._record(_Event(self._rv, plural, "ADDED" if old is None else "MODIFIED", old, new))
-            return copy.deepcopy(new)
+        old = self._objects[plural].get(key)
+        if create is True and old is not None:
+            raise KeyError(f"{plural} {key} already exists")
+        if create is False and old is None:
+            raise KeyError(f"{plural} {key} not found")
+        if old is None:
+            uid, created, generation = str(uuid.uuid4()), metadata.get("creationTimestamp"), 1
+            created = created or _now()
+        else:
+            uid, created, generation = old.uid, old.created, old.generation + 1
+        version = self._rv + 1
+        metadata["uid"], metadata["creationTimestamp"] = uid, created
+        metadata["generation"], metadata["resourceVersion"] = generation, str(version)
+        body = {"metadata": metadata}
+        body.update((k, v) for k, v in obj.items() if k not in ("metadata", "kind", "apiVersion"))
+        item = _encode(body)  # before anything changes: an object that cannot be encoded fails
+        stored = _Stored(
+            key[0], key[1], dict(metadata.get("labels") or {}), uid, created, generation, item
+        )
+        self._rv = version
+        self._objects[plural][key] = stored
+        self._record(_Event(version, plural, "ADDED" if old is None else "MODIFIED", old, stored))
+        return stored
 
     def delete(self, plural: str, namespace: str, name: str) -> Obj:
+        resource = RESOURCES[plural]
         with self._lock:
             old = self._objects[plural].pop((namespace, name))
             self._rv += 1
-            gone = copy.deepcopy(old)
-            gone["metadata"]["resourceVersion"] = str(self._rv)  # the deletion's version
+            body = json.loads(old.item)
+            body["metadata"]["resourceVersion"] = str(self._rv)  # the deletion's version
+            gone = dataclasses.replace(old, item=_encode(body))
             self._record(_Event(self._rv, plural, "DELETED", old, gone))
-            return copy.deepcopy(gone)
+        return gone.decoded(resource)
 
     def _record(self, event: _Event) -> None:
+        self._sorted[event.resource] = None
+        self._written[event.resource] = event.rv
         if len(self._history) == self._history.maxlen:
             self._compacted = self._history[0].rv  # about to fall out of the window
         self._history.append(event)
-        for watch in self._watches:
+        for watch in self._watches[event.resource]:
             watch.offer(event)
+
+    def _current(self, plural: str) -> list[_Stored]:
+        """This kind's objects in key order, now (the caller holds the lock)."""
+        current = self._sorted[plural]
+        if current is None:
+            objects = self._objects[plural]
+            current = [objects[key] for key in sorted(objects)]
+            self._sorted[plural] = current
+        return current
 
     # -- faults and controls
 
@@ -389,18 +488,19 @@ class KubeApiServer:
         with self._lock:
             self._history.clear()
             self._compacted = self._rv
+            self._paged.clear()  # continuing an older list is 410 too
 
     def send_bookmarks(self) -> None:
         """A BOOKMARK at the current version to every watch that allowed them."""
         with self._lock:
-            for watch in self._watches:
+            for watch in self._all_watches():
                 if watch.bookmarks and not watch.stalled:
                     watch.items.put(("BOOKMARK", self._rv))
 
     def drop_watches(self) -> int:
         """Cut every open watch stream (no final chunk: the client sees a broken stream)."""
         with self._lock:
-            watches = list(self._watches)
+            watches = self._all_watches()
         for watch in watches:
             watch.items.put(("DROP", None))
         return len(watches)
@@ -408,9 +508,10 @@ class KubeApiServer:
     def stall_watches(self) -> int:
         """Keep every open watch stream open but send nothing more on it, bookmarks included."""
         with self._lock:
-            for watch in self._watches:
+            watches = self._all_watches()
+            for watch in watches:
                 watch.stalled = True
-            return len(self._watches)
+            return len(watches)
 
     def fail_requests(self, plural: str, code: int | None = 500) -> None:
         """Answer every request for `plural` with HTTP `code` (None: serve it again)."""
@@ -426,7 +527,10 @@ class KubeApiServer:
 
     def open_watches(self, plural: str | None = None) -> int:
         with self._lock:
-            return sum(1 for w in self._watches if plural is None or w.resource == plural)
+            return len(self._all_watches()) if plural is None else len(self._watches[plural])
+
+    def _all_watches(self) -> list[_Watch]:
+        return [watch for watches in self._watches.values() for watch in watches]
 
     def count(self, plural: str | None = None, *, watch: bool | None = None) -> int:
         """Requests answered so far, by resource and kind (list or watch)."""
@@ -454,42 +558,67 @@ class KubeApiServer:
             with self._lock:
                 self._connections.discard(connection)
 
-    def _list(self, plural: str, selector: _Selector, query: dict[str, str]) -> tuple[int, Obj]:
+    def _list(self, plural: str, selector: _Selector, query: dict[str, str]) -> tuple[int, bytes]:
+        """A list response's status and body: a page of a snapshot of the kind's objects."""
         resource = RESOURCES[plural]
+        requested = query.get("resourceVersion", "")
+        exact = query.get("resourceVersionMatch") == "Exact" and requested not in ("", "0")
+        try:
+            limit = int(query.get("limit") or 0)
+            if exact:
+                int(requested)
+            # `continue` is "version:position" in the snapshot (the real token is opaque too).
+            token = query.get("continue")
+            version, position = (int(part) for part in token.split(":")) if token else (0, 0)
+        except ValueError:
+            return 400, _encode(_status(400, "BadRequest", "invalid limit, version or continue"))
         with self._lock:
-            requested = query.get("resourceVersion", "")
-            exact = query.get("resourceVersionMatch") == "Exact" and requested not in ("", "0")
             if exact and int(requested) < self._compacted:
                 message = f"too old resource version: {requested} ({self._compacted})"
-                return 410, _status(410, "Expired", message)
-            # Paging: `continue` is "version:offset" (the real token is opaque too); the
-            # pages are served from the current state, so tests should not write between.
-            version, offset = self._rv, 0
-            if query.get("continue"):
-                version, offset = (int(part) for part in query["continue"].split(":"))
-                if version < self._compacted:
+                return 410, _encode(_status(410, "Expired", message))
+            if token:
+                # A held snapshot serves until `compact()`; the real server's continue lasts
+                # until etcd compacts (minutes), not only while the watch history has it.
+                snapshot = self._paged.get((plural, version))
+                if snapshot is not None:
+                    self._paged.move_to_end((plural, version))
+                elif version >= self._compacted and self._written[plural] <= version:
+                    snapshot = self._current(plural)  # nothing of this kind changed since
+                if snapshot is None:
                     message = "The provided continue parameter is too old"
-                    return 410, _status(410, "Expired", message)
-            items = []
-            for key in sorted(self._objects[plural]):
-                obj = self._objects[plural][key]
-                if selector.matches(obj):
-                    item = copy.deepcopy(obj)
-                    item.pop("kind", None)
-                    item.pop("apiVersion", None)
-                    items.append(item)
-            metadata: Obj = {"resourceVersion": str(version)}
-            limit = int(query.get("limit") or 0)
-            if limit > 0 and len(items) > offset + limit:
-                metadata["continue"] = f"{version}:{offset + limit}"
-                metadata["remainingItemCount"] = len(items) - offset - limit
-            end = offset + limit if limit > 0 else len(items)
-            return 200, {
-                "kind": resource.list_kind,
-                "apiVersion": resource.api_version,
-                "metadata": metadata,
-                "items": items[offset:end],
-            }
+                    return 410, _encode(_status(410, "Expired", message))
+            else:
+                version, snapshot = self._rv, self._current(plural)
+        # The snapshot never changes: select and join the page without the lock.
+        end = len(snapshot) if limit <= 0 else min(len(snapshot), position + limit)
+        if selector.everything:
+            page = snapshot[position:end]
+            following = end
+        else:
+            page, following = [], position
+            while following < len(snapshot) and (limit <= 0 or len(page) < limit):
+                if selector.matches(snapshot[following]):
+                    page.append(snapshot[following])
+                following += 1
+            # Continue only if another object matches (the real server may also send an
+            # empty last page; this one does not).
+            while following < len(snapshot) and not selector.matches(snapshot[following]):
+                following += 1
+        metadata: Obj = {"resourceVersion": str(version)}
+        if limit > 0 and following < len(snapshot):
+            metadata["continue"] = f"{version}:{following}"
+            if selector.everything:  # the real server counts only unselected lists
+                metadata["remainingItemCount"] = len(snapshot) - following
+            with self._lock:
+                self._paged[(plural, version)] = snapshot
+                while len(self._paged) > PAGED_SNAPSHOTS:
+                    self._paged.popitem(last=False)
+        head = b'{"kind":"%s","apiVersion":"%s","metadata":%s,"items":[' % (
+            resource.list_kind.encode(),
+            resource.api_version.encode(),
+            _encode(metadata),
+        )
+        return 200, b"".join((head, b",".join(stored.item for stored in page), b"]}"))
 
     def _open_watch(
         self, plural: str, selector: _Selector, query: dict[str, str]
@@ -501,33 +630,43 @@ class KubeApiServer:
         with self._lock:
             first: list[tuple[str, Any]] = []
             if requested in ("", "0"):
-                for key in sorted(self._objects[plural]):
-                    if selector.matches(self._objects[plural][key]):
-                        first.append(("ADDED", copy.deepcopy(self._objects[plural][key])))
+                first = [("ADDED", s) for s in self._current(plural) if selector.matches(s)]
             elif int(requested) < self._compacted:
                 message = f"too old resource version: {requested} ({self._compacted})"
                 return watch, [("ERROR", _status(410, "Expired", message))]
             else:
-                replay = _Watch(plural, selector, bookmarks)
                 for event in self._history:
-                    if event.rv > int(requested):
-                        replay.offer(event)
-                while not replay.items.empty():
-                    first.append(replay.items.get_nowait())
-            self._watches.add(watch)  # under the lock: no event between replay and live
+                    if event.rv > int(requested) and event.resource == plural:
+                        seen = watch.view(event)
+                        if seen is not None:
+                            first.append(seen)
+            self._watches[plural].add(watch)  # under the lock: no event between replay and live
             return watch, first
 
     def _close_watch(self, watch: _Watch) -> None:
         with self._lock:
-            self._watches.discard(watch)
+            self._watches[watch.resource].discard(watch)
 
-    def _bookmark(self, plural: str, rv: int) -> Obj:
-        resource = RESOURCES[plural]
-        return {
-            "kind": resource.kind,
-            "apiVersion": resource.api_version,
-            "metadata": {"resourceVersion": str(rv), "creationTimestamp": None},
-        }
+    def _get(self, plural: str, namespace: str, name: str) -> bytes | None:
+        with self._lock:
+            stored = self._objects[plural].get((namespace, name))
+        return stored.body(RESOURCES[plural]) if stored is not None else None
+
+    def _event_line(self, plural: str, kind: str, payload: Any) -> bytes:
+        """One watch event, newline-terminated, as it goes on the wire."""
+        if kind == "BOOKMARK":
+            resource = RESOURCES[plural]
+            payload = {
+                "kind": resource.kind,
+                "apiVersion": resource.api_version,
+                "metadata": {"resourceVersion": str(payload), "creationTimestamp": None},
+            }
+        obj = payload.body(RESOURCES[plural]) if isinstance(payload, _Stored) else _encode(payload)
+        return b'{"type":"%s","object":%s}\n' % (kind.encode(), obj)
+
+
+def _encode(obj: Obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _shutdown(connection: socket.socket) -> None:
@@ -575,12 +714,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, _status(404, "NotFound", f"the server could not find {url.path}"))
             return
         if name is not None:
-            obj = self.apiserver.get(plural, namespace or "", name)
-            if obj is None:
+            body = self.apiserver._get(plural, namespace or "", name)
+            if body is None:
                 message = f'{plural} "{name}" not found'
                 self._send_json(404, _status(404, "NotFound", message))
             else:
-                self._send_json(200, obj)
+                self._send(200, body)
             return
         try:
             selector = _parse_selector(namespace, query)
@@ -590,10 +729,12 @@ class _Handler(BaseHTTPRequestHandler):
         if is_watch:
             self._watch(plural, selector, query)
         else:
-            self._send_json(*self.apiserver._list(plural, selector, query))
+            self._send(*self.apiserver._list(plural, selector, query))
 
     def _send_json(self, code: int, body: Obj) -> None:
-        data = json.dumps(body).encode()
+        self._send(code, _encode(body))
+
+    def _send(self, code: int, data: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -601,44 +742,59 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
-
-    def _event(self, kind: str, obj: Obj) -> None:
-        self._chunk(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
     def _watch(self, plural: str, selector: _Selector, query: dict[str, str]) -> None:
         timeout = float(query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
         deadline = time.monotonic() + timeout
-        watch, first = self.apiserver._open_watch(plural, selector, query)
+        apiserver = self.apiserver
+        watch, first = apiserver._open_watch(plural, selector, query)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for kind, obj in first:
-                self._event(kind, obj)
+            # Events go out in chunks of many lines (clients split the stream at newlines,
+            # not at chunks): one write per event would cost a system call each.
+            lines: list[bytes] = []
+            for kind, payload in first:
+                lines.append(apiserver._event_line(plural, kind, payload))
                 if kind == "ERROR":
+                    self._chunk(b"".join(lines))
                     self._chunk(b"")  # the server ends the stream after an error
                     return
+                if len(lines) == WATCH_LINES_PER_CHUNK:
+                    self._chunk(b"".join(lines))
+                    lines = []
+            if lines:
+                self._chunk(b"".join(lines))
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._chunk(b"")  # a clean end: the client resumes from its version
                     return
                 try:
-                    kind, obj = watch.items.get(timeout=min(remaining, 0.5))
+                    kind, payload = watch.items.get(timeout=min(remaining, 0.5))
                 except queue.Empty:
                     continue
+                lines = []
+                while kind != "DROP":
+                    lines.append(apiserver._event_line(plural, kind, payload))
+                    if len(lines) == WATCH_LINES_PER_CHUNK:
+                        break
+                    try:
+                        kind, payload = watch.items.get_nowait()
+                    except queue.Empty:
+                        break
+                if lines:
+                    self._chunk(b"".join(lines))
                 if kind == "DROP":
                     self.close_connection = True
                     _shutdown(self.connection)
                     return
-                if kind == "BOOKMARK":
-                    obj = self.apiserver._bookmark(plural, obj)
-                self._event(kind, obj)
         finally:
-            self.apiserver._close_watch(watch)
+            apiserver._close_watch(watch)
 
 
 # --- object builders for tests ----------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""The stand-in API server at scale: N Services and N EndpointSlices (3 endpoints each).
+
+Run from the repository root with the venv of `bash scripts/install.sh --test`:
+
+    .venv/bin/python benches/standin_scale.py 10000 30000 100000
+    .venv/bin/python benches/standin_scale.py --per-object 100000   # create() one by one
+
+The server runs in a child process so that its CPU time is its own. Measured, per count:
+the time the server takes to accept the objects (`create_many`, or `create` per object with
+--per-object), the time the official client (through pykp's `ApiListWatch`: pages of 500,
+raw JSON) takes to list each resource, the time a `KubeSource` takes from `start()` to its
+first `current()`, and the server's CPU seconds for the creation and for the serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _services_and_slices(count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from pykp.kube.standin import endpoint_slice, service
+
+    services, slices = [], []
+    for index in range(count):
+        name = f"svc-{index}"
+        cluster_ip = f"10.{96 + index // 65536}.{index // 256 % 256}.{index % 256}"
+        services.append(service(name, cluster_ip, namespace=f"ns-{index % 100}"))
+        pods = [f"10.244.{(index * 3 + k) // 256 % 256}.{(index * 3 + k) % 256}" for k in range(3)]
+        slices.append(endpoint_slice(f"{name}-1", name, pods, namespace=f"ns-{index % 100}"))
+    return services, slices
+
+
+def _serve(count: int, per_object: bool, directory: str, pipe: Connection) -> None:
+    """The child: create the objects, then answer CPU-time questions until told to stop."""
+    from pykp.kube.standin import KubeApiServer
+
+    services, slices = _services_and_slices(count)
+    server = KubeApiServer().start()
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    for plural, objects in (("services", services), ("endpointslices", slices)):
+        if per_object or not hasattr(server, "create_many"):
+            for obj in objects:
+                server.create(plural, obj)
+        else:
+            server.create_many(plural, objects)
+    created = time.perf_counter() - started
+    kubeconfig = server.write_kubeconfig(Path(directory) / "kubeconfig")
+    pipe.send((str(kubeconfig), created, _cpu_seconds() - cpu))
+    while pipe.recv() != "stop":
+        pipe.send(_cpu_seconds())
+    server.stop()
+
+
+def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
+    """One measurement at `count` services (and as many slices); seconds, by what."""
+    from pykp.kube.client import ApiListWatch, api_client
+    from pykp.kube.source import KubeSource
+
+    import kubernetes.client
+
+    results: dict[str, float] = {"count": count}
+    with tempfile.TemporaryDirectory() as directory:
+        ours, theirs = multiprocessing.Pipe()
+        child = multiprocessing.get_context("fork").Process(
+            target=_serve, args=(count, per_object, directory, theirs)
+        )
+        child.start()
+        try:
+            kubeconfig, results["create_s"], results["create_cpu_s"] = ours.recv()
+            ours.send("cpu")
+            server_cpu = ours.recv()
+
+            client = api_client(kubeconfig)
+            core = kubernetes.client.CoreV1Api(client)
+            discovery = kubernetes.client.DiscoveryV1Api(client)
+            for name, function in (
+                ("services", core.list_service_for_all_namespaces),
+                ("endpointslices", discovery.list_endpoint_slice_for_all_namespaces),
+            ):
+                started = time.perf_counter()
+                items, _version = ApiListWatch(name, function).list()
+                results[f"list_{name}_s"] = time.perf_counter() - started
+                assert len(items) == count, (name, len(items))
+            client.close()  # type: ignore[no-untyped-call]
+
+            started = time.perf_counter()
+            source = KubeSource(kubeconfig=kubeconfig)
+            source.start(lambda: None)
+            if not source.wait_synced(timeout=3600):
+                raise RuntimeError("the source did not sync")
+            current = source.current()
+            results["source_sync_s"] = time.perf_counter() - started
+            source.stop()
+            assert current is not None and len(current.services) == count
+
+            ours.send("cpu")
+            results["serve_cpu_s"] = ours.recv() - server_cpu
+            ours.send("stop")
+        finally:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.terminate()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("counts", nargs="+", type=int)
+    parser.add_argument("--per-object", action="store_true", help="create() each object")
+    arguments = parser.parse_args()
+    for count in arguments.counts:
+        results = measure(count, per_object=arguments.per_object)
+        print(json.dumps({k: round(v, 2) for k, v in results.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
