@@ -31,7 +31,7 @@ def _cpu_seconds() -> float:
 
 
 def _services_and_slices(count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from pykp.kube.standin import endpoint_slice, service
+    from pykp.labs.kube_apiserver import endpoint_slice, service
 
     services, slices = [], []
     for index in range(count):
@@ -45,7 +45,7 @@ def _services_and_slices(count: int) -> tuple[list[dict[str, Any]], list[dict[st
 
 def _serve(count: int, per_object: bool, directory: str, pipe: Connection) -> None:
     """The child: create the objects, then answer CPU-time questions until told to stop."""
-    from pykp.kube.standin import KubeApiServer
+    from pykp.labs.kube_apiserver import KubeApiServer
 
     services, slices = _services_and_slices(count)
     server = KubeApiServer().start()
@@ -66,8 +66,8 @@ def _serve(count: int, per_object: bool, directory: str, pipe: Connection) -> No
 
 def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
     """One measurement at `count` services (and as many slices); seconds, by what."""
-    from pykp.kube.client import ApiListWatch, api_client
-    from pykp.kube.source import KubeSource
+    from pykp.sources.kube.client import ApiListWatch, api_client
+    from pykp.sources.kube.source import KubeSource
 
     import kubernetes.client
 
