@@ -185,7 +185,8 @@ def test_maglev_sends_each_source_to_one_backend_and_sources_to_several(
     hit can explain it), different addresses spread over the backends, and the backend is
     the one pykp's engine computes for that address on any node (same table everywhere)."""
     from pykp._fastpath import Engine
-    from pykp.services_file import apply_to_engine, load_services_file, services_file_to_engine
+    from pykp.agent.plan import apply_to_engine, services_file_to_engine
+    from pykp.sources.services_file import load_services_file
 
     seen = {
         source: [http_get_from(lab, "client-0", source, "10.96.0.12") for _ in range(4)]
