@@ -63,6 +63,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("propagation", "endpoint change -> first conn", "propagation", lambda s: s["seconds"], "s", False, "{:.3f}"),
     Metric("kube_start", "kube: agent start -> last service answers", "kube_start", lambda s: s["seconds"], "s", False, "{:.3f}", "program"),
     Metric("kube_synced", "kube: agent start -> first sync done", "kube_start", lambda s: s["synced_seconds"] if s.get("syncs") == 1 else None, "s", False, "{:.3f}"),
+    Metric("kube_sync", "kube: the first sync's own duration", "kube_start", lambda s: s["sync_seconds"], "s", False, "{:.3f}"),
     Metric("kube_rss", "kube: agent RSS after the first sync", "kube_start", lambda s: s["rss_kib"] / 1024, "MiB", False, "{:.1f}"),
     Metric("kube_change_p50", "kube: EndpointSlice change -> first conn, p50", "kube_change", lambda s: s["p50"], "s", False, "{:.4f}", "propagation"),
     Metric("kube_change_p99", "kube: EndpointSlice change -> first conn, p99", "kube_change", lambda s: s["p99"], "s", False, "{:.4f}", "propagation"),
