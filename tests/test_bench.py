@@ -153,6 +153,60 @@ def test_summary_takes_ratios_per_round_and_checks_targets() -> None:
     assert {m.key for m in METRICS} >= {"conns_end", "lat_p99", "cpu", "tput_1", "propagation"}
 
 
+def test_kube_metrics_are_compared_with_the_file_baselines() -> None:
+    change = {"changes": 3, "missed": 0, "found": True}
+    doc = {
+        "settings": {"streams": [1]},
+        "contenders": {"iptables": {}, "nftables": {}, "pykp/kube-random": {}},
+        "samples": {
+            "10000": {
+                "iptables": {"propagation": [{"round": 0, "seconds": 2.0, "found": True}]},
+                "nftables": {"propagation": [{"round": 0, "seconds": 0.4, "found": True}]},
+                "pykp/kube-random": {
+                    "kube_start": [{"round": 0, "seconds": 1.5, "found": True, "syncs": 1,
+                                    "synced_seconds": 1.4, "rss_kib": 204800}],
+                    "kube_change": [{"round": 0, **change, "seconds": [0.01, 0.02, 0.06],
+                                     "p50": 0.02, "p99": 0.06}],
+                    "kube_new": [{"round": 0, "seconds": 0.025, "found": True}],
+                },
+            }
+        },
+    }  # fmt: skip
+    summary = summarize(doc)
+    figures = summary["figures"]["10000"]
+    assert figures["kube_rss"]["pykp/kube-random"]["median"] == 200.0
+    ratios = summary["ratios"]["10000"]["pykp/kube-random"]
+    assert ratios["kube_change_p50"]["iptables"]["median"] == 0.01
+    assert ratios["kube_change_p50"]["nftables"]["median"] == pytest.approx(0.05)
+    targets = {t["target"]: t for t in summary["targets"]}
+    p50 = targets["kube: slice change p50 at 10,000 services <= 15 ms"]
+    assert p50["kind"] == "value" and p50["value"] == 0.02 and not p50["met"]
+    assert not targets["kube: slice change p99 at 10,000 services <= 50 ms"]["met"]
+    assert targets["kube: slice change p50 at 10,000 vs iptables propagation (100x faster)"]["met"]
+    nft = targets["kube: slice change p50 at 10,000 vs nftables propagation (25x faster)"]
+    assert nft["kind"] == "ratio" and nft["ratio"] == pytest.approx(0.05) and not nft["met"]
+    assert targets["kube: new Service -> first conn at 10,000 services <= 30 ms"]["met"]
+    assert targets["kube: agent start -> 10,000 services programmed <= 2 s"]["met"]
+    assert served_failures(doc) == []
+    doc["samples"]["10000"]["pykp/kube-random"]["kube_change"][0].update(missed=1, found=False)
+    assert len(served_failures(doc)) == 1
+    from pykp.bench.report import markdown
+
+    assert "kube: EndpointSlice change -> first conn, p50" in markdown(doc, summary)
+
+
+def test_kube_objects_match_the_services_file() -> None:
+    services = ServiceSet(3, BACKENDS)
+    services.changed[2] = ((BACKENDS[3], services.port(2)),)
+    svc, eps = services.kube_service(2), services.kube_slice(2)
+    assert svc["spec"]["clusterIP"] == services.ip(2)
+    assert svc["spec"]["ports"][0] == {"name": "http", "port": 80, "targetPort": 10002, "protocol": "TCP"}
+    assert eps["metadata"]["labels"]["kubernetes.io/service-name"] == "svc-2"
+    assert [e["addresses"] for e in eps["endpoints"]] == [[BACKENDS[3]]]
+    assert eps["ports"][0]["port"] == 10002
+    assert len(services.kube_slice(0)["endpoints"]) == 3
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
@@ -180,10 +234,13 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert set(per) == set(DEFAULT_CONTENDERS)
     for name, samples in per.items():
         expected = {"conns_end", "rate_end"}
-        if name != "loopback":
-            expected |= {"tput_1", "tput_2"}
-        if name not in ("direct", "loopback"):
-            expected |= {"program", "propagation"}
+        if name.startswith("pykp/kube-"):
+            expected |= {"kube_start", "kube_change", "kube_new"}
+        else:
+            if name != "loopback":
+                expected |= {"tput_1", "tput_2"}
+            if name not in ("direct", "loopback"):
+                expected |= {"program", "propagation"}
         assert set(samples) == expected, name
         for metric, runs in samples.items():
             assert len(runs) == rounds, (name, metric)
@@ -197,8 +254,25 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
             assert run["found"] and run["seconds"] is not None, (name, run)
         for run in samples.get("tput_1", []):
             assert run["bits_per_second"] > 0
+        # Through the Kubernetes source: every probe saw its change, with numbers.
+        for run in samples.get("kube_start", []) + samples.get("kube_new", []):
+            assert run["found"] and run["seconds"] is not None, (name, run)
+        for run in samples.get("kube_start", []):
+            assert run["rss_kib"] > 0 and run["synced_seconds"] is not None, (name, run)
+        for run in samples.get("kube_change", []):
+            assert run["found"] and run["missed"] == 0, (name, run)
+            assert len(run["seconds"]) == run["changes"] == doc["settings"]["kube_changes"]
+            assert run["p50"] is not None and run["p99"] >= run["p50"], (name, run)
     assert served_failures(doc) == []
     summary = doc["summary"]
     assert set(summary) == {"figures", "ratios", "targets"}
     assert set(summary["ratios"]["1"]) == {c for c in DEFAULT_CONTENDERS if c.startswith("pykp")}
     assert any(t["metric"] == "conns_end" for t in summary["targets"])
+    kube = [c for c in DEFAULT_CONTENDERS if c.startswith("pykp/kube-")]
+    assert kube, "the quick preset runs a Kubernetes-source contender"
+    figures = summary["figures"]["1"]
+    for key in ("kube_start", "kube_rss", "kube_change_p50", "kube_change_p99", "kube_new"):
+        assert set(figures[key]) == set(kube), key
+    for contender in kube:
+        # Its slice changes against the file-based propagation of kube-proxy's rule sets.
+        assert set(summary["ratios"]["1"][contender]["kube_change_p50"]) == {"iptables", "nftables"}

@@ -12,6 +12,11 @@ the harness interleaves the measurements round by round. The baselines:
   ``iptables-restore`` (iptables-nft by default, as on Debian; ``iptables-legacy`` too).
 * ``nftables``: kube-proxy's nftables mode, loaded with ``nft -f``.
 * ``pykp/<policy>``: the real ``pykp run`` agent (NFQUEUE datapath) fed a services file.
+* ``pykp/kube-<policy>``: the same agent fed through the Kubernetes source: a stand-in API
+  server (`pykp.kube.standin`, the real wire protocol) on the node's loopback holds the
+  services as Services and EndpointSlices. Measured by the ``kube_*`` workloads (start,
+  one EndpointSlice change, a new Service, RSS); kube-proxy's rule sets have no Kubernetes
+  source here, so their file-based `propagation` and `program` are its baselines.
 
 A new contender (say an AF_PACKET datapath) subclasses `Contender`: `setup` once,
 `targets` for the clients, and `program_all` / `unprogram` / `change` when it proxies.
@@ -19,6 +24,7 @@ A new contender (say an AF_PACKET datapath) subclasses `Contender`: `setup` once
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -49,6 +55,7 @@ __all__ = [
     "Loopback",
     "NftablesContender",
     "PykpContender",
+    "PykpKubeContender",
     "ServiceSet",
     "make_contender",
 ]
@@ -61,7 +68,9 @@ SERVICE_CIDR = "10.96.0.0/16"
 # backend clashes with the previous connection's conntrack entry (TIME_WAIT) and the SYN
 # is dropped: a 1 s retransmit that has nothing to do with the proxy.
 BACKEND_PORT = 10000
-MAX_SERVICES = 15000  # a listener per service port in each backend; fd limits stay far
+# A listener per service port in each backend (plus one for the Kubernetes workloads' new
+# Service), spread over several server processes past 12,000 (`loadgen.start_server`).
+MAX_SERVICES = 30000
 SERVICE_PORT = 80
 IPERF_PORT = 5201
 LOOPBACK_PORT = 9999
@@ -128,6 +137,53 @@ class ServiceSet:
             )
         return "\n".join(out) + "\n"
 
+    def kube_service(self, index: int) -> dict[str, Any]:
+        """Service ``svc-<index>`` as the API server stores it (the same ClusterIP and port)."""
+        name = f"svc-{index}"
+        return {
+            "metadata": {"name": name, "namespace": "bench", "labels": {"app": name}},
+            "spec": {
+                "type": "ClusterIP",
+                "selector": {"app": name},
+                "clusterIP": self.ip(index),
+                "clusterIPs": [self.ip(index)],
+                "ipFamilies": ["IPv4"],
+                "ipFamilyPolicy": "SingleStack",
+                "ports": [
+                    {"name": "http", "port": SERVICE_PORT, "targetPort": self.port(index),
+                     "protocol": "TCP"}
+                ],
+                "sessionAffinity": "None",
+                "internalTrafficPolicy": "Cluster",
+            },
+        }  # fmt: skip
+
+    def kube_slice(self, index: int) -> dict[str, Any]:
+        """The EndpointSlice the controller would write for ``svc-<index>``'s endpoints."""
+        name = f"svc-{index}"
+        endpoints = [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": "node",
+                "targetRef": {"kind": "Pod", "namespace": "bench", "name": f"{name}-{ip}"},
+            }
+            for ip, _ in self.endpoints(index)
+        ]
+        return {
+            "metadata": {
+                "name": f"{name}-ipv4",
+                "namespace": "bench",
+                "labels": {
+                    "kubernetes.io/service-name": name,
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                },
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": self.port(index), "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }
+
 
 # --- a lab node ----------------------------------------------------------------------------
 
@@ -137,12 +193,15 @@ class BenchNode:
     10000 + services - 1 in backends 0-3 (each answers with its name) and iperf3 on 5201
     in backend-0."""
 
-    def __init__(self, binary: str, services: int, with_iperf: bool = True) -> None:
+    def __init__(
+        self, binary: str, services: int, with_iperf: bool = True, spare_ports: int = 0
+    ) -> None:
         if not 1 <= services <= MAX_SERVICES:
             raise ValueError(f"services must be 1..{MAX_SERVICES}, not {services}")
         self.lab = Lab(backends=SERVING + 1, clients=1)
         try:
-            ports = f"{BACKEND_PORT}-{BACKEND_PORT + services - 1}"
+            # `spare_ports`: listeners past the last service (the new Service of `kube_new`).
+            ports = f"{BACKEND_PORT}-{BACKEND_PORT + services + spare_ports - 1}"
             for pod in self.lab.backend_pods:
                 start_server(self.lab, pod, binary, ports, pod.name)
             if with_iperf:
@@ -523,6 +582,189 @@ class PykpContender(Contender):
             self.proc.wait(5)
 
 
+class PykpKubeContender(PykpContender):
+    """`pykp run` fed through its Kubernetes source: the stand-in API server
+    (`pykp.kube.standin.KubeApiServer`, the real list/watch wire protocol) listens on the
+    node's loopback and holds the bench's services as Services with one EndpointSlice each
+    (3 ready endpoints, as in the services file).
+
+    The agent runs only inside this contender's turns: `start_agent` launches it on a clean
+    node (`pykp cleanup` first: the kernel path would otherwise serve the previous agent's
+    services before the first sync) with a fresh state directory, `stop_agent` ends it.
+    Flags are `pykp run`'s defaults but what the lab needs, as for `PykpContender`; in
+    particular --min-sync-period stays 1 s, kube-proxy's default.
+    """
+
+    proxies = True
+    throughput = False
+    source = "kube"
+
+    def __init__(self, policy: str = "random", extra_args: Sequence[str] = ()) -> None:
+        super().__init__(policy, extra_args)
+        self.name = f"pykp/kube-{policy}"
+        self.apiserver: Any = None
+        self.kubeconfig: Path | None = None
+        self.min_sync_period = 1.0  # pykp run's default, and kube-proxy's
+        self._published: dict[int, tuple[tuple[str, int], ...]] = {}  # index -> endpoints
+        self._starts = 0
+
+    def _argv(self) -> list[str]:
+        return [
+            *pykp_command("run"),
+            "--kubeconfig", str(self.kubeconfig),
+            "--hostname-override", "node",
+            "--cluster-cidr", CLUSTER_CIDR,
+            "--healthz-bind-address", _HEALTHZ,
+            "--metrics-bind-address", _METRICS,
+            "--state-dir", str(self.state_dir),
+            "--default-policy", self.policy,
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def setup(self, node: BenchNode, workdir: Path) -> None:
+        from pykp.kube.standin import KubeApiServer
+
+        self.node = node
+        slug = self.name.replace("/", "-")
+        self.workdir = workdir
+        self.state_dir = workdir / f"{slug}-state"
+        self.log_path = workdir / f"{slug}.log"
+        # On the node's loopback: the agent reaches it like a local apiserver, outside the
+        # service CIDR and untouched by the proxy's rules.
+        self.apiserver = KubeApiServer(address="127.0.0.1", netns=node.lab.ns("node"))
+        self.apiserver.start()
+        self.kubeconfig = self.apiserver.write_kubeconfig(workdir / f"{slug}.kubeconfig")
+        self.apiserver.create(
+            "nodes",
+            {
+                "metadata": {"name": "node", "labels": {"kubernetes.io/hostname": "node"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": node.lab.node_ip4}]},
+            },
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "command": " ".join(["pykp", *self._argv()[3:]]),
+            "policy": self.policy,
+            "source": "Kubernetes API: the stand-in API server (pykp.kube.standin) on the "
+            "node's loopback, one Service and one EndpointSlice (3 endpoints) per service",
+            "min_sync_period": f"{self.min_sync_period:g} s (pykp's and kube-proxy's default)",
+        }
+
+    # -- the API server's contents
+
+    def publish(self, services: ServiceSet) -> dict[str, Any]:
+        """Make the API server hold exactly `services` (every one with its endpoints):
+        only what differs from what it holds is written."""
+        assert self.apiserver is not None
+        started = time.perf_counter()
+        writes = 0
+        for index in [i for i in self._published if i >= services.count]:
+            self.apiserver.delete("services", "bench", f"svc-{index}")
+            self.apiserver.delete("endpointslices", "bench", f"svc-{index}-ipv4")
+            del self._published[index]
+            writes += 2
+        for index in range(services.count):
+            endpoints = services.endpoints(index)
+            have = self._published.get(index)
+            if have == endpoints:
+                continue
+            self.apiserver.apply("endpointslices", services.kube_slice(index))
+            writes += 1
+            if have is None:
+                self.apiserver.apply("services", services.kube_service(index))
+                writes += 1
+            self._published[index] = endpoints
+        return {"writes": writes, "seconds": time.perf_counter() - started}
+
+    def write_slice(self, services: ServiceSet, index: int) -> None:
+        """Write service `index`'s EndpointSlice as `services` has it now (one API write)."""
+        assert self.apiserver is not None
+        self.apiserver.apply("endpointslices", services.kube_slice(index))
+        self._published[index] = services.endpoints(index)
+
+    def write_service(self, services: ServiceSet, index: int) -> None:
+        """Create service `index` (its slice should be there already)."""
+        assert self.apiserver is not None
+        self.apiserver.apply("services", services.kube_service(index))
+
+    # -- the agent
+
+    def start_agent(self) -> None:
+        """Launch the agent on a clean node (returns at once: the caller times it)."""
+        assert self.node is not None
+        self.stop_agent()
+        self._starts += 1
+        self.state_dir = self.workdir / f"{self.name.replace('/', '-')}-state-{self._starts}"
+        log = self.log_path.open("a")
+        self.proc = self.node.lab.popen("node", self._argv(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def clean_node(self) -> None:
+        """No pykp rules, no conntrack entries: a node before its first agent."""
+        assert self.node is not None
+        self.node.node_exec(pykp_command("cleanup"), timeout=120)
+        self.node.flush_conntrack()
+
+    def stop_agent(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def check_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise ContenderError(f"pykp run (Kubernetes source) exited ({code}); see {self.log_path}")
+
+    def rss_kib(self) -> int | None:
+        """The agent process's VmRSS (KiB) from /proc/<pid>/status (`ip netns exec` execs
+        the agent, so the child's pid is the agent's)."""
+        if self.proc is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def syncs(self) -> float | None:
+        """Syncs the agent has done (successful or not): its sync duration histogram's count."""
+        return self.metric("kubeproxy_sync_proxy_rules_duration_seconds_count")
+
+    def wait_programmed(self, services: ServiceSet, timeout: float) -> None:
+        self._wait_services(services.count, timeout)
+
+    def program_all(self, services: ServiceSet) -> dict[str, Any]:
+        raise NotImplementedError("pykp/kube-* is measured by the kube_* workloads")
+
+    def unprogram(self, services: ServiceSet) -> None:
+        raise NotImplementedError("pykp/kube-* is measured by the kube_* workloads")
+
+    def pause(self) -> None:
+        pass  # the agent lives only within this contender's turn
+
+    def resume(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop_agent()
+        if self.apiserver is not None:
+            self.apiserver.stop()
+            self.apiserver = None
+
+
 def make_contender(name: str, binary: str) -> Contender:
     """A contender by its name on the command line."""
     if name == "direct":
@@ -539,6 +781,16 @@ def make_contender(name: str, binary: str) -> Contender:
         contender = PykpContender("random", ["--no-kernel-random"])
         contender.name = name
         return contender
+    if name.startswith("pykp/kube-"):
+        return PykpKubeContender(_policy(name, name.removeprefix("pykp/kube-")))
     if name.startswith("pykp/"):
-        return PykpContender(name.split("/", 1)[1])
+        return PykpContender(_policy(name, name.split("/", 1)[1]))
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _policy(name: str, policy: str) -> str:
+    from pykp.services_file import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown contender {name!r} (policies: {', '.join(POLICIES)})")
+    return policy

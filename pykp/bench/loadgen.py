@@ -89,17 +89,32 @@ def _read_line(proc: subprocess.Popen[Any], timeout: float, what: str) -> str:
     return line.decode().strip()
 
 
+# Listeners per `serve` process: one descriptor each, under a default hard RLIMIT_NOFILE of
+# 20,000 with room for connections (raising the hard limit needs CAP_SYS_RESOURCE, which a
+# container's root may lack). A bigger range is served by several processes.
+PORTS_PER_SERVER = 12000
+
+
 def start_server(lab: Lab, pod: Host | str, binary: str, ports: str, name: str) -> None:
-    """A `pykp-loadgen serve` backend in `pod` on `ports` ("8080" or "10000-10999"),
-    answering with `name`; killed with the lab."""
-    proc = lab.popen(
-        pod,
-        [binary, "serve", "--port", ports, "--name", name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    if _read_line(proc, 60, f"server in {pod}") != "ready":
-        raise LoadgenError(f"server in {pod} did not start")
+    """`pykp-loadgen serve` backends in `pod` on `ports` ("8080" or "10000-10999"),
+    answering with `name` (one process per `PORTS_PER_SERVER` ports); killed with the lab."""
+    first_text, _, last_text = ports.partition("-")
+    first, last = int(first_text), int(last_text or first_text)
+    procs = []
+    for start in range(first, last + 1, PORTS_PER_SERVER):
+        end = min(last, start + PORTS_PER_SERVER - 1)
+        chunk = str(start) if start == end else f"{start}-{end}"
+        procs.append(
+            lab.popen(
+                pod,
+                [binary, "serve", "--port", chunk, "--name", name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    for proc in procs:
+        if _read_line(proc, 60, f"server in {pod}") != "ready":
+            raise LoadgenError(f"server in {pod} did not start")
 
 
 def run_conns(

@@ -5,6 +5,12 @@ a baseline measured in the same run: computed per round (pykp's sample of round 
 baseline's of round r, taken minutes apart at most) and summarised the same way. A ratio
 is always pykp / baseline; for times (latency, CPU, programming, propagation) lower is
 better, so a target "100x faster" is a ratio <= 0.01.
+
+A metric may be compared with another metric of the baselines (`Metric.compare`): pykp fed
+through the Kubernetes source (``kube_*``) against kube-proxy's rule sets loaded from a
+file, which have no Kubernetes source here: its EndpointSlice-change p50 and p99 over their
+`propagation`, its start over their `program`. Some targets bound a figure itself (a
+latency in seconds) rather than a ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class Metric:
     unit: str
     higher_is_better: bool
     fmt: str = "{:,.0f}"
+    compare: str | None = None  # the baselines' metric it is divided by (default: itself)
 
 
 def _lat(field: str, q: str) -> Callable[[dict[str, Any]], float | None]:
@@ -54,6 +61,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("tput_8", "throughput, 8 streams", "tput_8", lambda s: s["bits_per_second"] / 1e9, "Gbit/s", True, "{:.2f}"),
     Metric("program", "program all services", "program", lambda s: s["seconds"], "s", False, "{:.3f}"),
     Metric("propagation", "endpoint change -> first conn", "propagation", lambda s: s["seconds"], "s", False, "{:.3f}"),
+    Metric("kube_start", "kube: agent start -> last service answers", "kube_start", lambda s: s["seconds"], "s", False, "{:.3f}", "program"),
+    Metric("kube_synced", "kube: agent start -> first sync done", "kube_start", lambda s: s["synced_seconds"] if s.get("syncs") == 1 else None, "s", False, "{:.3f}"),
+    Metric("kube_sync", "kube: the first sync's own duration", "kube_start", lambda s: s["sync_seconds"], "s", False, "{:.3f}"),
+    Metric("kube_rss", "kube: agent RSS after the first sync", "kube_start", lambda s: s["rss_kib"] / 1024, "MiB", False, "{:.1f}"),
+    Metric("kube_change_p50", "kube: EndpointSlice change -> first conn, p50", "kube_change", lambda s: s["p50"], "s", False, "{:.4f}", "propagation"),
+    Metric("kube_change_p99", "kube: EndpointSlice change -> first conn, p99", "kube_change", lambda s: s["p99"], "s", False, "{:.4f}", "propagation"),
+    Metric("kube_new", "kube: new Service -> first conn", "kube_new", lambda s: s["seconds"], "s", False, "{:.4f}"),
     Metric("fault_kill", "failed conns, agent killed + restarted", "fault_kill", lambda s: s["failed"], "", False),
     Metric("fault_kill_gap", "longest gap, agent killed + restarted", "fault_kill", lambda s: s["max_gap_us"] / 1000, "ms", False, "{:.1f}"),
     Metric("fault_stop", "failed conns, agent stopped 5 s", "fault_stop", lambda s: s["failed"], "", False),
@@ -108,7 +122,7 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
             for metric in METRICS:
                 mine = values.get(metric.key, {}).get(contender, {})
                 for base in BASELINES:
-                    theirs = values.get(metric.key, {}).get(base, {})
+                    theirs = values.get(metric.compare or metric.key, {}).get(base, {})
                     per_round = [
                         mine[r] / theirs[r] for r in mine if r in theirs and theirs[r] > 0
                     ]
@@ -116,11 +130,12 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
                     if st is not None:
                         table.setdefault(metric.key, {})[base] = st
             ratios[scale][contender] = table
-    return {"figures": figures, "ratios": ratios, "targets": _targets(doc, ratios)}
+    return {"figures": figures, "ratios": ratios, "targets": _targets(doc, ratios, figures)}
 
 
-# (description, metric, baseline, scale (None: the first one measured), op, bound)
-_TARGETS: tuple[tuple[str, str, str, int | None, str, float], ...] = (
+# (description, metric, baseline (None: the figure itself), scale (None: the first one
+# measured), op, bound)
+_TARGETS: tuple[tuple[str, str, str | None, int | None, str, float], ...] = (
     ("established throughput, 1 stream, vs iptables", "tput_1", "iptables", None, ">=", 0.98),
     ("established throughput, 1 stream, vs direct", "tput_1", "direct", None, ">=", 0.95),
     ("established throughput, most streams, vs iptables", "tput_max", "iptables", None, ">=", 0.98),
@@ -131,10 +146,19 @@ _TARGETS: tuple[tuple[str, str, str, int | None, str, float], ...] = (
     ("new conn/s at 10,000 services vs nftables", "conns_end", "nftables", 10000, ">=", 1.0),
     ("propagation at 10,000 services vs iptables (100x faster)", "propagation", "iptables", 10000, "<=", 0.01),
     ("propagation at 10,000 services vs nftables (faster)", "propagation", "nftables", 10000, "<", 1.0),
+    ("kube: slice change p50 at 10,000 services <= 15 ms", "kube_change_p50", None, 10000, "<=", 0.015),
+    ("kube: slice change p99 at 10,000 services <= 50 ms", "kube_change_p99", None, 10000, "<=", 0.050),
+    ("kube: slice change p50 at 10,000 vs iptables propagation (100x faster)", "kube_change_p50", "iptables", 10000, "<=", 0.01),
+    ("kube: slice change p50 at 10,000 vs nftables propagation (25x faster)", "kube_change_p50", "nftables", 10000, "<=", 0.04),
+    ("kube: new Service -> first conn at 10,000 services <= 30 ms", "kube_new", None, 10000, "<=", 0.030),
+    ("kube: agent start -> 10,000 services programmed <= 2 s", "kube_start", None, 10000, "<=", 2.0),
+    ("kube: agent start -> 30,000 services programmed <= 6 s", "kube_start", None, 30000, "<=", 6.0),
 )
 
 
-def _targets(doc: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]]:
+def _targets(
+    doc: dict[str, Any], ratios: dict[str, Any], figures: dict[str, Any]
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     scales = list(doc["samples"])
     streams = doc.get("settings", {}).get("streams", [1])
@@ -142,12 +166,17 @@ def _targets(doc: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]
         if key == "tput_max":
             key = f"tput_{max(streams)}"
         where = str(scale) if scale is not None else (scales[0] if scales else None)
-        if where not in ratios:
+        if where is None:
             continue
-        for contender, table in ratios[where].items():
-            st = table.get(key, {}).get(base)
-            if st is None:
-                continue
+        if base is None:  # the figure itself, of every contender that has it
+            found = [(c, st) for c, st in figures.get(where, {}).get(key, {}).items()]
+        else:
+            found = [
+                (c, table[key][base])
+                for c, table in ratios.get(where, {}).items()
+                if base in table.get(key, {})
+            ]
+        for contender, st in found:
             value = st["median"]
             met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
             if met:
@@ -156,6 +185,7 @@ def _targets(doc: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]
                 gap = f"missed: {value / bound:.2f} of the target ({bound / value:.2f}x short)"
             else:
                 gap = f"missed: {value / bound:.2f}x the bound"
+            is_ratio = base is not None
             out.append(
                 {
                     "target": desc,
@@ -163,9 +193,14 @@ def _targets(doc: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]
                     "scale": int(where),
                     "metric": key,
                     "baseline": base,
-                    "ratio": value,
-                    "ratio_min": st["min"],
-                    "ratio_max": st["max"],
+                    "kind": "ratio" if is_ratio else "value",
+                    "unit": "" if is_ratio else _BY_KEY[key].unit,
+                    "value": value,
+                    "value_min": st["min"],
+                    "value_max": st["max"],
+                    "ratio": value if is_ratio else None,
+                    "ratio_min": st["min"] if is_ratio else None,
+                    "ratio_max": st["max"] if is_ratio else None,
                     "op": op,
                     "bound": bound,
                     "met": met,
@@ -173,6 +208,11 @@ def _targets(doc: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]
                 }
             )
     return out
+
+
+def _target_value(t: dict[str, Any]) -> str:
+    unit = f" {t['unit']}" if t.get("unit") else ""
+    return f"{t['value']:.3f}{unit} ({t['value_min']:.3f}-{t['value_max']:.3f})"
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -234,14 +274,17 @@ def render(doc: dict[str, Any], summary: dict[str, Any], console: Console) -> No
                     )
             console.print(rt)
     if summary["targets"]:
-        tt = Table(title="issue 5 targets (ratio = pykp / baseline)", title_justify="left")
-        for col in ("target", "contender", "ratio (min-max)", "bound", "result"):
+        tt = Table(
+            title="issue 5 targets (ratio = pykp / baseline, or the figure itself)",
+            title_justify="left",
+        )
+        for col in ("target", "contender", "ratio or value (min-max)", "bound", "result"):
             tt.add_column(col)
         for t in summary["targets"]:
             tt.add_row(
                 t["target"],
                 t["contender"],
-                f"{t['ratio']:.3f} ({t['ratio_min']:.3f}-{t['ratio_max']:.3f})",
+                _target_value(t),
                 f"{t['op']} {t['bound']}",
                 "[green]met[/green]" if t["met"] else f"[red]{t['note']}[/red]",
             )
@@ -263,10 +306,16 @@ def served_failures(doc: dict[str, Any]) -> list[str]:
                             f"{scale} svc {contender} {source} round {s.get('round')}: "
                             f"{s['ok']}/{s['attempted']} ({s['errors']})"
                         )
-            for source in ("program", "propagation"):
+            for source in ("program", "propagation", "kube_start", "kube_new"):
                 for s in samples.get(source, []):
                     if not s.get("found"):
                         out.append(f"{scale} svc {contender} {source} round {s.get('round')}: not seen")
+            for s in samples.get("kube_change", []):
+                if not s.get("found"):
+                    out.append(
+                        f"{scale} svc {contender} kube_change round {s.get('round')}: "
+                        f"{s.get('missed')} of {s.get('changes')} changes not seen"
+                    )
     return out
 
 
@@ -291,6 +340,11 @@ def plot(doc: dict[str, Any], summary: dict[str, Any], path: Path) -> str | None
         ("cpu", False),
         ("program", True),
         ("propagation", True),
+        ("kube_start", True),
+        ("kube_change_p50", True),
+        ("kube_change_p99", True),
+        ("kube_new", True),
+        ("kube_rss", False),
         ("tput_1", False),
         (f"tput_{max(doc['settings'].get('streams', [1]))}", False),
     ]
@@ -305,6 +359,9 @@ def plot(doc: dict[str, Any], summary: dict[str, Any], path: Path) -> str | None
             xs, meds, lo, hi = [], [], [], []
             for j, s in enumerate(scales):
                 st = summary["figures"][s].get(key, {}).get(c)
+                if st is None and metric.compare and c in BASELINES:
+                    # The baselines' figure this one is compared with (their file-based one).
+                    st = summary["figures"][s].get(metric.compare, {}).get(c)
                 if st is None:
                     continue
                 xs.append(j + (i - (len(contenders) - 1) / 2) * width)
@@ -316,7 +373,10 @@ def plot(doc: dict[str, Any], summary: dict[str, Any], path: Path) -> str | None
         ax.set_xlim(-0.5, len(scales) - 0.5)
         ax.set_xticks(range(len(scales)))
         ax.set_xticklabels([f"{int(s):,} svc" for s in scales])
-        ax.set_title(f"{metric.label} ({metric.unit})", fontsize=9)
+        title = f"{metric.label} ({metric.unit})"
+        if metric.compare:
+            title += f"\nbaselines: their {_BY_KEY[metric.compare].label}"
+        ax.set_title(title, fontsize=9)
         if log:
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(panels) :]:
@@ -363,13 +423,16 @@ def markdown(doc: dict[str, Any], summary: dict[str, Any]) -> str:
                     better = "higher" if metric.higher_is_better else "lower"
                     out.append(f"| {metric.label} ({better} is better) | " + " | ".join(cells) + " |")
     if summary["targets"]:
-        out.append("\n**Issue 5 targets** (ratio = pykp / baseline, median of per-round ratios)\n")
-        out.append("| target | contender | ratio (min-max) | bound | result |")
+        out.append(
+            "\n**Issue 5 targets** (ratio = pykp / baseline, median of per-round ratios; "
+            "or the figure itself, median over rounds)\n"
+        )
+        out.append("| target | contender | ratio or value (min-max) | bound | result |")
         out.append("| --- | --- | ---: | --- | --- |")
         for t in summary["targets"]:
             result = "met" if t["met"] else t["note"]
             out.append(
-                f"| {t['target']} | {t['contender']} | {t['ratio']:.3f} "
-                f"({t['ratio_min']:.3f}-{t['ratio_max']:.3f}) | {t['op']} {t['bound']} | {result} |"
+                f"| {t['target']} | {t['contender']} | {_target_value(t)} "
+                f"| {t['op']} {t['bound']} | {result} |"
             )
     return "\n".join(out) + "\n"

@@ -5,8 +5,11 @@ its turn (the order rotates from round to round, so no contender is always first
 after another's load) and runs every workload once: programming all services, new
 connections (last service, random services), the fixed-rate run (latency and CPU),
 throughput (at the first scale only: the established path does not depend on the number
-of services for any contender here) and the endpoint change. Raw samples are kept; the
-report takes medians and spreads over the rounds, and ratios per round.
+of services for any contender here) and the endpoint change. A ``pykp/kube-*`` contender
+(the agent fed through the Kubernetes source) runs the ``kube_*`` workloads instead: agent
+start to all services programmed (and its RSS), `kube_changes` EndpointSlice changes, one
+new Service; then the last-service and fixed-rate connection runs. Raw samples are kept;
+the report takes medians and spreads over the rounds, and ratios per round.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from pykp.bench import workloads
-from pykp.bench.contenders import BenchNode, Contender, ServiceSet, make_contender
+from pykp.bench.contenders import (
+    BenchNode,
+    Contender,
+    PykpKubeContender,
+    ServiceSet,
+    make_contender,
+)
 from pykp.bench.loadgen import find_loadgen
 from pykp.bench.workloads import LoadSettings
 
@@ -39,6 +48,7 @@ DEFAULT_CONTENDERS = (
     "pykp/random",
     "pykp/round-robin",
     "pykp/maglev",
+    "pykp/kube-random",
 )
 SCHEMA = "pykp-bench/1"
 
@@ -61,6 +71,8 @@ class BenchSettings:
     # Fault runs at the first scale: the agent killed and restarted, or stopped for 5 s,
     # under a steady load (workloads.fault).
     faults: list[str] = field(default_factory=lambda: ["kill", "stop"])
+    # EndpointSlice changes per round of a pykp/kube-* contender (its p50 and p99).
+    kube_changes: int = 20
     preset: str = "custom"
 
     def load(self) -> LoadSettings:
@@ -119,6 +131,9 @@ def _steps(settings: BenchSettings, contenders: Sequence[Contender]) -> int:
     total = 0
     for i, scale in enumerate(settings.scales):
         for c in contenders:
+            if isinstance(c, PykpKubeContender):
+                total += 5 * settings.rounds  # start, conns end, rate, change, new service
+                continue
             per = 2 + (1 if scale > 1 else 0)  # conns end, rate, conns random
             per += 2 if c.proxies else 0  # program, propagation
             per += len(settings.streams) if (c.throughput and i == 0) else 0
@@ -160,7 +175,9 @@ def run_bench(
         shared: BenchNode | None = None  # direct and loopback share a lab: neither has rules
         for c in contenders:
             progress(f"setting up {c.name}", None)
-            if c.proxies:
+            if isinstance(c, PykpKubeContender):  # one more port: the new Service's
+                node = BenchNode(binary, max(settings.scales), with_iperf=False, spare_ports=1)
+            elif c.proxies:
                 node = BenchNode(binary, max(settings.scales))
             else:
                 if shared is None:
@@ -224,6 +241,9 @@ def _turn(
         samples.setdefault(metric, []).append(sample)
         progress(f"{tag}: {metric}", {"contender": c.name, "metric": metric, "sample": sample})
 
+    if isinstance(c, PykpKubeContender):
+        _kube_turn(c, node, scale, settings, binary, workdir, services, record, tag, progress)
+        return
     if c.proxies:
         progress(f"{tag}: clearing", None)
         c.unprogram(services)
@@ -251,6 +271,40 @@ def _turn(
         for kind in settings.faults:
             progress(f"{tag}: fault ({kind}) under a steady load", None)
             record(f"fault_{kind}", workloads.fault(node, c, services, kind, binary))
+
+
+def _kube_turn(
+    c: PykpKubeContender,
+    node: BenchNode,
+    scale: int,
+    settings: BenchSettings,
+    binary: str,
+    workdir: Path,
+    services: ServiceSet,
+    record: Callable[[str, dict[str, Any]], None],
+    tag: str,
+    progress: Progress,
+) -> None:
+    """A turn of the agent fed through the Kubernetes source: started, measured, stopped."""
+    load = settings.load()
+    try:
+        progress(f"{tag}: API server holds {scale} services; agent start", None)
+        record("kube_start", workloads.kube_start(node, c, services, load, binary))
+        progress(f"{tag}: new connections", None)
+        record("conns_end", workloads.conns(node, c, services, "end", load, binary, workdir))
+        record(
+            "rate_end",
+            workloads.conns(node, c, services, "end", load, binary, workdir, fixed_rate=True),
+        )
+        progress(f"{tag}: {settings.kube_changes} EndpointSlice changes", None)
+        record(
+            "kube_change",
+            workloads.kube_change(node, c, services, load, binary, settings.kube_changes),
+        )
+        progress(f"{tag}: a new Service", None)
+        record("kube_new", workloads.kube_new(node, c, services, load, binary))
+    finally:
+        c.stop_agent()
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -9,6 +9,10 @@
 * `program`: from no services to the last one answering (a probe connects every ms).
 * `propagation`: from changing one service's endpoints (to the spare backend) to the first
   connection answered by it.
+* `kube_start`, `kube_change`, `kube_new` (the ``pykp/kube-*`` contenders, fed through
+  the Kubernetes source): agent start to the last service answering (and the agent's RSS
+  after its first sync); one EndpointSlice changed to the first connection its new backend
+  answers, repeated, p50 and p99; a new Service to its first answered connection.
 * `fault`: a steady 200 new connections/s (1 s connect timeout) while the contender's agent
   is killed and restarted 2 s later, or stopped for 5 s: failed connections and the longest
   wait for the next successful one. Static rule sets (kube-proxy's) have no agent to lose.
@@ -21,12 +25,21 @@ machines that other work shares.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pykp.bench.contenders import SERVING, BenchNode, Contender, PykpContender, ServiceSet
+from pykp.bench.contenders import (
+    SERVING,
+    BenchNode,
+    Contender,
+    ContenderError,
+    PykpContender,
+    PykpKubeContender,
+    ServiceSet,
+)
 from pykp.bench.loadgen import run_conns, start_probe
 
 __all__ = [
@@ -34,6 +47,9 @@ __all__ = [
     "conns",
     "cpu_times",
     "fault",
+    "kube_change",
+    "kube_new",
+    "kube_start",
     "program",
     "propagation",
     "throughput",
@@ -230,3 +246,199 @@ def fault(
     if isinstance(contender, PykpContender):
         contender.wait_programmed(services, 60)
     return {**result, "fault": kind, "dark_seconds": dark}
+
+
+# --- through the Kubernetes source -------------------------------------------------------------
+
+# Past --min-sync-period since the previous sync began: a write then never waits for the
+# rate limiter (what is measured is one change in a quiet cluster, as the file-based
+# baselines' `propagation` is).
+KUBE_SPACING_MARGIN = 0.25
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least q of the values at or below it (p99
+    of 20 changes is their maximum)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _expect(services: ServiceSet, index: int) -> list[str]:
+    names = {ip: f"backend-{i}" for i, ip in enumerate(services.backends)}
+    return [names[ip] for ip, _ in services.endpoints(index)]
+
+
+def kube_start(
+    node: BenchNode, contender: PykpKubeContender, services: ServiceSet, load: LoadSettings,
+    binary: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Seconds from launching the agent (on a clean node, the API server holding the
+    services) to the last service answering; the first sync's end by the agent's own
+    metric; the agent's RSS right after."""
+    contender.stop_agent()
+    published = contender.publish(services)
+    contender.clean_node()
+    index = services.count - 1
+    target = contender.targets(services, [index])[0]
+    # Nothing may answer before the agent runs (a rule left behind would make the start free).
+    stale = start_probe(
+        node.lab, node.client, binary, target, _expect(services, index), 0.3,
+        load.probe_interval_us,
+    ).result()  # fmt: skip
+    if stale["found"]:
+        raise ContenderError(f"{target} answered before the agent started: rules left behind")
+    probe = start_probe(
+        node.lab, node.client, binary, target, _expect(services, index),
+        load.probe_timeout, load.probe_interval_us,
+    )  # fmt: skip
+    try:
+        wall = time.time()
+        started = time.monotonic()
+        contender.start_agent()
+        result = probe.result()
+    finally:
+        probe.kill()
+    contender.check_running()
+    contender.wait_programmed(services, load.probe_timeout)
+    rss = contender.rss_kib()
+    last_sync = contender.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+    syncs = contender.syncs()
+    sync_sum = contender.metric("kubeproxy_sync_proxy_rules_duration_seconds_sum")
+    return {
+        "seconds": (result["t_mono"] - started) if result["found"] else None,
+        "found": result["found"],
+        # The end of the latest sync: the first one's when `syncs` is 1.
+        "synced_seconds": (last_sync - wall) if last_sync else None,
+        "syncs": syncs,
+        # The first sync's own duration (the agent's histogram), when it is the only one:
+        # the rest of `synced_seconds` is the process start and the API server's lists.
+        "sync_seconds": sync_sum if syncs == 1 else None,
+        "rss_kib": rss,
+        "probe": result,
+        "api_writes": published["writes"],
+        "api_write_seconds": published["seconds"],
+    }
+
+
+def _quiet(contender: PykpKubeContender, since: float) -> None:
+    """Wait until --min-sync-period (+ a margin) has passed since `since`."""
+    delay = since + contender.min_sync_period + KUBE_SPACING_MARGIN - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def kube_change(
+    node: BenchNode, contender: PykpKubeContender, services: ServiceSet, load: LoadSettings,
+    binary: str, changes: int,
+) -> dict[str, Any]:  # fmt: skip
+    """`changes` times: one EndpointSlice written with its endpoints moved (to the spare
+    backend only; a service already moved goes back to its 3), the seconds to the first
+    connection its new backend answers. Services are taken from the last one down (a
+    single service alternates). Each write comes more than --min-sync-period after the
+    previous change was answered. Leaves `services` (and the API server) changed."""
+    contender.check_running()
+    spare = services.backends[SERVING]
+    seconds: list[float] = []
+    counts: list[float | None] = []  # the agent's syncs so far, before each write
+    missed = 0
+    last = time.monotonic()
+    for j in range(changes):
+        index = services.count - 1 - (j % services.count)
+        if index in services.changed:
+            del services.changed[index]
+        else:
+            services.changed[index] = ((spare, services.port(index)),)
+        target = contender.targets(services, [index])[0]
+        probe = start_probe(
+            node.lab, node.client, binary, target, _expect(services, index),
+            load.probe_timeout, load.probe_interval_us,
+        )  # fmt: skip
+        try:
+            _quiet(contender, last)
+            counts.append(contender.syncs())
+            started = time.monotonic()
+            contender.write_slice(services, index)
+            result = probe.result()
+        finally:
+            probe.kill()
+        last = time.monotonic()
+        if result["found"]:
+            seconds.append(result["t_mono"] - started)
+        else:
+            missed += 1
+    _quiet(contender, last)
+    counts.append(contender.syncs())
+    syncs = [
+        b - a if a is not None and b is not None else None for a, b in zip(counts, counts[1:])
+    ]
+    contender.check_running()
+    return {
+        "changes": changes,
+        "found": missed == 0,
+        "missed": missed,
+        "seconds": seconds,
+        "p50": _quantile(seconds, 0.5) if seconds else None,
+        "p99": _quantile(seconds, 0.99) if seconds else None,
+        "max": max(seconds) if seconds else None,
+        # Syncs the agent did from each write to the next one's (1 expected; more: a
+        # periodic resync ran in between, and may have held the change up).
+        "syncs": syncs,
+        "min_sync_period": contender.min_sync_period,
+    }
+
+
+def _wait_sync(
+    contender: PykpKubeContender, queued: float | None, before: float | None, timeout: float
+) -> None:
+    """After a write: if it queued a sync (the agent's last-queued timestamp moved within
+    a second), wait for a sync to end."""
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        now = contender.metric("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds")
+        if now != queued or (contender.syncs() or 0) > (before or 0):
+            break
+        time.sleep(0.02)
+    else:
+        return  # nothing queued: nothing to wait for
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (contender.syncs() or 0) > (before or 0):
+            return
+        time.sleep(0.05)
+
+
+def kube_new(
+    node: BenchNode, contender: PykpKubeContender, services: ServiceSet, load: LoadSettings,
+    binary: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Seconds from creating one more Service (index `services.count`, its EndpointSlice
+    written before, as the controller has it by the time the Service is seen, and synced)
+    to its first answered connection."""
+    contender.check_running()
+    index = services.count
+    grown = ServiceSet(services.count + 1, services.backends, dict(services.changed))
+    # The slice alone first; its sync (nothing to program without the Service) is waited
+    # for, and --min-sync-period after it, so the Service's write waits for no one.
+    queued = contender.metric("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds")
+    before = contender.syncs()
+    contender.write_slice(grown, index)
+    _wait_sync(contender, queued, before, load.probe_timeout)
+    target = contender.targets(grown, [index])[0]
+    probe = start_probe(
+        node.lab, node.client, binary, target, _expect(grown, index),
+        load.probe_timeout, load.probe_interval_us,
+    )  # fmt: skip
+    try:
+        _quiet(contender, time.monotonic())
+        started = time.monotonic()
+        contender.write_service(grown, index)
+        result = probe.result()
+    finally:
+        probe.kill()
+    contender.check_running()
+    contender._published[index] = grown.endpoints(index)
+    return {
+        "seconds": (result["t_mono"] - started) if result["found"] else None,
+        "found": result["found"],
+        "probe": result,
+    }

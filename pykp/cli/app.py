@@ -699,7 +699,11 @@ def bench(
         typer.Option(
             help="Comma-separated: direct, loopback, iptables, iptables-legacy, nftables, "
             "pykp/random, pykp/random-nfqueue, pykp/round-robin, pykp/maglev, pykp/least-conn "
-            "(default: all but iptables-legacy and least-conn)."
+            "(fed a services file), pykp/kube-random (or pykp/kube-<policy>: fed through the "
+            "Kubernetes source by a stand-in API server; measures agent start to all services "
+            "programmed, its RSS, EndpointSlice change and new Service to first connection, "
+            "against iptables' and nftables' file-based figures) "
+            "(default: all but iptables-legacy, pykp/least-conn and other pykp/kube-<policy>)."
         ),
     ] = None,
     duration: Annotated[
@@ -722,6 +726,16 @@ def bench(
             "restarted 2 s later), stop (SIGSTOP 5 s), or none (default: both; --quick: none)."
         ),
     ] = None,
+    kube_changes: Annotated[
+        int | None,
+        typer.Option(
+            help="EndpointSlice changes per round of a pykp/kube-* contender, for its p50 and "
+            "p99 (each more than --min-sync-period, 1 s, after the previous one was answered; "
+            "default 20, --quick: 4).",
+            min=1,
+            max=1000,
+        ),
+    ] = None,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the raw samples and summary here.")
     ] = None,
@@ -737,6 +751,10 @@ def bench(
     Builds one lab node per contender (network namespaces only; needs root, iptables,
     nftables, conntrack and iperf3; the load generator comes with pykp), then measures every contender round after round: new connections per second,
     connect latency, CPU per connection, throughput, programming and endpoint-change times.
+    pykp/kube-random runs the agent against a stand-in Kubernetes API server instead: agent
+    start to all services programmed, its RSS, EndpointSlice change to first connection
+    (p50, p99) and new Service to first connection, with ratios to iptables' and nftables'
+    file-based programming and propagation times from the same run.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -758,6 +776,7 @@ def bench(
             streams=[1, 2],
             probe_timeout=60.0,
             faults=[],
+            kube_changes=4,
             preset="quick",
         )
     else:
@@ -791,11 +810,13 @@ def bench(
         ("concurrency", concurrency),
         ("threads", threads),
         ("rate", rate),
+        ("kube_changes", kube_changes),
     ):
         if value is not None:
             setattr(settings, name, value)
     if settings.preset != "quick" and any(
-        v is not None for v in (rounds, contenders, duration, concurrency, threads, rate, faults)
+        v is not None
+        for v in (rounds, contenders, duration, concurrency, threads, rate, faults, kube_changes)
     ):
         settings.preset = "custom"
 
@@ -824,10 +845,17 @@ def bench(
                 f"{sample['conns_per_s']:>9,.0f} conn/s  {sample['ok']}/{sample['attempted']} served"
                 f"  connect p99 {sample['connect_us']['p99'] / 1000:.3f} ms"
             )
+        elif "p50" in sample:  # repeated changes (kube_change)
+            text = (
+                f"p50 {sample['p50'] or float('nan'):.4f} s  p99 {sample['p99'] or float('nan'):.4f} s"
+                f"  {sample['changes'] - sample['missed']}/{sample['changes']} seen"
+            )
         elif "bits_per_second" in sample:
             text = f"{sample['bits_per_second'] / 1e9:>9.2f} Gbit/s"
         elif "seconds" in sample and sample["seconds"] is not None:
             text = f"{sample['seconds']:>9.3f} s"
+            if sample.get("rss_kib"):
+                text += f"  RSS {sample['rss_kib'] / 1024:.0f} MiB"
         else:
             text = "not seen before the timeout"
         progress.console.print(f"  {message:<58} {text}")
