@@ -13,7 +13,7 @@ the harness interleaves the measurements round by round. The baselines:
 * ``nftables``: kube-proxy's nftables mode, loaded with ``nft -f``.
 * ``pykp/<policy>``: the real ``pykp run`` agent (NFQUEUE datapath) fed a services file.
 * ``pykp/kube-<policy>``: the same agent fed through the Kubernetes source: a stand-in API
-  server (`pykp.kube.standin`, the real wire protocol) on the node's loopback holds the
+  server (`pykp.labs.kube_apiserver`, the real wire protocol) on the node's loopback holds the
   services as Services and EndpointSlices. Measured by the ``kube_*`` workloads (start,
   one EndpointSlice change, a new Service, RSS); kube-proxy's rule sets have no Kubernetes
   source here, so their file-based `propagation` and `program` are its baselines.
@@ -584,7 +584,7 @@ class PykpContender(Contender):
 
 class PykpKubeContender(PykpContender):
     """`pykp run` fed through its Kubernetes source: the stand-in API server
-    (`pykp.kube.standin.KubeApiServer`, the real list/watch wire protocol) listens on the
+    (`pykp.labs.kube_apiserver.KubeApiServer`, the real list/watch wire protocol) listens on the
     node's loopback and holds the bench's services as Services with one EndpointSlice each
     (3 ready endpoints, as in the services file).
 
@@ -622,7 +622,7 @@ class PykpKubeContender(PykpContender):
         ]  # fmt: skip
 
     def setup(self, node: BenchNode, workdir: Path) -> None:
-        from pykp.kube.standin import KubeApiServer
+        from pykp.labs.kube_apiserver import KubeApiServer
 
         self.node = node
         slug = self.name.replace("/", "-")
@@ -646,7 +646,7 @@ class PykpKubeContender(PykpContender):
         return {
             "command": " ".join(["pykp", *self._argv()[3:]]),
             "policy": self.policy,
-            "source": "Kubernetes API: the stand-in API server (pykp.kube.standin) on the "
+            "source": "Kubernetes API: the stand-in API server (pykp.labs.kube_apiserver) on the "
             "node's loopback, one Service and one EndpointSlice (3 endpoints) per service",
             "min_sync_period": f"{self.min_sync_period:g} s (pykp's and kube-proxy's default)",
         }
@@ -789,7 +789,7 @@ def make_contender(name: str, binary: str) -> Contender:
 
 
 def _policy(name: str, policy: str) -> str:
-    from pykp.services_file import POLICIES
+    from pykp.model import POLICIES
 
     if policy not in POLICIES:
         raise ValueError(f"unknown contender {name!r} (policies: {', '.join(POLICIES)})")
