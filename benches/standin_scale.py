@@ -67,10 +67,10 @@ def _serve(count: int, per_object: bool, directory: str, pipe: Connection) -> No
 
 def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
     """One measurement at `count` services (and as many slices); seconds, by what."""
+    import kubernetes.client
+
     from pykp.sources.kube.client import ApiListWatch, api_client
     from pykp.sources.kube.source import KubeSource
-
-    import kubernetes.client
 
     results: dict[str, float] = {"count": count}
     with tempfile.TemporaryDirectory() as directory:

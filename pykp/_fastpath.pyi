@@ -4,9 +4,7 @@ Checked against the built extension by `python -m mypy.stubtest pykp._fastpath`.
 """
 
 from collections.abc import Sequence
-from typing import Final, final
-
-from typing_extensions import Self
+from typing import Final, Self, final
 
 __all__ = [
     "__version__",

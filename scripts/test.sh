@@ -31,6 +31,9 @@ step "python: stubs match the installed extension; types"
 (cd / && "$py" -m mypy.stubtest pykp._fastpath)
 "$py" -m mypy pykp
 
+step "python: lint"
+"$py" -m ruff check pykp tests benches
+
 step "python: tests (against the installed pykp)"
 # The venv's pytest script, not `python -m pytest`, for the same reason: tests import the
 # installed package.

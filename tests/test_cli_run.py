@@ -21,8 +21,8 @@ import pytest
 from test_agent_unit import SERVICES, Harness, StaticSource
 from typer.testing import CliRunner
 
-from pykp.cli import app as cli
 from pykp.agent.agent import Agent, AgentConfig
+from pykp.cli import app as cli
 from pykp.netfilter.rules import RulesError
 from pykp.observe.metrics import MetricsServer
 from pykp.observe.status import write_status_file

@@ -16,7 +16,7 @@ from pykp.agent.plan import (
     service_ports_to_engine,
     services_file_to_engine,
 )
-from pykp.model import EndpointPort, EndpointSpec, ServicePort, Catalog, ServiceSpec
+from pykp.model import Catalog, EndpointPort, EndpointSpec, ServicePort, ServiceSpec
 from pykp.sources.kube.translate import KubeProblem, parse_node, translate
 
 

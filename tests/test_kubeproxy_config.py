@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from pykp.cli import app as cli
 from pykp.agent.agent import AgentConfig
 from pykp.agent.kubeproxy_config import KubeProxyConfigError, parse_kubeproxy_config
+from pykp.cli import app as cli
 
 KUBE_PROXY_CONFIG = """
 apiVersion: kubeproxy.config.k8s.io/v1alpha1

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from pykp.netfilter import conntrack as kernel_conntrack
 from pykp.labs.lab import NETNS_DIR, Lab
+from pykp.netfilter import conntrack as kernel_conntrack
 from pykp.netfilter.rules import (
     FrontendRule,
     MarkLayout,

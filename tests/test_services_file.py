@@ -18,10 +18,10 @@ from pykp.agent.plan import (
 from pykp.model import (
     DEFAULT_AFFINITY_TIMEOUT_SECONDS,
     POLICIES,
+    Catalog,
     EndpointSpec,
     Problem,
     ServicePort,
-    Catalog,
     ServiceSpec,
 )
 from pykp.sources.services_file import (

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from pykp import __version__
 from pykp.labs.simulate import render_simulation, simulate_connections
-from pykp.model import POLICIES, Problem, Catalog, family_warnings
+from pykp.model import POLICIES, Catalog, Problem, family_warnings
 from pykp.sources.services_file import ServicesFileError, load_bundled_example, load_services_file
 
 if TYPE_CHECKING:

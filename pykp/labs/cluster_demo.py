@@ -28,7 +28,7 @@ from pykp.labs.lab import ClusterLab
 from pykp.labs.lab_agent import LabAgent, http_get, wait_for
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = ["ApiServer", "ClusterDemo", "start_cluster_demo"]
 

@@ -57,7 +57,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2 import netns as _pr_netns
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = [
     "DEFAULT_PREFIX",
