@@ -30,10 +30,12 @@ import itertools
 import json
 import shlex
 import socket
-import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from pykp.netfilter.executor import NftExecutor, make_executor
+from pykp.netfilter.tool import RulesError, ToolResult, run_tool
 
 __all__ = [
     "JUMP_COMMENT",
@@ -58,57 +60,6 @@ _PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _HOOKS = ("PREROUTING", "OUTPUT")
 # Elements per `add element` statement; all statements still form one transaction.
 _CHUNK = 4096
-_TIMEOUT = 300.0
-
-
-# --- running commands -------------------------------------------------------------
-
-
-class RulesError(RuntimeError):
-    """A command of the rules layer failed (or could not be started)."""
-
-    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.stderr = stderr
-        detail = stderr.strip()
-        if len(detail) > 4000:
-            detail = detail[:4000] + " ..."
-        super().__init__(f"`{shlex.join(self.argv)}` exited with {returncode}: {detail}")
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_tool(
-    argv: Sequence[str],
-    *,
-    netns: str | None = None,
-    stdin: str | None = None,
-    check: bool = True,
-) -> ToolResult:
-    """Run one command (inside `netns` when given); the only place this layer execs."""
-    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
-    try:
-        proc = subprocess.run(
-            full,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT,
-            check=False,
-        )
-    except FileNotFoundError as error:
-        raise RulesError(full, 127, f"{error} (install iptables, nftables, conntrack)") from None
-    except subprocess.TimeoutExpired:
-        raise RulesError(full, -1, f"timed out after {_TIMEOUT:.0f} s") from None
-    if check and proc.returncode != 0:
-        raise RulesError(full, proc.returncode, proc.stderr)
-    return ToolResult(proc.returncode, proc.stdout, proc.stderr)
 
 
 # --- marks --------------------------------------------------------------------------
@@ -534,6 +485,7 @@ class RuleManager:
         chain: str = "PYKP-QUEUE",
         ipv6: bool = True,
         netns: str | None = None,
+        nft: NftExecutor | None = None,
     ) -> None:
         layout.validate()
         first, last = queues
@@ -546,6 +498,8 @@ class RuleManager:
         self.chain = chain
         self.ipv6 = ipv6
         self.netns = netns
+        # Scripts go through the library in-process when it loads (no exec per change).
+        self.nft = nft if nft is not None else make_executor(netns)
         # What the kernel holds since the last successful sync; None forces a full load.
         self._current: dict[str, dict[str, str]] | None = None
 
@@ -645,7 +599,7 @@ class RuleManager:
     # kernel operations
 
     def _nft(self, script: str) -> None:
-        run_tool(["nft", "-f", "-"], netns=self.netns, stdin=script)
+        self.nft.run(script)
 
     def _table_objects(self) -> dict[str, set[str]] | None:
         """Names of our table's chains, sets and maps, or None when it holds none.

@@ -1,0 +1,99 @@
+"""How an nft script reaches the kernel: one place, replaceable.
+
+`LibNftables` runs the script inside this process through libnftables (what the `nft`
+command is built on): no fork and exec per transaction, which is most of a small change's
+cost. `NftCommand` runs `nft -f -` (in another network namespace when asked: the library
+works in the caller's). `NftRecorder` keeps the scripts it is given, for tests that check
+what would be sent without root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+from typing import Protocol
+
+from pykp.netfilter.tool import RulesError, run_tool
+
+__all__ = ["LibNftables", "NftCommand", "NftExecutor", "NftRecorder", "make_executor"]
+
+
+class NftExecutor(Protocol):
+    """Runs one nft script as one transaction; raises RulesError when nft refuses it."""
+
+    def run(self, script: str) -> None: ...
+
+
+class NftCommand:
+    """`nft -f -`, optionally in a named network namespace."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+
+    def run(self, script: str) -> None:
+        run_tool(["nft", "-f", "-"], netns=self.netns, stdin=script)
+
+
+class NftRecorder:
+    """Records scripts instead of running them; `fail` makes the next runs raise."""
+
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+        self.fail: str | None = None
+
+    def run(self, script: str) -> None:
+        if self.fail is not None:
+            raise RulesError(["nft", "-f", "-"], 1, self.fail)
+        self.scripts.append(script)
+
+
+class LibNftables:
+    """libnftables in this process (and its network namespace). Thread-safe."""
+
+    def __init__(self, library: str = "libnftables.so.1") -> None:
+        lib = ctypes.CDLL(library, use_errno=True)
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        ctx = lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
+        if not ctx:
+            raise OSError("libnftables: nft_ctx_new failed")
+        # Buffered: messages come back to us instead of going to the process's stderr.
+        lib.nft_ctx_buffer_output(ctx)
+        lib.nft_ctx_buffer_error(ctx)
+        self._lib = lib
+        self._ctx = ctx
+        self._lock = threading.Lock()
+
+    def run(self, script: str) -> None:
+        with self._lock:
+            status = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
+            error = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
+        if status != 0:
+            raise RulesError(["libnftables", "-f", "-"], status, error.decode(errors="replace"))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx:
+                self._lib.nft_ctx_free(self._ctx)
+                self._ctx = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def make_executor(netns: str | None = None) -> NftExecutor:
+    """The library in our own namespace when it loads, else the command."""
+    if netns is None:
+        try:
+            return LibNftables()
+        except OSError:
+            pass
+    return NftCommand(netns)
