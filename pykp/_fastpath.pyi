@@ -127,7 +127,7 @@ class Decision:
 
     @property
     def action(self) -> str:
-        """"forward", "pass", "reject" or "drop"."""
+        """ "forward", "pass", "reject" or "drop"."""
     @property
     def reason(self) -> str | None:
         """Why a packet was passed, rejected or dropped (None for forward)."""

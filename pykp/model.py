@@ -25,7 +25,6 @@ MAX_AFFINITY_TIMEOUT_SECONDS: Final = 86400
 MAX_WEIGHT: Final = 65535
 
 
-
 # --- the parsed file ---------------------------------------------------------------------
 
 
@@ -183,5 +182,3 @@ def family_warnings(services_file: Catalog) -> list[str]:
                     f"connection to it is refused (add IPv{version} endpoints or drop the address)"
                 )
     return warnings
-
-

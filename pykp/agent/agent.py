@@ -218,6 +218,8 @@ class Agent:
         self._refused: dict[str, str] = {}
         self._status_dirty = False
         self._status_written = float("-inf")
+        self._elements_checked = float("-inf")
+        self._elements_damaged = False
         self._sync_lock = threading.Lock()
         self._rules_checked = float("-inf")
         self._stop = threading.Event()
@@ -339,8 +341,13 @@ class Agent:
                 _log.exception("flow table GC failed")
             now = self.deps.monotonic()
             if self._status_dirty and now - self._status_written >= self.config.status_interval:
-                with self._sync_lock:
-                    self._write_status()
+                self._write_status()
+            if now - self._elements_checked >= self.config.sync_period / 2:
+                self._elements_checked = now
+                try:
+                    self._check_elements()
+                except Exception:  # noqa: BLE001 - checked again next time
+                    _log.exception("checking the rules' elements failed")
 
     def _on_change(self) -> None:
         """The source changed: note it for /healthz and metrics, and ask for a sync."""
@@ -394,7 +401,10 @@ class Agent:
         now = self.deps.monotonic()
         # A new node context (addresses, zone) may change any service: all are checked.
         full = now - self._last_full >= self.config.sync_period or context is not self._context
-        if self._repair_rules():
+        if self._repair_rules() or self._elements_damaged:
+            if self._elements_damaged:
+                self.metrics.rules_repairs += 1
+                self._elements_damaged = False
             self.service_sync.reset()
         try:
             result = self.service_sync.sync(catalog, None if full else changes.keys, context)
@@ -460,6 +470,37 @@ class Agent:
         self.metrics.rules_repairs += 1
         return True
 
+    def _check_elements(self) -> None:
+        """Off the sync path: do the kernel's sets and maps hold as many elements as the
+        agent programmed? Someone deleting elements (a flush of one set, a delete) is
+        otherwise invisible: the agent sends only changes. A mismatch makes the next sync
+        a full load (counted as a repair)."""
+        counter = getattr(self.rules, "element_counts", None)
+        if counter is None:
+            return
+        with self._sync_lock:
+            wanted = self.service_sync.element_counts()
+        if wanted is None:
+            return
+        generation, expected = wanted
+        found = counter()
+        with self._sync_lock:
+            now = self.service_sync.element_counts()
+            if now is None or now[0] != generation:
+                return  # a sync changed them meanwhile: compare next time
+        damaged = sorted(
+            f"{name} ({found.get(name, -1)} elements, {count} programmed)"
+            for name, count in expected.items()
+            if found.get(name, -1) != count
+        )
+        if damaged:
+            _log.error(
+                "pykp's sets and maps were changed by someone else (%s): reloading them",
+                ", ".join(damaged),
+            )
+            self._elements_damaged = True
+            self.runner.run()
+
     def _note_refusals(self, refused: Mapping[str, str]) -> None:
         """Log each refusal once while it lasts, and count it (pykp_invalid_objects_total)."""
         new = {
@@ -502,7 +543,9 @@ class Agent:
         snapshot = build_status(
             node_name=self.node_name,
             node_addresses=list(context.node_addresses) if context else [],
-            services=self.service_sync.applied.values(),
+            # A copy in one C call: atomic against the sync thread, no lock held while
+            # the (O(services)) snapshot is built.
+            services=list(self.service_sync.applied.values()),
             refused=self._refused,
             problems=self.source.problems(),
             source=self.source.status(),

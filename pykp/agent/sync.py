@@ -151,6 +151,13 @@ class ServiceSync:
     def elements(self) -> dict[str, dict[str, str]]:
         return self._elements.wanted()
 
+    def element_counts(self) -> tuple[int, dict[str, int]] | None:
+        """(generation, elements wanted per set) as the kernel should hold them now; None
+        while a change is not fully committed (a full load is pending)."""
+        if self._full_load:
+            return None
+        return self._elements.generation, self._elements.counts()
+
     # -- the sync
 
     def sync(

@@ -215,7 +215,9 @@ class BenchNode:
     def node_exec(self, argv: Sequence[str], stdin: str | None = None, timeout: float = 600) -> str:
         proc = self.lab.exec("node", argv, input=stdin, timeout=timeout)
         if proc.returncode != 0:
-            raise ContenderError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            raise ContenderError(
+                f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}"
+            )
         return proc.stdout
 
     def flush_conntrack(self) -> None:
@@ -268,7 +270,9 @@ class Contender(ABC):
         """Back to no services (the iperf3 one may stay)."""
         raise NotImplementedError
 
-    def change(self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service) -> dict[str, Any]:
+    def change(
+        self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service
+    ) -> dict[str, Any]:
         """Apply one service's new endpoints (`services` already holds them)."""
         raise NotImplementedError
 
@@ -383,7 +387,9 @@ class IptablesContender(Contender):
     def unprogram(self, services: ServiceSet) -> None:
         self._restore(rulegen.iptables_flush(), noflush=False)
 
-    def change(self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service) -> dict[str, Any]:
+    def change(
+        self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         text = rulegen.iptables_change(services.all(), old, new, CLUSTER_CIDR)
         restore = self._restore(text)
@@ -431,7 +437,9 @@ class NftablesContender(Contender):
     def unprogram(self, services: ServiceSet) -> None:
         self._nft(rulegen.nftables_delete())
 
-    def change(self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service) -> dict[str, Any]:
+    def change(
+        self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         text = rulegen.nftables_change(old, new, CLUSTER_CIDR, SERVICE_CIDR)
         load = self._nft(text)
@@ -517,11 +525,15 @@ class PykpContender(Contender):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise ContenderError(f"pykp run exited ({self.proc.returncode}); see {self.log_path}")
+                raise ContenderError(
+                    f"pykp run exited ({self.proc.returncode}); see {self.log_path}"
+                )
             if self.metric("pykp_services") == count:
                 return
             time.sleep(0.05)
-        raise ContenderError(f"pykp did not program {count} services in {timeout:.0f} s; see {self.log_path}")
+        raise ContenderError(
+            f"pykp did not program {count} services in {timeout:.0f} s; see {self.log_path}"
+        )
 
     def program_all(self, services: ServiceSet) -> dict[str, Any]:
         started = time.perf_counter()
@@ -535,7 +547,9 @@ class PykpContender(Contender):
         self._write(ServiceSet(0, services.backends))
         self._wait_services(1, timeout=300)
 
-    def change(self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service) -> dict[str, Any]:
+    def change(
+        self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         self._write(services)
         return {"generate_seconds": time.perf_counter() - started}
@@ -723,7 +737,9 @@ class PykpKubeContender(PykpContender):
     def check_running(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
-            raise ContenderError(f"pykp run (Kubernetes source) exited ({code}); see {self.log_path}")
+            raise ContenderError(
+                f"pykp run (Kubernetes source) exited ({code}); see {self.log_path}"
+            )
 
     def rss_kib(self) -> int | None:
         """The agent process's VmRSS (KiB) from /proc/<pid>/status (`ip netns exec` execs

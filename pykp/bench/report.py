@@ -45,33 +45,237 @@ def _lat(field: str, q: str) -> Callable[[dict[str, Any]], float | None]:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("conns_end", "new conn/s, last service", "conns_end", lambda s: s["conns_per_s"], "/s", True),
-    Metric("conns_random", "new conn/s, random services", "conns_random", lambda s: s["conns_per_s"], "/s", True),
-    Metric("lat_p50", "connect p50 at fixed rate", "rate_end", _lat("connect_us", "p50"), "ms", False, "{:.3f}"),
-    Metric("lat_p90", "connect p90 at fixed rate", "rate_end", _lat("connect_us", "p90"), "ms", False, "{:.3f}"),
-    Metric("lat_p99", "connect p99 at fixed rate", "rate_end", _lat("connect_us", "p99"), "ms", False, "{:.3f}"),
-    Metric("req_p99", "request p99 at fixed rate", "rate_end", _lat("total_us", "p99"), "ms", False, "{:.3f}"),
-    Metric("sat_p99", "connect p99, saturated (last svc)", "conns_end", _lat("connect_us", "p99"), "ms", False, "{:.3f}"),
-    Metric("cpu", "CPU s per 1000 conns (fixed rate, less background)", "rate_end", lambda s: s["cpu"]["per_1000_net"], "s", False, "{:.4f}"),
-    Metric("cpu_machine", "CPU s per 1000 conns (fixed rate, whole machine)", "rate_end", lambda s: s["cpu"]["per_1000"], "s", False, "{:.4f}"),
-    Metric("cpu_sat", "CPU s per 1000 conns (saturated)", "conns_end", lambda s: s["cpu"]["per_1000"], "s", False, "{:.4f}"),
-    Metric("tput_1", "throughput, 1 stream", "tput_1", lambda s: s["bits_per_second"] / 1e9, "Gbit/s", True, "{:.2f}"),
-    Metric("tput_2", "throughput, 2 streams", "tput_2", lambda s: s["bits_per_second"] / 1e9, "Gbit/s", True, "{:.2f}"),
-    Metric("tput_4", "throughput, 4 streams", "tput_4", lambda s: s["bits_per_second"] / 1e9, "Gbit/s", True, "{:.2f}"),
-    Metric("tput_8", "throughput, 8 streams", "tput_8", lambda s: s["bits_per_second"] / 1e9, "Gbit/s", True, "{:.2f}"),
-    Metric("program", "program all services", "program", lambda s: s["seconds"], "s", False, "{:.3f}"),
-    Metric("propagation", "endpoint change -> first conn", "propagation", lambda s: s["seconds"], "s", False, "{:.3f}"),
-    Metric("kube_start", "kube: agent start -> last service answers", "kube_start", lambda s: s["seconds"], "s", False, "{:.3f}", "program"),
-    Metric("kube_synced", "kube: agent start -> first sync done", "kube_start", lambda s: s["synced_seconds"] if s.get("syncs") == 1 else None, "s", False, "{:.3f}"),
-    Metric("kube_sync", "kube: the first sync's own duration", "kube_start", lambda s: s["sync_seconds"], "s", False, "{:.3f}"),
-    Metric("kube_rss", "kube: agent RSS after the first sync", "kube_start", lambda s: s["rss_kib"] / 1024, "MiB", False, "{:.1f}"),
-    Metric("kube_change_p50", "kube: EndpointSlice change -> first conn, p50", "kube_change", lambda s: s["p50"], "s", False, "{:.4f}", "propagation"),
-    Metric("kube_change_p99", "kube: EndpointSlice change -> first conn, p99", "kube_change", lambda s: s["p99"], "s", False, "{:.4f}", "propagation"),
-    Metric("kube_new", "kube: new Service -> first conn", "kube_new", lambda s: s["seconds"], "s", False, "{:.4f}"),
-    Metric("fault_kill", "failed conns, agent killed + restarted", "fault_kill", lambda s: s["failed"], "", False),
-    Metric("fault_kill_gap", "longest gap, agent killed + restarted", "fault_kill", lambda s: s["max_gap_us"] / 1000, "ms", False, "{:.1f}"),
-    Metric("fault_stop", "failed conns, agent stopped 5 s", "fault_stop", lambda s: s["failed"], "", False),
-    Metric("fault_stop_gap", "longest gap, agent stopped 5 s", "fault_stop", lambda s: s["max_gap_us"] / 1000, "ms", False, "{:.1f}"),
+    Metric(
+        "conns_end", "new conn/s, last service", "conns_end", lambda s: s["conns_per_s"], "/s", True
+    ),
+    Metric(
+        "conns_random",
+        "new conn/s, random services",
+        "conns_random",
+        lambda s: s["conns_per_s"],
+        "/s",
+        True,
+    ),
+    Metric(
+        "lat_p50",
+        "connect p50 at fixed rate",
+        "rate_end",
+        _lat("connect_us", "p50"),
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "lat_p90",
+        "connect p90 at fixed rate",
+        "rate_end",
+        _lat("connect_us", "p90"),
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "lat_p99",
+        "connect p99 at fixed rate",
+        "rate_end",
+        _lat("connect_us", "p99"),
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "req_p99",
+        "request p99 at fixed rate",
+        "rate_end",
+        _lat("total_us", "p99"),
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "sat_p99",
+        "connect p99, saturated (last svc)",
+        "conns_end",
+        _lat("connect_us", "p99"),
+        "ms",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "cpu",
+        "CPU s per 1000 conns (fixed rate, less background)",
+        "rate_end",
+        lambda s: s["cpu"]["per_1000_net"],
+        "s",
+        False,
+        "{:.4f}",
+    ),
+    Metric(
+        "cpu_machine",
+        "CPU s per 1000 conns (fixed rate, whole machine)",
+        "rate_end",
+        lambda s: s["cpu"]["per_1000"],
+        "s",
+        False,
+        "{:.4f}",
+    ),
+    Metric(
+        "cpu_sat",
+        "CPU s per 1000 conns (saturated)",
+        "conns_end",
+        lambda s: s["cpu"]["per_1000"],
+        "s",
+        False,
+        "{:.4f}",
+    ),
+    Metric(
+        "tput_1",
+        "throughput, 1 stream",
+        "tput_1",
+        lambda s: s["bits_per_second"] / 1e9,
+        "Gbit/s",
+        True,
+        "{:.2f}",
+    ),
+    Metric(
+        "tput_2",
+        "throughput, 2 streams",
+        "tput_2",
+        lambda s: s["bits_per_second"] / 1e9,
+        "Gbit/s",
+        True,
+        "{:.2f}",
+    ),
+    Metric(
+        "tput_4",
+        "throughput, 4 streams",
+        "tput_4",
+        lambda s: s["bits_per_second"] / 1e9,
+        "Gbit/s",
+        True,
+        "{:.2f}",
+    ),
+    Metric(
+        "tput_8",
+        "throughput, 8 streams",
+        "tput_8",
+        lambda s: s["bits_per_second"] / 1e9,
+        "Gbit/s",
+        True,
+        "{:.2f}",
+    ),
+    Metric(
+        "program", "program all services", "program", lambda s: s["seconds"], "s", False, "{:.3f}"
+    ),
+    Metric(
+        "propagation",
+        "endpoint change -> first conn",
+        "propagation",
+        lambda s: s["seconds"],
+        "s",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "kube_start",
+        "kube: agent start -> last service answers",
+        "kube_start",
+        lambda s: s["seconds"],
+        "s",
+        False,
+        "{:.3f}",
+        "program",
+    ),
+    Metric(
+        "kube_synced",
+        "kube: agent start -> first sync done",
+        "kube_start",
+        lambda s: s["synced_seconds"] if s.get("syncs") == 1 else None,
+        "s",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "kube_sync",
+        "kube: the first sync's own duration",
+        "kube_start",
+        lambda s: s["sync_seconds"],
+        "s",
+        False,
+        "{:.3f}",
+    ),
+    Metric(
+        "kube_rss",
+        "kube: agent RSS after the first sync",
+        "kube_start",
+        lambda s: s["rss_kib"] / 1024,
+        "MiB",
+        False,
+        "{:.1f}",
+    ),
+    Metric(
+        "kube_change_p50",
+        "kube: EndpointSlice change -> first conn, p50",
+        "kube_change",
+        lambda s: s["p50"],
+        "s",
+        False,
+        "{:.4f}",
+        "propagation",
+    ),
+    Metric(
+        "kube_change_p99",
+        "kube: EndpointSlice change -> first conn, p99",
+        "kube_change",
+        lambda s: s["p99"],
+        "s",
+        False,
+        "{:.4f}",
+        "propagation",
+    ),
+    Metric(
+        "kube_new",
+        "kube: new Service -> first conn",
+        "kube_new",
+        lambda s: s["seconds"],
+        "s",
+        False,
+        "{:.4f}",
+    ),
+    Metric(
+        "fault_kill",
+        "failed conns, agent killed + restarted",
+        "fault_kill",
+        lambda s: s["failed"],
+        "",
+        False,
+    ),
+    Metric(
+        "fault_kill_gap",
+        "longest gap, agent killed + restarted",
+        "fault_kill",
+        lambda s: s["max_gap_us"] / 1000,
+        "ms",
+        False,
+        "{:.1f}",
+    ),
+    Metric(
+        "fault_stop",
+        "failed conns, agent stopped 5 s",
+        "fault_stop",
+        lambda s: s["failed"],
+        "",
+        False,
+    ),
+    Metric(
+        "fault_stop_gap",
+        "longest gap, agent stopped 5 s",
+        "fault_stop",
+        lambda s: s["max_gap_us"] / 1000,
+        "ms",
+        False,
+        "{:.1f}",
+    ),
 )
 _BY_KEY = {m.key: m for m in METRICS}
 BASELINES = ("iptables", "nftables", "direct")
@@ -123,9 +327,7 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
                 mine = values.get(metric.key, {}).get(contender, {})
                 for base in BASELINES:
                     theirs = values.get(metric.compare or metric.key, {}).get(base, {})
-                    per_round = [
-                        mine[r] / theirs[r] for r in mine if r in theirs and theirs[r] > 0
-                    ]
+                    per_round = [mine[r] / theirs[r] for r in mine if r in theirs and theirs[r] > 0]
                     st = _stats(per_round)
                     if st is not None:
                         table.setdefault(metric.key, {})[base] = st
@@ -144,15 +346,78 @@ _TARGETS: tuple[tuple[str, str, str | None, int | None, str, float], ...] = (
     ("new conn/s at 10,000 services vs iptables", "conns_end", "iptables", 10000, ">=", 3.0),
     ("connect p99 at 10,000 services vs iptables", "lat_p99", "iptables", 10000, "<=", 0.5),
     ("new conn/s at 10,000 services vs nftables", "conns_end", "nftables", 10000, ">=", 1.0),
-    ("propagation at 10,000 services vs iptables (100x faster)", "propagation", "iptables", 10000, "<=", 0.01),
-    ("propagation at 10,000 services vs nftables (faster)", "propagation", "nftables", 10000, "<", 1.0),
-    ("kube: slice change p50 at 10,000 services <= 15 ms", "kube_change_p50", None, 10000, "<=", 0.015),
-    ("kube: slice change p99 at 10,000 services <= 50 ms", "kube_change_p99", None, 10000, "<=", 0.050),
-    ("kube: slice change p50 at 10,000 vs iptables propagation (100x faster)", "kube_change_p50", "iptables", 10000, "<=", 0.01),
-    ("kube: slice change p50 at 10,000 vs nftables propagation (25x faster)", "kube_change_p50", "nftables", 10000, "<=", 0.04),
-    ("kube: new Service -> first conn at 10,000 services <= 30 ms", "kube_new", None, 10000, "<=", 0.030),
-    ("kube: agent start -> 10,000 services programmed <= 2 s", "kube_start", None, 10000, "<=", 2.0),
-    ("kube: agent start -> 30,000 services programmed <= 6 s", "kube_start", None, 30000, "<=", 6.0),
+    (
+        "propagation at 10,000 services vs iptables (100x faster)",
+        "propagation",
+        "iptables",
+        10000,
+        "<=",
+        0.01,
+    ),
+    (
+        "propagation at 10,000 services vs nftables (faster)",
+        "propagation",
+        "nftables",
+        10000,
+        "<",
+        1.0,
+    ),
+    (
+        "kube: slice change p50 at 10,000 services <= 15 ms",
+        "kube_change_p50",
+        None,
+        10000,
+        "<=",
+        0.015,
+    ),
+    (
+        "kube: slice change p99 at 10,000 services <= 50 ms",
+        "kube_change_p99",
+        None,
+        10000,
+        "<=",
+        0.050,
+    ),
+    (
+        "kube: slice change p50 at 10,000 vs iptables propagation (100x faster)",
+        "kube_change_p50",
+        "iptables",
+        10000,
+        "<=",
+        0.01,
+    ),
+    (
+        "kube: slice change p50 at 10,000 vs nftables propagation (25x faster)",
+        "kube_change_p50",
+        "nftables",
+        10000,
+        "<=",
+        0.04,
+    ),
+    (
+        "kube: new Service -> first conn at 10,000 services <= 30 ms",
+        "kube_new",
+        None,
+        10000,
+        "<=",
+        0.030,
+    ),
+    (
+        "kube: agent start -> 10,000 services programmed <= 2 s",
+        "kube_start",
+        None,
+        10000,
+        "<=",
+        2.0,
+    ),
+    (
+        "kube: agent start -> 30,000 services programmed <= 6 s",
+        "kube_start",
+        None,
+        30000,
+        "<=",
+        6.0,
+    ),
 )
 
 
@@ -252,7 +517,9 @@ def render(doc: dict[str, Any], summary: dict[str, Any], console: Console) -> No
             if metric.key not in rows:
                 continue
             table.add_row(
-                metric.label, metric.unit, *(_cell(metric, rows[metric.key].get(c)) for c in contenders)
+                metric.label,
+                metric.unit,
+                *(_cell(metric, rows[metric.key].get(c)) for c in contenders),
             )
         console.print(table)
         for contender, ratio_rows in summary["ratios"].get(scale, {}).items():
@@ -309,7 +576,9 @@ def served_failures(doc: dict[str, Any]) -> list[str]:
             for source in ("program", "propagation", "kube_start", "kube_new"):
                 for s in samples.get(source, []):
                     if not s.get("found"):
-                        out.append(f"{scale} svc {contender} {source} round {s.get('round')}: not seen")
+                        out.append(
+                            f"{scale} svc {contender} {source} round {s.get('round')}: not seen"
+                        )
             for s in samples.get("kube_change", []):
                 if not s.get("found"):
                     out.append(
@@ -409,7 +678,9 @@ def markdown(doc: dict[str, Any], summary: dict[str, Any]) -> str:
         for contender, ratio_rows in summary["ratios"].get(scale, {}).items():
             if not ratio_rows:
                 continue
-            out.append(f"\n{int(scale):,} service(s), **{contender} / baseline** per round: median (min-max)\n")
+            out.append(
+                f"\n{int(scale):,} service(s), **{contender} / baseline** per round: median (min-max)\n"
+            )
             out.append("| metric | / iptables | / nftables | / direct |")
             out.append("| --- | ---: | ---: | ---: |")
             for metric in METRICS:
@@ -418,10 +689,14 @@ def markdown(doc: dict[str, Any], summary: dict[str, Any]) -> str:
                     for b in BASELINES:
                         st = ratio_rows[metric.key].get(b)
                         cells.append(
-                            "-" if st is None else f"{st['median']:.2f} ({st['min']:.2f}-{st['max']:.2f})"
+                            "-"
+                            if st is None
+                            else f"{st['median']:.2f} ({st['min']:.2f}-{st['max']:.2f})"
                         )
                     better = "higher" if metric.higher_is_better else "lower"
-                    out.append(f"| {metric.label} ({better} is better) | " + " | ".join(cells) + " |")
+                    out.append(
+                        f"| {metric.label} ({better} is better) | " + " | ".join(cells) + " |"
+                    )
     if summary["targets"]:
         out.append(
             "\n**Issue 5 targets** (ratio = pykp / baseline, median of per-round ratios; "

@@ -178,9 +178,7 @@ def _service_chains(svc: Service, cluster_cidr: str) -> tuple[list[str], list[st
         else:
             rules.append(f"-A {svc_chain} {comment} -j {sep}")
     for sep, (ip, port) in zip(seps, svc.endpoints):
-        rules.append(
-            f"-A {sep} -m comment --comment {svc.port_key} -s {ip}/32 -j KUBE-MARK-MASQ"
-        )
+        rules.append(f"-A {sep} -m comment --comment {svc.port_key} -s {ip}/32 -j KUBE-MARK-MASQ")
         rules.append(
             f"-A {sep} -m comment --comment {svc.port_key} -m tcp -p tcp "
             f"-j DNAT --to-destination {ip}:{port}"

@@ -93,7 +93,11 @@ def _run_text(argv: Sequence[str]) -> str:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr) else "?"
+    return (
+        (proc.stdout or proc.stderr).strip().splitlines()[0]
+        if (proc.stdout or proc.stderr)
+        else "?"
+    )
 
 
 def machine_description() -> dict[str, Any]:
@@ -154,7 +158,9 @@ def run_bench(
         raise PermissionError("pykp bench needs root (network namespaces, netfilter)")
     for tool in ("ip", "iptables-restore", "nft", "conntrack", "iperf3"):
         if shutil.which(tool) is None:
-            raise FileNotFoundError(f"{tool} is not installed (apt-get install iproute2 iptables nftables conntrack iperf3)")
+            raise FileNotFoundError(
+                f"{tool} is not installed (apt-get install iproute2 iptables nftables conntrack iperf3)"
+            )
     binary = find_loadgen()
     contenders = [make_contender(name, binary) for name in settings.contenders]
     doc: dict[str, Any] = {

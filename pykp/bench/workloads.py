@@ -148,7 +148,9 @@ def conns(
     return result
 
 
-def throughput(contender: Contender, services: ServiceSet, seconds: float, streams: int) -> dict[str, Any]:
+def throughput(
+    contender: Contender, services: ServiceSet, seconds: float, streams: int
+) -> dict[str, Any]:
     return contender.run_iperf(services, seconds, streams)
 
 
@@ -368,9 +370,7 @@ def kube_change(
             missed += 1
     _quiet(contender, last)
     counts.append(contender.syncs())
-    syncs = [
-        b - a if a is not None and b is not None else None for a, b in zip(counts, counts[1:])
-    ]
+    syncs = [b - a if a is not None and b is not None else None for a, b in zip(counts, counts[1:])]
     contender.check_running()
     return {
         "changes": changes,

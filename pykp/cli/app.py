@@ -317,6 +317,7 @@ def _kubeproxy_settings(ctx: typer.Context, path: Path) -> dict[str, str]:
             + ", ".join(loaded.ignored),
             err=True,
         )
+
     def from_command_line(name: str) -> bool:
         source = ctx.get_parameter_source(name)
         return source is not None and source.name != "DEFAULT"
@@ -346,9 +347,7 @@ def run(
         str | None,
         typer.Option(help="The Kubernetes API server's address (overrides the kubeconfig's)."),
     ] = None,
-    context: Annotated[
-        str | None, typer.Option(help="The kubeconfig context to use.")
-    ] = None,
+    context: Annotated[str | None, typer.Option(help="The kubeconfig context to use.")] = None,
     hostname_override: Annotated[
         str | None,
         typer.Option(help="The node's name (endpoints with this nodeName are local)."),
@@ -788,7 +787,9 @@ def bench(
         if max(settings.scales) > MAX_SERVICES:
             raise typer.BadParameter(f"at most {MAX_SERVICES} services", param_hint="'--services'")
     if faults is not None:
-        settings.faults = [f.strip() for f in faults.split(",") if f.strip() and f.strip() != "none"]
+        settings.faults = [
+            f.strip() for f in faults.split(",") if f.strip() and f.strip() != "none"
+        ]
         unknown = set(settings.faults) - {"kill", "stop"}
         if unknown:
             raise typer.BadParameter(

@@ -75,7 +75,9 @@ def run_demo(connections: int = 60, console: Console | None = None) -> DemoResul
             started = time.monotonic()
             by_service: dict[str, Counter[str]] = {}
             for name, vip, _ in DEMO_POLICIES:
-                by_service[name] = Counter(http_get(lab, "client-0", vip) for _ in range(connections))
+                by_service[name] = Counter(
+                    http_get(lab, "client-0", vip) for _ in range(connections)
+                )
             seconds = time.monotonic() - started
             queued = agent.metric("pykp_queue_packets_total")
         finally:

@@ -626,7 +626,6 @@ class Lab(_Namespaces):
             _configure_pod(pod, self.gateway4, self.gateway6)
 
 
-
 # --------------------------------------------------------------------------- the cluster lab
 
 _NODE_OFFSET = 10  # node-<n> is .(10+n) on the cluster network
@@ -807,9 +806,14 @@ class ClusterLab(_Namespaces):
             raise ValueError(f"nodes must be 1..{_MAX_NODES}")
         if not 0 <= self.pods_per_node <= _EXTERNAL_OFFSET - _BACKEND_OFFSET:
             raise ValueError(f"pods_per_node must be 0..{_EXTERNAL_OFFSET - _BACKEND_OFFSET}")
-        c4, c6 = ipaddress.IPv4Network(self.cluster_cidr4), ipaddress.IPv6Network(self.cluster_cidr6)
+        c4, c6 = (
+            ipaddress.IPv4Network(self.cluster_cidr4),
+            ipaddress.IPv6Network(self.cluster_cidr6),
+        )
         if self.nodes > min(2 ** (24 - c4.prefixlen), 2 ** (64 - c6.prefixlen)):
-            raise ValueError(f"{self.nodes} nodes' pod CIDRs (/24, /64) do not fit the cluster CIDRs")
+            raise ValueError(
+                f"{self.nodes} nodes' pod CIDRs (/24, /64) do not fit the cluster CIDRs"
+            )
         nn4, nn6 = ipaddress.ip_network(self.node_net4), ipaddress.ip_network(self.node_net6)
         self.id, self.key = _new_key(self.prefix)
 
@@ -865,7 +869,10 @@ class ClusterLab(_Namespaces):
             ports = [(f"n{k}", node) for k, node in enumerate(self.node_hosts)]
             for port, host in [*ports, ("ext", self.external)]:
                 net.link(
-                    "add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": host.netns}
+                    "add",
+                    ifname=port,
+                    kind="veth",
+                    peer={"ifname": "eth0", "net_ns_fd": host.netns},
                 )
                 idx = net.link_lookup(ifname=port)[0]
                 net.link("set", index=idx, master=bridge)
@@ -910,7 +917,11 @@ class ClusterLab(_Namespaces):
             for k, node in enumerate(self.node_hosts):
                 ext.route("add", dst=self.pod_cidrs4[k], gateway=node.ipv4, oif=idx)
                 ext.route(
-                    "add", dst=self.pod_cidrs6[k], gateway=node.ipv6, oif=idx, family=socket.AF_INET6
+                    "add",
+                    dst=self.pod_cidrs6[k],
+                    gateway=node.ipv6,
+                    oif=idx,
+                    family=socket.AF_INET6,
                 )
 
         for k, pods in enumerate(self.pods_by_node):

@@ -162,7 +162,9 @@ class LabAgent:
 
     def synced(self) -> bool:
         """Healthy and past its first sync: the rules hold the services."""
-        return self.healthy() and self.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0
+        return (
+            self.healthy() and self.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include `labels`."""

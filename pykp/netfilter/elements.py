@@ -106,6 +106,7 @@ class ElementTracker:
         self._elements: dict[str, dict[str, list[str | int]]] = {name: {} for name in _SYNCED}
         # (name, key) -> the element text the kernel held at the last take (None: absent)
         self._touched: dict[tuple[str, str], str | None] = {}
+        self.generation = 0  # bumped by every change of the elements wanted
 
     def __len__(self) -> int:
         return sum(map(len, self._elements.values()))
@@ -158,7 +159,12 @@ class ElementTracker:
         """The kernel's content is unknown (a full load follows): nothing is pending."""
         self._touched.clear()
 
+    def counts(self) -> dict[str, int]:
+        """Elements wanted per set or map."""
+        return {name: len(items) for name, items in self._elements.items()}
+
     def _touch(self, name: str, key: str) -> None:
+        self.generation += 1
         if (name, key) not in self._touched:
             entry = self._elements[name].get(key)
             self._touched[(name, key)] = None if entry is None else str(entry[0])

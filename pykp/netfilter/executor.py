@@ -18,11 +18,15 @@ from pykp.netfilter.tool import RulesError, run_tool
 
 __all__ = ["LibNftables", "NftCommand", "NftExecutor", "NftRecorder", "make_executor"]
 
+_OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+
 
 class NftExecutor(Protocol):
-    """Runs one nft script as one transaction; raises RulesError when nft refuses it."""
+    """Runs one nft script as one transaction; raises RulesError when nft refuses it.
+    `list_json` runs one listing command and returns nft's JSON output."""
 
     def run(self, script: str) -> None: ...
+    def list_json(self, command: str) -> str: ...
 
 
 class NftCommand:
@@ -34,6 +38,9 @@ class NftCommand:
     def run(self, script: str) -> None:
         run_tool(["nft", "-f", "-"], netns=self.netns, stdin=script)
 
+    def list_json(self, command: str) -> str:
+        return run_tool(["nft", "-j", *command.split()], netns=self.netns).stdout
+
 
 class NftRecorder:
     """Records scripts instead of running them; `fail` makes the next runs raise."""
@@ -41,11 +48,17 @@ class NftRecorder:
     def __init__(self) -> None:
         self.scripts: list[str] = []
         self.fail: str | None = None
+        self.listings: dict[str, str] = {}  # command -> the JSON to answer
 
     def run(self, script: str) -> None:
         if self.fail is not None:
             raise RulesError(["nft", "-f", "-"], 1, self.fail)
         self.scripts.append(script)
+
+    def list_json(self, command: str) -> str:
+        if command not in self.listings:
+            raise RulesError(["nft", "-j", command], 1, "Error: No such file or directory")
+        return self.listings[command]
 
 
 class LibNftables:
@@ -59,6 +72,11 @@ class LibNftables:
         lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
         lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
         lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_output_get_flags.restype = ctypes.c_uint
+        lib.nft_ctx_output_get_flags.argtypes = [ctypes.c_void_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
@@ -78,6 +96,20 @@ class LibNftables:
             error = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
         if status != 0:
             raise RulesError(["libnftables", "-f", "-"], status, error.decode(errors="replace"))
+
+    def list_json(self, command: str) -> str:
+        with self._lock:
+            flags = self._lib.nft_ctx_output_get_flags(self._ctx)
+            self._lib.nft_ctx_output_set_flags(self._ctx, flags | _OUTPUT_JSON)
+            try:
+                status = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
+                output = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
+                error = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
+            finally:
+                self._lib.nft_ctx_output_set_flags(self._ctx, flags)
+        if status != 0:
+            raise RulesError(["libnftables", "-j", command], status, error.decode(errors="replace"))
+        return output.decode()
 
     def close(self) -> None:
         with self._lock:

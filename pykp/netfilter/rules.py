@@ -238,8 +238,8 @@ _CHAINS: dict[str, str] = {
 
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
-# Chains whose rules `installed` counts: every path of a new connection starts in one.
-_CANARY_CHAINS = ("mark_new", "nat_pre", "nat_backend", "nat_fallback", "reject_fwd")
+# Chains whose rules `installed` counts (the `pick*` ones: by `_picks_whole`).
+_RULE_CHAINS = tuple(name for name in _CHAINS if not name.startswith("pick"))
 _PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}")
 
 
@@ -500,6 +500,9 @@ class RuleManager:
         self.netns = netns
         # Scripts go through the library in-process when it loads (no exec per change).
         self.nft = nft if nft is not None else make_executor(netns)
+        # Listings of every element (the agent's check, from another thread) get their own
+        # context, so they never hold up a sync's transaction.
+        self.reader = nft if nft is not None else make_executor(netns)
         # What the kernel holds since the last successful sync; None forces a full load.
         self._current: dict[str, dict[str, str]] | None = None
 
@@ -741,11 +744,25 @@ class RuleManager:
         self._current = None
 
     def _rule_count(self, chain: str) -> int:
-        argv = ["nft", "-j", "list", "chain", "inet", self.table, chain]
-        res = run_tool(argv, netns=self.netns, check=False)
-        if res.returncode != 0:
+        try:
+            listing = self.nft.list_json(f"list chain inet {self.table} {chain}")
+        except RulesError:
             return -1
-        return sum("rule" in item for item in json.loads(res.stdout)["nftables"])
+        return sum("rule" in item for item in json.loads(listing)["nftables"])
+
+    def element_counts(self) -> dict[str, int]:
+        """How many elements each synced set and map holds in the kernel (-1: missing)."""
+        counts: dict[str, int] = {}
+        for name, type_ in _SYNCED.items():
+            kind = "map" if _is_map(type_) else "set"
+            try:
+                listing = json.loads(self.reader.list_json(f"list {kind} inet {self.table} {name}"))
+            except RulesError:
+                counts[name] = -1
+                continue
+            found = [item[kind] for item in listing["nftables"] if kind in item]
+            counts[name] = len(found[0].get("elem", ())) if found else -1
+        return counts
 
     def _picks_whole(self) -> bool:
         """The first and last `pick*` chains hold their rule (a flush of the table empties
@@ -779,7 +796,7 @@ class RuleManager:
         ):
             return False
         rules = _chain_rules(self.layout, self.cluster_cidrs)
-        if any(self._rule_count(chain) != len(rules[chain]) for chain in _CANARY_CHAINS):
+        if any(self._rule_count(chain) != len(rules[chain]) for chain in _RULE_CHAINS):
             return False
         if not self._picks_whole():
             return False
