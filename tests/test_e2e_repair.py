@@ -3,11 +3,10 @@
 `pykp run` with a short --sync-period on a lab node; another tool (nft, iptables) removes
 pykp's table, a jump rule, a set's or a map's elements, a chain's rules; then real
 connections from a client pod (and from the node itself) must work again, decided by
-pykp's reader, without anyone touching the agent. `_repair_rules` checks about every half
-sync period whether the rules are whole, and reinstalls them (a full reload) if not.
-
-What it does not see (only some elements of a set or map gone, a chain it does not count)
-is marked xfail(strict): the test shows the gap, and turns red once it is closed.
+pykp's reader, without anyone touching the agent. About every half sync period the agent
+checks that every chain holds its rules (`installed()`, in the sync thread) and that every
+set and map holds as many elements as it programmed (the housekeeping thread); either
+damage makes the next sync reinstall or reload everything.
 Privileged: real namespaces, netfilter and sockets; the root namespace is never touched.
 """
 
@@ -97,12 +96,6 @@ def test_removed_rules_are_restored_and_connections_decided_again(
     assert wait_for(lambda: decided_by_the_reader(lab, node), timeout=2 * SYNC_PERIOD, step=0.2)
 
 
-GAP = (
-    "RuleManager.installed() checks only that chains, sets and maps exist and counts the "
-    "rules of a few canary chains; sync() then sends nothing because its own record of the "
-    "elements is unchanged: removed set/map elements (or rules of an uncounted chain) are "
-    "never restored"
-)
 
 def delete_one_backend(lab: Lab) -> None:
     """Delete one element (one backend's id -> address) of the map `backends4`."""
@@ -114,7 +107,7 @@ def delete_one_backend(lab: Lab) -> None:
     in_node(lab, "nft", "delete", "element", "inet", "pykp", "backends4", f"{{ {key:#x} }}")
 
 
-NOT_REPAIRED: dict[str, Callable[[Lab], None]] = {
+ELEMENT_REMOVALS: dict[str, Callable[[Lab], None]] = {
     # The map from backend id to address: decided connections are then refused.
     "flush-backends-map": lambda lab: in_node(lab, "nft", "flush", "map", "inet", "pykp", "backends4"),
     # One backend of it: a third of the connections are refused.
@@ -127,26 +120,24 @@ NOT_REPAIRED: dict[str, Callable[[Lab], None]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GAP)
-@pytest.mark.parametrize("remove", NOT_REPAIRED.values(), ids=NOT_REPAIRED.keys())
+@pytest.mark.parametrize("remove", ELEMENT_REMOVALS.values(), ids=ELEMENT_REMOVALS.keys())
 def test_removed_set_or_map_elements_are_restored(
     lab: Lab, node: LabAgent, remove: Callable[[Lab], None]
 ) -> None:
     assert decided_by_the_reader(lab, node)
     remove(lab)
     if decided_by_the_reader(lab, node):
-        pytest.fail("the removal broke nothing: this test would prove nothing")  # not xfail
+        pytest.fail("the removal broke nothing: this test would prove nothing")
     assert wait_for(lambda: decided_by_the_reader(lab, node), timeout=3 * SYNC_PERIOD, step=0.2)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GAP)
 def test_a_flushed_output_nat_chain_is_restored(lab: Lab, node: LabAgent) -> None:
-    """The node's own connections to a ClusterIP go through nat_out, a chain whose rules
-    `installed()` does not count."""
+    """The node's own connections to a ClusterIP go through nat_out (a chain no client
+    pod's connection uses)."""
     assert decided_by_the_reader(lab, node, pod="node")
     in_node(lab, "nft", "flush", "chain", "inet", "pykp", "nat_out")
     if decided_by_the_reader(lab, node, pod="node"):
-        pytest.fail("the removal broke nothing: this test would prove nothing")  # not xfail
+        pytest.fail("the removal broke nothing: this test would prove nothing")
     assert wait_for(
         lambda: decided_by_the_reader(lab, node, pod="node"), timeout=3 * SYNC_PERIOD, step=0.2
     )

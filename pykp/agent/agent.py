@@ -15,6 +15,7 @@ is tested with a real `Engine` and fakes of the rules, the datapath and conntrac
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -219,6 +220,7 @@ class Agent:
         self._status_dirty = False
         self._status_written = float("-inf")
         self._elements_checked = float("-inf")
+        self._frozen = False
         self._elements_damaged = False
         self._sync_lock = threading.Lock()
         self._rules_checked = float("-inf")
@@ -378,6 +380,24 @@ class Agent:
                 self.metrics.sync_duration.observe(self.deps.monotonic() - started)
 
     def _sync(self) -> bool:
+        # No cyclic GC during a sync: a full one allocates millions of objects, and with
+        # the agent's heap the collector's passes cost more than the sync itself (2.5x at
+        # 10,000 services). The state is acyclic: reference counting frees it.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            synced = self._sync_changes()
+        finally:
+            if collecting:
+                gc.enable()
+        if synced and not self._frozen:
+            # What the first sync built lives as long as the agent: out of the collector's
+            # sight from now on.
+            gc.freeze()
+            self._frozen = True
+        return synced
+
+    def _sync_changes(self) -> bool:
         # The change time first: if the source changes again in between, the newer state
         # is programmed and the older change is credited with it (never the other way).
         source_status = self.source.status()

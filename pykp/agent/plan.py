@@ -3,6 +3,7 @@ ServicePortName), with the node's view applied (traffic policies, topology, node
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,16 @@ class EngineService:
     hash_key: str | None = None  # None: the engine's default
 
 
+@functools.lru_cache(maxsize=64)
+def _canonical(addresses: tuple[str, ...]) -> list[str]:
+    return [str(ipaddress.ip_address(address)) for address in addresses]
+
+
+def _family(address: str) -> int:
+    """4 or 6 for an address the model already normalised (cheap: once per backend)."""
+    return 6 if ":" in address else 4
+
+
 def service_port_name(service: ServiceSpec, port: ServicePort) -> str:
     """kube-proxy's ServicePortName: `namespace/name:port`, or `namespace/name` if unnamed."""
     return f"{service.key}:{port.name}" if port.name else service.key
@@ -73,7 +84,7 @@ def service_ports_to_engine(
     differ, a port becomes two engine services: `name` for the clusterIPs and
     `name#external` for the rest.
     """
-    nodes = [str(ipaddress.ip_address(address)) for address in node_addresses]
+    nodes = _canonical(tuple(node_addresses))
     affinity_timeout = (
         float(spec.session_affinity_timeout_seconds)
         if spec.session_affinity == "ClientIP" and spec.session_affinity_timeout_seconds is not None
@@ -115,12 +126,12 @@ def service_ports_to_engine(
         for group_name, frontends, backends in groups:
             # The engine refuses a backend that no frontend's family reaches (NAT does not
             # cross families): e.g. IPv4 endpoints behind IPv6-only node addresses.
-            families = {ipaddress.ip_address(address).version for address, _, _ in frontends}
+            families = {_family(address) for address, _, _ in frontends}
             if frontends:
                 backends = tuple(
                     backend
                     for backend in backends
-                    if ipaddress.ip_address(backend.ip).version in families
+                    if _family(backend.ip) in families
                 )
             engine_services.append(
                 EngineService(
