@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -192,12 +192,10 @@ class KubeSource:
 
     # -- internals
 
-    def _changed(self, kind: str, keys: Collection[str]) -> None:
+    def _changed(self, kind: str, objects: Mapping[str, JSON | None]) -> None:
         """A reflector's objects changed: translate those, note which services they touch."""
-        reflector = self._reflectors[kind]
-        translated = [(key, reflector.get(key)) for key in keys]
         with self._lock:
-            for key, obj in translated:
+            for key, obj in objects.items():
                 if kind == "services":
                     self._service_changed(key, obj)
                 elif kind == "endpointslices":

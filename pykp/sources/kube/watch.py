@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,9 +92,10 @@ def _version(obj: JSON) -> str | None:
 class Reflector:
     """Runs list and watch for one resource type in a thread; `cache()` is a snapshot.
 
-    `on_change(keys)` is called (from the reflector's thread, no lock held) after every
-    change to the cache with the keys of the objects that changed (added, modified or
-    deleted), and once when the first list is in even if it is empty.
+    `on_change(objects)` is called (from the reflector's thread, no lock held) after every
+    change with the objects that changed, by key (None: deleted), and once when the first
+    list is in even if it is empty. The reflector keeps only each object's resourceVersion,
+    not the object: the consumer translates what it is handed (one copy of the state).
     """
 
     # A stream that ends this soon without an event counts as a failure (a proxy that
@@ -104,7 +105,7 @@ class Reflector:
     def __init__(
         self,
         list_watch: ListWatch,
-        on_change: Callable[[Collection[str]], None],
+        on_change: Callable[[Mapping[str, JSON | None]], None],
         *,
         backoff: Backoff | None = None,
     ) -> None:
@@ -114,7 +115,7 @@ class Reflector:
         self._on_change = on_change
         self._backoff = backoff or Backoff()
         self._lock = threading.Lock()
-        self._cache: dict[str, JSON] = {}
+        self._versions: dict[str, str | None] = {}  # key -> resourceVersion
         self._version = ""
         self._synced = threading.Event()
         self._stopping = threading.Event()
@@ -150,14 +151,10 @@ class Reflector:
         with self._lock:
             return self._version
 
-    def cache(self) -> dict[str, JSON]:
+    def keys(self) -> list[str]:
+        """The keys of the objects the API holds, as far as this reflector knows."""
         with self._lock:
-            return dict(self._cache)
-
-    def get(self, key: str) -> JSON | None:
-        """One object of the cache (`namespace/name`), or None."""
-        with self._lock:
-            return self._cache.get(key)
+            return list(self._versions)
 
     # -- the loop
 
@@ -208,15 +205,14 @@ class Reflector:
             if key is not None:
                 fresh[key] = item
         with self._lock:
-            # Diff against the cache: what is gone from the list was deleted meanwhile.
-            old = self._cache
-            changed = {key for key in old.keys() - fresh.keys()}
-            changed.update(
-                key
-                for key, obj in fresh.items()
-                if key not in old or _version(obj) != _version(old[key]) or _version(obj) is None
-            )
-            self._cache = fresh
+            # Diff against what we knew: what is gone from the list was deleted meanwhile.
+            old = self._versions
+            changed: dict[str, JSON | None] = dict.fromkeys(old.keys() - fresh.keys())
+            for key, obj in fresh.items():
+                seen = _version(obj)
+                if key not in old or seen != old[key] or seen is None:
+                    changed[key] = obj
+            self._versions = {key: _version(obj) for key, obj in fresh.items()}
             self._version = version
             first = not self._synced.is_set()
         self._backoff.reset()
@@ -262,16 +258,17 @@ class Reflector:
             return
         self.stats.events += 1
         with self._lock:
-            old = self._cache.get(key)
             if event.type == "DELETED":
-                changed = self._cache.pop(key, None) is not None
+                changed = key in self._versions
+                self._versions.pop(key, None)
             else:
-                changed = old is None or _version(old) != event.resource_version
-                self._cache[key] = event.object
+                old = self._versions.get(key, "")
+                changed = old == "" or old is None or old != event.resource_version
+                self._versions[key] = _version(event.object)
             if event.resource_version:
                 self._version = event.resource_version
         if changed:
-            self._on_change((key,))
+            self._on_change({key: None if event.type == "DELETED" else event.object})
 
 
 def all_synced(reflectors: Iterable[Reflector]) -> bool:
