@@ -97,13 +97,21 @@ class ElementDelta:
         return added, sum(map(len, self.removed.values()))
 
 
+# One contribution as the tracker keeps it: (set or map, key, element text) triples.
+_Held = tuple[tuple[str, str, str], ...]
+
+
 class ElementTracker:
-    """The elements wanted, with who wants them, and what changed since `take_delta()`."""
+    """The elements wanted, with who wants them, and what changed since `take_delta()`.
+
+    Held compactly (at 100,000 services this is most of the agent's Python state): each
+    owner's elements as one tuple of triples, each element once with its owner count.
+    """
 
     def __init__(self) -> None:
-        self._owners: dict[str, Contribution] = {}
-        # name -> key -> [element text, owners holding it]
-        self._elements: dict[str, dict[str, list[str | int]]] = {name: {} for name in _SYNCED}
+        self._owners: dict[str, _Held] = {}
+        # name -> key -> (element text, owners holding it)
+        self._elements: dict[str, dict[str, tuple[str, int]]] = {name: {} for name in _SYNCED}
         # (name, key) -> the element text the kernel held at the last take (None: absent)
         self._touched: dict[tuple[str, str], str | None] = {}
         self.generation = 0  # bumped by every change of the elements wanted
@@ -113,18 +121,23 @@ class ElementTracker:
 
     def set(self, owner: str, contribution: Contribution | None) -> None:
         """Make `owner` contribute exactly `contribution` (None or empty: nothing)."""
-        old = self._owners.pop(owner, None) or {}
-        new = contribution or {}
-        for name, items in old.items():
-            kept = new.get(name, {})
-            for key, text in items.items():
-                if kept.get(key) != text:
-                    self._release(name, key)
-        for name, items in new.items():
-            before = old.get(name, {})
-            for key, text in items.items():
-                if before.get(key) != text:
-                    self._hold(name, key, text)
+        old = self._owners.pop(owner, ())
+        new: _Held = tuple(
+            (name, key, text)
+            for name, items in (contribution or {}).items()
+            for key, text in items.items()
+        )
+        if old == new:
+            if new:
+                self._owners[owner] = old
+            return
+        kept = set(new) & set(old) if old and new else set()
+        for triple in old:
+            if triple not in kept:
+                self._release(triple[0], triple[1])
+        for triple in new:
+            if triple not in kept:
+                self._hold(*triple)
         if new:
             self._owners[owner] = new
 
@@ -134,7 +147,7 @@ class ElementTracker:
     def wanted(self) -> dict[str, dict[str, str]]:
         """Every element wanted now, per set or map (for a full load)."""
         return {
-            name: {key: str(entry[0]) for key, entry in items.items()}
+            name: {key: entry[0] for key, entry in items.items()}
             for name, items in self._elements.items()
         }
 
@@ -143,7 +156,7 @@ class ElementTracker:
         delta = ElementDelta()
         for (name, key), before in self._touched.items():
             entry = self._elements[name].get(key)
-            now = None if entry is None else str(entry[0])
+            now = None if entry is None else entry[0]
             if now == before:
                 continue
             if now is None:
@@ -163,27 +176,25 @@ class ElementTracker:
         """Elements wanted per set or map."""
         return {name: len(items) for name, items in self._elements.items()}
 
-    def _touch(self, name: str, key: str) -> None:
+    def _touch(self, name: str, key: str) -> tuple[str, int] | None:
         self.generation += 1
+        entry = self._elements[name].get(key)
         if (name, key) not in self._touched:
-            entry = self._elements[name].get(key)
-            self._touched[(name, key)] = None if entry is None else str(entry[0])
+            self._touched[(name, key)] = None if entry is None else entry[0]
+        return entry
 
     def _hold(self, name: str, key: str, text: str) -> None:
-        self._touch(name, key)
-        entry = self._elements[name].get(key)
-        if entry is None:
-            self._elements[name][key] = [text, 1]
-        else:
-            # Two owners of one key agree on its value (service IPs, hairpin pairs); if
-            # they ever did not, the first one's stays.
-            entry[1] = int(entry[1]) + 1
+        entry = self._touch(name, key)
+        # Two owners of one key agree on its value (service IPs, hairpin pairs); if they
+        # ever did not, the first one's stays.
+        self._elements[name][key] = (text, 1) if entry is None else (entry[0], entry[1] + 1)
 
     def _release(self, name: str, key: str) -> None:
         entry = self._elements[name].get(key)
         if entry is None:
             return
         self._touch(name, key)
-        entry[1] = int(entry[1]) - 1
-        if int(entry[1]) <= 0:
+        if entry[1] <= 1:
             del self._elements[name][key]
+        else:
+            self._elements[name][key] = (entry[0], entry[1] - 1)

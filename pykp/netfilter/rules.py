@@ -264,7 +264,6 @@ def _ip(text: str) -> tuple[int, str]:
     raise ValueError(f"not an IP address: {text!r}")
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def _frontend_key(f: FrontendRule) -> tuple[int, str]:
     version, ip = _ip(f.ip)
     return version, f"{ip} . {_PROTOCOLS[f.protocol]} . {f.port}"
@@ -302,11 +301,10 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
     return out
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def _backend_elements(
     backend_id: int, text: str, port: int, shift: int, top: int
 ) -> tuple[bool, str, str, str]:
-    """(is IPv6, map key, map element, hairpin element); cached across syncs."""
+    """(is IPv6, map key, map element, hairpin element)."""
     version, ip = _ip(text)
     if not 1 <= backend_id <= top:
         raise ValueError(f"backend id {backend_id} outside 1..{top}")
