@@ -219,7 +219,7 @@ class Agent:
         self._refused: dict[str, str] = {}
         self._status_dirty = False
         self._status_written = float("-inf")
-        self._elements_checked = float("-inf")
+        self._rules_damaged = False
         self._frozen = False
         self._elements_damaged = False
         self._sync_lock = threading.Lock()
@@ -344,12 +344,12 @@ class Agent:
             now = self.deps.monotonic()
             if self._status_dirty and now - self._status_written >= self.config.status_interval:
                 self._write_status()
-            if now - self._elements_checked >= self.config.sync_period / 2:
-                self._elements_checked = now
+            if now - self._rules_checked >= self.config.sync_period / 2:
+                self._rules_checked = now
                 try:
-                    self._check_elements()
+                    self._check_rules()
                 except Exception:  # noqa: BLE001 - checked again next time
-                    _log.exception("checking the rules' elements failed")
+                    _log.exception("checking the rules failed")
 
     def _on_change(self) -> None:
         """The source changed: note it for /healthz and metrics, and ask for a sync."""
@@ -421,10 +421,16 @@ class Agent:
         now = self.deps.monotonic()
         # A new node context (addresses, zone) may change any service: all are checked.
         full = now - self._last_full >= self.config.sync_period or context is not self._context
-        if self._repair_rules() or self._elements_damaged:
-            if self._elements_damaged:
-                self.metrics.rules_repairs += 1
-                self._elements_damaged = False
+        if self._rules_damaged:
+            # Found by the check (off this thread): reinstall, then a full load.
+            _log.error("pykp's rules were removed or changed by someone else: restoring them")
+            self._rules_damaged = False
+            self.rules.install()
+            self.metrics.rules_repairs += 1
+            self.service_sync.reset()
+        elif self._elements_damaged:
+            self._elements_damaged = False
+            self.metrics.rules_repairs += 1
             self.service_sync.reset()
         try:
             result = self.service_sync.sync(catalog, None if full else changes.keys, context)
@@ -474,24 +480,22 @@ class Agent:
         )
         return True
 
-    def _repair_rules(self) -> bool:
-        """kube-proxy's canary, for the whole rule set: about once per --sync-period, check
-        that pykp's table, chains, sets and jumps are all still there; a flush or another
-        tool that removed any is undone (counted, logged) by a reinstall and a full load.
-        True when the rules were reinstalled."""
-        now = self.deps.monotonic()
-        if not self._running or now - self._rules_checked < self.config.sync_period / 2:
-            return False
-        self._rules_checked = now
-        if self.rules.installed():
-            return False
-        _log.error("pykp's rules were removed or changed by someone else: restoring them")
-        self.rules.install()
-        self.metrics.rules_repairs += 1
-        return True
+    def _check_rules(self) -> None:
+        """kube-proxy's canary, for the whole rule set, about twice per --sync-period and
+        off the sync path (a listing costs the kernel's dump of every element): are pykp's
+        table, chains and their rules, sets and jumps all there, and does every set and map
+        hold as many elements as the agent programmed? Damage (a flush, another tool) is
+        undone by the next sync, which it requests: a reinstall and a full load."""
+        if not self._running:
+            return
+        if not self.rules.installed():
+            self._rules_damaged = True
+            self.runner.run()
+            return
+        self._check_elements()
 
     def _check_elements(self) -> None:
-        """Off the sync path: do the kernel's sets and maps hold as many elements as the
+        """Do the kernel's sets and maps hold as many elements as the
         agent programmed? Someone deleting elements (a flush of one set, a delete) is
         otherwise invisible: the agent sends only changes. A mismatch makes the next sync
         a full load (counted as a repair)."""

@@ -238,8 +238,6 @@ _CHAINS: dict[str, str] = {
 
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
-# Chains whose rules `installed` counts (the `pick*` ones: by `_picks_whole`).
-_RULE_CHAINS = tuple(name for name in _CHAINS if not name.startswith("pick"))
 _PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}")
 
 
@@ -743,7 +741,7 @@ class RuleManager:
 
     def _rule_count(self, chain: str) -> int:
         try:
-            listing = self.nft.list_json(f"list chain inet {self.table} {chain}")
+            listing = self.reader.list_json(f"list chain inet {self.table} {chain}")
         except RulesError:
             return -1
         return sum("rule" in item for item in json.loads(listing)["nftables"])
@@ -780,23 +778,35 @@ class RuleManager:
         return 0
 
     def installed(self) -> bool:
-        """True when the table holds every chain, set and map pykp's rules need, the
-        chains that pick a path hold their rules, and both jump rules of each family and
-        the queue rule exist: what a flush of the ruleset, of the table or of a chain, or
-        another tool deleting any of them, breaks."""
-        objects = self._table_objects()
-        if objects is None:
+        """True when the table holds every chain, set and map pykp's rules need, every
+        chain holds its rules, and both jump rules of each family and the queue rule exist:
+        what a flush of the ruleset, of the table or of a chain, or another tool deleting
+        any of them, breaks. One listing of the table (it costs what the kernel's element
+        dump costs: run it off the sync path)."""
+        try:
+            listing = json.loads(self.reader.list_json(f"list table inet {self.table}"))
+        except RulesError:
             return False
+        chains: dict[str, int] = {}
+        sets: set[str] = set()
+        maps: set[str] = set()
+        for item in listing["nftables"]:
+            if "chain" in item:
+                chains.setdefault(item["chain"]["name"], 0)
+            elif "rule" in item:
+                chain = item["rule"]["chain"]
+                chains[chain] = chains.get(chain, 0) + 1
+            elif "set" in item:
+                sets.add(item["set"]["name"])
+            elif "map" in item:
+                maps.add(item["map"]["name"])
         if not (
-            _CHAINS.keys() <= objects["chain"]
-            and {n for n, t in _SYNCED.items() if not _is_map(t)} | _STATIC.keys() <= objects["set"]
-            and {n for n, t in _SYNCED.items() if _is_map(t)} <= objects["map"]
+            {n for n, t in _SYNCED.items() if not _is_map(t)} | _STATIC.keys() <= sets
+            and {n for n, t in _SYNCED.items() if _is_map(t)} <= maps
         ):
             return False
         rules = _chain_rules(self.layout, self.cluster_cidrs)
-        if any(self._rule_count(chain) != len(rules[chain]) for chain in _RULE_CHAINS):
-            return False
-        if not self._picks_whole():
+        if any(chains.get(chain, -1) != len(chain_rules) for chain, chain_rules in rules.items()):
             return False
         for save, _ in _iptables_families(self.ipv6):
             current = _read_mangle(save, self.chain, self.netns)
