@@ -88,8 +88,11 @@ def services_text(count: int, edited: int | None = None) -> str:
 
 
 def _file(count: int) -> None:
-    from pykp.sources.services_file import load_services_file
+    from pykp.sources.services_file import ServicesFileCache, load_services_file
 
+    cache = ServicesFileCache()  # as FileSource keeps one
+
+    gc.disable()  # as FileSource loads
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "services.yaml")
         text = services_text(count)
@@ -115,7 +118,7 @@ def _file(count: int) -> None:
             with open(path, "w", encoding="utf-8") as file:
                 file.write(version)
             started = time.perf_counter()
-            catalog, problems = load_services_file(path)
+            catalog, problems = load_services_file(path, cache)
             elapsed = time.perf_counter() - started
             same = 0
             if before is not None:

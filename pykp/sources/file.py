@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from pykp.model import Catalog, Problem, ServiceSpec
 from pykp.sources.base import ChangeLog, Changes, SourceStatus
-from pykp.sources.services_file import ServicesFileError, load_services_file
+from pykp.sources.services_file import ServicesFileCache, ServicesFileError, load_services_file
 
 __all__ = ["FileSource"]
 
@@ -70,6 +70,7 @@ class FileSource:
         self._last_error: str | None = None
         self._notify: Callable[[], None] | None = None
         self._changes = ChangeLog()
+        self._cache = ServicesFileCache()  # unchanged entries are not parsed again
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watch: _DirectoryWatch | None = None
@@ -183,7 +184,7 @@ class FileSource:
             collecting = gc.isenabled()
             gc.disable()
             try:
-                services, problems = load_services_file(self.path)
+                services, problems = load_services_file(self.path, self._cache)
             finally:
                 if collecting:
                     gc.enable()
