@@ -1112,7 +1112,7 @@ def services_path(tmp_path: Path) -> Path:
 
 
 def test_the_file_source_loads_at_start_and_notifies(services_path: Path) -> None:
-    source = FileSource(services_path, poll_interval=60)
+    source = FileSource(services_path, poll_interval=60, watch=False)
     notified = Notified()
     assert source.current() is None
 
@@ -1136,7 +1136,7 @@ def test_the_file_source_loads_at_start_and_notifies(services_path: Path) -> Non
 def test_the_file_source_sees_changes_and_ignores_rewrites_of_the_same_content(
     services_path: Path,
 ) -> None:
-    source = FileSource(services_path, poll_interval=60)
+    source = FileSource(services_path, poll_interval=60, watch=False)
     notified = Notified()
     source.start(notified)
     try:
@@ -1157,7 +1157,7 @@ def test_the_file_source_sees_changes_and_ignores_rewrites_of_the_same_content(
 
 
 def test_the_file_source_sees_an_atomic_replace(services_path: Path, tmp_path: Path) -> None:
-    source = FileSource(services_path, poll_interval=60)
+    source = FileSource(services_path, poll_interval=60, watch=False)
     source.start(Notified())
     try:
         other = tmp_path / "new.yaml"
@@ -1184,6 +1184,92 @@ def test_the_file_source_polls_in_its_thread(services_path: Path) -> None:
         source.stop()
 
 
+def _watched(path: Path) -> tuple[FileSource, Notified]:
+    """A started source that only inotify can wake (its poll is an hour away)."""
+    source = FileSource(path, poll_interval=3600)
+    notified = Notified()
+    source.start(notified)
+    if not source.watching:
+        source.stop()
+        pytest.skip("no inotify here")
+    notified.event.clear()
+    return source, notified
+
+
+def test_inotify_wakes_the_file_source_on_an_in_place_write(services_path: Path) -> None:
+    source, notified = _watched(services_path)
+    try:
+        started = time.monotonic()
+        services_path.write_text(without_endpoint(SERVICES, "10.244.2.10"))
+        assert notified.event.wait(5), "inotify did not wake the watcher"
+        assert time.monotonic() - started < 1
+        current = source.current()
+        assert current is not None and current.endpoint_count == 4
+    finally:
+        source.stop()
+
+
+def test_inotify_wakes_the_file_source_on_an_atomic_replace(
+    services_path: Path, tmp_path: Path
+) -> None:
+    source, notified = _watched(services_path)
+    try:
+        other = tmp_path / ".services.yaml.tmp"
+        other.write_text(SERVICES.replace("10.96.0.11", "10.96.0.12"))
+        other.replace(services_path)
+        assert notified.event.wait(5), "inotify did not wake the watcher"
+        current = source.current()
+        assert current is not None and current.services[1].cluster_ips == ("10.96.0.12",)
+    finally:
+        source.stop()
+
+
+def test_inotify_follows_a_configmap_swap(tmp_path: Path) -> None:
+    """kubelet's layout: services.yaml -> ..data/services.yaml, ..data -> a timestamped
+    directory; an update writes a new directory and renames a new ..data symlink over."""
+    mount = tmp_path / "mount"
+    (mount / "..v1").mkdir(parents=True)
+    (mount / "..v1" / "services.yaml").write_text(SERVICES)
+    (mount / "..data").symlink_to("..v1")
+    (mount / "services.yaml").symlink_to("..data/services.yaml")
+    source, notified = _watched(mount / "services.yaml")
+    try:
+        (mount / "..v2").mkdir()
+        (mount / "..v2" / "services.yaml").write_text(without_endpoint(SERVICES, "10.244.2.10"))
+        (mount / "..data_tmp").symlink_to("..v2")
+        (mount / "..data_tmp").replace(mount / "..data")
+        assert notified.event.wait(5), "inotify did not see the swap"
+        current = source.current()
+        assert current is not None and current.endpoint_count == 4
+    finally:
+        source.stop()
+
+
+def test_without_inotify_the_file_source_polls(
+    services_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pykp.sources import file as file_module
+
+    monkeypatch.setattr(file_module._DirectoryWatch, "open", classmethod(lambda *_: None))
+    source = FileSource(services_path, poll_interval=0.01)
+    notified = Notified()
+    source.start(notified)
+    try:
+        assert not source.watching
+        notified.event.clear()
+        rewrite(services_path, without_endpoint(SERVICES, "10.244.2.10"))
+        assert notified.event.wait(5), "the poll did not notice the change"
+    finally:
+        source.stop()
+
+
+def test_stopping_a_watching_source_is_prompt(services_path: Path) -> None:
+    source, _ = _watched(services_path)
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 1
+
+
 def test_invalid_entries_are_skipped_logged_with_their_location_and_kept(
     services_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1199,7 +1285,7 @@ def test_invalid_entries_are_skipped_logged_with_their_location_and_kept(
             ports: [{port: 70000}]
         """,
     )
-    source = FileSource(services_path, poll_interval=60)
+    source = FileSource(services_path, poll_interval=60, watch=False)
 
     with caplog.at_level(logging.WARNING, logger="pykp.sources.file"):
         source.start(Notified())
@@ -1216,7 +1302,7 @@ def test_invalid_entries_are_skipped_logged_with_their_location_and_kept(
 def test_a_broken_file_keeps_the_last_good_state(
     services_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    source = FileSource(services_path, poll_interval=60)
+    source = FileSource(services_path, poll_interval=60, watch=False)
     notified = Notified()
     source.start(notified)
     good = source.current()
@@ -1263,7 +1349,7 @@ def test_an_invalid_edit_of_one_service_keeps_its_last_good_version(
             endpoints: [{ip: 10.244.1.20}]
         """
     rewrite(services_path, two)
-    source = FileSource(services_path, poll_interval=60)
+    source = FileSource(services_path, poll_interval=60, watch=False)
     source.start(Notified())
     try:
         good = source.current()
@@ -1299,7 +1385,7 @@ def test_an_invalid_edit_of_one_service_keeps_its_last_good_version(
 
 def test_a_file_missing_at_start_loads_when_it_appears(tmp_path: Path) -> None:
     path = tmp_path / "later.yaml"
-    source = FileSource(path, poll_interval=60)
+    source = FileSource(path, poll_interval=60, watch=False)
     notified = Notified()
     source.start(notified)
     try:

@@ -77,7 +77,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_services_file(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], cache: ServicesFileCache | None = None
 ) -> tuple[Catalog, list[Problem]]:
     """Load a services file; problems name the file as `path` was given.
 
@@ -91,7 +91,7 @@ def load_services_file(
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ServicesFileError(source, 1, 1, f"not UTF-8 text ({error.reason})") from None
-    return load_services_text(text, source)
+    return load_services_text(text, source, cache)
 
 
 def load_bundled_example() -> tuple[Catalog, list[Problem]]:
@@ -100,8 +100,18 @@ def load_bundled_example() -> tuple[Catalog, list[Problem]]:
     return load_services_text(resource.read_text(encoding="utf-8"), f"pykp/{BUNDLED_EXAMPLE}")
 
 
-def load_services_text(text: str, source_name: str = "<string>") -> tuple[Catalog, list[Problem]]:
-    """Parse services-file text. Raises `ServicesFileError` only for fatal errors."""
+def load_services_text(
+    text: str, source_name: str = "<string>", cache: ServicesFileCache | None = None
+) -> tuple[Catalog, list[Problem]]:
+    """Parse services-file text. Raises `ServicesFileError` only for fatal errors.
+
+    With a `cache` (kept from one load of a file to the next), entries whose text did not
+    change are not parsed again and come back as the same `ServiceSpec` objects.
+    """
+    if cache is not None:
+        loaded = cache.load(text, source_name)
+        if loaded is not None:
+            return loaded
     try:
         root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as error:
@@ -124,6 +134,132 @@ def load_services_text(text: str, source_name: str = "<string>") -> tuple[Catalo
     parser = _Parser(source_name)
     services_file = parser.parse_file(root)
     return services_file, parser.problems
+
+
+class ServicesFileCache:
+    """The entries of the last load of a file, by their exact text.
+
+    A file in the plain block style (`services:` at column 0 followed by a block list)
+    is split into one text per entry without parsing it; each entry's text is composed
+    alone (marks relative to it) and parsed on its own once, then the checks across
+    entries run again over all of them. The rest of the file is composed with the
+    entries blanked out (lines kept, so positions hold). Anything else (flow style,
+    directives, several documents, an entry that does not compose alone such as an alias
+    of another entry's anchor) falls back to the full parse, which gives the same result.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._skeleton: tuple[tuple[str, str, int, str], tuple[str, list[Problem]]] | None = None
+
+    def load(self, text: str, source: str) -> tuple[Catalog, list[Problem]] | None:
+        split = _split(text)
+        if split is None:
+            return None
+        header, spans, block_lines, trailer, indent = split
+        key = (header, trailer, block_lines, source)
+        if self._skeleton is not None and self._skeleton[0] == key:
+            default_policy, problems = self._skeleton[1]
+        else:
+            skeleton = _skeleton(header, indent, block_lines, trailer, source)
+            if skeleton is None:
+                return None
+            default_policy, problems = skeleton
+            self._skeleton = (key, skeleton)
+        entries: dict[tuple[str, str], _Entry] = {}
+        parser = _Parser(source)
+        parser.problems = list(problems)
+        services = []
+        base = header.count("\n")
+        for index, span in enumerate(spans):
+            entry_key = (default_policy, span)
+            entry = entries.get(entry_key) or self._entries.get(entry_key)
+            if entry is None:
+                try:
+                    root = yaml.compose(span, Loader=_LOADER)
+                except yaml.YAMLError:
+                    return None
+                if not isinstance(root, SequenceNode) or len(root.value) != 1:
+                    return None
+                entry = parser.parse_entry(root.value[0], default_policy)
+            entries[entry_key] = entry
+            service = parser.settle(entry, f"services[{index}]", base)
+            if service is not None:
+                services.append(service)
+            base += span.count("\n")
+        self._entries = entries
+        catalog = Catalog(
+            services=tuple(services),
+            default_policy=default_policy,
+            invalid=frozenset(parser._invalid_services),
+        )
+        return catalog, parser.problems
+
+
+_SERVICES_KEY = re.compile(r"^services:[ \t]*(?:#[^\n]*)?\n", re.M)
+_UNUSUAL = re.compile(r"^(?:%|---|\.\.\.)|\t", re.M)
+_FIRST_ITEM = re.compile(r"(?:[ ]*(?:#[^\n]*)?\n)*( *)-[ \n]")
+
+
+def _split(text: str) -> tuple[str, list[str], int, str, int] | None:
+    """(header, each entry's text, the entries' line count, trailer, the list's indent),
+    or None when the file is not in the plain block style."""
+    if "\r" in text or text.startswith("\ufeff") or _UNUSUAL.search(text):
+        return None
+    keys = _SERVICES_KEY.findall(text)
+    if len(keys) != 1:
+        return None
+    match = _SERVICES_KEY.search(text)
+    assert match is not None
+    first = _FIRST_ITEM.match(text, match.end())
+    if first is None:
+        return None
+    indent = len(first.group(1))
+    start = first.start(1)
+    end_pattern = re.compile(r"^[^\s#-]" if indent == 0 else r"^[^\s#]", re.M)
+    ended = end_pattern.search(text, start)
+    end = ended.start() if ended is not None else len(text)
+    if end < len(text) and text[end - 1] != "\n":
+        return None
+    items = re.compile(rf"^ {{{indent}}}-(?=[ \n])", re.M)
+    starts = [found.start() for found in items.finditer(text, start, end)]
+    if not starts or starts[0] != start:
+        return None
+    starts.append(end)
+    spans = [text[a:b] for a, b in zip(starts, starts[1:])]
+    return text[:start], spans, text.count("\n", start, end), text[end:], indent
+
+
+def _skeleton(
+    header: str, indent: int, block_lines: int, trailer: str, source: str
+) -> tuple[str, list[Problem]] | None:
+    """The default policy and the problems outside the entries: the file with its entries
+    replaced by one placeholder item and blank lines; None if that does not hold up."""
+    placeholder = " " * indent + "- 0"
+    text = header + placeholder + "\n" * block_lines + trailer
+    if block_lines == 0:
+        return None
+    try:
+        root = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(root, MappingNode):
+        return None
+    parser = _Parser(source)
+    fields = parser.fields(root, "", _FILE_FIELDS)
+    default_policy = parser.parse_defaults(fields)
+    services = parser.optional(fields, "services")
+    line = header.count("\n")
+    if (
+        not isinstance(services, SequenceNode)
+        or len(services.value) != 1
+        or not isinstance(services.value[0], ScalarNode)
+        or services.value[0].value != "0"
+        or services.value[0].start_mark.line != line
+        or services.value[0].start_mark.column != indent + 2
+    ):
+        return None
+    return default_policy, parser.problems
 
 
 def _position(node: Node) -> tuple[int, int]:
@@ -182,6 +318,48 @@ _T = TypeVar("_T")
 _D = TypeVar("_D")
 
 
+# The path an entry is parsed under; `settle` replaces it with services[index].
+_ENTRY: Final = "@"
+
+
+class _Entry:
+    """One services entry as its text alone says: its problems (0-based line relative to
+    the entry, column, path after the entry's, message) in three runs (before the name's
+    uniqueness check, up to the frontends' claim, the endpoints'), and what the checks
+    against the other entries need. `spec` is set when the entry is valid on its own."""
+
+    __slots__ = (
+        "name",
+        "key",
+        "name_at",
+        "problems",
+        "first",
+        "middle",
+        "unreachable_at",
+        "ports_at",
+        "frontends",
+        "node_ports",
+        "spec",
+    )
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.key = ""
+        self.name_at: tuple[int, int] | None = None
+        self.problems: list[tuple[int, int, str, str]] = []
+        self.first = 0
+        self.middle = 0
+        self.unreachable_at: tuple[int, int] | None = None
+        self.ports_at: list[tuple[int, int]] = []
+        self.frontends: dict[tuple[str, int, str], int] = {}
+        self.node_ports: dict[tuple[int, str], int] = {}
+        self.spec: ServiceSpec | None = None
+
+    def set_problems(self, problems: list[Problem], first: int, middle: int) -> None:
+        self.problems = [(p.line - 1, p.column, p.path[len(_ENTRY) :], p.message) for p in problems]
+        self.first, self.middle = first, middle
+
+
 class _Parser:
     """Walks the composed YAML nodes (which keep their marks) and records problems.
 
@@ -193,7 +371,8 @@ class _Parser:
         self.source = source
         self.problems: list[Problem] = []
         self._constructor = SafeConstructor()
-        self._service_names: dict[str, Node] = {}  # namespace/name -> where first defined
+        # namespace/name -> the path and line of its first definition
+        self._service_names: dict[str, tuple[str, int]] = {}
         self._invalid_services: set[str] = set()
         self._frontend_owners: dict[tuple[str, int, str], str] = {}
         self._node_port_owners: dict[tuple[int, str], str] = {}
@@ -421,19 +600,36 @@ class _Parser:
     # -- one service
 
     def parse_service(self, node: Node, path: str, default_policy: str) -> ServiceSpec | None:
-        problems_before = len(self.problems)
+        """One entry: its own checks (`parse_entry`), then those against the others."""
+        return self.settle(self.parse_entry(node, default_policy), path, 0)
+
+    def parse_entry(self, node: Node, default_policy: str) -> _Entry:
+        """What an entry says on its own, and its problems (relative to the entry's text
+        when the node was composed from that text alone): the same text always gives the
+        same `_Entry`, so a cache of them keyed by text is exact."""
+        saved, self.problems = self.problems, []
+        try:
+            return self._parse_entry(node, default_policy)
+        finally:
+            self.problems = saved
+
+    def _parse_entry(self, node: Node, default_policy: str) -> _Entry:
+        path = _ENTRY
+        entry = _Entry()
         try:
             fields = self.fields(node, path, _SERVICE_FIELDS)
         except _Invalid:
-            return None
+            entry.set_problems(self.problems, len(self.problems), len(self.problems))
+            return entry
 
         name = ""
         with contextlib.suppress(_Invalid):
             name = self.required(fields, "name", path, node, self.service_name)
         namespace = self.field(fields, "namespace", path, self.namespace, "default")
-        key = f"{namespace}/{name}"
+        entry.name, entry.key = name, f"{namespace}/{name}"
         if name:
-            self.check_unique_name(key, fields["name"], _join(path, "name"))
+            entry.name_at = _position(fields["name"])
+        first = len(self.problems)
         cluster_ips = self.cluster_ips(fields, path)
         external_ips = self.field(fields, "externalIPs", path, self.ip_list, ())
         load_balancer_ips = self.field(fields, "loadBalancerIPs", path, self.ip_list, ())
@@ -466,48 +662,90 @@ class _Parser:
         ports: list[tuple[ServicePort, Node]] = []
         with contextlib.suppress(_Invalid):
             ports = self.required(fields, "ports", path, node, self.parse_ports)
+        middle = len(self.problems)
         addresses = (*cluster_ips, *external_ips, *load_balancer_ips)
-        no_node_ports = all(port.node_port is None for port, _ in ports)
-        if len(self.problems) == problems_before and not addresses and no_node_ports:
-            self.report(
-                node,
-                path,
-                "nothing to reach: set clusterIPs, externalIPs, loadBalancerIPs or a nodePort",
-            )
-        if len(self.problems) == problems_before:
-            # Only a service that loads claims its frontends; a later one may not reuse them.
-            self.claim_frontends(key, addresses, ports, path)
-        service_is_valid = len(self.problems) == problems_before
+        if not addresses and all(port.node_port is None for port, _ in ports):
+            entry.unreachable_at = _position(node)
+        entry.ports_at = [_position(port_node) for _, port_node in ports]
+        entry.frontends = {
+            (address, port.port, port.protocol): index
+            for index, (port, _) in enumerate(ports)
+            for address in addresses
+        }
+        entry.node_ports = {
+            (port.node_port, port.protocol): index
+            for index, (port, _) in enumerate(ports)
+            if port.node_port is not None
+        }
 
         # Endpoints are checked even when the service is skipped, so one pass finds everything.
         endpoints = self.field(fields, "endpoints", path, self.parse_endpoints, ())
-        if name and len(self.problems) > problems_before:
-            self._invalid_services.add(key)
-        if not service_is_valid:
-            return None
-        return ServiceSpec(
-            name=name,
-            namespace=namespace,
-            cluster_ips=cluster_ips,
-            external_ips=external_ips,
-            load_balancer_ips=load_balancer_ips,
-            ports=tuple(port for port, _ in ports),
-            policy=policy,
-            hash_key=hash_key,
-            session_affinity=affinity,
-            session_affinity_timeout_seconds=timeout if affinity == "ClientIP" else None,
-            external_traffic_policy=external_traffic_policy,
-            internal_traffic_policy=internal_traffic_policy,
-            endpoints=endpoints,
-        )
+        entry.set_problems(self.problems, first, middle)
+        if middle == 0 and entry.unreachable_at is None:
+            entry.spec = ServiceSpec(
+                name=name,
+                namespace=namespace,
+                cluster_ips=cluster_ips,
+                external_ips=external_ips,
+                load_balancer_ips=load_balancer_ips,
+                ports=tuple(port for port, _ in ports),
+                policy=policy,
+                hash_key=hash_key,
+                session_affinity=affinity,
+                session_affinity_timeout_seconds=timeout if affinity == "ClientIP" else None,
+                external_traffic_policy=external_traffic_policy,
+                internal_traffic_policy=internal_traffic_policy,
+                endpoints=endpoints,
+            )
+        return entry
 
-    def check_unique_name(self, key: str, name_node: Node, path: str) -> None:
-        first = self._service_names.setdefault(key, name_node)
-        if first is not name_node:
-            self.report(
-                name_node,
-                path,
-                f"duplicate service {key} (first defined at line {_position(first)[0]})",
+    def settle(self, entry: _Entry, path: str, base: int) -> ServiceSpec | None:
+        """An entry's problems placed (its text starts at 0-based line `base`; its index
+        in `path`) and its checks against the entries before it: a repeated name, and
+        frontends or nodePorts another service claimed."""
+        problems_before = len(self.problems)
+        self.emit(entry.problems[: entry.first], path, base)
+        if entry.name_at is not None:
+            self.check_unique_name(entry.key, entry.name_at, path, base)
+        self.emit(entry.problems[entry.first : entry.middle], path, base)
+        if len(self.problems) == problems_before and entry.unreachable_at is not None:
+            line, column = entry.unreachable_at
+            self.problems.append(
+                Problem(
+                    self.source,
+                    base + line,
+                    column,
+                    path,
+                    "nothing to reach: set clusterIPs, externalIPs, loadBalancerIPs or a nodePort",
+                )
+            )
+        if len(self.problems) == problems_before:
+            # Only a service that loads claims its frontends; a later one may not reuse them.
+            self.claim_frontends(entry, path, base)
+        service_is_valid = len(self.problems) == problems_before
+        self.emit(entry.problems[entry.middle :], path, base)
+        if entry.name and len(self.problems) > problems_before:
+            self._invalid_services.add(entry.key)
+        return entry.spec if service_is_valid else None
+
+    def emit(self, problems: list[tuple[int, int, str, str]], path: str, base: int) -> None:
+        for line, column, suffix, message in problems:
+            self.problems.append(
+                Problem(self.source, base + line + 1, column, path + suffix, message)
+            )
+
+    def check_unique_name(self, key: str, name_at: tuple[int, int], path: str, base: int) -> None:
+        line = base + name_at[0]
+        first = self._service_names.setdefault(key, (path, line))
+        if first[0] != path:
+            self.problems.append(
+                Problem(
+                    self.source,
+                    line,
+                    name_at[1],
+                    _join(path, "name"),
+                    f"duplicate service {key} (first defined at line {first[1]})",
+                )
             )
 
     def cluster_ips(self, fields: dict[str, Node], path: str) -> tuple[str, ...]:
@@ -528,38 +766,32 @@ class _Parser:
             )
         return many or (() if single is None else (single,))
 
-    def claim_frontends(
-        self,
-        key: str,
-        addresses: Sequence[str],
-        ports: list[tuple[ServicePort, Node]],
-        path: str,
-    ) -> None:
+    def claim_frontends(self, entry: _Entry, path: str, base: int) -> None:
         """Report frontends and nodePorts an earlier service owns; claim the rest."""
-        frontends = {
-            (address, port.port, port.protocol): index
-            for index, (port, _) in enumerate(ports)
-            for address in addresses
-        }
-        node_ports = {
-            (port.node_port, port.protocol): index
-            for index, (port, _) in enumerate(ports)
-            if port.node_port is not None
-        }
-        problems_before = len(self.problems)
+        frontends, node_ports = entry.frontends, entry.node_ports
+        if self._frontend_owners.keys().isdisjoint(frontends) and (
+            self._node_port_owners.keys().isdisjoint(node_ports)
+        ):
+            self._frontend_owners.update(dict.fromkeys(frontends, entry.key))
+            self._node_port_owners.update(dict.fromkeys(node_ports, entry.key))
+            return
+        ports_path = _join(path, "ports")
         for frontend, index in frontends.items():
             owner = self._frontend_owners.get(frontend)
             if owner is not None:
+                line, column = entry.ports_at[index]
                 message = f"{_frontend_text(frontend)} is already used by {owner}"
-                self.report(ports[index][1], f"{_join(path, 'ports')}[{index}]", message)
+                self.problems.append(
+                    Problem(self.source, base + line, column, f"{ports_path}[{index}]", message)
+                )
         for (node_port, protocol), index in node_ports.items():
             owner = self._node_port_owners.get((node_port, protocol))
             if owner is not None:
+                line, column = entry.ports_at[index]
                 message = f"nodePort {node_port}/{protocol} is already used by {owner}"
-                self.report(ports[index][1], f"{_join(path, 'ports')}[{index}]", message)
-        if len(self.problems) == problems_before:
-            self._frontend_owners.update(dict.fromkeys(frontends, key))
-            self._node_port_owners.update(dict.fromkeys(node_ports, key))
+                self.problems.append(
+                    Problem(self.source, base + line, column, f"{ports_path}[{index}]", message)
+                )
 
     # -- ports
 
