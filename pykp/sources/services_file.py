@@ -29,8 +29,12 @@ import difflib
 import ipaddress
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from importlib import resources
+from itertools import accumulate, compress, count
+from operator import attrgetter, is_not
 from typing import Final, TypeVar
 
 import yaml
@@ -137,26 +141,40 @@ def load_services_text(
 
 
 class ServicesFileCache:
-    """The entries of the last load of a file, by their exact text.
+    """The entries of the last load of a file, by their exact text, and what the checks
+    across entries need, kept up to date edit by edit.
 
     A file in the plain block style (`services:` at column 0 followed by a block list)
     is split into one text per entry without parsing it; each entry's text is composed
-    alone (marks relative to it) and parsed on its own once, then the checks across
-    entries run again over all of them. The rest of the file is composed with the
-    entries blanked out (lines kept, so positions hold). Anything else (flow style,
-    directives, several documents, an entry that does not compose alone such as an alias
-    of another entry's anchor) falls back to the full parse, which gives the same result.
+    alone (marks relative to it) and parsed on its own once. The rest of the file is
+    composed with the entries blanked out (lines kept, so positions hold). Anything else
+    (flow style, directives, several documents, an entry that does not compose alone such
+    as an alias of another entry's anchor) falls back to the full parse, which gives the
+    same result.
+
+    The checks across entries (a repeated name, a frontend or nodePort two services
+    claim) only concern entries that share a name or a claim: the cache counts, for each
+    name and each claim, the entry texts that have it (updated only for the texts added
+    or removed by an edit), and runs the checks in file order over just the entries that
+    share one or have problems of their own; every other entry loads as it parsed alone,
+    with no per-entry Python work.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], _Entry] = {}
         self._skeleton: tuple[tuple[str, str, int, str], tuple[str, list[Problem]]] | None = None
+        self._parsed_as: tuple[str, int] | None = None  # (default policy, the list's indent)
+        self._entries: dict[str, _Entry] = {}  # by text, each in the file
+        self._counts: dict[str, int] = {}  # how many times each text is in the file
+        self._repeated = False  # some text is in the file more than once
+        self._names = _Users()  # namespace/name -> the texts that name it
+        self._claims = _Users()  # frontend or nodePort -> the texts that would claim it
+        self._own_problems: set[str] = set()  # texts with problems of their own
 
     def load(self, text: str, source: str) -> tuple[Catalog, list[Problem]] | None:
         split = _split(text)
         if split is None:
             return None
-        header, spans, block_lines, trailer, indent = split
+        header, pieces, block_lines, trailer, indent = split
         key = (header, trailer, block_lines, source)
         if self._skeleton is not None and self._skeleton[0] == key:
             default_policy, problems = self._skeleton[1]
@@ -166,68 +184,161 @@ class ServicesFileCache:
                 return None
             default_policy, problems = skeleton
             self._skeleton = (key, skeleton)
-        entries: dict[tuple[str, str], _Entry] = {}
+        if self._parsed_as != (default_policy, indent):
+            self._reset((default_policy, indent))
+
+        # What changed: texts added and removed (a count changed when one is repeated).
+        counts = Counter(pieces)
+        repeated = len(counts) != len(pieces)
+        old = self._counts
+        changes: list[tuple[str, int]]
+        if repeated or self._repeated:
+            changed = {piece for piece, _ in counts.items() ^ old.items()}
+            changes = [(piece, counts.get(piece, 0) - old.get(piece, 0)) for piece in changed]
+        else:
+            changes = [(t, 1) for t in counts.keys() - old.keys()]
+            changes += [(t, -1) for t in old.keys() - counts.keys()]
+
+        # Parse the new texts before changing anything: one that does not compose alone
+        # leaves the cache as it was (and the caller does a full parse).
         parser = _Parser(source)
-        parser.problems = list(problems)
-        services = []
-        base = header.count("\n")
-        for index, span in enumerate(spans):
-            entry_key = (default_policy, span)
-            entry = entries.get(entry_key) or self._entries.get(entry_key)
-            if entry is None:
+        prefix = " " * indent + "-"
+        parsed: dict[str, _Entry] = {}
+        for piece, change in changes:
+            if change > 0 and piece not in self._entries:
                 try:
-                    root = yaml.compose(span, Loader=_LOADER)
+                    root = yaml.compose(prefix + piece + "\n", Loader=_LOADER)
                 except yaml.YAMLError:
                     return None
                 if not isinstance(root, SequenceNode) or len(root.value) != 1:
                     return None
                 entry = parser.parse_entry(root.value[0], default_policy)
-            entries[entry_key] = entry
-            service = parser.settle(entry, f"services[{index}]", base)
-            if service is not None:
-                services.append(service)
-            base += span.count("\n")
-        self._entries = entries
+                entry.lines = piece.count("\n") + 1
+                parsed[piece] = entry
+
+        self._entries.update(parsed)
+        for piece, change in changes:
+            self._update(piece, self._entries[piece], change, counts.get(piece, 0))
+        self._counts, self._repeated = counts, repeated
+
+        entries = list(map(self._entries.__getitem__, pieces))
+        specs = list(map(_SPEC, entries))
+        parser.problems = list(problems)
+        involved = self._own_problems.union(*self._names.shared.values())
+        involved.update(*self._claims.shared.values())
+        if involved:
+            # In file order, the entries that have problems or share a name or a claim (no
+            # other entry shares one with them): the same checks as a full parse.
+            bases = list(accumulate(map(_LINES, entries), initial=header.count("\n")))
+            for index in compress(count(), map(involved.__contains__, pieces)):
+                if parser.settle(entries[index], f"services[{index}]", bases[index]) is None:
+                    specs[index] = None
         catalog = Catalog(
-            services=tuple(services),
+            services=tuple(filter(_IS_SPEC, specs)),
             default_policy=default_policy,
             invalid=frozenset(parser._invalid_services),
         )
         return catalog, parser.problems
 
+    def _reset(self, parsed_as: tuple[str, int]) -> None:
+        self._parsed_as = parsed_as
+        self._entries, self._counts, self._repeated = {}, {}, False
+        self._names, self._claims, self._own_problems = _Users(), _Users(), set()
 
-_SERVICES_KEY = re.compile(r"^services:[ \t]*(?:#[^\n]*)?\n", re.M)
-_UNUSUAL = re.compile(r"^(?:%|---|\.\.\.)|\t", re.M)
+    def _update(self, piece: str, entry: _Entry, change: int, now: int) -> None:
+        """`change` more (or fewer) times `piece` in the file, `now` times in all."""
+        if entry.name_at is not None:
+            self._names.add(entry.key, piece, change)
+        if entry.spec is not None:  # valid alone: claims its frontends and nodePorts
+            for claim in entry.frontends:
+                self._claims.add(claim, piece, change)
+            for node_port in entry.node_ports:
+                self._claims.add(node_port, piece, change)
+        if now == 0:
+            del self._entries[piece]
+            self._own_problems.discard(piece)
+        elif entry.problems or entry.spec is None:  # (no problems: nothing to reach)
+            self._own_problems.add(piece)
+
+
+class _Users:
+    """For each thing (a service's name, a frontend, a nodePort), the entry texts that
+    have it, with how many times each is in the file: `one` when that is a single text
+    once, `shared` otherwise (the entries the checks across entries concern)."""
+
+    __slots__ = ("one", "shared")
+
+    def __init__(self) -> None:
+        self.one: dict[object, str] = {}
+        self.shared: dict[object, dict[str, int]] = {}
+
+    def add(self, thing: object, text: str, change: int) -> None:
+        users = self.shared.get(thing)
+        if users is None:
+            single = self.one.pop(thing, None)
+            users = {} if single is None else {single: 1}
+        times = users.get(text, 0) + change
+        if times > 0:
+            users[text] = times
+        else:
+            users.pop(text, None)
+        total = sum(users.values())
+        if total > 1:
+            self.shared[thing] = users
+            return
+        self.shared.pop(thing, None)
+        if total == 1:
+            (self.one[thing],) = users
+
+
+_SPEC: Final = attrgetter("spec")
+_LINES: Final = attrgetter("lines")
+_IS_SPEC: Final = partial(is_not, None)
+
+_SERVICES_KEY = re.compile(r"services:[ \t]*(?:#[^\n]*)?\n")
+_SERVICES_KEYS = re.compile(r"^services:[ \t]*(?:#[^\n]*)?\n", re.M)
+_UNUSUAL = re.compile(r"^(?:%|---|\.\.\.)", re.M)
 _FIRST_ITEM = re.compile(r"(?:[ ]*(?:#[^\n]*)?\n)*( *)-[ \n]")
+# The line that ends the entries: at column 0, not blank nor a comment (nor, at indent 0,
+# an item's dash). Every search starts with a plain line break, which `re` looks for
+# quickly; no pattern is tried at each position of the file.
+_BLOCK_END: Final = (re.compile(r"\n[^ \n#-]"), re.compile(r"\n[^ \n#]"))
 
 
 def _split(text: str) -> tuple[str, list[str], int, str, int] | None:
     """(header, each entry's text, the entries' line count, trailer, the list's indent),
-    or None when the file is not in the plain block style."""
-    if "\r" in text or text.startswith("\ufeff") or _UNUSUAL.search(text):
+    or None when the file is not in the plain block style. An entry's text is what
+    follows its item's dash, up to the line break before the next item (excluded)."""
+    if "\r" in text or "\t" in text or text.startswith("\ufeff"):
         return None
-    keys = _SERVICES_KEY.findall(text)
-    if len(keys) != 1:
-        return None
-    match = _SERVICES_KEY.search(text)
-    assert match is not None
+    # The first `services:` line; any other can only be after the entries (a line at
+    # column 0 ends them).
+    match = _SERVICES_KEY.match(text)
+    at = 0
+    while match is None:
+        at = text.find("\nservices:", at) + 1
+        if at == 0:
+            return None
+        match = _SERVICES_KEY.match(text, at)
     first = _FIRST_ITEM.match(text, match.end())
     if first is None:
         return None
     indent = len(first.group(1))
     start = first.start(1)
-    end_pattern = re.compile(r"^[^\s#-]" if indent == 0 else r"^[^\s#]", re.M)
-    ended = end_pattern.search(text, start)
-    end = ended.start() if ended is not None else len(text)
-    if end < len(text) and text[end - 1] != "\n":
+    ended = _BLOCK_END[indent > 0].search(text, start)
+    end = ended.start() + 1 if ended is not None else len(text)
+    header, trailer = text[:start], text[end:]
+    # Directives and document markers are at column 0: not among the entries, except at
+    # indent 0 a `---`, which is no item's dash (below).
+    if _UNUSUAL.search(header) or _UNUSUAL.search(trailer) or _SERVICES_KEYS.search(trailer):
         return None
-    items = re.compile(rf"^ {{{indent}}}-(?=[ \n])", re.M)
-    starts = [found.start() for found in items.finditer(text, start, end)]
-    if not starts or starts[0] != start:
-        return None
-    starts.append(end)
-    spans = [text[a:b] for a, b in zip(starts, starts[1:])]
-    return text[:start], spans, text.count("\n", start, end), text[end:], indent
+    body = text[start : end - 1] if text[end - 1] == "\n" else text[start:end]
+    separator = "\n" + " " * indent + "-"
+    if re.search(re.escape(separator) + "[^ \n]", body):
+        return None  # a dash at the list's indent that starts no item (or a `---`)
+    pieces = body.split(separator)
+    pieces[0] = pieces[0][indent + 1 :]
+    return header, pieces, text.count("\n", start, end), trailer, indent
 
 
 def _skeleton(
@@ -340,6 +451,7 @@ class _Entry:
         "frontends",
         "node_ports",
         "spec",
+        "lines",
     )
 
     def __init__(self) -> None:
@@ -354,6 +466,7 @@ class _Entry:
         self.frontends: dict[tuple[str, int, str], int] = {}
         self.node_ports: dict[tuple[int, str], int] = {}
         self.spec: ServiceSpec | None = None
+        self.lines = 0  # the entry text's lines, when cached
 
     def set_problems(self, problems: list[Problem], first: int, middle: int) -> None:
         self.problems = [(p.line - 1, p.column, p.path[len(_ENTRY) :], p.message) for p in problems]
