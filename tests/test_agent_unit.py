@@ -37,7 +37,7 @@ from pykp.observe.health import GO_ZERO_TIME, ProxierHealth, go_time
 from pykp.observe.status import STATUS_FILE, read_status_file
 from pykp.sources.base import ChangeLog, Changes, SourceStatus
 from pykp.sources.file import FileSource, diff_catalogs
-from pykp.sources.services_file import load_services_text
+from pykp.sources.services_file import ServicesFileCache, load_services_text
 
 # --- fakes --------------------------------------------------------------------------------
 
@@ -1397,6 +1397,44 @@ def test_a_file_missing_at_start_loads_when_it_appears(tmp_path: Path) -> None:
         assert notified.count == 1 and source.status().initialized
     finally:
         source.stop()
+
+
+def test_the_cached_file_source_serves_what_a_full_parse_does(services_path: Path) -> None:
+    """Edits (valid, one service broken, one skipped whole, fixed): the source with its
+    entry cache serves what one that parses the whole file each time serves, in the same
+    order, and its catalog's services by key are its services."""
+
+    class _NoCache(ServicesFileCache):
+        def load(self, text: str, source: str) -> None:
+            return None
+
+    entry = "  - {{name: s{i}, clusterIP: 10.96.0.{i}, ports: [{{port: 80}}], endpoints: {eps}}}\n"
+    good = [entry.format(i=i, eps=f"[{{ip: 10.244.0.{i}}}]") for i in range(1, 7)]
+    versions = [
+        good,
+        [*good[:2], entry.format(i=3, eps="[{ip: bad}]"), *good[3:]],  # one endpoint broken
+        [*good[:3], good[3].replace("port: 80", "port: 0"), *good[4:]],  # s4 skipped whole
+        [*good[:3], good[3].replace("port: 80", "port: 0"), *good[5:], good[4]],  # moved
+        [*good[:1], *good[2:]],  # s2 removed
+        good,
+    ]
+    cached = FileSource(services_path, poll_interval=60, watch=False)
+    full = FileSource(services_path, poll_interval=60, watch=False)
+    full._cache = _NoCache()
+    for version in versions:
+        rewrite(services_path, "services:\n" + "".join(version))
+        before = cached.current()
+        assert cached.check() == full.check()
+        ours, theirs = cached.current(), full.current()
+        assert ours is not None and theirs is not None
+        assert ours == theirs and cached.problems() == full.problems()
+        assert ours.by_key is not None and list(ours.by_key.items()) == [
+            (spec.key, spec) for spec in ours.services
+        ]
+        if before is not None:  # unchanged services stay the same objects
+            for spec in ours.services:
+                previous = before.get(spec.key)
+                assert previous is None or previous != spec or previous is spec
 
 
 # --- healthz ------------------------------------------------------------------------------

@@ -233,10 +233,13 @@ class ServicesFileCache:
             for index in compress(count(), map(involved.__contains__, pieces)):
                 if parser.settle(entries[index], f"services[{index}]", bases[index]) is None:
                     specs[index] = None
+        # By key too (valid entries have distinct keys), so no consumer builds that.
+        by_key = dict(compress(zip(map(_KEY, entries), specs), map(_IS_SPEC, specs)))
         catalog = Catalog(
-            services=tuple(filter(_IS_SPEC, specs)),
+            services=tuple(by_key.values()),
             default_policy=default_policy,
             invalid=frozenset(parser._invalid_services),
+            by_key=by_key,
         )
         return catalog, parser.problems
 
@@ -292,6 +295,7 @@ class _Users:
 
 
 _SPEC: Final = attrgetter("spec")
+_KEY: Final = attrgetter("key")
 _LINES: Final = attrgetter("lines")
 _IS_SPEC: Final = partial(is_not, None)
 
