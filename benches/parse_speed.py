@@ -13,7 +13,8 @@ them: seconds and objects per second for each kind.
 `file N`: a services file of N services (a name, a clusterIP, 1-2 ports, 3 endpoints),
 loaded once cold, then again after each of a few one-entry edits (a changed endpoint
 address, an inserted entry, a deleted entry): seconds per load, and how many services came
-back as the very objects of the load before.
+back as the very objects of the load before; then `FileSource.check` (the load and what the
+source does with its result) for the first edits.
 """
 
 from __future__ import annotations
@@ -129,6 +130,18 @@ def _file(count: int) -> None:
                 f" {elapsed * 1000:.0f} ms ({same} the same objects as the load before)"
             )
             before = catalog
+        # Through the source as the agent runs it: the load, then what FileSource does
+        # with the catalog (unchanged services kept, changed keys found).
+        from pykp.sources.file import FileSource
+
+        source = FileSource(path, watch=False)
+        for label, version in versions[:3]:
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(version)
+            started = time.perf_counter()
+            source.check()
+            elapsed = time.perf_counter() - started
+            print(f"FileSource.check, {label}: {elapsed * 1000:.0f} ms")
 
 
 def main() -> None:

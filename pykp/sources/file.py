@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from itertools import compress
-from operator import attrgetter, is_not
+from operator import is_not
 
 from pykp.model import Catalog, Problem, ServiceSpec
 from pykp.sources.base import ChangeLog, Changes, SourceStatus
@@ -269,8 +269,8 @@ class FileSource:
             "loaded %s: %d services, %d ports, %d endpoints, %d invalid entries skipped%s",
             self.path,
             len(services.services),
-            sum(map(len, map(_PORTS, services.services))),  # as port_count, faster
-            sum(map(len, map(_ENDPOINTS, services.services))),
+            services.port_count,
+            services.endpoint_count,
             len(problems),
             "" if changed else " (no change)",
         )
@@ -293,24 +293,22 @@ def diff_catalogs(old: Catalog | None, new: Catalog) -> tuple[Catalog, set[str]]
         after = _by_key(new)
         differ = list(after)
     changed = set(before.keys() - after.keys())
-    if not differ:
-        return dataclasses.replace(new, services=tuple(after.values()), by_key=after), changed
-    by_key = dict(after)
+    replaced: dict[str, ServiceSpec] = {}
     for key in differ:
         previous = before.get(key)
-        if previous is not None and previous == by_key[key]:
-            by_key[key] = previous
+        if previous is not None and previous == after[key]:
+            replaced[key] = previous  # equal: the old object stays
         else:
             changed.add(key)
+    if not replaced:  # (a catalog's by_key holds its services in their order)
+        services = new.services if after is new.by_key else tuple(after.values())
+        return dataclasses.replace(new, services=services, by_key=after), changed
+    by_key = {**after, **replaced}
     return dataclasses.replace(new, services=tuple(by_key.values()), by_key=by_key), changed
 
 
 def _by_key(catalog: Catalog) -> dict[str, ServiceSpec]:
     return {spec.key: spec for spec in catalog.services}
-
-
-_PORTS = attrgetter("ports")
-_ENDPOINTS = attrgetter("endpoints")
 
 
 # --- inotify ------------------------------------------------------------------------------
