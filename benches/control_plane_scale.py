@@ -1,0 +1,197 @@
+"""The control plane at scale, through the Kubernetes source: `pykp run` against the stand-in
+API server holding N Services and N EndpointSlices (3 endpoints each), no traffic.
+
+Run as root from the repository root with the venv of `bash scripts/install.sh --test`:
+
+    .venv/bin/python benches/control_plane_scale.py 10000 30000 100000
+
+Per N, in a network namespace of its own (removed afterwards):
+- start: agent launched -> all N services programmed (its `pykp_services` gauge reaches N:
+  the first sync, engine and nftables included, is committed), and the agent's RSS then;
+- change: one EndpointSlice updated (an endpoint replaced) -> the end of the sync that
+  programmed it (`kubeproxy_sync_proxy_rules_last_timestamp_seconds` past the write; the
+  kernel's sets hold the new backend at that point), 20 times, each more than
+  --min-sync-period (1 s, the default) after the previous one;
+- new Service: created with its slice -> programmed, the same way.
+`pykp bench` measures the same through real connections, against iptables and nftables, up
+to 30,000 services (the load generator's backend ports run out past that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+NAMESPACE = "pykp-cp-scale"
+METRICS = "127.0.0.1:10249"
+PROGRAMMED = "kubeproxy_network_programming_duration_seconds_count"
+
+
+def _pods(index: int) -> list[str]:
+    return [f"10.244.{(index * 3 + k) // 256 % 256}.{(index * 3 + k) % 256}" for k in range(3)]
+
+
+def _cluster_ip(index: int) -> str:
+    return f"10.{96 + index // 65536}.{index // 256 % 256}.{index % 256}"
+
+
+def _server(count: int, pipe: Connection) -> None:
+    """The child: the API server inside the namespace, writing what the parent asks."""
+    from pykp.labs.kube_apiserver import KubeApiServer, endpoint_slice, service
+    from pykp.labs.lab import in_namespace
+
+    with in_namespace(NAMESPACE):
+        server = KubeApiServer().start()
+    server.create_many(
+        "services", (service(f"svc-{i}", _cluster_ip(i), namespace="ns") for i in range(count))
+    )
+    server.create_many(
+        "endpointslices",
+        (endpoint_slice(f"svc-{i}-1", f"svc-{i}", _pods(i), namespace="ns") for i in range(count)),
+    )
+    pipe.send(str(server.write_kubeconfig(Path(f"/tmp/{NAMESPACE}.kubeconfig"))))
+    while True:
+        command, index, extra = pipe.recv()
+        if command == "stop":
+            server.stop()
+            pipe.send(None)
+            return
+        written = time.time()
+        if command == "slice":
+            server.update(
+                "endpointslices",
+                endpoint_slice(f"svc-{index}-1", f"svc-{index}", extra, namespace="ns"),
+            )
+        elif command == "service":
+            server.create(
+                "endpointslices",
+                endpoint_slice(f"svc-{index}-1", f"svc-{index}", _pods(index), namespace="ns"),
+            )
+            server.create("services", service(f"svc-{index}", _cluster_ip(index), namespace="ns"))
+        pipe.send(written)
+
+
+def _metric(name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rpartition(" ")[2])
+    return None
+
+
+def _in_namespace_metric(name: str) -> float | None:
+    from pykp.labs.lab import in_namespace
+
+    with in_namespace(NAMESPACE):
+        return _metric(name)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _wait(predicate: Any, timeout: float, step: float = 0.002) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def measure(count: int, changes: int) -> dict[str, Any]:
+    subprocess.run(["ip", "netns", "add", NAMESPACE], check=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the namespace is removed anyway
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=_server, args=(count, child), daemon=True)
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(["ip", "-n", NAMESPACE, "link", "set", "lo", "up"], check=True)
+        server.start()
+        kubeconfig = parent.recv()
+        log = open(f"/tmp/{NAMESPACE}-{count}.log", "w")  # noqa: SIM115 - lives with the agent
+        started = time.monotonic()
+        agent = subprocess.Popen(
+            ["ip", "netns", "exec", NAMESPACE, sys.executable, "-c",
+             "import sys; from pykp.cli.app import app; sys.argv[0] = 'pykp'; app()",
+             "run", "--kubeconfig", kubeconfig, "--hostname-override", "node",
+             "--healthz-bind-address", "", "--metrics-bind-address", METRICS,
+             "--state-dir", f"/tmp/{NAMESPACE}-state"],
+            stdout=log, stderr=subprocess.STDOUT, cwd="/",
+        )  # fmt: skip
+        if not _wait(lambda: _in_namespace_metric("pykp_services") == count, 600, 0.05):
+            raise RuntimeError(f"not programmed in 600 s; see {log.name}")
+        start = time.monotonic() - started
+        rss = _rss_mib(agent.pid)
+        seconds = []
+        for j in range(changes):
+            time.sleep(1.2)  # past --min-sync-period: no change waits for the limiter
+            index = (j * 7919) % count
+            pods = [*_pods(index)[:2], f"10.245.{j // 256}.{j % 256}"]
+            # A sync that programs a change counts it in the programming-latency histogram
+            # (a periodic resync with nothing new does not).
+            programmed = _in_namespace_metric(PROGRAMMED) or 0
+            parent.send(("slice", index, pods))
+            written = parent.recv()
+            if _wait(lambda seen=programmed: (_in_namespace_metric(PROGRAMMED) or 0) > seen, 10):
+                synced = _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                seconds.append((synced or 0) - written)
+        time.sleep(1.2)
+        parent.send(("service", count, None))
+        written = parent.recv()
+        new_service = None
+        if _wait(lambda: _in_namespace_metric("pykp_services") == count + 1, 30):
+            new_service = (
+                _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") or 0
+            ) - written
+        seconds.sort()
+        return {
+            "services": count,
+            "start_s": round(start, 2),
+            "rss_mib": round(rss),
+            "change_p50_ms": round(statistics.median(seconds) * 1e3, 1) if seconds else None,
+            "change_max_ms": round(seconds[-1] * 1e3, 1) if seconds else None,
+            "changes_seen": len(seconds),
+            "new_service_ms": round(new_service * 1e3, 1) if new_service is not None else None,
+        }
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(30)
+        if server.is_alive():
+            parent.send(("stop", 0, None))
+            server.join(30)
+        subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("counts", nargs="+", type=int)
+    parser.add_argument("--changes", type=int, default=20)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (a network namespace)")
+    for count in args.counts:
+        print(measure(count, args.changes), flush=True)
+
+
+if __name__ == "__main__":
+    main()
