@@ -62,7 +62,10 @@ class DemoResult:
 
 def run_demo(connections: int = 60, console: Console | None = None) -> DemoResult:
     """Build the lab, run the agent, connect `connections` times to each service."""
-    say = console.print if console else (lambda *_: None)
+    def say(text: str) -> None:
+        if console is not None:
+            console.print(text)
+
     with tempfile.TemporaryDirectory(prefix="pykp-demo-") as tmp, Lab(backends=3, clients=1) as lab:
         say("[bold]lab[/]: node, 3 backend pods (HTTP on :8080), 1 client pod")
         lab.start_http_servers(port=8080)

@@ -128,7 +128,8 @@ class _Stored:
         return resource.prefix + self.item[1:]  # item is "{" + at least "metadata"
 
     def decoded(self, resource: Resource) -> Obj:
-        return json.loads(self.body(resource))  # a fresh copy for the caller
+        decoded: Obj = json.loads(self.body(resource))  # a fresh copy for the caller
+        return decoded
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,7 +156,8 @@ class Histogram:
         cumulative = 0
         for bound, count in zip((*self.bounds, math.inf), counts):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))  # "le" as the library writes it
+            # "le" as the library writes it (its helper is untyped)
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
         return _Histogram(name, help_, buckets=buckets, sum_value=total)
 
 

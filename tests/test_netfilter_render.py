@@ -1,0 +1,166 @@
+"""What the agent sends to nftables, without root: a real engine and `ServiceSync`, the real
+`RuleManager` with an `NftRecorder` in place of the kernel (kube-proxy's proxier tests use a
+fake nftables the same way). Table-driven: services in, the elements of each set out; then
+a change in, the exact transactions out, in the order that never shows a new connection a
+half-applied change."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+from pykp._fastpath import Engine
+from pykp.agent.sync import NodeContext, ServiceSync
+from pykp.netfilter.executor import NftRecorder
+from pykp.netfilter.rules import MarkLayout, RuleManager
+from pykp.sources.services_file import load_services_text
+
+NODE = "192.168.77.1"
+# As the Kubernetes source delivers them: traffic policies applied.
+CONTEXT = NodeContext("node-a", (NODE,), frozenset({NODE}), True, None, "random")
+_ELEMENT_LINE = re.compile(r"^(add|delete) element inet pykp (\w+) \{ (.*) \}$")
+
+
+def elements(script: str, verb: str = "add") -> dict[str, set[str]]:
+    """The elements a script adds (or deletes), per set or map."""
+    out: dict[str, set[str]] = {}
+    for line in script.splitlines():
+        match = _ELEMENT_LINE.match(line)
+        if match and match.group(1) == verb:
+            out.setdefault(match.group(2), set()).update(match.group(3).split(", "))
+    return out
+
+
+def synced(text: str, *, kernel_random: bool = True) -> tuple[ServiceSync, NftRecorder]:
+    recorder = NftRecorder()
+    rules = RuleManager(MarkLayout(), nft=recorder, ipv6=False)
+    sync = ServiceSync(
+        Engine(max_backend_id=MarkLayout().max_backend_id),
+        rules,
+        MarkLayout(),
+        kernel_random=kernel_random,
+        allow_node_address_service_ips=False,
+    )
+    catalog, problems = load_services_text(textwrap.dedent(text))
+    assert problems == []
+    sync.sync(catalog, None, CONTEXT)
+    return sync, recorder
+
+
+WEB = """\
+services:
+  - name: web
+    clusterIP: 10.96.0.10
+    policy: {policy}
+    ports: [{{port: 80, targetPort: 8080, nodePort: 30080}}]
+    externalTrafficPolicy: {etp}
+    endpoints:
+      - {{ip: 10.244.1.10, nodeName: node-a}}
+      - {{ip: 10.244.2.10, nodeName: node-b}}
+"""
+FRONTEND = "10.96.0.10 . tcp . 80"
+NODE_PORT = f"{NODE} . tcp . 30080"
+
+CASES = {
+    # random, no affinity: the kernel decides (numgen over two slots), nothing is queued.
+    "random-cluster": (
+        {"policy": "random", "etp": "Cluster"},
+        {
+            "frontends4": {FRONTEND, NODE_PORT},
+            "queued4": None,
+            "fallback4": {f"{FRONTEND} : goto pick4_2", f"{NODE_PORT} : goto pick4_2"},
+            "masq_frontends4": {NODE_PORT},
+            "service_ips4": {"10.96.0.10"},
+            "backends4": {"0x00010000 : 10.244.1.10 . 8080", "0x00020000 : 10.244.2.10 . 8080"},
+            "hairpin4": {"10.244.1.10 . 10.244.1.10", "10.244.2.10 . 10.244.2.10"},
+        },
+    ),
+    # round-robin: pykp's reader decides; the kernel path stays as the fallback.
+    "round-robin": (
+        {"policy": "round-robin", "etp": "Cluster"},
+        {
+            "queued4": {FRONTEND, NODE_PORT},
+            "fallback4": {f"{FRONTEND} : goto pick4_2", f"{NODE_PORT} : goto pick4_2"},
+        },
+    ),
+    # externalTrafficPolicy Local: the NodePort keeps the client address and only this
+    # node's endpoint; the ClusterIP keeps both.
+    "local-nodeport": (
+        {"policy": "random", "etp": "Local"},
+        {
+            "local_frontends4": {NODE_PORT},
+            "masq_frontends4": None,
+            "fallback4": {f"{FRONTEND} : goto pick4_2", f"{NODE_PORT} : goto pick4_1"},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize(("fields", "expected"), CASES.values(), ids=CASES.keys())
+def test_a_full_load_holds_each_sets_elements(
+    fields: dict[str, str], expected: dict[str, set[str] | None]
+) -> None:
+    _, recorder = synced(WEB.format(**fields))
+
+    [script] = recorder.scripts  # one transaction
+    assert script.splitlines()[0] == "flush set inet pykp frontends4"
+    loaded = elements(script)
+    for name, wanted in expected.items():
+        assert loaded.get(name) == wanted, name
+
+
+def test_a_moved_endpoint_is_added_before_the_engine_and_removed_after() -> None:
+    sync, recorder = synced(WEB.format(policy="round-robin", etp="Cluster"))
+    moved = WEB.format(policy="round-robin", etp="Cluster").replace("10.244.2.10", "10.244.3.10")
+    catalog, _ = load_services_text(textwrap.dedent(moved))
+    recorder.scripts.clear()
+
+    sync.sync(catalog, {"default/web"}, CONTEXT)
+
+    first, second = recorder.scripts
+    # 1: the new backend's id and its slot, before any decision can use them; the slot of
+    # the old backend is replaced in place (a delete and an add in one transaction).
+    added = elements(first)
+    assert added["backends4"] == {"0x00030000 : 10.244.3.10 . 8080"}
+    assert {slot.split(" : ")[1] for slot in added["slots4"]} == {"10.244.3.10 . 8080"}
+    assert elements(first, "delete").keys() == {"slots4"}
+    # 3 (after the engine's commit): the old backend's id, which nothing holds any more.
+    assert elements(second, "delete") == {
+        "backends4": {"0x00020000"},
+        "hairpin4": {"10.244.2.10 . 10.244.2.10"},
+    }
+    assert elements(second) == {}
+
+
+def test_an_unchanged_service_sends_nothing() -> None:
+    sync, recorder = synced(WEB.format(policy="random", etp="Cluster"))
+    catalog, _ = load_services_text(textwrap.dedent(WEB.format(policy="random", etp="Cluster")))
+    recorder.scripts.clear()
+
+    result = sync.sync(catalog, {"default/web"}, CONTEXT)
+
+    assert recorder.scripts == []
+    assert (result.upserted, result.elements_added, result.elements_removed) == (0, 0, 0)
+
+
+def test_a_failed_transaction_leaves_the_engine_as_it_was_and_the_next_sync_reloads() -> None:
+    sync, recorder = synced(WEB.format(policy="round-robin", etp="Cluster"))
+    engine = sync.engine
+    before = engine.backend_ids()
+    moved = WEB.format(policy="round-robin", etp="Cluster").replace("10.244.2.10", "10.244.3.10")
+    catalog, _ = load_services_text(textwrap.dedent(moved))
+    recorder.scripts.clear()
+    recorder.fail = "Error: Could not process rule: No such file or directory"
+
+    with pytest.raises(Exception, match="No such file"):
+        sync.sync(catalog, {"default/web"}, CONTEXT)
+
+    assert engine.backend_ids() == before  # staged, never committed
+    recorder.fail = None
+    sync.reset()  # what the agent does after a failed sync
+    sync.sync(catalog, {"default/web"}, CONTEXT)
+    [reload] = recorder.scripts
+    assert "flush set inet pykp frontends4" in reload
+    assert "0x00030000 : 10.244.3.10 . 8080" in reload
