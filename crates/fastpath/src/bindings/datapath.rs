@@ -52,11 +52,24 @@ impl NfqueueDatapath {
     }
 
     /// Bind the queues in the caller's network namespace and start the threads.
+    ///
+    /// The lock on the running datapath is never held while the GIL is released: a thread
+    /// that holds the GIL and waits for the lock (`stats()` from a metrics scrape) would
+    /// otherwise deadlock with this one, which needs the GIL back to return.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
+        if self.running.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return Ok(());
+        }
+        let (engine, config) = (self.engine.clone(), self.config);
+        let started = py.detach(move || CoreNfqueue::start(engine, config))?;
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if running.is_none() {
-            let (engine, config) = (self.engine.clone(), self.config);
-            *running = Some(py.detach(move || CoreNfqueue::start(engine, config))?);
+            *running = Some(started);
+        } else {
+            // Another start won the race (the agent has one caller): keep the first.
+            drop(running);
+            let mut extra = started;
+            py.detach(move || extra.stop());
         }
         Ok(())
     }
