@@ -12,7 +12,8 @@ Per N, in a network namespace of its own (removed afterwards):
   programmed it (`kubeproxy_sync_proxy_rules_last_timestamp_seconds` past the write; the
   kernel's sets hold the new backend at that point), 20 times, each more than
   --min-sync-period (1 s, the default) after the previous one;
-- new Service: created with its slice -> programmed, the same way.
+- new Service: its EndpointSlice first, then (past --min-sync-period) the Service ->
+  programmed, the same way.
 `pykp bench` measures the same through real connections, against iptables and nftables, up
 to 30,000 services (the load generator's backend ports run out past that).
 """
@@ -72,11 +73,12 @@ def _server(count: int, pipe: Connection) -> None:
                 "endpointslices",
                 endpoint_slice(f"svc-{index}-1", f"svc-{index}", extra, namespace="ns"),
             )
-        elif command == "service":
+        elif command == "slice-of-new":
             server.create(
                 "endpointslices",
                 endpoint_slice(f"svc-{index}-1", f"svc-{index}", _pods(index), namespace="ns"),
             )
+        elif command == "service":
             server.create("services", service(f"svc-{index}", _cluster_ip(index), namespace="ns"))
         pipe.send(written)
 
@@ -154,6 +156,10 @@ def measure(count: int, changes: int) -> dict[str, Any]:
             if _wait(lambda seen=programmed: (_in_namespace_metric(PROGRAMMED) or 0) > seen, 10):
                 synced = _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
                 seconds.append((synced or 0) - written)
+        # The new Service's slice first (it programs nothing alone), then, past
+        # --min-sync-period, the Service: timed alone.
+        parent.send(("slice-of-new", count, None))
+        parent.recv()
         time.sleep(1.2)
         parent.send(("service", count, None))
         written = parent.recv()
