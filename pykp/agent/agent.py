@@ -28,6 +28,7 @@ from pykp.agent.config import DEFAULT_STATE_DIR, AgentConfig, ConfigError, check
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
 from pykp.agent.sync_runner import BoundedFrequencyRunner
+from pykp.netfilter.executor import trim_heap
 from pykp.netfilter.rules import MarkLayout
 from pykp.observe.health import HealthServer, ProxierHealth
 from pykp.observe.metrics import (
@@ -90,7 +91,6 @@ class DatapathLike(Protocol):
 
 def _make_engine(config: AgentConfig) -> Engine:
     from pykp._fastpath import Engine
-    from pykp.netfilter.rules import MarkLayout
 
     return Engine(
         default_policy=config.default_policy,
@@ -221,6 +221,7 @@ class Agent:
         self._status_written = float("-inf")
         self._rules_damaged = False
         self._frozen = False
+        self._trim_heap = False  # a full load (or a big listing) left freed C heap behind
         self._elements_damaged = False
         self._sync_lock = threading.Lock()
         self._rules_checked = float("-inf")
@@ -390,6 +391,9 @@ class Agent:
         finally:
             if collecting:
                 gc.enable()
+        if synced and self._trim_heap:
+            self._trim_heap = False
+            trim_heap()
         if synced and not self._frozen:
             # What the first sync built lives as long as the agent: out of the collector's
             # sight from now on.
@@ -440,6 +444,8 @@ class Agent:
             raise
         if full:
             self._last_full = now
+        if result.full_load:
+            self._trim_heap = True
         self._context = context
         self.metrics.service_changes += result.service_changes
         self.metrics.endpoint_changes += result.endpoint_changes
@@ -488,11 +494,14 @@ class Agent:
         undone by the next sync, which it requests: a reinstall and a full load."""
         if not self._running:
             return
-        if not self.rules.installed():
-            self._rules_damaged = True
-            self.runner.run()
-            return
-        self._check_elements()
+        try:
+            if not self.rules.installed():
+                self._rules_damaged = True
+                self.runner.run()
+                return
+            self._check_elements()
+        finally:
+            trim_heap()
 
     def _check_elements(self) -> None:
         """Do the kernel's sets and maps hold as many elements as the

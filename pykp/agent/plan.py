@@ -128,11 +128,7 @@ def service_ports_to_engine(
             # cross families): e.g. IPv4 endpoints behind IPv6-only node addresses.
             families = {_family(address) for address, _, _ in frontends}
             if frontends:
-                backends = tuple(
-                    backend
-                    for backend in backends
-                    if _family(backend.ip) in families
-                )
+                backends = tuple(backend for backend in backends if _family(backend.ip) in families)
             engine_services.append(
                 EngineService(
                     name=group_name,

@@ -62,6 +62,7 @@ class DemoResult:
 
 def run_demo(connections: int = 60, console: Console | None = None) -> DemoResult:
     """Build the lab, run the agent, connect `connections` times to each service."""
+
     def say(text: str) -> None:
         if console is not None:
             console.print(text)

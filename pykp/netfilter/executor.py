@@ -16,9 +16,26 @@ from typing import Protocol
 
 from pykp.netfilter.tool import RulesError, run_tool
 
-__all__ = ["LibNftables", "NftCommand", "NftExecutor", "NftRecorder", "make_executor"]
+__all__ = [
+    "LibNftables",
+    "NftCommand",
+    "NftExecutor",
+    "NftRecorder",
+    "make_executor",
+    "trim_heap",
+]
 
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+_OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc keeps what libnftables
+    freed after a large transaction or listing: ~190 MB at 10,000 services)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class NftExecutor(Protocol):
@@ -26,7 +43,7 @@ class NftExecutor(Protocol):
     `list_json` runs one listing command and returns nft's JSON output."""
 
     def run(self, script: str) -> None: ...
-    def list_json(self, command: str) -> str: ...
+    def list_json(self, command: str, *, terse: bool = False) -> str: ...
 
 
 class NftCommand:
@@ -38,8 +55,9 @@ class NftCommand:
     def run(self, script: str) -> None:
         run_tool(["nft", "-f", "-"], netns=self.netns, stdin=script)
 
-    def list_json(self, command: str) -> str:
-        return run_tool(["nft", "-j", *command.split()], netns=self.netns).stdout
+    def list_json(self, command: str, *, terse: bool = False) -> str:
+        flags = ["-j", "-t"] if terse else ["-j"]
+        return run_tool(["nft", *flags, *command.split()], netns=self.netns).stdout
 
 
 class NftRecorder:
@@ -55,7 +73,7 @@ class NftRecorder:
             raise RulesError(["nft", "-f", "-"], 1, self.fail)
         self.scripts.append(script)
 
-    def list_json(self, command: str) -> str:
+    def list_json(self, command: str, *, terse: bool = False) -> str:
         if command not in self.listings:
             raise RulesError(["nft", "-j", command], 1, "Error: No such file or directory")
         return self.listings[command]
@@ -97,10 +115,11 @@ class LibNftables:
         if status != 0:
             raise RulesError(["libnftables", "-f", "-"], status, error.decode(errors="replace"))
 
-    def list_json(self, command: str) -> str:
+    def list_json(self, command: str, *, terse: bool = False) -> str:
         with self._lock:
             flags = self._lib.nft_ctx_output_get_flags(self._ctx)
-            self._lib.nft_ctx_output_set_flags(self._ctx, flags | _OUTPUT_JSON)
+            wanted = _OUTPUT_JSON | (_OUTPUT_TERSE if terse else 0)
+            self._lib.nft_ctx_output_set_flags(self._ctx, flags | wanted)
             try:
                 status = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
                 output = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""

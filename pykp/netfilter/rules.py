@@ -24,6 +24,7 @@ which raises `RulesError` on failure.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import itertools
@@ -31,7 +32,7 @@ import json
 import shlex
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pykp.netfilter.executor import NftExecutor, make_executor
@@ -496,9 +497,7 @@ class RuleManager:
         self.netns = netns
         # Scripts go through the library in-process when it loads (no exec per change).
         self.nft = nft if nft is not None else make_executor(netns)
-        # Listings of every element (the agent's check, from another thread) get their own
-        # context, so they never hold up a sync's transaction.
-        self.reader = nft if nft is not None else make_executor(netns)
+        self._given_nft = nft
         # What the kernel holds since the last successful sync; None forces a full load.
         self._current: dict[str, dict[str, str]] | None = None
 
@@ -599,6 +598,22 @@ class RuleManager:
 
     def _nft(self, script: str) -> None:
         self.nft.run(script)
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[NftExecutor]:
+        """An executor for listings (the agent's checks, from another thread): a context of
+        its own, so a listing never holds up a sync's transaction, and freed after use (a
+        context keeps a cache of every element it listed)."""
+        if self._given_nft is not None:
+            yield self._given_nft
+            return
+        reader = make_executor(self.netns)
+        try:
+            yield reader
+        finally:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
 
     def _table_objects(self) -> dict[str, set[str]] | None:
         """Names of our table's chains, sets and maps, or None when it holds none.
@@ -741,7 +756,8 @@ class RuleManager:
 
     def _rule_count(self, chain: str) -> int:
         try:
-            listing = self.reader.list_json(f"list chain inet {self.table} {chain}")
+            with self._reader() as reader:
+                listing = reader.list_json(f"list chain inet {self.table} {chain}")
         except RulesError:
             return -1
         return sum("rule" in item for item in json.loads(listing)["nftables"])
@@ -752,7 +768,8 @@ class RuleManager:
         for name, type_ in _SYNCED.items():
             kind = "map" if _is_map(type_) else "set"
             try:
-                listing = json.loads(self.reader.list_json(f"list {kind} inet {self.table} {name}"))
+                with self._reader() as reader:
+                    listing = json.loads(reader.list_json(f"list {kind} inet {self.table} {name}"))
             except RulesError:
                 counts[name] = -1
                 continue
@@ -784,7 +801,8 @@ class RuleManager:
         any of them, breaks. One listing of the table (it costs what the kernel's element
         dump costs: run it off the sync path)."""
         try:
-            listing = json.loads(self.reader.list_json(f"list table inet {self.table}"))
+            with self._reader() as reader:
+                listing = json.loads(reader.list_json(f"list table inet {self.table}", terse=True))
         except RulesError:
             return False
         chains: dict[str, int] = {}
