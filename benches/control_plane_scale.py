@@ -33,13 +33,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-NAMESPACE = "pykp-cp-scale"
+NAMESPACE = f"pykp-cp-scale-{os.getpid()}"
 METRICS = "127.0.0.1:10249"
 PROGRAMMED = "kubeproxy_network_programming_duration_seconds_count"
 
 
+# Distinct backends the default --mark-mask (16 bits of ids) can name: past it, services
+# are refused (counted) until the mask is widened. Larger sets share backends.
+_BACKEND_POOL = 60000
+
+
 def _pods(index: int) -> list[str]:
-    return [f"10.244.{(index * 3 + k) // 256 % 256}.{(index * 3 + k) % 256}" for k in range(3)]
+    pods = [(index * 3 + k) % _BACKEND_POOL for k in range(3)]
+    return [f"10.{244 + pod // 65536}.{pod // 256 % 256}.{pod % 256}" for pod in pods]
 
 
 def _cluster_ip(index: int) -> str:
