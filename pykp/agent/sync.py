@@ -130,9 +130,10 @@ class ServiceSync:
         self._backends: dict[int, tuple[str, int]] = {}
         self._full_load = True
         self._refused: dict[str, str] = {}
-        # Services with an engine service the engine refused: retried at every sync (a
-        # removal elsewhere may have freed the backend ids it needs).
+        # Services with an engine service the engine refused, retried by the sync after
+        # one that freed backend ids (and by every full resync).
         self._retry: set[str] = set()
+        self._freed = False
 
     # -- reading
 
@@ -177,14 +178,15 @@ class ServiceSync:
                     candidates.add(_key_of(name))
         else:
             assert keys is not None
-            candidates = set(keys) | self._retry
+            candidates = set(keys) | (self._retry if self._freed else set())
 
         # (a) translate the changed services; ownership may pull in others. A full resync
         # also retries the engine services the engine refused (ids may have freed up).
         work = [
             key
             for key in candidates
-            if self._stale(key, catalog.get(key), context) or key in self._retry
+            if self._stale(key, catalog.get(key), context)
+            or (key in self._retry and (full or self._freed))
         ]
         specs = {key: catalog.get(key) for key in work}
         pending = list(work)
@@ -256,14 +258,19 @@ class ServiceSync:
             kept = [n for n in self._applied if n not in gone and n not in upserts]
             pools.update(self.engine.pools(kept))
             render.update((name, self._applied[name]) for name in kept)
-        plans = {**self._plans, **{k: p for k, p in new_plans.items() if p is not None}}
+
+        def plan_of(key: str) -> _Plan:
+            plan = new_plans.get(key) or self._plans.get(key)
+            assert plan is not None
+            return plan
+
         for name in refused_now:
             self._elements.set(f"service:{name}", None)
         for name, service in render.items():
             self._elements.set(
                 f"service:{name}",
                 self._contribution(
-                    service, plans[_key_of(name)], pools.get(name, ([], [])), backends
+                    service, plan_of(_key_of(name)), pools.get(name, ([], [])), backends
                 ),
             )
         if not full_load:
@@ -307,6 +314,7 @@ class ServiceSync:
         self._retry = {_key_of(name) for name in refused_now} | {
             key for key in self._retry - new_plans.keys()
         }
+        self._freed = bool(staged.backends_removed)
         added, removed = delta.counts
         return SyncResult(
             services=len(new_plans),
@@ -318,7 +326,7 @@ class ServiceSync:
             stale_udp=stale,
             service_changes=service_changes,
             endpoint_changes=endpoint_changes,
-            retry=bool(self._retry and staged.backends_removed),
+            retry=bool(self._retry and self._freed),
         )
 
     # -- pieces

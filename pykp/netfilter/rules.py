@@ -785,11 +785,12 @@ class RuleManager:
     def undecided_connections(self) -> int:
         """Connections to queued frontends that the kernel path served since the table was
         made (the reader was away, stalled or overloaded): their policy degraded to random."""
-        argv = ["nft", "-j", "list", "counter", "inet", self.table, UNDECIDED_COUNTER]
-        res = run_tool(argv, netns=self.netns, check=False)
-        if res.returncode != 0:
+        try:
+            with self._reader() as reader:  # in-process: a scrape forks nothing
+                listing = reader.list_json(f"list counter inet {self.table} {UNDECIDED_COUNTER}")
+        except RulesError:
             return 0
-        for item in json.loads(res.stdout).get("nftables", []):
+        for item in json.loads(listing).get("nftables", []):
             if "counter" in item:
                 return int(item["counter"].get("packets", 0))
         return 0
