@@ -44,6 +44,7 @@ class NftExecutor(Protocol):
 
     def run(self, script: str) -> None: ...
     def list_json(self, command: str, *, terse: bool = False) -> str: ...
+    def list_text(self, command: str) -> str: ...
 
 
 class NftCommand:
@@ -59,6 +60,9 @@ class NftCommand:
         flags = ["-j", "-t"] if terse else ["-j"]
         return run_tool(["nft", *flags, *command.split()], netns=self.netns).stdout
 
+    def list_text(self, command: str) -> str:
+        return run_tool(["nft", *command.split()], netns=self.netns).stdout
+
 
 class NftRecorder:
     """Records scripts instead of running them; `fail` makes the next runs raise."""
@@ -72,6 +76,9 @@ class NftRecorder:
         if self.fail is not None:
             raise RulesError(["nft", "-f", "-"], 1, self.fail)
         self.scripts.append(script)
+
+    def list_text(self, command: str) -> str:
+        return self.list_json(command)
 
     def list_json(self, command: str, *, terse: bool = False) -> str:
         if command not in self.listings:
@@ -115,10 +122,17 @@ class LibNftables:
         if status != 0:
             raise RulesError(["libnftables", "-f", "-"], status, error.decode(errors="replace"))
 
+    def list_text(self, command: str) -> str:
+        """nft's text listing: for big sets far lighter than JSON (which builds the whole
+        document in memory: gigabytes at 100,000 services)."""
+        return self._list(command, 0)
+
     def list_json(self, command: str, *, terse: bool = False) -> str:
+        return self._list(command, _OUTPUT_JSON | (_OUTPUT_TERSE if terse else 0))
+
+    def _list(self, command: str, wanted: int) -> str:
         with self._lock:
             flags = self._lib.nft_ctx_output_get_flags(self._ctx)
-            wanted = _OUTPUT_JSON | (_OUTPUT_TERSE if terse else 0)
             self._lib.nft_ctx_output_set_flags(self._ctx, flags | wanted)
             try:
                 status = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())

@@ -769,12 +769,11 @@ class RuleManager:
             kind = "map" if _is_map(type_) else "set"
             try:
                 with self._reader() as reader:
-                    listing = json.loads(reader.list_json(f"list {kind} inet {self.table} {name}"))
+                    listing = reader.list_text(f"list {kind} inet {self.table} {name}")
             except RulesError:
                 counts[name] = -1
                 continue
-            found = [item[kind] for item in listing["nftables"] if kind in item]
-            counts[name] = len(found[0].get("elem", ())) if found else -1
+            counts[name] = _count_elements(listing)
         return counts
 
     def _picks_whole(self) -> bool:
@@ -832,6 +831,16 @@ class RuleManager:
             if not current.queue_rule or any(not current.jumps.get(h) for h in _HOOKS):
                 return False
         return True
+
+
+def _count_elements(listing: str) -> int:
+    """The elements of one set or map in nft's text listing: `elements = { a, b : c, ... }`
+    (no element holds a comma)."""
+    start = listing.find("elements = {")
+    if start < 0:
+        return 0
+    end = listing.find("}", start)
+    return listing.count(",", start, end) + 1
 
 
 def cleanup_all(
