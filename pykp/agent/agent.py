@@ -59,6 +59,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+# Elements past which the agent no longer counts the sets' elements in the kernel.
+_ELEMENT_CHECK_LIMIT = 250_000
+
 
 # --- what the agent drives (protocols, with the real implementations as defaults) ---------
 
@@ -222,6 +225,8 @@ class Agent:
         self._rules_damaged = False
         self._frozen = False
         self._trim_heap = False  # a full load (or a big listing) left freed C heap behind
+        self._undecided = 0  # the kernel path's undecided counter, as last read
+        self._element_check_off_logged = False
         self._elements_damaged = False
         self._sync_lock = threading.Lock()
         self._rules_checked = float("-inf")
@@ -495,6 +500,7 @@ class Agent:
         if not self._running:
             return
         try:
+            self._undecided = self.rules.undecided_connections()
             if not self.rules.installed():
                 self._rules_damaged = True
                 self.runner.run()
@@ -502,6 +508,15 @@ class Agent:
             self._check_elements()
         finally:
             trim_heap()
+
+    def _undecided_connections(self) -> int:
+        """The kernel path's undecided counter: read live while the table is small, else
+        as the last check read it (listing one counter costs what listing every element
+        costs: nft fills its whole cache, seconds at 100,000 services)."""
+        counts = self.service_sync.element_counts()
+        if counts is not None and sum(counts[1].values()) <= _ELEMENT_CHECK_LIMIT:
+            self._undecided = self.rules.undecided_connections()
+        return self._undecided
 
     def _check_elements(self) -> None:
         """Do the kernel's sets and maps hold as many elements as the
@@ -516,6 +531,19 @@ class Agent:
         if wanted is None:
             return
         generation, expected = wanted
+        if sum(expected.values()) > _ELEMENT_CHECK_LIMIT:
+            # nft lists a set by loading every element of the table: past this size the
+            # check costs seconds and a gigabyte each time. Chains and sets are still
+            # checked; a flush of one set's elements is then found by the next full resync
+            # only if something else changed.
+            if not self._element_check_off_logged:
+                _log.info(
+                    "%d elements: checking the sets' element counts is off past %d",
+                    sum(expected.values()),
+                    _ELEMENT_CHECK_LIMIT,
+                )
+                self._element_check_off_logged = True
+            return
         found = counter()
         with self._sync_lock:
             now = self.service_sync.element_counts()
@@ -591,7 +619,7 @@ class Agent:
             flows=self.engine.connections(limit) if limit > 0 else (),
             now=self.deps.wall_clock(),
         )
-        snapshot["kernelPathUndecided"] = self.rules.undecided_connections()
+        snapshot["kernelPathUndecided"] = self._undecided_connections()
         return snapshot
 
     def _flush_status(self) -> None:
@@ -622,7 +650,7 @@ class Agent:
                 "Connections to services pykp's reader decides (round-robin, Maglev, "
                 "least-conn, affinity) that the kernel path served at random instead, because "
                 "no reader was bound, it was stalled or its queue was full",
-                self.rules.undecided_connections(),
+                self._undecided_connections(),
             )
         ]
 
