@@ -1603,3 +1603,15 @@ def test_status_says_what_healthz_answers_and_why() -> None:
         (503, False, "an update has waited more than 60 s to be programmed"),
         (503, False, "the node is marked for deletion"),
     ]
+
+
+def test_the_status_snapshot_lists_the_first_services_by_name_and_counts_all(
+    tmp_path: Path,
+) -> None:
+    h, _ = agent_with(SERVICES, tmp_path, status_services=2)
+    h.agent.sync()
+
+    snapshot = h.agent.snapshot()
+
+    assert [s["name"] for s in snapshot["services"]] == ["default/local", "default/web:http"]
+    assert snapshot["servicesTotal"] == 4

@@ -69,9 +69,10 @@ class AgentConfig:
     queue_max_len: int = 32
     poll_interval: float = 1.0  # how often the services file is checked
     status_flows: int = 100  # flows included in a status snapshot
+    status_services: int = 1000  # services listed in a status snapshot (the first by name)
     # The status file is rewritten at most this often (0: at every sync); it lists every
     # service, so it is written off the sync path.
-    status_interval: float = 2.0
+    status_interval: float = 5.0
 
     @property
     def first_queue(self) -> int:

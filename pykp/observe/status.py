@@ -111,8 +111,11 @@ def build_status(
     flows: Iterable[Connection] = (),
     unhealthy_reason: str | None = None,
     now: float | None = None,
+    services_total: int | None = None,
 ) -> dict[str, Any]:
-    """The snapshot; times are wall-clock seconds since the epoch."""
+    """The snapshot; times are wall-clock seconds since the epoch. `services` may be the
+    first of more (`services_total` of them): the snapshot lists those, by name."""
+    listed = sorted(services, key=_name)
     return {
         "schema": SCHEMA_VERSION,
         "time": time.time() if now is None else now,
@@ -141,7 +144,8 @@ def build_status(
         },
         "problems": [str(problem) for problem in problems],
         "refused": dict(refused),
-        "services": [service_status(service) for service in sorted(services, key=_name)],
+        "services": [service_status(service) for service in listed],
+        "servicesTotal": len(listed) if services_total is None else services_total,
         "counters": dict(sorted(counters.items())),
         "datapath": None if datapath is None else dict(sorted(datapath.items())),
         "flows": [flow_status(flow) for flow in flows],
@@ -270,7 +274,10 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
     for name, message in (snapshot.get("refused") or {}).items():
         console.print(Text(f"refused: {name}: {message}", style="yellow"))
 
-    services = Table(title="Services", title_justify="left")
+    listed = len(snapshot.get("services") or [])
+    total = snapshot.get("servicesTotal", listed)
+    title = "Services" if total == listed else f"Services (the first {listed} of {total})"
+    services = Table(title=title, title_justify="left")
     for column in ("service", "policy", "frontends", "backends"):
         services.add_column(column)
     for service in snapshot.get("services") or []:
