@@ -134,6 +134,7 @@ class ServiceSync:
         # one that freed backend ids (and by every full resync).
         self._retry: set[str] = set()
         self._freed = False
+        self._orphans: dict[str, set[str]] = {}
 
     # -- reading
 
@@ -170,12 +171,14 @@ class ServiceSync:
         the next sync then starts from a full reload.
         """
         full = keys is None or self._full_load
+        # After a reset the engine may hold services no plan knows: their names by key,
+        # built once (never a scan of every name per key).
+        self._orphans = {}
+        if not self._plans:
+            for name in self._applied:
+                self._orphans.setdefault(_key_of(name), set()).add(name)
         if full:
-            candidates: set[str] = set(catalog.keys()) | set(self._plans)
-            if self._full_load and not self._plans:
-                # After a reset: the engine may hold services no plan knows.
-                for name in self._applied:
-                    candidates.add(_key_of(name))
+            candidates: set[str] = set(catalog.keys()) | set(self._plans) | set(self._orphans)
         else:
             assert keys is not None
             candidates = set(keys) | (self._retry if self._freed else set())
@@ -218,7 +221,7 @@ class ServiceSync:
             old = self._plans.get(key)
             before = set(old.engine_services) if old else set()
             if old is None:
-                before |= {name for name in self._applied if _key_of(name) == key}
+                before |= self._orphans.get(key, set())
             after = plan.engine_services if plan else {}
             for name in before - after.keys():
                 if name in self._applied:
@@ -334,7 +337,7 @@ class ServiceSync:
     def _stale(self, key: str, spec: ServiceSpec | None, context: NodeContext) -> bool:
         plan = self._plans.get(key)
         if plan is None:
-            return spec is not None or any(_key_of(n) == key for n in self._applied)
+            return spec is not None or key in self._orphans
         return spec is not plan.spec or (context is not plan.context and context != plan.context)
 
     def _plan(self, spec: ServiceSpec, context: NodeContext) -> _Plan:
