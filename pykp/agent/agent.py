@@ -351,7 +351,7 @@ class Agent:
             now = self.deps.monotonic()
             if self._status_dirty and now - self._status_written >= self.config.status_interval:
                 self._write_status()
-            if now - self._rules_checked >= self.config.sync_period / 2:
+            if now - self._rules_checked >= self._check_interval():
                 self._rules_checked = now
                 try:
                     self._check_rules()
@@ -510,12 +510,22 @@ class Agent:
         finally:
             trim_heap()
 
+    def _large(self) -> bool:
+        """Past `_ELEMENT_CHECK_LIMIT` elements: any nft listing loads every element (seconds
+        and a gigabyte at 100,000 services) and slows the syncs' transactions meanwhile."""
+        counts = self.service_sync.element_counts()
+        return counts is not None and sum(counts[1].values()) > _ELEMENT_CHECK_LIMIT
+
+    def _check_interval(self) -> float:
+        """How often the rules are checked: twice per --sync-period, ten times less often
+        on a large table (where the listing competes with the syncs)."""
+        return self.config.sync_period / 2 * (10 if self._large() else 1)
+
     def _undecided_connections(self) -> int:
         """The kernel path's undecided counter: read live while the table is small, else
         as the last check read it (listing one counter costs what listing every element
         costs: nft fills its whole cache, seconds at 100,000 services)."""
-        counts = self.service_sync.element_counts()
-        if counts is not None and sum(counts[1].values()) <= _ELEMENT_CHECK_LIMIT:
+        if not self._large():
             self._undecided = self.rules.undecided_connections()
         return self._undecided
 
@@ -674,7 +684,8 @@ class Agent:
                 "pykp_backends",
                 "gauge",
                 "Backends (distinct address and port) the engine knows",
-                len(self.engine.backend_ids()),
+                # Counted from the sync's map, not the engine's (a copy per scrape).
+                len(self.service_sync.backends),
             ),
             Family.single(
                 "pykp_invalid_objects_total",
