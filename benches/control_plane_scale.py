@@ -167,10 +167,17 @@ def measure(count: int, changes: int) -> dict[str, Any]:
         parent.send(("slice-of-new", count, None))
         parent.recv()
         time.sleep(1.2)
+        programmed = _in_namespace_metric(PROGRAMMED) or 0
         parent.send(("service", count, None))
         written = parent.recv()
         new_service = None
-        if _wait(lambda: _in_namespace_metric("pykp_services") == count + 1, 30):
+        if _wait(
+            lambda seen=programmed: (
+                (_in_namespace_metric(PROGRAMMED) or 0) > seen
+                and _in_namespace_metric("pykp_services") == count + 1
+            ),
+            30,
+        ):
             new_service = (
                 _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") or 0
             ) - written
