@@ -430,12 +430,7 @@ class Agent:
             context = self._context  # the same object: each service's check is `is`
         now = self.deps.monotonic()
         # A new node context (addresses, zone) may change any service: all are checked.
-        # The periodic full pass (--sync-period) never holds up a change: with changes
-        # pending they go first, and the full pass runs in the next sync.
-        full_due = now - self._last_full >= self.config.sync_period
-        full = context is not self._context or (full_due and not changes.keys)
-        if full_due and not full:
-            self.runner.run()
+        full = now - self._last_full >= self.config.sync_period or context is not self._context
         if self._rules_damaged:
             # Found by the check (off this thread): reinstall, then a full load.
             _log.error("pykp's rules were removed or changed by someone else: restoring them")
