@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Final
 from pykp.model import DEFAULT_POLICY, Catalog, EndpointSpec, ServicePort, ServiceSpec
 
 if TYPE_CHECKING:
-    from pykp._fastpath import Engine
+    from pykp._fastpath import Engine, ServiceUpdate
 
 
 # --- translation to the engine ------------------------------------------------------------
@@ -233,32 +233,36 @@ def services_file_to_engine(
     ]
 
 
-def apply_to_engine(engine: Engine, services: Sequence[EngineService]) -> None:
-    """Make the engine's services exactly `services`: upsert each, remove the rest."""
-    from pykp._fastpath import Backend, Frontend
+def engine_update(service: EngineService) -> ServiceUpdate:
+    """`service` as the engine's batch API takes it."""
+    from pykp._fastpath import Backend, Frontend, ServiceUpdate
 
+    return ServiceUpdate(
+        service.name,
+        [Frontend(ip, port, protocol) for ip, port, protocol in service.frontends],
+        [
+            Backend(
+                backend.ip,
+                backend.port,
+                weight=backend.weight,
+                ready=backend.ready,
+                serving=backend.serving,
+                terminating=backend.terminating,
+                local=backend.local,
+            )
+            for backend in service.backends
+        ],
+        policy=service.policy,
+        affinity_timeout=service.affinity_timeout,
+        hash_key=service.hash_key,
+    )
+
+
+def apply_to_engine(engine: Engine, services: Sequence[EngineService]) -> None:
+    """Make the engine's services exactly `services`, in one batch (the rest removed).
+    Raises ValueError naming the services the engine refused (the others are applied)."""
     wanted = {service.name for service in services}
-    # Remove first, so a frontend that moved to a renamed service is free when it arrives.
-    for name in engine.services():
-        if name not in wanted:
-            engine.remove_service(name)
-    for service in services:
-        engine.upsert_service(
-            service.name,
-            [Frontend(ip, port, protocol) for ip, port, protocol in service.frontends],
-            [
-                Backend(
-                    backend.ip,
-                    backend.port,
-                    weight=backend.weight,
-                    ready=backend.ready,
-                    serving=backend.serving,
-                    terminating=backend.terminating,
-                    local=backend.local,
-                )
-                for backend in service.backends
-            ],
-            policy=service.policy,
-            affinity_timeout=service.affinity_timeout,
-            hash_key=service.hash_key,
-        )
+    removals = [name for name in engine.services() if name not in wanted]
+    staged = engine.apply([engine_update(service) for service in services], removals)
+    if staged.refused:
+        raise ValueError("; ".join(f"{name}: {why}" for name, why in staged.refused.items()))

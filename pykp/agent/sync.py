@@ -25,13 +25,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pykp.agent.ownership import NODE_PORT, FrontendOwners, claim_text
-from pykp.agent.plan import EXTERNAL_SUFFIX, EngineBackend, EngineService, service_ports_to_engine
+from pykp.agent.plan import (
+    EXTERNAL_SUFFIX,
+    EngineBackend,
+    EngineService,
+    engine_update,
+    service_ports_to_engine,
+)
 from pykp.model import Catalog, ServiceSpec
 from pykp.netfilter.elements import ElementTracker, backend_contribution, frontend_contribution
 from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout
 
 if TYPE_CHECKING:
-    from pykp._fastpath import Engine, ServiceUpdate
+    from pykp._fastpath import Engine
 
 __all__ = [
     "NodeContext",
@@ -233,7 +239,7 @@ class ServiceSync:
         # ownership, and ids run out for the newest services first.
         order = {key: (p.spec.created, key) for key, p in new_plans.items() if p is not None}
         upserts = dict(sorted(upserts.items(), key=lambda item: order[_key_of(item[0])]))
-        staged = self.engine.stage([_update(s) for s in upserts.values()], removals)
+        staged = self.engine.stage([engine_update(s) for s in upserts.values()], removals)
 
         # (c) render: backends first (slots name their addresses), then each service.
         full_load = self._full_load
@@ -426,30 +432,6 @@ def _key_of(engine_service_name: str) -> str:
     name = engine_service_name.removesuffix(EXTERNAL_SUFFIX)
     namespace, _, rest = name.partition("/")
     return f"{namespace}/{rest.split(':', 1)[0]}"
-
-
-def _update(service: EngineService) -> ServiceUpdate:
-    from pykp._fastpath import Backend, Frontend, ServiceUpdate
-
-    return ServiceUpdate(
-        service.name,
-        [Frontend(ip, port, protocol) for ip, port, protocol in service.frontends],
-        [
-            Backend(
-                b.ip,
-                b.port,
-                weight=b.weight,
-                ready=b.ready,
-                serving=b.serving,
-                terminating=b.terminating,
-                local=b.local,
-            )
-            for b in service.backends
-        ],
-        policy=service.policy,
-        affinity_timeout=service.affinity_timeout,
-        hash_key=service.hash_key,
-    )
 
 
 def _count_change(old: ServiceSpec | None, new: ServiceSpec | None) -> tuple[int, int]:
