@@ -6,7 +6,8 @@ connections from a client pod (and from the node itself) must work again, decide
 pykp's reader, without anyone touching the agent. About every half sync period the agent
 checks that every chain holds its rules (`installed()`, in the sync thread) and that every
 set and map holds as many elements as it programmed (the housekeeping thread); either
-damage makes the next sync reinstall or reload everything.
+damage makes the next sync reinstall or reload everything. The last tests: the same damage
+found as it commits, from nf_tables' notifications, with a period too long to matter.
 Privileged: real namespaces, netfilter and sockets; the root namespace is never touched.
 """
 
@@ -49,9 +50,14 @@ def lab() -> Iterator[Lab]:
 @pytest.fixture
 def node(lab: Lab, write_services: Callable[[str], Path], tmp_path: Path) -> Iterator[LabAgent]:
     # A fresh agent per test: its install and first (full) sync undo what a test broke.
+    # The periodic check alone: the notifications would repair before a test sees damage.
     agent = LabAgent(
-        lab, write_services(SERVICES), "--sync-period", f"{SYNC_PERIOD}s", workdir=tmp_path / "node"
-    )
+        lab,
+        write_services(SERVICES),
+        "--sync-period", f"{SYNC_PERIOD}s",
+        "--no-watch-rules",
+        workdir=tmp_path / "node",
+    )  # fmt: skip
     agent.start()
     try:
         yield agent
@@ -96,10 +102,11 @@ def test_removed_rules_are_restored_and_connections_decided_again(
     assert wait_for(lambda: decided_by_the_reader(lab, node), timeout=2 * SYNC_PERIOD, step=0.2)
 
 
-
 def delete_one_backend(lab: Lab) -> None:
     """Delete one element (one backend's id -> address) of the map `backends4`."""
-    listing = lab.exec("node", ["nft", "-j", "list", "map", "inet", "pykp", "backends4"], check=True)
+    listing = lab.exec(
+        "node", ["nft", "-j", "list", "map", "inet", "pykp", "backends4"], check=True
+    )
     elements = [
         item["map"]["elem"] for item in json.loads(listing.stdout)["nftables"] if "map" in item
     ][0]
@@ -109,7 +116,9 @@ def delete_one_backend(lab: Lab) -> None:
 
 ELEMENT_REMOVALS: dict[str, Callable[[Lab], None]] = {
     # The map from backend id to address: decided connections are then refused.
-    "flush-backends-map": lambda lab: in_node(lab, "nft", "flush", "map", "inet", "pykp", "backends4"),
+    "flush-backends-map": lambda lab: in_node(
+        lab, "nft", "flush", "map", "inet", "pykp", "backends4"
+    ),
     # One backend of it: a third of the connections are refused.
     "delete-backend-element": delete_one_backend,
     # The queued frontends: connections go to the kernel path (random), never to the reader.
@@ -141,3 +150,67 @@ def test_a_flushed_output_nat_chain_is_restored(lab: Lab, node: LabAgent) -> Non
     assert wait_for(
         lambda: decided_by_the_reader(lab, node, pod="node"), timeout=3 * SYNC_PERIOD, step=0.2
     )
+
+
+# --- found as it happens: nf_tables' notifications, not the periodic check ------------------
+
+WATCHED_SYNC_PERIOD = 600.0  # the periodic check (every half period) never runs in a test
+
+
+@pytest.fixture
+def watched_node(
+    lab: Lab, write_services: Callable[[str], Path], tmp_path: Path
+) -> Iterator[LabAgent]:
+    agent = LabAgent(
+        lab,
+        write_services(SERVICES),
+        "--sync-period", f"{WATCHED_SYNC_PERIOD}s",
+        workdir=tmp_path / "node",
+    )  # fmt: skip
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+FOUND_AT_ONCE = {
+    "delete-table": (["nft", "delete", "table", "inet", "pykp"], "nft (pid"),
+    "flush-queued-set": (["nft", "flush", "set", "inet", "pykp", "queued4"], "nft (pid"),
+    "flush-ruleset": (["nft", "flush", "ruleset"], "nft (pid"),
+    # Through iptables: only a listing can tell pykp's jump from others'; it is run at once.
+    "delete-jump": (REPAIRED["delete-jump"], "rules changed by iptables (pid"),
+}
+
+
+@pytest.mark.parametrize(("argv", "logged"), FOUND_AT_ONCE.values(), ids=FOUND_AT_ONCE.keys())
+def test_someone_elses_change_is_repaired_without_waiting_for_the_period(
+    lab: Lab, watched_node: LabAgent, argv: list[str], logged: str
+) -> None:
+    node = watched_node
+    assert decided_by_the_reader(lab, node)
+    in_node(lab, *argv)
+    # Seconds, where the periodic check would come after WATCHED_SYNC_PERIOD / 2.
+    assert wait_for(lambda: decided_by_the_reader(lab, node), timeout=10, step=0.2)
+    assert node.metric("pykp_rules_foreign_changes_total") >= 1
+    assert node.metric("pykp_rules_repairs_total") >= 1
+    assert logged in node.log.read_text()  # the log says who did it
+
+
+def test_the_agents_own_changes_are_not_taken_for_damage(lab: Lab, watched_node: LabAgent) -> None:
+    """The agent's own transactions (a backend removed from the services file) are
+    announced too: they must not look like someone else's."""
+    node = watched_node
+    assert decided_by_the_reader(lab, node)
+    assert node.services_file is not None
+    node.services_file.write_text(SERVICES.replace(", {ip: 10.244.0.12}", ""))
+
+    def two_backends() -> bool:
+        return {http_get(lab, "client-0", "10.96.0.10", timeout=0.5) for _ in range(4)} == {
+            "backend-0",
+            "backend-1",
+        }
+
+    assert wait_for(two_backends, timeout=10, step=0.2)
+    assert node.metric("pykp_rules_foreign_changes_total") == 0
+    assert node.metric("pykp_rules_repairs_total") == 0

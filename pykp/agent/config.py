@@ -64,6 +64,10 @@ class AgentConfig:
     # Random services without session affinity are decided in the kernel (numgen random,
     # as kube-proxy's nftables mode) instead of by pykp's reader: no user-space hop.
     kernel_random: bool = True
+    # Someone else's changes to pykp's rules are found as they commit (nf_tables'
+    # notifications) and repaired at once; off, or where the notifications cannot be read,
+    # the periodic check (every half --sync-period) finds them.
+    watch_rules: bool = True
     # Packets that may wait for the reader's verdict: what a stalled reader holds up before
     # fail-open hands new connections to the kernel path.
     queue_max_len: int = 32

@@ -423,6 +423,15 @@ def run(
             "their first packets to pykp like the other policies.",
         ),
     ] = True,
+    watch_rules: Annotated[
+        bool,
+        typer.Option(
+            "--watch-rules/--no-watch-rules",
+            help="Find someone else's changes to pykp's rules as they commit (nf_tables "
+            "notifications) and repair them at once. --no-watch-rules leaves it to the "
+            "periodic check (every half --sync-period).",
+        ),
+    ] = True,
     conntrack_capacity: Annotated[
         int, typer.Option(help="Flows pykp's own connection table holds.", min=1)
     ] = 262144,
@@ -509,6 +518,7 @@ def run(
         fail_open=fail_open,
         queue_max_len=queue_max_len,
         kernel_random=kernel_random,
+        watch_rules=watch_rules,
         conntrack_capacity=conntrack_capacity,
         maglev_table_size=maglev_table_size,
         maglev_seed=maglev_seed,

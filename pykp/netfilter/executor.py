@@ -14,6 +14,7 @@ import ctypes.util
 import threading
 from typing import Protocol
 
+from pykp.netfilter.monitor import as_writer
 from pykp.netfilter.tool import RulesError, run_tool
 
 __all__ = [
@@ -116,7 +117,9 @@ class LibNftables:
         self._lock = threading.Lock()
 
     def run(self, script: str) -> None:
-        with self._lock:
+        # Under the writer's name: the kernel records it with the transaction, so pykp's
+        # rules monitor can tell its own transactions from anyone else's.
+        with self._lock, as_writer():
             status = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
             error = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
         if status != 0:

@@ -226,6 +226,7 @@ class AgentMetrics:
     stale_udp_flows_deleted: int = 0
     conntrack_cleanup_errors: int = 0
     rules_repairs: int = 0  # times the rules were found changed by someone else and restored
+    foreign_rule_changes: int = 0  # nf_tables transactions of others that touched pykp's rules
 
     def families(self) -> list[Family]:
         return [
@@ -282,6 +283,13 @@ class AgentMetrics:
                 "counter",
                 "Times pykp's rules were found deleted or changed by someone else and restored",
                 self.rules_repairs,
+            ),
+            Family.single(
+                "pykp_rules_foreign_changes_total",
+                "counter",
+                "nf_tables transactions by another process that touched pykp's rules, seen as "
+                "they committed (or notifications lost)",
+                self.foreign_rule_changes,
             ),
         ]
 
