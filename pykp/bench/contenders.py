@@ -562,10 +562,14 @@ class PykpContender(Contender):
             self.proc.wait(timeout=15)
         elif fault == "stop":
             self.proc.send_signal(signal.SIGSTOP)  # a stalled process
+        elif fault == "flush":
+            self.lab.exec("node", ["nft", "flush", "ruleset"], check=True)  # another tool
         else:
             raise ValueError(f"unknown fault {fault!r}")
 
     def recover(self, fault: str) -> None:
+        if fault == "flush":
+            return  # the agent restores its rules itself
         if fault == "stop":
             if self.proc is not None:
                 self.proc.send_signal(signal.SIGCONT)

@@ -276,6 +276,23 @@ METRICS: tuple[Metric, ...] = (
         False,
         "{:.1f}",
     ),
+    Metric(
+        "fault_flush",
+        "failed conns, nft flush ruleset",
+        "fault_flush",
+        lambda s: s["failed"],
+        "",
+        False,
+    ),
+    Metric(
+        "fault_flush_gap",
+        "longest gap, nft flush ruleset",
+        "fault_flush",
+        lambda s: s["max_gap_us"] / 1000,
+        "ms",
+        False,
+        "{:.1f}",
+    ),
 )
 _BY_KEY = {m.key: m for m in METRICS}
 BASELINES = ("iptables", "nftables", "direct")

@@ -31,6 +31,7 @@ from pykp.bench import workloads
 from pykp.bench.contenders import (
     BenchNode,
     Contender,
+    PykpContender,
     PykpKubeContender,
     ServiceSet,
     make_contender,
@@ -275,6 +276,8 @@ def _turn(
         record("propagation", workloads.propagation(node, c, services, load, binary))
     if c.proxies and first_scale:
         for kind in settings.faults:
+            if kind == "flush" and not isinstance(c, PykpContender):
+                continue  # no agent to restore a static rule set
             progress(f"{tag}: fault ({kind}) under a steady load", None)
             record(f"fault_{kind}", workloads.fault(node, c, services, kind, binary))
 

@@ -16,6 +16,8 @@
 * `fault`: a steady 200 new connections/s (1 s connect timeout) while the contender's agent
   is killed and restarted 2 s later, or stopped for 5 s: failed connections and the longest
   wait for the next successful one. Static rule sets (kube-proxy's) have no agent to lose.
+  `flush`: the same load while `nft flush ruleset` empties the node's ruleset under the
+  agent (pykp contenders only: a static rule set has no agent to restore it).
 
 CPU cost comes from /proc/stat (the whole machine: user, nice, system, irq and softirq;
 forwarding and netfilter run in softirq) over the run, per 1000 connections; a second
@@ -58,7 +60,7 @@ __all__ = [
 FAULT_RATE = 200.0  # new connections/s during a fault run
 FAULT_TIMEOUT_MS = 1000
 # seconds: load before the fault, the fault (dark agent), load after recovery
-FAULT_TIMES = {"kill": (1.5, 2.0, 3.0), "stop": (1.5, 5.0, 2.0)}
+FAULT_TIMES = {"kill": (1.5, 2.0, 3.0), "stop": (1.5, 5.0, 2.0), "flush": (1.5, 0.0, 3.0)}
 
 _CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 _BUSY = ("user", "nice", "system", "irq", "softirq", "steal")

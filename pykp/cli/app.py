@@ -732,7 +732,8 @@ def bench(
         str | None,
         typer.Option(
             help="Fault runs at the first scale, comma-separated: kill (agent SIGKILLed, "
-            "restarted 2 s later), stop (SIGSTOP 5 s), or none (default: both; --quick: none)."
+            "restarted 2 s later), stop (SIGSTOP 5 s), flush (`nft flush ruleset` in the node; "
+            "pykp contenders only), or none (default: kill,stop; --quick: none)."
         ),
     ] = None,
     kube_changes: Annotated[
@@ -800,10 +801,11 @@ def bench(
         settings.faults = [
             f.strip() for f in faults.split(",") if f.strip() and f.strip() != "none"
         ]
-        unknown = set(settings.faults) - {"kill", "stop"}
+        unknown = set(settings.faults) - {"kill", "stop", "flush"}
         if unknown:
             raise typer.BadParameter(
-                f"{', '.join(sorted(unknown))}: not kill, stop or none", param_hint="'--faults'"
+                f"{', '.join(sorted(unknown))}: not kill, stop, flush or none",
+                param_hint="'--faults'",
             )
     if rounds is not None:
         settings.rounds = rounds
