@@ -275,6 +275,8 @@ class NfqueueDatapath:
         """The read end of the readers' heartbeat pipe; the caller owns the fd."""
     @property
     def max_len(self) -> int: ...
+    @property
+    def fail_open(self) -> bool: ...
     def stop(self) -> None: ...
     @property
     def running(self) -> bool: ...
@@ -291,8 +293,13 @@ def loadgen_main(args: list[str]) -> None:
     """`pykp-loadgen ARGS...` (pykp bench's load generator) in this process, GIL released."""
 
 def queue_keeper(
-    sockets: list[tuple[int, int]], parent: int, heartbeat: int | None = None, max_len: int = 4096
+    sockets: list[tuple[int, int]],
+    parent: int,
+    heartbeat: int | None = None,
+    max_len: int = 4096,
+    fail_open: bool = False,
 ) -> None:
     """Hold the queue sockets (fd, queue) until the pipe end `parent` reaches end of file,
     then accept what still waits and close (all fds owned from here on); with `heartbeat`,
-    hand the queues over while the readers stall and give them back (`max_len`) after."""
+    hand the queues over while the readers stall and give them back (the readers'
+    `max_len` and `fail_open`) after."""

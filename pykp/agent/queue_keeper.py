@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 _KEEPER = (
     "import sys; from pykp._fastpath import queue_keeper; "
-    "queue_keeper([tuple(map(int, s.split(':'))) for s in sys.argv[4:]], int(sys.argv[1]), "
-    "int(sys.argv[2]), int(sys.argv[3]))"
+    "queue_keeper([tuple(map(int, s.split(':'))) for s in sys.argv[5:]], int(sys.argv[1]), "
+    "int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1')"
 )
 
 
@@ -66,6 +66,7 @@ class KeptDatapath:
                     str(read_end),
                     str(heartbeat),
                     str(self.datapath.max_len),
+                    str(int(self.datapath.fail_open)),
                     *(f"{fd}:{q}" for fd, q in sockets),
                 ),
                 pass_fds=fds,

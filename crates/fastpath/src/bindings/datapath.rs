@@ -100,6 +100,11 @@ impl NfqueueDatapath {
         self.config.max_len
     }
 
+    #[getter]
+    fn fail_open(&self) -> bool {
+        self.config.fail_open
+    }
+
     fn stop(&self, py: Python<'_>) {
         let taken = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut dp) = taken {
@@ -172,15 +177,16 @@ impl NfqueueDatapath {
 ///
 /// With `heartbeat` (the read end of `NfqueueDatapath.heartbeat()`, owned too) it
 /// also hands the queues over while the readers stop beating (stalled) and gives them back
-/// (`max_len`) when they beat again.
+/// (`max_len`, `fail_open`: the readers' settings) when they beat again.
 #[pyfunction]
-#[pyo3(signature = (sockets, parent, heartbeat = None, max_len = 4096))]
+#[pyo3(signature = (sockets, parent, heartbeat = None, max_len = 4096, fail_open = false))]
 pub(super) fn queue_keeper(
     py: Python<'_>,
     sockets: Vec<(i32, u16)>,
     parent: i32,
     heartbeat: Option<i32>,
     max_len: u32,
+    fail_open: bool,
 ) {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: the caller hands these descriptors over; nothing else closes them.
@@ -194,5 +200,7 @@ pub(super) fn queue_keeper(
     let parent = unsafe { OwnedFd::from_raw_fd(parent) };
     // SAFETY: as above.
     let heartbeat = heartbeat.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-    py.detach(move || crate::datapath::nfqueue::keep_queues(sockets, parent, heartbeat, max_len));
+    py.detach(move || {
+        crate::datapath::nfqueue::keep_queues(sockets, parent, heartbeat, max_len, fail_open)
+    });
 }

@@ -609,21 +609,22 @@ fn is_retry(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
 }
 
-/// Undo [`hand_over_queue`] for a reader that reads again: `max_len` packets may wait.
+/// Undo [`hand_over_queue`] for a reader that reads again: `max_len` packets may wait, and
+/// fail-open is back to the reader's own `fail_open` (the hand-over turned it on).
 pub fn give_queue_back(
     sock: &NfqSocket,
     queue: u16,
     max_len: u32,
+    fail_open: bool,
     buf: &mut Vec<u8>,
 ) -> io::Result<()> {
     buf.clear();
-    put_config(
-        buf,
-        0,
-        queue,
-        &ConfigRequest { max_len: Some(max_len), ..Default::default() },
-        false,
-    );
+    let reader_settings = ConfigRequest {
+        max_len: Some(max_len),
+        flags: Some(CfgFlags::default().with(NFQA_CFG_F_FAIL_OPEN, fail_open)),
+        ..Default::default()
+    };
+    put_config(buf, 0, queue, &reader_settings, false);
     sock.send(buf).map(drop)
 }
 
@@ -664,12 +665,14 @@ pub fn hand_over_queue(sock: &NfqSocket, queue: u16, buf: &mut Vec<u8>) -> io::R
 /// With `heartbeat` (the read end of [`QueueWorkers::heartbeat`]) it also watches a reader
 /// that is alive but not reading (stopped, stalled): after [`STALL_AFTER`] without a beat
 /// it hands the queues over the same way (what waits goes on, new packets fail open to the
-/// kernel path) and gives them back (`max_len` again) at the next beat.
+/// kernel path) and gives them back at the next beat: `max_len` and `fail_open` again, the
+/// reader's own settings ([`QueueConfig::max_len`], [`QueueConfig::fail_open`]).
 pub fn keep_queues(
     sockets: Vec<(NfqSocket, u16)>,
     parent: OwnedFd,
     heartbeat: Option<OwnedFd>,
     max_len: u32,
+    fail_open: bool,
 ) {
     let mut buf = Vec::with_capacity(64);
     let mut byte = [0u8; 64];
@@ -705,7 +708,7 @@ pub fn keep_queues(
                 last_beat = Instant::now();
                 if handed_over {
                     for (sock, queue) in &sockets {
-                        let _ = give_queue_back(sock, *queue, max_len, &mut buf);
+                        let _ = give_queue_back(sock, *queue, max_len, fail_open, &mut buf);
                     }
                     handed_over = false;
                 }
