@@ -71,9 +71,20 @@ def decided_by_the_reader(lab: Lab, node: LabAgent, pod: str = "client-0") -> bo
     before = node.metric("pykp_queue_packets_total")
     try:
         answers = [http_get(lab, pod, "10.96.0.10", timeout=0.5) for _ in range(3)]
-    except OSError:
+    except OSError as error:
+        print(f"not decided by the reader: {error!r}")  # shown when the test fails
         return False
-    return set(answers) == ALL and node.metric("pykp_queue_packets_total") == before + 3
+    queued = node.metric("pykp_queue_packets_total") - before
+    if set(answers) != ALL or queued != 3:
+        print(f"not decided by the reader: answers {answers}, {queued:g} packets queued")
+        return False
+    return True
+
+
+def reader_decides(lab: Lab, node: LabAgent, pod: str = "client-0") -> bool:
+    """The precondition: the reader decides, within a moment (on a loaded machine the queue
+    keeper may have lent the queue to the kernel path for a beat: counted, not an error)."""
+    return wait_for(lambda: decided_by_the_reader(lab, node, pod), timeout=3, step=0.2)
 
 
 def in_node(lab: Lab, *argv: str) -> None:
@@ -96,7 +107,7 @@ REPAIRED = {
 def test_removed_rules_are_restored_and_connections_decided_again(
     lab: Lab, node: LabAgent, argv: list[str]
 ) -> None:
-    assert decided_by_the_reader(lab, node)
+    assert reader_decides(lab, node)
     in_node(lab, *argv)
     assert wait_for(lambda: node.metric("pykp_rules_repairs_total") >= 1, timeout=3 * SYNC_PERIOD)
     assert wait_for(lambda: decided_by_the_reader(lab, node), timeout=2 * SYNC_PERIOD, step=0.2)
@@ -133,7 +144,7 @@ ELEMENT_REMOVALS: dict[str, Callable[[Lab], None]] = {
 def test_removed_set_or_map_elements_are_restored(
     lab: Lab, node: LabAgent, remove: Callable[[Lab], None]
 ) -> None:
-    assert decided_by_the_reader(lab, node)
+    assert reader_decides(lab, node)
     remove(lab)
     if decided_by_the_reader(lab, node):
         pytest.fail("the removal broke nothing: this test would prove nothing")
@@ -143,7 +154,7 @@ def test_removed_set_or_map_elements_are_restored(
 def test_a_flushed_output_nat_chain_is_restored(lab: Lab, node: LabAgent) -> None:
     """The node's own connections to a ClusterIP go through nat_out (a chain no client
     pod's connection uses)."""
-    assert decided_by_the_reader(lab, node, pod="node")
+    assert reader_decides(lab, node, pod="node")
     in_node(lab, "nft", "flush", "chain", "inet", "pykp", "nat_out")
     if decided_by_the_reader(lab, node, pod="node"):
         pytest.fail("the removal broke nothing: this test would prove nothing")
@@ -188,7 +199,7 @@ def test_someone_elses_change_is_repaired_without_waiting_for_the_period(
     lab: Lab, watched_node: LabAgent, argv: list[str], logged: str
 ) -> None:
     node = watched_node
-    assert decided_by_the_reader(lab, node)
+    assert reader_decides(lab, node)
     in_node(lab, *argv)
     # Seconds, where the periodic check would come after WATCHED_SYNC_PERIOD / 2.
     assert wait_for(lambda: decided_by_the_reader(lab, node), timeout=10, step=0.2)
@@ -201,7 +212,7 @@ def test_the_agents_own_changes_are_not_taken_for_damage(lab: Lab, watched_node:
     """The agent's own transactions (a backend removed from the services file) are
     announced too: they must not look like someone else's."""
     node = watched_node
-    assert decided_by_the_reader(lab, node)
+    assert reader_decides(lab, node)
     assert node.services_file is not None
     node.services_file.write_text(SERVICES.replace(", {ip: 10.244.0.12}", ""))
 
