@@ -164,8 +164,16 @@ def measure(count: int, changes: int) -> dict[str, Any]:
                 seconds.append((synced or 0) - written)
         # The new Service's slice first (it programs nothing alone), then, past
         # --min-sync-period, the Service: timed alone.
+        synced_before = _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
         parent.send(("slice-of-new", count, None))
         parent.recv()
+        # The slice's own sync (which programs nothing) may itself wait out the rate limit:
+        # the Service is written past --min-sync-period after that sync, not after the write.
+        _wait(
+            lambda: _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+            != synced_before,
+            10,
+        )
         time.sleep(1.2)
         programmed = _in_namespace_metric(PROGRAMMED) or 0
         parent.send(("service", count, None))

@@ -61,7 +61,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-# Elements past which the agent no longer counts the sets' elements in the kernel.
+# Elements past which the agent no longer counts the sets' elements in the kernel: an
+# element dump restarts its walk of the set for every batch it returns (1.3 s of kernel
+# time for 300,000 elements). Past it, the rules monitor still sees others' deletions.
 _ELEMENT_CHECK_LIMIT = 250_000
 
 
@@ -418,7 +420,7 @@ class Agent:
                     _log.exception("flow table GC failed")
             if self._status_dirty and now - self._status_written >= self.config.status_interval:
                 self._write_status()
-            if asked or now - self._rules_checked >= self._check_interval():
+            if asked or now - self._rules_checked >= self.config.sync_period / 2:
                 self._rules_checked = now
                 try:
                     self._check_rules()
@@ -568,40 +570,27 @@ class Agent:
         return True
 
     def _check_rules(self) -> None:
-        """kube-proxy's canary, for the whole rule set, about twice per --sync-period and
-        off the sync path (a listing costs the kernel's dump of every element): are pykp's
-        table, chains and their rules, sets and jumps all there, and does every set and map
-        hold as many elements as the agent programmed? Damage (a flush, another tool) is
-        undone by the next sync, which it requests: a reinstall and a full load."""
+        """kube-proxy's canary, for the whole rule set, twice per --sync-period, off the
+        sync path, and at once when the rules monitor asks: are pykp's table, chains and
+        their rules, sets and jumps all there (read from the kernel without its elements),
+        and does every set and map hold as many elements as the agent programmed? Damage (a
+        flush, another tool) is undone by the next sync, which it requests: a reinstall and
+        a full load."""
         if not self._running:
             return
-        try:
-            self._undecided = self.rules.undecided_connections()
-            if not self.rules.installed():
-                self._rules_damaged = True
-                self.runner.run()
-                return
-            self._check_elements()
-        finally:
-            trim_heap()
-
-    def _large(self) -> bool:
-        """Past `_ELEMENT_CHECK_LIMIT` elements: any nft listing loads every element (seconds
-        and a gigabyte at 100,000 services) and slows the syncs' transactions meanwhile."""
-        counts = self.service_sync.element_counts()
-        return counts is not None and sum(counts[1].values()) > _ELEMENT_CHECK_LIMIT
-
-    def _check_interval(self) -> float:
-        """How often the rules are checked: twice per --sync-period, ten times less often
-        on a large table (where the listing competes with the syncs)."""
-        return self.config.sync_period / 2 * (10 if self._large() else 1)
+        self._undecided_connections()
+        if not self.rules.installed():
+            self._rules_damaged = True
+            self.runner.run()
+            return
+        self._check_elements()
 
     def _undecided_connections(self) -> int:
-        """The kernel path's undecided counter: read live while the table is small, else
-        as the last check read it (listing one counter costs what listing every element
-        costs: nft fills its whole cache, seconds at 100,000 services)."""
-        if not self._large():
+        """The kernel path's undecided counter, read live (one request to the kernel)."""
+        try:
             self._undecided = self.rules.undecided_connections()
+        except Exception:  # noqa: BLE001 - a scrape shows the last value read
+            _log.debug("reading the undecided counter failed", exc_info=True)
         return self._undecided
 
     def _check_elements(self) -> None:

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from pykp.netfilter.nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, attributes, messages
+
 __all__ = [
     "ForeignChange",
     "NotificationParser",
@@ -38,16 +40,11 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 SO_RCVBUFFORCE = 33
-NFNL_SUBSYS_NFTABLES = 10
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NFGENMSG_LEN = 4
-NLA_HDR = struct.Struct("=HH")
-NLA_TYPE_MASK = 0x3FFF
 
 # NFT_MSG_* (linux/netfilter/nf_tables.h)
 _MESSAGES = {
@@ -156,42 +153,31 @@ class NotificationParser:
 
     def feed(self, data: bytes) -> list[Transaction]:
         done: list[Transaction] = []
-        offset = 0
-        while offset + NLMSG_HDR.size <= len(data):
-            length, type_, _flags, _seq, _pid = NLMSG_HDR.unpack_from(data, offset)
-            if length < NLMSG_HDR.size or offset + length > len(data):
-                break  # malformed: the rest of this datagram cannot be trusted
-            body = data[offset + NLMSG_HDR.size : offset + length]
-            offset += (length + 3) & ~3
+        for type_, _seq, body in messages(data):
             if type_ >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < NFGENMSG_LEN:
                 continue
             message = type_ & 0xFF
             if message == NFT_MSG_NEWGEN:
-                attrs = _attributes(body[NFGENMSG_LEN:], (NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME))
+                attrs = dict(attributes(body, NFGENMSG_LEN))
                 pid = attrs.get(NFTA_GEN_PROC_PID, b"")
                 self._pending.pid = struct.unpack(">I", pid)[0] if len(pid) == 4 else 0
-                self._pending.process = (
-                    attrs.get(NFTA_GEN_PROC_NAME, b"").split(b"\0")[0].decode(errors="replace")
-                )
+                self._pending.process = _text(attrs.get(NFTA_GEN_PROC_NAME, b""))
                 done.append(self._pending)
                 self._pending = Transaction()
                 continue
             known = _MESSAGES.get(message)
             if known is None:
                 continue
-            kind = known[1]
-            named = _NAME_ATTRIBUTE.get(kind, 0)
-            attrs = _attributes(
-                body[NFGENMSG_LEN:], (NFTA_TABLE, named) if named else (NFTA_TABLE,)
-            )
-            name = attrs.get(named, b"")
+            verb, kind = known
+            attrs = dict(attributes(body, NFGENMSG_LEN))
+            named = _NAME_ATTRIBUTE.get(kind)
             self._pending.changes.append(
                 Change(
-                    verb=known[0],
+                    verb=verb,
                     kind=kind,
                     family=FAMILIES.get(body[0], str(body[0])),
                     table=_text(attrs.get(NFTA_TABLE, b"")),
-                    name=_text(name),
+                    name=_text(attrs.get(named, b"")) if named is not None else "",
                 )
             )
         return done
@@ -203,20 +189,6 @@ class NotificationParser:
 
 def _text(value: bytes) -> str:
     return value.split(b"\0")[0].decode(errors="replace")
-
-
-def _attributes(data: bytes, wanted: tuple[int, ...]) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    offset = 0
-    while offset + NLA_HDR.size <= len(data) and len(found) < len(wanted):
-        length, type_ = NLA_HDR.unpack_from(data, offset)
-        if length < NLA_HDR.size or offset + length > len(data):
-            break
-        type_ &= NLA_TYPE_MASK
-        if type_ in wanted:
-            found[type_] = data[offset + NLA_HDR.size : offset + length]
-        offset += (length + 3) & ~3
-    return found
 
 
 @dataclass(frozen=True)

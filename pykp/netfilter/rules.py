@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pykp.netfilter.executor import NftExecutor, make_executor
+from pykp.netfilter.nfnetlink import NetlinkError, NftReader, TableSummary
 from pykp.netfilter.tool import RulesError, ToolResult, run_tool
 
 __all__ = [
@@ -615,11 +616,42 @@ class RuleManager:
             if close is not None:
                 close()
 
+    def _kernel_reader(self) -> NftReader | None:
+        """Straight to the kernel (no nft cache of every element) for the agent's own
+        rules in its own namespace; None for another namespace or a given executor."""
+        if self._given_nft is not None or self.netns is not None:
+            return None
+        try:
+            return NftReader()
+        except OSError:
+            return None
+
+    def _summary(self) -> TableSummary | None:
+        """The table's chains (with rule counts), sets and maps; None when it is missing.
+        Raises LookupError when no kernel reader can be used here."""
+        reader = self._kernel_reader()
+        if reader is None:
+            raise LookupError("no kernel reader")
+        with reader:
+            try:
+                summary = reader.table_summary(self.table)
+            except NetlinkError:
+                return None
+        return summary if summary.chains or summary.sets or summary.maps else None
+
     def _table_objects(self) -> dict[str, set[str]] | None:
         """Names of our table's chains, sets and maps, or None when it holds none.
 
         Three terse listings: listing the table itself would dump every element.
         """
+        try:
+            summary = self._summary()
+        except LookupError:
+            pass
+        else:
+            if summary is None:
+                return None
+            return {"chain": set(summary.chains), "set": summary.sets, "map": summary.maps}
         found: dict[str, set[str]] = {"chain": set(), "set": set(), "map": set()}
         for kind, names in found.items():
             argv = ["nft", "-t", "-j", "list", f"{kind}s", "inet"]
@@ -756,6 +788,12 @@ class RuleManager:
 
     def _rule_count(self, chain: str) -> int:
         try:
+            summary = self._summary()
+        except LookupError:
+            pass
+        else:
+            return -1 if summary is None else summary.chains.get(chain, -1)
+        try:
             with self._reader() as reader:
                 listing = reader.list_json(f"list chain inet {self.table} {chain}")
         except RulesError:
@@ -765,6 +803,15 @@ class RuleManager:
     def element_counts(self) -> dict[str, int]:
         """How many elements each synced set and map holds in the kernel (-1: missing)."""
         counts: dict[str, int] = {}
+        kernel = self._kernel_reader()
+        if kernel is not None:
+            with kernel:
+                for name in _SYNCED:
+                    try:
+                        counts[name] = kernel.element_count(self.table, name)
+                    except NetlinkError:
+                        counts[name] = -1
+            return counts
         for name, type_ in _SYNCED.items():
             kind = "map" if _is_map(type_) else "set"
             try:
@@ -783,7 +830,16 @@ class RuleManager:
 
     def undecided_connections(self) -> int:
         """Connections to queued frontends that the kernel path served since the table was
-        made (the reader was away, stalled or overloaded): their policy degraded to random."""
+        made (the reader was away, stalled or overloaded): their policy degraded to random.
+        Straight from the kernel: microseconds at any table size (nft would first load
+        every element of the table)."""
+        kernel = self._kernel_reader()
+        if kernel is not None:
+            with kernel:
+                try:
+                    return kernel.counter_packets(self.table, UNDECIDED_COUNTER)
+                except NetlinkError:
+                    return 0
         try:
             with self._reader() as reader:  # in-process: a scrape forks nothing
                 listing = reader.list_json(f"list counter inet {self.table} {UNDECIDED_COUNTER}")
@@ -799,25 +855,15 @@ class RuleManager:
         chain holds its rules, and both jump rules of each family and the queue rule exist:
         what a flush of the ruleset, of the table or of a chain, or another tool deleting
         any of them, breaks. One listing of the table (it costs what the kernel's element
-        dump costs: run it off the sync path)."""
+        dump costs: run it off the sync path), or, in the agent's own namespace, three
+        requests to the kernel that read no element."""
         try:
-            with self._reader() as reader:
-                listing = json.loads(reader.list_json(f"list table inet {self.table}", terse=True))
-        except RulesError:
+            summary = self._summary()
+        except LookupError:
+            summary = self._listed_summary()
+        if summary is None:
             return False
-        chains: dict[str, int] = {}
-        sets: set[str] = set()
-        maps: set[str] = set()
-        for item in listing["nftables"]:
-            if "chain" in item:
-                chains.setdefault(item["chain"]["name"], 0)
-            elif "rule" in item:
-                chain = item["rule"]["chain"]
-                chains[chain] = chains.get(chain, 0) + 1
-            elif "set" in item:
-                sets.add(item["set"]["name"])
-            elif "map" in item:
-                maps.add(item["map"]["name"])
+        chains, sets, maps = summary.chains, summary.sets, summary.maps
         if not (
             {n for n, t in _SYNCED.items() if not _is_map(t)} | _STATIC.keys() <= sets
             and {n for n, t in _SYNCED.items() if _is_map(t)} <= maps
@@ -831,6 +877,28 @@ class RuleManager:
             if not current.queue_rule or any(not current.jumps.get(h) for h in _HOOKS):
                 return False
         return True
+
+    def _listed_summary(self) -> TableSummary | None:
+        """`_summary` through nft's terse listing (another namespace, a given executor)."""
+        try:
+            with self._reader() as reader:
+                listing = json.loads(reader.list_json(f"list table inet {self.table}", terse=True))
+        except RulesError:
+            return None
+        chains: dict[str, int] = {}
+        sets: set[str] = set()
+        maps: set[str] = set()
+        for item in listing["nftables"]:
+            if "chain" in item:
+                chains.setdefault(item["chain"]["name"], 0)
+            elif "rule" in item:
+                chain = item["rule"]["chain"]
+                chains[chain] = chains.get(chain, 0) + 1
+            elif "set" in item:
+                sets.add(item["set"]["name"])
+            elif "map" in item:
+                maps.add(item["map"]["name"])
+        return TableSummary(chains=chains, sets=sets, maps=maps)
 
 
 def _count_elements(listing: str) -> int:
