@@ -125,7 +125,7 @@ def _wait(predicate: Any, timeout: float, step: float = 0.002) -> bool:
     return False
 
 
-def measure(count: int, changes: int) -> dict[str, Any]:
+def measure(count: int, changes: int, profile: str | None = None) -> dict[str, Any]:
     subprocess.run(["ip", "netns", "add", NAMESPACE], check=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the namespace is removed anyway
     parent, child = multiprocessing.Pipe()
@@ -137,8 +137,15 @@ def measure(count: int, changes: int) -> dict[str, Any]:
         kubeconfig = parent.recv()
         log = open(f"/tmp/{NAMESPACE}-{count}.log", "w")  # noqa: SIM115 - lives with the agent
         started = time.monotonic()
+        # py-spy (when asked) samples the agent from its first instruction: its raw stacks
+        # are written when the agent stops.
+        wrapper = (
+            ["py-spy", "record", "--format", "raw", "--threads", "-r", "250", "-o",
+             f"{profile}.{count}.txt", "--"]
+            if profile else []
+        )  # fmt: skip
         agent = subprocess.Popen(
-            ["ip", "netns", "exec", NAMESPACE, sys.executable, "-c",
+            ["ip", "netns", "exec", NAMESPACE, *wrapper, sys.executable, "-c",
              "import sys; from pykp.cli.app import app; sys.argv[0] = 'pykp'; app()",
              "run", "--kubeconfig", kubeconfig, "--hostname-override", "node",
              "--healthz-bind-address", "", "--metrics-bind-address", METRICS,
@@ -201,7 +208,10 @@ def measure(count: int, changes: int) -> dict[str, Any]:
         }
     finally:
         if agent is not None:
-            agent.terminate()
+            if profile:  # py-spy is the child of `ip netns exec`: stop the agent itself
+                subprocess.run(["pkill", "-TERM", "-P", str(agent.pid)], check=False)
+            else:
+                agent.terminate()
             agent.wait(30)
         if server.is_alive():
             parent.send(("stop", 0, None))
@@ -213,11 +223,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("counts", nargs="+", type=int)
     parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument(
+        "--profile", metavar="PREFIX", help="run the agent under py-spy (on PATH): PREFIX.N.txt"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (a network namespace)")
     for count in args.counts:
-        print(measure(count, args.changes), flush=True)
+        print(measure(count, args.changes, args.profile), flush=True)
 
 
 if __name__ == "__main__":

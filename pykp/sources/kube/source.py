@@ -28,7 +28,7 @@ import kubernetes.client
 
 from pykp.model import DEFAULT_POLICY, Catalog, Problem, ServiceSpec
 from pykp.sources.base import ChangeLog, Changes, SourceStatus
-from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
+from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client, raw_list_function
 from pykp.sources.kube.translate import (
     KubeProblem,
     NodeInfo,
@@ -291,20 +291,20 @@ class KubeSource:
 def _api_list_watches(
     client: kubernetes.client.ApiClient, node_name: str | None, timeouts: Timeouts
 ) -> dict[str, ListWatch]:
-    core = kubernetes.client.CoreV1Api(client)
-    discovery = kubernetes.client.DiscoveryV1Api(client)
     list_watches: dict[str, ListWatch] = {
         "services": ApiListWatch(
-            "services", core.list_service_for_all_namespaces, timeouts=timeouts
+            "services", raw_list_function(client, "/api/v1/services"), timeouts=timeouts
         ),
         "endpointslices": ApiListWatch(
-            "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, timeouts=timeouts
+            "endpointslices",
+            raw_list_function(client, "/apis/discovery.k8s.io/v1/endpointslices"),
+            timeouts=timeouts,
         ),
     }
     if node_name:
         list_watches["nodes"] = ApiListWatch(
             "nodes",
-            core.list_node,
+            raw_list_function(client, "/api/v1/nodes"),
             field_selector=f"metadata.name={node_name}",
             timeouts=timeouts,
         )
