@@ -33,7 +33,12 @@ from pykp.agent.plan import (
     service_ports_to_engine,
 )
 from pykp.model import Catalog, ServiceSpec
-from pykp.netfilter.elements import ElementTracker, backend_contribution, frontend_contribution
+from pykp.netfilter.elements import (
+    ElementDelta,
+    ElementTracker,
+    backend_contribution,
+    frontend_contribution,
+)
 from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout
 
 if TYPE_CHECKING:
@@ -250,7 +255,7 @@ class ServiceSync:
         for backend_id in staged.backends_removed:
             backends.pop(backend_id, None)
         if full_load:
-            self._elements = ElementTracker()
+            self._elements = ElementTracker(loading=True)
             added_ids: Iterable[int] = backends
         else:
             added_ids = staged.backends_added
@@ -287,11 +292,12 @@ class ServiceSync:
         if not full_load:
             for backend_id in staged.backends_removed:
                 self._elements.set(f"backend:{backend_id}", None)
-        delta = self._elements.take_delta()
+        delta = ElementDelta() if full_load else self._elements.take_delta()
 
         # (d) commit: additions, the engine, removals.
         if full_load:
             self.rules.load_elements(self._elements.wanted())
+            self._elements.loaded()
         else:
             self.rules.add_elements(delta.added, delta.replaced)
         self.engine.commit(staged)
