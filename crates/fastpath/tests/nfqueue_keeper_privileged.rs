@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -534,5 +534,70 @@ fn giving_the_queue_back_restores_fail_closed() {
         drop(reader_end);
         join_within(keeper, "the keeper");
         workers.stop();
+    });
+}
+
+/// A non-blocking pipe, as `QueueWorkers::heartbeat` makes one: (read end, write end).
+fn beat_pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
+    // SAFETY: two fresh descriptors that nothing else owns.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+#[test]
+fn keeper_hands_over_only_the_queue_whose_reader_stopped_beating() {
+    if skip_unless_root("keeper_hands_over_only_the_queue_whose_reader_stopped_beating") {
+        return;
+    }
+    in_new_netns(|ns| {
+        let (beating, silent) = ((31u16, 9931u16), (32u16, 9932u16));
+        let mut kept = Vec::new();
+        for (queue, port) in [beating, silent] {
+            ns.queue_rules(queue, port);
+            kept.push((bind_reader(&agent_config(queue)), queue)); // never reads
+        }
+        let (rx_beating, tx_beating) = (receiver(beating.1), sender(beating.1));
+        let (rx_silent, tx_silent) = (receiver(silent.1), sender(silent.1));
+        // The readers' beats, written here: queue 31's reader beats, queue 32's never does.
+        let (beat_read, beat_write) = beat_pipe();
+        let stop = Arc::new(AtomicBool::new(false));
+        let beats = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let byte = [beating.0 as u8];
+                while !stop.load(Ordering::Acquire) {
+                    // SAFETY: a 1-byte write from a live buffer to an open pipe.
+                    unsafe { libc::write(beat_write.as_raw_fd(), byte.as_ptr().cast(), 1) };
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                // `beat_write` drops here: the keeper reads end of file.
+            })
+        };
+        let (parent, reader_end) = parent_pipe();
+        let keeper =
+            std::thread::spawn(move || keep_queues(kept, parent, Some(beat_read), 32, true));
+        std::thread::sleep(3 * STALL_AFTER);
+
+        // The silent queue is handed over: its datagrams pass at once.
+        tx_silent.send(b"silent").unwrap();
+        assert_eq!(recv_str(&rx_silent).as_deref(), Some("silent"));
+        // The beating one is left to its reader (which never reads): its datagram waits.
+        tx_beating.send(b"waits").unwrap();
+        assert_quiet(&rx_beating, 3 * STALL_AFTER, "a beating reader's queue is not handed over");
+        assert_eq!(queue_stats(beating.0).expect("bound").waiting, 1);
+
+        // The beats end with the beat pipe closed (a reader stopping): the keeper neither
+        // takes that for a stall nor spins on the end of file; the datagram still waits.
+        stop.store(true, Ordering::Release);
+        beats.join().unwrap();
+        assert_quiet(&rx_beating, 3 * STALL_AFTER, "no beats after the end of file");
+        assert_eq!(queue_stats(beating.0).expect("bound").waiting, 1);
+
+        // The reader's end closes: everything is handed over, the waiting datagram goes on.
+        drop(reader_end);
+        join_within(keeper, "the keeper");
+        assert_eq!(recv_str(&rx_beating).as_deref(), Some("waits"));
     });
 }

@@ -560,9 +560,12 @@ impl Worker {
                 beat = Instant::now();
                 let fd = heartbeat.load(Ordering::Relaxed);
                 if fd >= 0 {
+                    // The beat names its queue (low byte): one stalled queue among several
+                    // is handed over alone.
+                    let byte = beat_byte(self.queue);
                     // SAFETY: a 1-byte write to a non-blocking pipe the workers keep open;
                     // a full pipe (EAGAIN) only means the keeper has not read yet.
-                    unsafe { libc::write(fd, b"h".as_ptr().cast(), 1) };
+                    unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
                 }
             }
         }
@@ -604,6 +607,11 @@ fn recv_failed(e: io::Error, st: &mut WorkerStats) -> io::Result<()> {
 /// for that before it takes the reader for stalled.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(10);
 pub const STALL_AFTER: Duration = Duration::from_millis(100);
+
+/// The byte a queue's reader beats with: its number's low byte (queues 256 apart share it).
+fn beat_byte(queue: u16) -> u8 {
+    (queue & 0xff) as u8
+}
 
 fn is_retry(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock)
@@ -663,8 +671,9 @@ pub fn hand_over_queue(sock: &NfqSocket, queue: u16, buf: &mut Vec<u8>) -> io::R
 /// the killed reader's sockets close: the first packets of live connections.
 ///
 /// With `heartbeat` (the read end of [`QueueWorkers::heartbeat`]) it also watches a reader
-/// that is alive but not reading (stopped, stalled): after [`STALL_AFTER`] without a beat
-/// it hands the queues over the same way (what waits goes on, new packets fail open to the
+/// that is alive but not reading (stopped, stalled), queue by queue (each reader thread's
+/// beat names its queue): after [`STALL_AFTER`] without a beat from a queue's reader
+/// it hands that queue over the same way (what waits goes on, new packets fail open to the
 /// kernel path) and gives them back at the next beat: `max_len` and `fail_open` again, the
 /// reader's own settings ([`QueueConfig::max_len`], [`QueueConfig::fail_open`]).
 pub fn keep_queues(
@@ -675,9 +684,11 @@ pub fn keep_queues(
     fail_open: bool,
 ) {
     let mut buf = Vec::with_capacity(64);
-    let mut byte = [0u8; 64];
-    let mut last_beat = Instant::now();
-    let mut handed_over = false;
+    let mut beats = [0u8; 256];
+    let mut heartbeat = heartbeat;
+    // Per queue, in `sockets` order: its last beat, and whether it is handed over.
+    let mut last_beat = vec![Instant::now(); sockets.len()];
+    let mut handed_over = vec![false; sockets.len()];
     loop {
         let mut fds = [
             libc::pollfd { fd: parent.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -694,29 +705,48 @@ pub fn keep_queues(
         }
         if fds[0].revents != 0 {
             // SAFETY: reads into a local buffer from a descriptor this function owns.
-            let got = unsafe { libc::read(parent.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+            let got = unsafe { libc::read(parent.as_raw_fd(), beats.as_mut_ptr().cast(), 1) };
             if got == 0 || (got < 0 && !is_retry(&io::Error::last_os_error())) {
                 break; // the reader's end closed: it stopped or died
             }
         }
-        if let Some(h) = &heartbeat {
-            if fds[1].revents != 0 {
-                // SAFETY: as above; the pipe is non-blocking, so this drains it.
-                while unsafe { libc::read(h.as_raw_fd(), byte.as_mut_ptr().cast(), byte.len()) } > 0
-                {
+        let Some(h) = &heartbeat else { continue };
+        let now = Instant::now();
+        if fds[1].revents != 0 {
+            // SAFETY: as above; the pipe is non-blocking, so this drains it.
+            loop {
+                let got =
+                    unsafe { libc::read(h.as_raw_fd(), beats.as_mut_ptr().cast(), beats.len()) };
+                if got == 0 {
+                    // The beat's write end closed (the reader is stopping): no more beats
+                    // to wait for; the parent pipe ends this loop. Never a busy loop on EOF.
+                    heartbeat = None;
+                    break;
                 }
-                last_beat = Instant::now();
-                if handed_over {
-                    for (sock, queue) in &sockets {
-                        let _ = give_queue_back(sock, *queue, max_len, fail_open, &mut buf);
+                if got < 0 {
+                    break;
+                }
+                for &byte in &beats[..got as usize] {
+                    for (i, (sock, queue)) in sockets.iter().enumerate() {
+                        if beat_byte(*queue) != byte {
+                            continue;
+                        }
+                        last_beat[i] = now;
+                        if handed_over[i] {
+                            let _ = give_queue_back(sock, *queue, max_len, fail_open, &mut buf);
+                            handed_over[i] = false;
+                        }
                     }
-                    handed_over = false;
                 }
-            } else if !handed_over && last_beat.elapsed() >= STALL_AFTER {
-                for (sock, queue) in &sockets {
-                    let _ = hand_over_queue(sock, *queue, &mut buf);
-                }
-                handed_over = true;
+            }
+            if heartbeat.is_none() {
+                continue;
+            }
+        }
+        for (i, (sock, queue)) in sockets.iter().enumerate() {
+            if !handed_over[i] && now.duration_since(last_beat[i]) >= STALL_AFTER {
+                let _ = hand_over_queue(sock, *queue, &mut buf);
+                handed_over[i] = true;
             }
         }
     }
