@@ -111,6 +111,28 @@ def test_min_interval_is_measured_from_the_start_of_the_last_sync() -> None:
     assert fn.calls == [100.0, 102.0]
 
 
+def test_a_call_that_did_nothing_does_not_hold_back_the_next() -> None:
+    """At start the first call may find no services yet (False): the first real sync,
+    asked for a moment later, runs at once instead of waiting out min_interval."""
+    runner, clock, fn = make(min_interval=1.0)
+    results = iter([False, None])
+
+    def sync() -> bool | None:
+        fn()
+        return next(results)
+
+    runner.fn = sync
+    runner.run()
+    runner.step()
+    clock.advance(0.05)
+    runner.run()  # the source's first state arrives
+    assert runner.step() == pytest.approx(30.0)
+    assert fn.calls == [100.0, 100.05]
+    clock.advance(0.05)
+    runner.run()  # a real sync ran: min_interval holds again
+    assert runner.step() == pytest.approx(0.95)
+
+
 def test_a_request_long_after_the_last_sync_runs_at_once() -> None:
     runner, clock, fn = make(min_interval=1.0)
     runner.run()

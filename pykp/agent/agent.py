@@ -440,8 +440,10 @@ class Agent:
             self.deps.interface_addresses(), self.config.nodeport_addresses
         )
 
-    def sync(self) -> None:
-        """One full sync. Raises on failure (after recording it); the runner retries."""
+    def sync(self) -> bool:
+        """One sync; False when there was nothing to sync from yet (the source has no
+        first state), which the runner does not count against --min-sync-period. Raises on
+        failure (after recording it); the runner retries."""
         with self._sync_lock:
             started = self.deps.monotonic()
             self.metrics.syncs += 1
@@ -454,6 +456,7 @@ class Agent:
                 raise
             if synced:
                 self.metrics.sync_duration.observe(self.deps.monotonic() - started)
+            return synced
 
     def _sync(self) -> bool:
         # No cyclic GC during a sync: a full one allocates millions of objects, and with

@@ -10,7 +10,10 @@
   so a failing `fn` is retried without hammering. A new `run()` request is not held back by
   the backoff (only by `min_interval`): new input may well be what makes the sync pass.
 
-A failing `fn` is logged and counted; it never ends the loop.
+A failing `fn` is logged and counted; it never ends the loop. An `fn` that returns False
+did nothing (kube-proxy's "not initialized yet"): that call does not hold back the next one,
+which may then run at once (at start, the first real sync would otherwise wait out
+`min_interval` behind a call that found no services yet).
 
 Time comes from an injected `clock` and waiting from an injected `wait`, so tests drive the
 runner with a fake clock and never sleep.
@@ -51,7 +54,7 @@ class BoundedFrequencyRunner:
 
     def __init__(
         self,
-        fn: Callable[[], None],
+        fn: Callable[[], bool | None],
         min_interval: float,
         max_interval: float,
         name: str = "sync",
@@ -153,14 +156,17 @@ class BoundedFrequencyRunner:
             # Cleared before the call: a request made while fn runs asks for one more sync.
             self._pending = False
             self._retry_at = None
+            previous_start = self._last_start
             self._last_start = now
             self._runs += 1
         try:
-            self.fn()
+            did = self.fn()
         except Exception as error:  # noqa: BLE001 - retried, never fatal
             self._failed(error)
         else:
             with self._lock:
+                if did is False and self._last_start == now:
+                    self._last_start = previous_start
                 self._consecutive = 0
                 self._last_error = None
                 self._last_success = now
