@@ -887,6 +887,21 @@ def test_a_started_agent_syncs_serves_and_follows_the_file(
     assert wait_for(lambda: len(h.deleted) == 4)
 
 
+def test_proxy_mode_is_answered_on_the_metrics_address_like_kube_proxy(
+    running: tuple[Harness, Path],
+) -> None:
+    """kube-proxy answers GET /proxyMode on its metrics address with its mode's name
+    ("iptables"); pykp with its own, the one `pykp status` shows."""
+    h, _ = running
+    healthz, metrics = addresses(h)
+
+    code, body, headers = http_get(f"http://{metrics}/proxyMode")
+    assert (code, body) == (200, "nfqueue")
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert json.loads(http_get(f"http://{metrics}/status")[1])["proxyMode"] == "nfqueue"
+    assert http_get(f"http://{healthz}/proxyMode")[0] == 404, "the metrics address only"
+
+
 def test_stop_with_cleanup_removes_the_rules_before_the_datapath_and_closes_everything(
     running: tuple[Harness, Path],
 ) -> None:

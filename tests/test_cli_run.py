@@ -338,7 +338,7 @@ def test_status_prints_services_backends_counters_and_flows(
 
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "node node-a (192.168.77.1, fd00:77::1); healthy" in out
+    assert "node node-a (192.168.77.1, fd00:77::1); mode nfqueue; healthy" in out
     for text in (
         "default/web:http",
         "round-robin",

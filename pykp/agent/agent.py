@@ -25,7 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pykp.agent.config import DEFAULT_STATE_DIR, AgentConfig, ConfigError, check_mark_mask
+from pykp.agent.config import (
+    DEFAULT_STATE_DIR,
+    PROXY_MODE,
+    AgentConfig,
+    ConfigError,
+    check_mark_mask,
+)
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
 from pykp.agent.sync_runner import BoundedFrequencyRunner
@@ -280,6 +286,7 @@ class Agent:
                         self.config.metrics_bind_address,
                         self.registry.render,
                         self.snapshot,
+                        PROXY_MODE,
                     )
                 )
             # A failed start removes only rules it created: a previous agent's rules keep
@@ -701,6 +708,7 @@ class Agent:
             now=self.deps.wall_clock(),
         )
         snapshot["kernelPathUndecided"] = self._undecided_connections()
+        snapshot["proxyMode"] = PROXY_MODE
         return snapshot
 
     def _flush_status(self) -> None:

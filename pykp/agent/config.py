@@ -12,9 +12,12 @@ from typing import Final
 from pykp.model import POLICIES
 from pykp.observe.health import parse_bind_address
 
-__all__ = ["DEFAULT_STATE_DIR", "AgentConfig", "ConfigError", "check_mark_mask"]
+__all__ = ["DEFAULT_STATE_DIR", "PROXY_MODE", "AgentConfig", "ConfigError", "check_mark_mask"]
 
 DEFAULT_STATE_DIR: Final = Path("/run/pykp")
+# What /proxyMode answers and `pykp status` shows, where kube-proxy says "iptables" or
+# "nftables": new connections are decided by pykp's NFQUEUE readers (kernel path beside).
+PROXY_MODE: Final = "nfqueue"
 _MAX_MAGLEV_TABLE: Final = 1 << 24
 
 

@@ -246,6 +246,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
         ("node ", "bold"),
         str(node.get("name", "?")),
         f" ({', '.join(node.get('addresses') or []) or 'no node addresses'}); ",
+        f"mode {snapshot['proxyMode']}; " if snapshot.get("proxyMode") else "",
         health,
         f"; last sync {_ago(snapshot.get('lastSync'), now)}",
     )
