@@ -31,6 +31,7 @@ from pykp.agent.agent import (
 from pykp.agent.plan import EngineBackend, EngineService
 from pykp.agent.sync import stale_udp_flows
 from pykp.model import Catalog, Problem
+from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.rules import FrontendRule, MarkLayout, RulesError, RuleState
 from pykp.netfilter.rules import _elements as rules_elements
 from pykp.observe.health import GO_ZERO_TIME, ProxierHealth, go_time
@@ -260,6 +261,8 @@ class Harness:
         self.rules = FakeRules(self.events)
         self.datapath = FakeDatapath(self.events, datapath_fail)
         self.deleted: list[tuple[str, str, int | None]] = []
+        # The conntrack sysctls the agent asked for at start (never the machine's own).
+        self.sysctls: list[ConntrackSettings] = []
         self.delete_fails: Exception | None = None
         self.wall = FakeClock(1_700_000_000.0)
         self.mono = FakeClock(1000.0)
@@ -278,10 +281,15 @@ class Harness:
             make_datapath=lambda engine, config: self.datapath,
             interface_addresses=lambda: list(self.interfaces),
             delete_udp_flows=self._delete,
+            set_conntrack_sysctls=self._set_sysctls,
             wall_clock=self.wall,
             monotonic=self.mono,
         )
         self.agent = Agent(self.config, source=source, deps=self.deps)
+
+    def _set_sysctls(self, settings: ConntrackSettings) -> list[SysctlResult]:
+        self.sysctls.append(settings)
+        return [SysctlResult("nf_conntrack_tcp_timeout_close_wait", 3600, 60, "set")]
 
     def _delete(self, service_ip: str, backend_ip: str, backend_port: int | None) -> int:
         if self.delete_fails is not None:
@@ -885,6 +893,24 @@ def test_a_started_agent_syncs_serves_and_follows_the_file(
     path.write_text(without_endpoint(SERVICES, "10.244.2.53"))
     assert wait_for(lambda: len(h.rules.states) > synced), "the change was not synced"
     assert wait_for(lambda: len(h.deleted) == 4)
+
+
+def test_a_started_agent_sets_the_conntrack_sysctls_once_and_reports_them(
+    running: tuple[Harness, Path],
+) -> None:
+    h, _ = running
+    assert h.rules.synced.wait(5)
+
+    assert h.sysctls == [ConntrackSettings()], "kube-proxy's defaults, once, at start"
+    assert h.agent.snapshot()["conntrackSysctls"] == [
+        {
+            "name": "nf_conntrack_tcp_timeout_close_wait",
+            "wanted": 3600,
+            "found": 60,
+            "outcome": "set",
+            "error": None,
+        }
+    ]
 
 
 def test_proxy_mode_is_answered_on_the_metrics_address_like_kube_proxy(

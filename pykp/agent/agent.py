@@ -35,6 +35,7 @@ from pykp.agent.config import (
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
 from pykp.agent.sync_runner import BoundedFrequencyRunner
+from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.executor import trim_heap
 from pykp.netfilter.monitor import ForeignChange, RulesetMonitor
 from pykp.netfilter.rules import MarkLayout
@@ -166,6 +167,12 @@ def _delete_udp_flows(service_ip: str, backend_ip: str, backend_port: int | None
     return delete_udp_flows(service_ip, backend_ip, backend_port)
 
 
+def _set_conntrack_sysctls(settings: ConntrackSettings) -> list[SysctlResult]:
+    from pykp.netfilter.conntrack_sysctls import apply_conntrack_sysctls
+
+    return apply_conntrack_sysctls(settings)
+
+
 @dataclass(frozen=True)
 class Dependencies:
     """The agent's ties to the kernel and the clock; tests replace them."""
@@ -178,6 +185,9 @@ class Dependencies:
     ] = _make_monitor
     interface_addresses: Callable[[], list[str]] = interface_addresses
     delete_udp_flows: Callable[[str, str, int | None], int] = _delete_udp_flows
+    set_conntrack_sysctls: Callable[[ConntrackSettings], list[SysctlResult]] = (
+        _set_conntrack_sysctls
+    )
     wall_clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
 
@@ -266,6 +276,7 @@ class Agent:
         self._running = False
         self._rules_touched = False
         self._state_dir_warned = False
+        self._conntrack_sysctls: list[SysctlResult] = []
 
     # -- lifecycle
 
@@ -295,6 +306,9 @@ class Agent:
             # first sync, the kernel path serves every service from them.
             self._rules_touched = not self.rules.installed()
             self.rules.install()
+            # kube-proxy's conntrack sysctls, once (nf_conntrack is loaded by now); a write
+            # that fails is a warning, never a failed start.
+            self._conntrack_sysctls = self.deps.set_conntrack_sysctls(self.config.conntrack)
             self._rules_checked = self.deps.monotonic()
             self._spawn("pykp-sync", lambda: self.runner.loop(self._stop))
             self._spawn("pykp-housekeeping", self._housekeeping)
@@ -709,6 +723,7 @@ class Agent:
         )
         snapshot["kernelPathUndecided"] = self._undecided_connections()
         snapshot["proxyMode"] = PROXY_MODE
+        snapshot["conntrackSysctls"] = [result.as_json() for result in self._conntrack_sysctls]
         return snapshot
 
     def _flush_status(self) -> None:
