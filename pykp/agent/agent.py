@@ -167,6 +167,12 @@ def _delete_udp_flows(service_ip: str, backend_ip: str, backend_port: int | None
     return delete_udp_flows(service_ip, backend_ip, backend_port)
 
 
+def _delete_unnated_udp_flows(frontends: Sequence[tuple[str, int]]) -> int:
+    from pykp.netfilter.conntrack import delete_unnated_udp_flows
+
+    return delete_unnated_udp_flows(frontends)
+
+
 def _set_conntrack_sysctls(settings: ConntrackSettings) -> list[SysctlResult]:
     from pykp.netfilter.conntrack_sysctls import apply_conntrack_sysctls
 
@@ -185,6 +191,9 @@ class Dependencies:
     ] = _make_monitor
     interface_addresses: Callable[[], list[str]] = interface_addresses
     delete_udp_flows: Callable[[str, str, int | None], int] = _delete_udp_flows
+    delete_unnated_udp_flows: Callable[[Sequence[tuple[str, int]]], int] = (
+        _delete_unnated_udp_flows
+    )
     set_conntrack_sysctls: Callable[[ConntrackSettings], list[SysctlResult]] = (
         _set_conntrack_sysctls
     )
@@ -574,6 +583,7 @@ class Agent:
         self.health.updated()
         # Stale UDP: after the commit, so the next datagram is decided on the new rules.
         self._delete_stale_udp(result.stale_udp)
+        self._delete_unnated_udp(result.newly_served_udp)
         if result.retry:
             self.runner.run()
         self._status_dirty = True
@@ -690,6 +700,23 @@ class Agent:
                 backend_ip,
                 backend_port,
             )
+
+    def _delete_unnated_udp(self, frontends: Sequence[tuple[str, int]]) -> None:
+        """UDP frontends now served: their flows that began unserved were never NATed."""
+        if not frontends:
+            return
+        try:
+            deleted = self.deps.delete_unnated_udp_flows(frontends)
+        except Exception as error:  # noqa: BLE001 - they time out anyway
+            self.metrics.conntrack_cleanup_errors += 1
+            _log.warning("cannot delete un-NATed UDP conntrack entries: %s", error)
+            return
+        self.metrics.stale_udp_flows_deleted += deleted
+        _log.debug(
+            "%d UDP frontends newly served: deleted %d un-NATed conntrack entries",
+            len(frontends),
+            deleted,
+        )
 
     # -- reporting
 

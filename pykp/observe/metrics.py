@@ -269,7 +269,8 @@ class AgentMetrics:
             Family.single(
                 "pykp_stale_udp_flows_deleted_total",
                 "counter",
-                "Kernel conntrack UDP entries deleted because their backend left",
+                "Kernel conntrack UDP entries deleted because their backend left, or because "
+                "they were never NATed (sent while the service had no endpoints)",
                 self.stale_udp_flows_deleted,
             ),
             Family.single(
