@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ from pykp.agent.agent import (
     filter_node_addresses,
 )
 from pykp.agent.plan import EngineBackend, EngineService
-from pykp.agent.sync import stale_udp_flows
+from pykp.agent.sync import newly_served_udp_frontends, stale_udp_flows
 from pykp.model import Catalog, Problem
+from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.rules import FrontendRule, MarkLayout, RulesError, RuleState
 from pykp.netfilter.rules import _elements as rules_elements
 from pykp.observe.health import GO_ZERO_TIME, ProxierHealth, go_time
@@ -260,6 +261,10 @@ class Harness:
         self.rules = FakeRules(self.events)
         self.datapath = FakeDatapath(self.events, datapath_fail)
         self.deleted: list[tuple[str, str, int | None]] = []
+        # UDP frontends whose un-NATed entries the agent asked to delete, by sync.
+        self.unnated: list[list[tuple[str, int]]] = []
+        # The conntrack sysctls the agent asked for at start (never the machine's own).
+        self.sysctls: list[ConntrackSettings] = []
         self.delete_fails: Exception | None = None
         self.wall = FakeClock(1_700_000_000.0)
         self.mono = FakeClock(1000.0)
@@ -278,10 +283,22 @@ class Harness:
             make_datapath=lambda engine, config: self.datapath,
             interface_addresses=lambda: list(self.interfaces),
             delete_udp_flows=self._delete,
+            delete_unnated_udp_flows=self._delete_unnated,
+            set_conntrack_sysctls=self._set_sysctls,
             wall_clock=self.wall,
             monotonic=self.mono,
         )
         self.agent = Agent(self.config, source=source, deps=self.deps)
+
+    def _set_sysctls(self, settings: ConntrackSettings) -> list[SysctlResult]:
+        self.sysctls.append(settings)
+        return [SysctlResult("nf_conntrack_tcp_timeout_close_wait", 3600, 60, "set")]
+
+    def _delete_unnated(self, frontends: Sequence[tuple[str, int]]) -> int:
+        if self.delete_fails is not None:
+            raise self.delete_fails
+        self.unnated.append(list(frontends))
+        return 0  # a fake kernel: no flow ever began unserved
 
     def _delete(self, service_ip: str, backend_ip: str, backend_port: int | None) -> int:
         if self.delete_fails is not None:
@@ -508,6 +525,69 @@ def test_stale_udp_flows_are_kept_for_the_next_sync_when_the_rules_fail(tmp_path
     h.rules.fail = None
     h.agent.sync()
     assert {backend for _, backend, _ in h.deleted} == {"10.244.2.53"}
+
+
+DNS_FRONTENDS = [
+    ("10.96.0.53", 53),
+    ("192.168.77.1", 30053),
+    ("203.0.113.53", 53),
+    ("fd00:77::1", 30053),
+]
+
+
+def test_udp_frontends_going_from_no_endpoints_to_some_have_unnated_flows_deleted(
+    tmp_path: Path,
+) -> None:
+    """kube-proxy's newly active UDP services: every UDP frontend of the port (ClusterIP,
+    external IP, the NodePort on each node address) once it has a serving endpoint."""
+    unready = SERVICES.replace("- {ip: 10.244.1.53}", "- {ip: 10.244.1.53, ready: false}")
+    unready = unready.replace("- {ip: 10.244.2.53}", "- {ip: 10.244.2.53, ready: false}")
+    h, source = agent_with(unready, tmp_path)
+    h.agent.sync()
+    assert h.unnated == [], "no serving endpoint: nothing to clear yet"
+
+    source.set(unready.replace("- {ip: 10.244.2.53, ready: false}", "- {ip: 10.244.2.53}"))
+    h.agent.sync()
+    assert h.unnated == [DNS_FRONTENDS], "the UDP port only, not its TCP twin"
+
+    source.set(SERVICES)  # a second endpoint: already served
+    h.agent.sync()
+    assert len(h.unnated) == 1
+    assert h.deleted == [], "no backend left: nothing NATed is stale"
+
+
+def test_a_new_udp_service_and_an_agents_first_sync_clear_unnated_flows(
+    tmp_path: Path,
+) -> None:
+    """A datagram sent before its Service was programmed went its routed way, un-NATed;
+    kube-proxy clears a service it has not seen before too, at start included."""
+    without_dns = SERVICES.split("  - name: dns")[0]
+    h, source = agent_with(without_dns, tmp_path)
+    h.agent.sync()
+    assert h.unnated == []
+
+    source.set(SERVICES)
+    h.agent.sync()
+    assert h.unnated == [DNS_FRONTENDS]
+
+    restarted, _ = agent_with(SERVICES, tmp_path / "restarted")
+    restarted.agent.sync()
+    assert restarted.unnated == [DNS_FRONTENDS]
+
+
+def test_unnated_flows_are_cleared_after_a_sync_that_failed(tmp_path: Path) -> None:
+    without_dns = SERVICES.split("  - name: dns")[0]
+    h, source = agent_with(without_dns, tmp_path)
+    h.agent.sync()
+    source.set(SERVICES)
+    h.rules.fail = RulesError(["nft", "-f", "-"], 1, "Error: boom")
+    with pytest.raises(RulesError):
+        h.agent.sync()
+    assert h.unnated == [], "only after the rules are committed"
+
+    h.rules.fail = None
+    h.agent.sync()
+    assert h.unnated == [DNS_FRONTENDS]
 
 
 def test_a_conntrack_failure_is_counted_and_does_not_fail_the_sync(tmp_path: Path) -> None:
@@ -887,6 +967,39 @@ def test_a_started_agent_syncs_serves_and_follows_the_file(
     assert wait_for(lambda: len(h.deleted) == 4)
 
 
+def test_a_started_agent_sets_the_conntrack_sysctls_once_and_reports_them(
+    running: tuple[Harness, Path],
+) -> None:
+    h, _ = running
+    assert h.rules.synced.wait(5)
+
+    assert h.sysctls == [ConntrackSettings()], "kube-proxy's defaults, once, at start"
+    assert h.agent.snapshot()["conntrackSysctls"] == [
+        {
+            "name": "nf_conntrack_tcp_timeout_close_wait",
+            "wanted": 3600,
+            "found": 60,
+            "outcome": "set",
+            "error": None,
+        }
+    ]
+
+
+def test_proxy_mode_is_answered_on_the_metrics_address_like_kube_proxy(
+    running: tuple[Harness, Path],
+) -> None:
+    """kube-proxy answers GET /proxyMode on its metrics address with its mode's name
+    ("iptables"); pykp with its own, the one `pykp status` shows."""
+    h, _ = running
+    healthz, metrics = addresses(h)
+
+    code, body, headers = http_get(f"http://{metrics}/proxyMode")
+    assert (code, body) == (200, "nfqueue")
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert json.loads(http_get(f"http://{metrics}/status")[1])["proxyMode"] == "nfqueue"
+    assert http_get(f"http://{healthz}/proxyMode")[0] == 404, "the metrics address only"
+
+
 def test_stop_with_cleanup_removes_the_rules_before_the_datapath_and_closes_everything(
     running: tuple[Harness, Path],
 ) -> None:
@@ -1082,6 +1195,32 @@ def test_stale_udp_flows_ignore_backends_that_were_not_serving() -> None:
     )
 
     assert stale_udp_flows({"s": before}, {}) == []
+
+
+def test_newly_served_udp_frontends_are_those_that_had_no_serving_backend() -> None:
+    frontends = [("10.96.0.1", 53, "UDP"), ("10.96.0.1", 53, "TCP"), ("192.168.0.5", 30053, "UDP")]
+    unready = EngineService(
+        "s", tuple(frontends), (EngineBackend("10.0.0.1", 53, ready=False, serving=False),)
+    )
+    served = engine_service("s", frontends, "10.0.0.1")
+    udp = [("10.96.0.1", 53), ("192.168.0.5", 30053)]
+
+    assert newly_served_udp_frontends({}, {"s": served}) == udp, "a new service"
+    assert newly_served_udp_frontends({"s": unready}, {"s": served}) == udp
+    assert newly_served_udp_frontends({}, {"s": unready}) == [], "still none serving"
+    assert newly_served_udp_frontends({"s": served}, {"s": served}) == []
+    more = engine_service("s", frontends, "10.0.0.1", "10.0.0.2")
+    assert newly_served_udp_frontends({"s": served}, {"s": more}) == []
+    # A frontend new to a served service (an LB IP assigned late) was not served either.
+    late = engine_service("s", [*frontends, ("198.51.100.7", 53, "UDP")], "10.0.0.1")
+    assert newly_served_udp_frontends({"s": served}, {"s": late}) == [("198.51.100.7", 53)]
+    # Serving but terminating counts as serving, as kube-proxy's IsServing.
+    terminating = EngineService(
+        "s",
+        tuple(frontends),
+        (EngineBackend("10.0.0.1", 53, ready=False, serving=True, terminating=True),),
+    )
+    assert newly_served_udp_frontends({"s": unready}, {"s": terminating}) == udp
 
 
 # --- the file source ----------------------------------------------------------------------

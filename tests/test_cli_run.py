@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from pykp.agent.agent import Agent, AgentConfig
 from pykp.cli import app as cli
+from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.rules import RulesError
 from pykp.observe.metrics import MetricsServer
 from pykp.observe.status import write_status_file
@@ -111,6 +112,9 @@ def test_top_level_help_lists_the_new_commands() -> None:
         (["--queue-num", "-1"], "Invalid value for '--queue-num'"),
         (["--maglev-table-size", "65536"], "65536 is not a prime"),
         (["--conntrack-capacity", "0"], "Invalid value for '--conntrack-capacity'"),
+        (["--conntrack-max-per-core", "-1"], "Invalid value for '--conntrack-max-per-core'"),
+        (["--conntrack-udp-timeout", "soon"], "'soon' is not a duration"),
+        (["--conntrack-tcp-timeout-close-wait", "500ms"], "or at least 1s"),
     ],
 )
 def test_bad_flag_values_exit_2_with_a_message(
@@ -176,6 +180,13 @@ def test_flags_reach_the_agent_config(services: Path, monkeypatch: pytest.Monkey
             "--maglev-table-size", "251",
             "--maglev-seed", "9",
             "--no-cleanup-on-exit",
+            "--conntrack-max-per-core", "0",
+            "--conntrack-min", "65536",
+            "--conntrack-tcp-timeout-established", "12h",
+            "--conntrack-tcp-timeout-close-wait", "30m0s",
+            "--conntrack-tcp-be-liberal",
+            "--conntrack-udp-timeout", "45s",
+            "--conntrack-udp-timeout-stream", "3m",
         ],
     )  # fmt: skip
 
@@ -200,8 +211,29 @@ def test_flags_reach_the_agent_config(services: Path, monkeypatch: pytest.Monkey
         maglev_seed=9,
         state_dir=Path("/run/pykp"),
         cleanup_on_exit=False,
+        conntrack=ConntrackSettings(
+            max_per_core=0,
+            min=65536,
+            tcp_established_timeout=43200.0,
+            tcp_close_wait_timeout=1800.0,
+            tcp_be_liberal=True,
+            udp_timeout=45.0,
+            udp_stream_timeout=180.0,
+        ),
     )
     assert (config.first_queue, config.last_queue) == (4, 6)
+
+
+def test_conntrack_flags_default_to_kube_proxys() -> None:
+    assert AgentConfig().conntrack == ConntrackSettings(
+        max_per_core=32768,
+        min=131072,
+        tcp_established_timeout=24 * 3600.0,
+        tcp_close_wait_timeout=3600.0,
+        tcp_be_liberal=False,
+        udp_timeout=0.0,
+        udp_stream_timeout=0.0,
+    )
 
 
 def test_run_serves_until_sigterm_then_cleans_up_and_exits_0(
@@ -338,7 +370,7 @@ def test_status_prints_services_backends_counters_and_flows(
 
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "node node-a (192.168.77.1, fd00:77::1); healthy" in out
+    assert "node node-a (192.168.77.1, fd00:77::1); mode nfqueue; healthy" in out
     for text in (
         "default/web:http",
         "round-robin",
@@ -376,6 +408,33 @@ def test_status_reads_a_state_file(agent_status: tuple[Harness, str], tmp_path: 
     assert result.exit_code == 0
     assert "default/local" in result.output
     assert "Flows (0 of 1 shown)" in result.output
+
+
+def test_status_shows_the_conntrack_sysctls_set_at_start_and_those_that_failed(
+    agent_status: tuple[Harness, str], tmp_path: Path
+) -> None:
+    harness, _ = agent_status
+    snapshot = harness.agent.snapshot()
+    snapshot["conntrackSysctls"] = [
+        SysctlResult("nf_conntrack_max", 131072, 262144, "unchanged").as_json(),
+        SysctlResult("nf_conntrack_tcp_timeout_close_wait", 3600, 60, "set").as_json(),
+        SysctlResult(
+            "nf_conntrack_udp_timeout", 45, 30, "failed", "Read-only file system"
+        ).as_json(),
+    ]
+    path = write_status_file(tmp_path / "elsewhere", snapshot)
+
+    result = runner.invoke(cli.app, ["status", "--file", str(path)])
+
+    assert result.exit_code == 0, result.output
+    assert (
+        "conntrack sysctls: nf_conntrack_max 262144, "
+        "nf_conntrack_tcp_timeout_close_wait 3600 (was 60)"
+    ) in result.output
+    assert (
+        "conntrack sysctl nf_conntrack_udp_timeout not set to 45 (Read-only file system): "
+        "left at 30"
+    ) in result.output
 
 
 def test_status_without_an_agent_exits_1_with_a_hint() -> None:

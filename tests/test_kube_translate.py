@@ -245,6 +245,42 @@ def test_services_kube_proxy_skips_are_skipped_silently() -> None:
     assert [service.name for service in services_file.services] == ["kept"]
 
 
+@pytest.mark.parametrize("value", ["", "true", "anything"])
+def test_a_service_labelled_headless_is_not_proxied_whatever_its_cluster_ip(value: str) -> None:
+    """kube-proxy's label selector leaves out `service.kubernetes.io/headless` (any value)
+    as it does service-proxy-name: such a Service has no frontend, its slices no backend."""
+    text = f"""\
+        apiVersion: v1
+        kind: Service
+        metadata:
+          name: marked
+          namespace: default
+          labels: {{service.kubernetes.io/headless: "{value}"}}
+        spec:
+          clusterIP: 10.96.0.32
+          ports: [{{port: 80}}]
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata:
+          name: marked-abc
+          namespace: default
+          labels: {{kubernetes.io/service-name: marked, service.kubernetes.io/headless: "{value}"}}
+        addressType: IPv4
+        ports: [{{name: "", port: 80, protocol: TCP}}]
+        endpoints: [{{addresses: [10.244.1.5]}}]
+        """
+    services_file, problems = run(text)
+    assert problems == []
+    assert services_file.services == ()
+
+    # The label removed: an ordinary ClusterIP service again.
+    unlabelled = text.replace(f'service.kubernetes.io/headless: "{value}"', 'app: "marked"')
+    (service,) = clean(unlabelled).services
+    assert (service.name, service.cluster_ips) == ("marked", ("10.96.0.32",))
+    assert [endpoint.ip for endpoint in service.endpoints] == ["10.244.1.5"]
+
+
 def test_session_affinity_client_ip_with_its_timeout() -> None:
     services_file = clean("""\
         apiVersion: v1

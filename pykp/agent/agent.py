@@ -25,10 +25,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pykp.agent.config import DEFAULT_STATE_DIR, AgentConfig, ConfigError, check_mark_mask
+from pykp.agent.config import (
+    DEFAULT_STATE_DIR,
+    PROXY_MODE,
+    AgentConfig,
+    ConfigError,
+    check_mark_mask,
+)
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
 from pykp.agent.sync_runner import BoundedFrequencyRunner
+from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.executor import trim_heap
 from pykp.netfilter.monitor import ForeignChange, RulesetMonitor
 from pykp.netfilter.rules import MarkLayout
@@ -160,6 +167,18 @@ def _delete_udp_flows(service_ip: str, backend_ip: str, backend_port: int | None
     return delete_udp_flows(service_ip, backend_ip, backend_port)
 
 
+def _delete_unnated_udp_flows(frontends: Sequence[tuple[str, int]]) -> int:
+    from pykp.netfilter.conntrack import delete_unnated_udp_flows
+
+    return delete_unnated_udp_flows(frontends)
+
+
+def _set_conntrack_sysctls(settings: ConntrackSettings) -> list[SysctlResult]:
+    from pykp.netfilter.conntrack_sysctls import apply_conntrack_sysctls
+
+    return apply_conntrack_sysctls(settings)
+
+
 @dataclass(frozen=True)
 class Dependencies:
     """The agent's ties to the kernel and the clock; tests replace them."""
@@ -172,6 +191,12 @@ class Dependencies:
     ] = _make_monitor
     interface_addresses: Callable[[], list[str]] = interface_addresses
     delete_udp_flows: Callable[[str, str, int | None], int] = _delete_udp_flows
+    delete_unnated_udp_flows: Callable[[Sequence[tuple[str, int]]], int] = (
+        _delete_unnated_udp_flows
+    )
+    set_conntrack_sysctls: Callable[[ConntrackSettings], list[SysctlResult]] = (
+        _set_conntrack_sysctls
+    )
     wall_clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
 
@@ -260,6 +285,7 @@ class Agent:
         self._running = False
         self._rules_touched = False
         self._state_dir_warned = False
+        self._conntrack_sysctls: list[SysctlResult] = []
 
     # -- lifecycle
 
@@ -280,6 +306,7 @@ class Agent:
                         self.config.metrics_bind_address,
                         self.registry.render,
                         self.snapshot,
+                        PROXY_MODE,
                     )
                 )
             # A failed start removes only rules it created: a previous agent's rules keep
@@ -288,6 +315,9 @@ class Agent:
             # first sync, the kernel path serves every service from them.
             self._rules_touched = not self.rules.installed()
             self.rules.install()
+            # kube-proxy's conntrack sysctls, once (nf_conntrack is loaded by now); a write
+            # that fails is a warning, never a failed start.
+            self._conntrack_sysctls = self.deps.set_conntrack_sysctls(self.config.conntrack)
             self._rules_checked = self.deps.monotonic()
             self._spawn("pykp-sync", lambda: self.runner.loop(self._stop))
             self._spawn("pykp-housekeeping", self._housekeeping)
@@ -556,6 +586,7 @@ class Agent:
         self.health.updated()
         # Stale UDP: after the commit, so the next datagram is decided on the new rules.
         self._delete_stale_udp(result.stale_udp)
+        self._delete_unnated_udp(result.newly_served_udp)
         if result.retry:
             self.runner.run()
         self._status_dirty = True
@@ -673,6 +704,23 @@ class Agent:
                 backend_port,
             )
 
+    def _delete_unnated_udp(self, frontends: Sequence[tuple[str, int]]) -> None:
+        """UDP frontends now served: their flows that began unserved were never NATed."""
+        if not frontends:
+            return
+        try:
+            deleted = self.deps.delete_unnated_udp_flows(frontends)
+        except Exception as error:  # noqa: BLE001 - they time out anyway
+            self.metrics.conntrack_cleanup_errors += 1
+            _log.warning("cannot delete un-NATed UDP conntrack entries: %s", error)
+            return
+        self.metrics.stale_udp_flows_deleted += deleted
+        _log.debug(
+            "%d UDP frontends newly served: deleted %d un-NATed conntrack entries",
+            len(frontends),
+            deleted,
+        )
+
     # -- reporting
 
     def snapshot(self, flows: int | None = None) -> dict[str, Any]:
@@ -704,6 +752,8 @@ class Agent:
             now=self.deps.wall_clock(),
         )
         snapshot["kernelPathUndecided"] = self._undecided_connections()
+        snapshot["proxyMode"] = PROXY_MODE
+        snapshot["conntrackSysctls"] = [result.as_json() for result in self._conntrack_sysctls]
         return snapshot
 
     def _flush_status(self) -> None:

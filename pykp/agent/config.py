@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Final
 
 from pykp.model import POLICIES
+from pykp.netfilter.conntrack_sysctls import ConntrackSettings
 from pykp.observe.health import parse_bind_address
 
-__all__ = ["DEFAULT_STATE_DIR", "AgentConfig", "ConfigError", "check_mark_mask"]
+__all__ = ["DEFAULT_STATE_DIR", "PROXY_MODE", "AgentConfig", "ConfigError", "check_mark_mask"]
 
 DEFAULT_STATE_DIR: Final = Path("/run/pykp")
+# What /proxyMode answers and `pykp status` shows, where kube-proxy says "iptables" or
+# "nftables": new connections are decided by pykp's NFQUEUE readers (kernel path beside).
+PROXY_MODE: Final = "nfqueue"
 _MAX_MAGLEV_TABLE: Final = 1 << 24
 
 
@@ -50,6 +54,8 @@ class AgentConfig:
     # serves them, instead of dropping them while the reader is stalled or overloaded.
     fail_open: bool = True
     conntrack_capacity: int = 262144
+    # The kernel's conntrack sysctls, set at start as kube-proxy sets them (--conntrack-*).
+    conntrack: ConntrackSettings = ConntrackSettings()
     maglev_table_size: int = 65537
     maglev_seed: int = 0
     state_dir: Path | None = DEFAULT_STATE_DIR  # None: no status file
@@ -142,6 +148,7 @@ class AgentConfig:
             raise ConfigError("--mark-mask", message)
         if self.conntrack_capacity < 1:
             raise ConfigError("--conntrack-capacity", "must be >= 1")
+        _check_conntrack(self.conntrack)
         if not (
             3 <= self.maglev_table_size <= _MAX_MAGLEV_TABLE and _is_prime(self.maglev_table_size)
         ):
@@ -165,6 +172,25 @@ def check_mark_mask(mask: int) -> str | None:
     except ValueError as error:
         return f"{mask:#x}: {error}"
     return None
+
+
+def _check_conntrack(settings: ConntrackSettings) -> None:
+    """kube-proxy's validation of its conntrack settings: nothing negative; and, since the
+    kernel counts timeouts in whole seconds, a timeout is 0 (left alone) or at least 1s."""
+    for flag, number in (
+        ("--conntrack-max-per-core", settings.max_per_core),
+        ("--conntrack-min", settings.min),
+    ):
+        if not 0 <= number < 2**31:
+            raise ConfigError(flag, "must be 0..2^31-1")
+    for flag, seconds in (
+        ("--conntrack-tcp-timeout-established", settings.tcp_established_timeout),
+        ("--conntrack-tcp-timeout-close-wait", settings.tcp_close_wait_timeout),
+        ("--conntrack-udp-timeout", settings.udp_timeout),
+        ("--conntrack-udp-timeout-stream", settings.udp_stream_timeout),
+    ):
+        if not (seconds == 0 or 1 <= seconds < 2**31):
+            raise ConfigError(flag, "must be 0 (leave the kernel's value) or at least 1s")
 
 
 def _is_prime(n: int) -> bool:

@@ -39,6 +39,18 @@ def _cidr_list(value: Any) -> str:
     raise KubeProxyConfigError(f"expected CIDRs, got {value!r}")
 
 
+def _integer(value: Any) -> str:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise KubeProxyConfigError(f"expected an integer, got {value!r}")
+    return str(value)
+
+
+def _boolean(value: Any) -> str:
+    if not isinstance(value, bool):
+        raise KubeProxyConfigError(f"expected true or false, got {value!r}")
+    return "true" if value else "false"
+
+
 def _duration(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -60,6 +72,14 @@ FIELDS: Mapping[str, tuple[str, Callable[[Any], str]]] = {
     "iptables.minSyncPeriod": ("min_sync_period", _duration),
     "nftables.syncPeriod": ("sync_period", _duration),
     "nftables.minSyncPeriod": ("min_sync_period", _duration),
+    # Set once at start, as kube-proxy does (pykp.netfilter.conntrack_sysctls).
+    "conntrack.maxPerCore": ("conntrack_max_per_core", _integer),
+    "conntrack.min": ("conntrack_min", _integer),
+    "conntrack.tcpEstablishedTimeout": ("conntrack_tcp_timeout_established", _duration),
+    "conntrack.tcpCloseWaitTimeout": ("conntrack_tcp_timeout_close_wait", _duration),
+    "conntrack.tcpBeLiberal": ("conntrack_tcp_be_liberal", _boolean),
+    "conntrack.udpTimeout": ("conntrack_udp_timeout", _duration),
+    "conntrack.udpStreamTimeout": ("conntrack_udp_timeout_stream", _duration),
 }
 
 # Fields that are part of the object's identity, not settings.

@@ -50,6 +50,7 @@ __all__ = [
     "ServiceSync",
     "SyncResult",
     "fallback_slots",
+    "newly_served_udp_frontends",
     "stale_udp_flows",
     "without_node_address_ips",
 ]
@@ -104,6 +105,7 @@ class SyncResult:
     elements_removed: int
     full_load: bool
     stale_udp: list[tuple[str, str, int]] = field(default_factory=list)
+    newly_served_udp: list[tuple[str, int]] = field(default_factory=list)
     service_changes: int = 0
     endpoint_changes: int = 0
     # Refused services may fit now (backend ids were freed): sync again soon.
@@ -314,9 +316,9 @@ class ServiceSync:
         self._full_load = False
 
         # (e) record.
-        stale = stale_udp_flows(
-            previous, {name: s for name, s in upserts.items() if name not in refused_now}
-        )
+        changed = {name: s for name, s in upserts.items() if name not in refused_now}
+        stale = stale_udp_flows(previous, changed)
+        newly_served = newly_served_udp_frontends(previous, changed)
         for key, plan in new_plans.items():
             for name in list(self._refused):
                 if _key_of(name.split(" (", 1)[0]) == key:
@@ -341,6 +343,7 @@ class ServiceSync:
             elements_removed=0 if full_load else removed,
             full_load=full_load,
             stale_udp=stale,
+            newly_served_udp=newly_served,
             service_changes=service_changes,
             endpoint_changes=endpoint_changes,
             retry=bool(self._retry and self._freed),
@@ -548,3 +551,32 @@ def stale_udp_flows(
                 if gone or ip not in after_ips:
                     stale.add((ip, backend.ip, backend.port))
     return sorted(stale)
+
+
+def newly_served_udp_frontends(
+    old: Mapping[str, EngineService], new: Mapping[str, EngineService]
+) -> list[tuple[str, int]]:
+    """(IP, port) of the UDP frontends that went from no serving backend to some.
+
+    kube-proxy's "newly active" UDP services: a datagram sent while its frontend had no
+    backend (a Service not programmed yet, or without serving endpoints) can leave a
+    conntrack entry that was never NATed (`dst=<service IP> [UNREPLIED]`, the packet went
+    its routed way), and the flow's later datagrams follow that entry, not the new rules,
+    until it times out. Deleting it lets the next datagram be NATed. A frontend new to a
+    service that already had backends (an LB IP assigned late) counts too. Same arguments
+    as `stale_udp_flows`.
+    """
+    fresh: set[tuple[str, int]] = set()
+    for name, after in new.items():
+        if not any(_usable(backend) for backend in after.backends):
+            continue
+        before = old.get(name)
+        served = (
+            {(ip, port) for ip, port, protocol in before.frontends if protocol == "UDP"}
+            if before is not None and any(_usable(backend) for backend in before.backends)
+            else set()
+        )
+        for ip, port, protocol in after.frontends:
+            if protocol == "UDP" and (ip, port) not in served:
+                fresh.add((ip, port))
+    return sorted(fresh)

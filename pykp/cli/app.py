@@ -435,6 +435,44 @@ def run(
     conntrack_capacity: Annotated[
         int, typer.Option(help="Flows pykp's own connection table holds.", min=1)
     ] = 262144,
+    conntrack_max_per_core: Annotated[
+        int,
+        typer.Option(
+            help="Kernel conntrack entries per CPU: nf_conntrack_max is raised to this times "
+            "the node's CPUs (at least --conntrack-min), as kube-proxy does; 0 leaves it.",
+            min=0,
+        ),
+    ] = 32768,
+    conntrack_min: Annotated[
+        int,
+        typer.Option(help="The least nf_conntrack_max --conntrack-max-per-core sets.", min=0),
+    ] = 131072,
+    conntrack_tcp_timeout_established: Annotated[
+        str,
+        typer.Option(help="nf_conntrack_tcp_timeout_established, set at start (0 leaves it)."),
+    ] = "24h0m0s",
+    conntrack_tcp_timeout_close_wait: Annotated[
+        str,
+        typer.Option(help="nf_conntrack_tcp_timeout_close_wait, set at start (0 leaves it)."),
+    ] = "1h0m0s",
+    conntrack_tcp_be_liberal: Annotated[
+        bool,
+        typer.Option(
+            "--conntrack-tcp-be-liberal/--no-conntrack-tcp-be-liberal",
+            help="Set nf_conntrack_tcp_be_liberal to 1 at start (out-of-window TCP packets "
+            "are not marked INVALID); the default leaves it.",
+        ),
+    ] = False,
+    conntrack_udp_timeout: Annotated[
+        str,
+        typer.Option(help="nf_conntrack_udp_timeout, set at start (0, the default, leaves it)."),
+    ] = "0s",
+    conntrack_udp_timeout_stream: Annotated[
+        str,
+        typer.Option(
+            help="nf_conntrack_udp_timeout_stream, set at start (0, the default, leaves it)."
+        ),
+    ] = "0s",
     maglev_table_size: Annotated[
         int, typer.Option(help="Maglev lookup table size (a prime).", min=3)
     ] = 65537,
@@ -487,6 +525,7 @@ def run(
     (CAP_NET_ADMIN), nft, iptables and conntrack.
     """
     from pykp.agent.agent import AgentConfig, ConfigError
+    from pykp.netfilter.conntrack_sysctls import ConntrackSettings
 
     if config_file is not None:
         from_file = _kubeproxy_settings(ctx, config_file)
@@ -498,6 +537,22 @@ def run(
         kubeconfig = from_file.get("kubeconfig", kubeconfig)
         sync_period = from_file.get("sync_period", sync_period)
         min_sync_period = from_file.get("min_sync_period", min_sync_period)
+        conntrack_max_per_core = int(
+            from_file.get("conntrack_max_per_core", conntrack_max_per_core)
+        )
+        conntrack_min = int(from_file.get("conntrack_min", conntrack_min))
+        conntrack_tcp_timeout_established = from_file.get(
+            "conntrack_tcp_timeout_established", conntrack_tcp_timeout_established
+        )
+        conntrack_tcp_timeout_close_wait = from_file.get(
+            "conntrack_tcp_timeout_close_wait", conntrack_tcp_timeout_close_wait
+        )
+        if "conntrack_tcp_be_liberal" in from_file:
+            conntrack_tcp_be_liberal = from_file["conntrack_tcp_be_liberal"] == "true"
+        conntrack_udp_timeout = from_file.get("conntrack_udp_timeout", conntrack_udp_timeout)
+        conntrack_udp_timeout_stream = from_file.get(
+            "conntrack_udp_timeout_stream", conntrack_udp_timeout_stream
+        )
 
     config = AgentConfig(
         services=services,
@@ -520,6 +575,15 @@ def run(
         kernel_random=kernel_random,
         watch_rules=watch_rules,
         conntrack_capacity=conntrack_capacity,
+        conntrack=ConntrackSettings(
+            max_per_core=conntrack_max_per_core,
+            min=conntrack_min,
+            tcp_established_timeout=parse_duration(conntrack_tcp_timeout_established),
+            tcp_close_wait_timeout=parse_duration(conntrack_tcp_timeout_close_wait),
+            tcp_be_liberal=conntrack_tcp_be_liberal,
+            udp_timeout=parse_duration(conntrack_udp_timeout),
+            udp_stream_timeout=parse_duration(conntrack_udp_timeout_stream),
+        ),
         maglev_table_size=maglev_table_size,
         maglev_seed=maglev_seed,
         state_dir=state_dir,

@@ -106,6 +106,9 @@ class LabAgent:
             "--healthz-bind-address", HEALTHZ,
             "--metrics-bind-address", METRICS,
             "--min-sync-period", "0.1",
+            # nf_conntrack_max and the module's hashsize are the machine's, not the lab
+            # node's: a lab leaves them alone (a later --conntrack-max-per-core wins).
+            "--conntrack-max-per-core", "0",
             *state,
             *self.extra,
         ]  # fmt: skip

@@ -2,7 +2,9 @@
 
 A UDP "connection" NATed to a backend keeps going to that backend for as long as the
 client keeps sending, even after the backend is gone; kube-proxy deletes such entries
-when an endpoint goes away. TCP needs none of this: a dead backend resets or times out.
+when an endpoint goes away. Likewise a UDP flow that began while its frontend had no
+backend: its entry was never NATed, and kube-proxy deletes such entries when the service
+goes from no endpoints to some. TCP needs none of this: a dead backend resets or times out.
 
 Implemented with the ``conntrack`` CLI (Debian package ``conntrack``), run through
 `pykp.netfilter.rules.run_tool` like every other kernel command, so ``netns`` works the same way
@@ -13,12 +15,18 @@ without moving a thread there.
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from pykp.netfilter.rules import RulesError, run_tool
 
-__all__ = ["count_entries", "delete_udp_flows", "delete_udp_flows_to_backend"]
+__all__ = [
+    "count_entries",
+    "delete_udp_flows",
+    "delete_udp_flows_to_backend",
+    "delete_unnated_udp_flows",
+]
 
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")
 
@@ -61,6 +69,56 @@ def delete_udp_flows_to_backend(backend_ip: str, *, netns: str | None = None) ->
     Flows sent to the pod's own address (not NATed) are left alone.
     """
     return _delete([*_family(backend_ip), "-p", "udp", "--dst-nat", backend_ip], netns)
+
+
+# Frontends past which one listing of the UDP table (per family) beats one `conntrack -D`
+# per frontend (about 10 ms each): a restarted agent finds every UDP frontend newly served.
+_DIRECT_LIMIT = 8
+# An entry as `conntrack -L` prints it: the original tuple, then the reply tuple.
+_ENTRY = re.compile(
+    r"\bsrc=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)\b.*?\bsrc=(\S+) dst=\S+ sport=\d+ dport=\d+"
+)
+
+
+def _canonical(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+def delete_unnated_udp_flows(
+    frontends: Iterable[tuple[str, int]], *, netns: str | None = None
+) -> int:
+    """Delete the UDP entries sent to these (IP, port) frontends that were never NATed:
+    the reply would come from the frontend itself (`dst=<service IP> [UNREPLIED]`).
+
+    Entries NATed to a backend are left alone: they are live flows (a backend that left
+    has its entries deleted by `delete_udp_flows`). A few frontends cost a `conntrack -D`
+    each; more, one listing of the table per family and a delete per entry found.
+    """
+    wanted = {(_canonical(ip), port) for ip, port in frontends}
+    if len(wanted) <= _DIRECT_LIMIT:
+        return sum(delete_udp_flows(ip, ip, port, netns=netns) for ip, port in sorted(wanted))
+    deleted = 0
+    for family in ("ipv4", "ipv6"):
+        if not any((":" in ip) == (family == "ipv6") for ip, _ in wanted):
+            continue
+        argv = ["conntrack", "-L", "-f", family, "-p", "udp"]
+        for line in run_tool(argv, netns=netns).stdout.splitlines():
+            found = _ENTRY.search(line)
+            if found is None:
+                continue
+            src, dst, sport, dport, reply_src = found.groups()
+            dst = _canonical(dst)
+            if (dst, int(dport)) not in wanted or _canonical(reply_src) != dst:
+                continue
+            deleted += _delete(
+                [
+                    "-f", family, "-p", "udp",
+                    "--orig-src", src, "--orig-dst", dst, "--sport", sport, "--dport", dport,
+                    "--reply-src", dst,
+                ],
+                netns,
+            )  # fmt: skip
+    return deleted
 
 
 def count_entries(*, netns: str | None = None) -> int:

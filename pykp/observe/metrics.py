@@ -269,7 +269,8 @@ class AgentMetrics:
             Family.single(
                 "pykp_stale_udp_flows_deleted_total",
                 "counter",
-                "Kernel conntrack UDP entries deleted because their backend left",
+                "Kernel conntrack UDP entries deleted because their backend left, or because "
+                "they were never NATed (sent while the service had no endpoints)",
                 self.stale_udp_flows_deleted,
             ),
             Family.single(
@@ -444,10 +445,12 @@ def datapath_families(stats: Mapping[str, int]) -> list[Family]:
 
 
 class MetricsServer(HttpServer):
-    """`/metrics` (and `/status`, the agent's JSON snapshot) on --metrics-bind-address.
+    """`/metrics` (and `/status`, the agent's JSON snapshot, and `/proxyMode`) on
+    --metrics-bind-address.
 
     `metrics` answers a scrape: given the request's Accept header, the body and its
-    Content-Type (`Registry.render`).
+    Content-Type (`Registry.render`). `proxy_mode` is the body of `/proxyMode`, as
+    kube-proxy answers it there ("iptables", "nftables"; pykp's is "nfqueue").
     """
 
     def __init__(
@@ -455,9 +458,11 @@ class MetricsServer(HttpServer):
         address: str,
         metrics: Callable[[str], tuple[bytes, str]],
         status: Callable[[], Mapping[str, Any]] | None = None,
+        proxy_mode: str | None = None,
     ) -> None:
         self.metrics = metrics
         self.status = status
+        self.proxy_mode = proxy_mode
         super().__init__(address, name="metrics")
 
     def respond(self, request: BaseHTTPRequestHandler, path: str) -> Response | None:
@@ -467,4 +472,12 @@ class MetricsServer(HttpServer):
         if path == "/status" and self.status is not None:
             body = json.dumps(self.status(), indent=1, sort_keys=True) + "\n"
             return Response(200, body.encode(), "application/json")
+        if path == "/proxyMode" and self.proxy_mode is not None:
+            # kube-proxy's answer: the mode's name alone, no newline.
+            return Response(
+                200,
+                self.proxy_mode.encode(),
+                "text/plain; charset=utf-8",
+                {"X-Content-Type-Options": "nosniff"},
+            )
         return None

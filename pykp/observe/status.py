@@ -246,6 +246,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
         ("node ", "bold"),
         str(node.get("name", "?")),
         f" ({', '.join(node.get('addresses') or []) or 'no node addresses'}); ",
+        f"mode {snapshot['proxyMode']}; " if snapshot.get("proxyMode") else "",
         health,
         f"; last sync {_ago(snapshot.get('lastSync'), now)}",
     )
@@ -266,6 +267,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
         console.print(Text(line))
         if source.get("lastError"):
             console.print(Text(f"last load error: {source['lastError']}", style="red"))
+    _render_sysctls(snapshot.get("conntrackSysctls") or [], console)
     sync = snapshot.get("sync")
     if sync and sync.get("lastError"):
         console.print(Text(f"last sync failed: {sync['lastError']}", style="red"))
@@ -321,6 +323,28 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
             f"{flow['expiresIn']:.1f}s",
         )
     console.print(table)
+
+
+def _render_sysctls(results: Sequence[Mapping[str, Any]], console: Console) -> None:
+    """One line for what the agent set at start (as kube-proxy's --conntrack-* flags ask),
+    and one per sysctl it could not set."""
+    done = []
+    for result in results:
+        name, wanted, found = result["name"], result["wanted"], result["found"]
+        if result["outcome"] == "set":
+            done.append(f"{name} {wanted} (was {found})")
+        elif result["outcome"] == "unchanged":
+            done.append(f"{name} {found}")
+        else:
+            console.print(
+                Text(
+                    f"conntrack sysctl {name} not set to {wanted} ({result['error']}): "
+                    f"left at {found}",
+                    style="yellow",
+                )
+            )
+    if done:
+        console.print(Text("conntrack sysctls: " + ", ".join(done)))
 
 
 def _name(service: EngineService) -> str:

@@ -4,7 +4,8 @@ The input is what the API server sends (or a YAML manifest loads to): plain dict
 API's camelCase field names. Nothing here trusts it: a wrong type, a bad address or a
 port out of range rejects that one object with a `KubeProblem` naming it, and the rest
 translate. What kube-proxy skips is skipped silently (ExternalName and headless services,
-services another proxy owns, slices of unknown services).
+Services labelled `service.kubernetes.io/headless` or another proxy's
+`service.kubernetes.io/service-proxy-name`, slices of unknown services).
 
 The result is a `Catalog`, so the agent translates it to the engine with the same
 `services_file_to_engine` as a local file; it carries `traffic_policies=True` and the
@@ -40,6 +41,7 @@ from pykp.model import (
 # Well-known labels and annotations.
 LABEL_SERVICE_NAME: Final = "kubernetes.io/service-name"  # EndpointSlice -> its Service
 LABEL_SERVICE_PROXY_NAME: Final = "service.kubernetes.io/service-proxy-name"
+LABEL_HEADLESS: Final = "service.kubernetes.io/headless"  # any value: not proxied
 LABEL_ZONE: Final = "topology.kubernetes.io/zone"
 ANNOTATION_POLICY: Final = "pykp.io/lb-policy"
 ANNOTATION_HASH_KEY: Final = "pykp.io/hash-key"
@@ -326,8 +328,10 @@ def _service(obj: object, default_policy: str, problem: _Report) -> ParsedServic
     metadata, namespace, name = _metadata(obj, "Service")
     labels = _string_map(metadata.get("labels"), "metadata.labels")
     annotations = _string_map(metadata.get("annotations"), "metadata.annotations")
-    if LABEL_SERVICE_PROXY_NAME in labels:
-        return None  # another proxy's (kube-proxy's label selector leaves it out too)
+    if LABEL_SERVICE_PROXY_NAME in labels or LABEL_HEADLESS in labels:
+        # Another proxy's, or marked headless whatever its clusterIP: kube-proxy's label
+        # selector (!service-proxy-name,!headless) leaves both out, with any value.
+        return None
     root = _mapping(obj, "Service")
     spec = _mapping(root.get("spec"), "spec", required=True)
     service_type = _one_of(spec.get("type"), "spec.type", SERVICE_TYPES, "ClusterIP")
