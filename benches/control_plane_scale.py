@@ -7,7 +7,9 @@ Run as root from the repository root with the venv of `bash scripts/install.sh -
 
 Per N, in a network namespace of its own (removed afterwards):
 - start: agent launched -> all N services programmed (its `pykp_services` gauge reaches N:
-  the first sync, engine and nftables included, is committed), and the agent's RSS then;
+  the first sync, engine and nftables included, is committed), and the agent's RSS then
+  (the peak of the first load, or just after the heap was given back: it varies) and at
+  the end of the run (`rss_end_mib`: what it holds in steady state);
 - change: one EndpointSlice updated (an endpoint replaced) -> the end of the sync that
   programmed it (`kubeproxy_sync_proxy_rules_last_timestamp_seconds` past the write; the
   kernel's sets hold the new backend at that point), 20 times, each more than
@@ -116,6 +118,13 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _agent_pid(pid: int) -> int:
+    """The agent's pid: `pid` itself, or its child when py-spy runs it (--profile)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    exe = os.readlink(f"/proc/{pid}/exe")
+    return int(children[0]) if "py-spy" in exe and children else pid
+
+
 def _wait(predicate: Any, timeout: float, step: float = 0.002) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,7 +164,7 @@ def measure(count: int, changes: int, profile: str | None = None) -> dict[str, A
         if not _wait(lambda: _in_namespace_metric("pykp_services") == count, 600, 0.05):
             raise RuntimeError(f"not programmed in 600 s; see {log.name}")
         start = time.monotonic() - started
-        rss = _rss_mib(agent.pid)
+        rss = _rss_mib(_agent_pid(agent.pid))
         seconds = []
         for j in range(changes):
             time.sleep(1.2)  # past --min-sync-period: no change waits for the limiter
@@ -197,10 +206,12 @@ def measure(count: int, changes: int, profile: str | None = None) -> dict[str, A
                 _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") or 0
             ) - written
         seconds.sort()
+        rss_end = _rss_mib(_agent_pid(agent.pid))
         return {
             "services": count,
             "start_s": round(start, 2),
             "rss_mib": round(rss),
+            "rss_end_mib": round(rss_end),
             "change_p50_ms": round(statistics.median(seconds) * 1e3, 1) if seconds else None,
             "change_max_ms": round(seconds[-1] * 1e3, 1) if seconds else None,
             "changes_seen": len(seconds),
