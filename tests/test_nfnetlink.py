@@ -33,7 +33,7 @@ table inet pykp {
     set queued4 { type ipv4_addr . inet_proto . inet_service; elements = { %s } }
     map backends4 { type mark : ipv4_addr . inet_service; elements = { 0x10000 : 10.0.0.1 . 80 } }
     set empty6 { type ipv6_addr; }
-    chain two { ip daddr 1.2.3.4 counter name undecided accept; accept; }
+    chain two { ip daddr 1.2.3.4 counter name undecided accept; meta l4proto { tcp, udp } accept; }
     chain none { }
 }
 table inet other {
@@ -110,6 +110,7 @@ def test_the_table_summary_is_what_nft_lists(netns: str) -> None:
         summary = reader.table_summary("pykp")
     assert summary == TableSummary(chains=chains, sets={"queued4", "empty6"}, maps={"backends4"})
     assert chains == {"two": 2, "none": 0}
+    # The rule's anonymous set ({ tcp, udp }) is not listed, as nft does not list it.
 
 
 @privileged

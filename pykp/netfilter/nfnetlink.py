@@ -54,6 +54,7 @@ NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_PACKETS = 2
 NFT_OBJECT_COUNTER = 1
+NFT_SET_ANONYMOUS = 0x1  # a rule's inline set (`{ tcp, udp }`): nft does not list these
 NFT_SET_MAP = 0x8
 
 
@@ -108,7 +109,8 @@ class NetlinkError(OSError):
 
 @dataclass
 class TableSummary:
-    """A table's chains with how many rules each holds, and its sets and maps."""
+    """A table's chains with how many rules each holds, and its named sets and maps (as
+    nft lists them: the anonymous sets of rules left out)."""
 
     chains: dict[str, int] = field(default_factory=dict)
     sets: set[str] = field(default_factory=set)
@@ -194,9 +196,13 @@ class NftReader:
             found = dict(attributes(body, NFGENMSG.size))
             if _text(found.get(NFTA_SET_TABLE, b"")) != table:
                 continue
-            flags = found.get(NFTA_SET_FLAGS, b"\0\0\0\0")
-            is_map = len(flags) == 4 and struct.unpack(">I", flags)[0] & NFT_SET_MAP
-            (summary.maps if is_map else summary.sets).add(_text(found.get(NFTA_SET_NAME, b"")))
+            raw = found.get(NFTA_SET_FLAGS, b"\0\0\0\0")
+            flags = struct.unpack(">I", raw)[0] if len(raw) == 4 else 0
+            if flags & NFT_SET_ANONYMOUS:
+                continue
+            (summary.maps if flags & NFT_SET_MAP else summary.sets).add(
+                _text(found.get(NFTA_SET_NAME, b""))
+            )
         return summary
 
     def element_count(self, table: str, name: str) -> int:
