@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 from typing import Protocol
 
@@ -124,6 +125,40 @@ class LibNftables:
             error = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
         if status != 0:
             raise RulesError(["libnftables", "-f", "-"], status, error.decode(errors="replace"))
+
+    def run_apart(self, script: str) -> None:
+        """Run one large script (a full load) in a forked child of this process: the
+        memory libnftables takes to parse and send it (about a gigabyte for 720,000
+        elements) is the child's and leaves with it. Run here, glibc keeps it: the agent's
+        RSS doubles, and giving it back (`malloc_trim`) holds the allocator's locks for up
+        to a second, stalling every other thread's allocations. The child inherits the
+        writer's thread name (the rules monitor knows the transaction for pykp's)."""
+        data = script.encode()
+        with self._lock, as_writer():
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: ctypes calls and _exit only (no lock of the parent's)
+                status = 2
+                try:
+                    os.close(read_end)
+                    lib = self._lib
+                    ctx = lib.nft_ctx_new(0)
+                    lib.nft_ctx_buffer_output(ctx)
+                    lib.nft_ctx_buffer_error(ctx)
+                    status = 0 if lib.nft_run_cmd_from_buffer(ctx, data) == 0 else 1
+                    error = lib.nft_ctx_get_error_buffer(ctx) or b""
+                    os.write(write_end, error[: 1 << 16])
+                finally:
+                    os._exit(status)
+            os.close(write_end)
+            chunks = []
+            with os.fdopen(read_end, "rb") as reader:
+                chunks.append(reader.read())
+            _, wait_status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0:
+            error = b"".join(chunks).decode(errors="replace") or f"child exited with {code}"
+            raise RulesError(["libnftables (child)", "-f", "-"], code, error)
 
     def list_text(self, command: str) -> str:
         """nft's text listing: for big sets far lighter than JSON (which builds the whole

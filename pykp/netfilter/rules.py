@@ -749,7 +749,12 @@ class RuleManager:
             lines.append(f"flush {kind} inet {t} {name}")
             lines += _element_lines("add", t, name, (wanted.get(name) or {}).values())
         self._current = None
-        self._nft("\n".join(lines) + "\n")
+        script = "\n".join(lines) + "\n"
+        run_apart = getattr(self.nft, "run_apart", None)
+        if run_apart is not None:  # in a child: its memory does not stay in this process
+            run_apart(script)
+        else:
+            self._nft(script)
         return sum(len(items) for items in wanted.values())
 
     def add_elements(
