@@ -185,6 +185,16 @@ class ServiceSet:
         }
 
 
+# kube-proxy's rule sets here are static (no kube-proxy process sets its conntrack sysctls),
+# so pykp leaves them alone too: every contender runs on the lab's conntrack settings, and
+# a difference measured is the rules' and the agent's, not a timeout's.
+_SAME_CONNTRACK = (
+    "--conntrack-max-per-core", "0",
+    "--conntrack-tcp-timeout-established", "0",
+    "--conntrack-tcp-timeout-close-wait", "0",
+)  # fmt: skip
+
+
 # --- a lab node ----------------------------------------------------------------------------
 
 
@@ -480,6 +490,7 @@ class PykpContender(Contender):
             "--metrics-bind-address", _METRICS,
             "--state-dir", str(self.state_dir),
             "--default-policy", self.policy,
+            *_SAME_CONNTRACK,
             *self.extra_args,
         ]  # fmt: skip
 
@@ -636,6 +647,7 @@ class PykpKubeContender(PykpContender):
             "--metrics-bind-address", _METRICS,
             "--state-dir", str(self.state_dir),
             "--default-policy", self.policy,
+            *_SAME_CONNTRACK,
             *self.extra_args,
         ]  # fmt: skip
 
