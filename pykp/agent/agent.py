@@ -243,6 +243,7 @@ class Agent:
         # Services' health check node ports (externalTrafficPolicy Local).
         self.health_checks = ServiceHealthServers(self.health.is_healthy)
         self._health_check_wanted: dict[str, HealthCheck] = {}
+        self._health_check_stale = True  # a failed sync lost the changed keys: check all
         self.metrics = AgentMetrics()
         self.registry = Registry()
         self.registry.add("agent", self.metrics.families)
@@ -553,13 +554,17 @@ class Agent:
         except Exception:
             # What the kernel and the caches hold is uncertain: start over from a full load.
             self.service_sync.reset()
+            self._health_check_stale = True
             raise
         if full:
             self._last_full = now
         if result.full_load:
             self._trim_heap = True
         self._context = context
-        self._sync_health_checks(catalog, None if full else changes.keys, context)
+        self._sync_health_checks(
+            catalog, None if full or self._health_check_stale else changes.keys, context
+        )
+        self._health_check_stale = False
         self.metrics.service_changes += result.service_changes
         self.metrics.endpoint_changes += result.endpoint_changes
         self._note_refusals(self.service_sync.refused)
