@@ -95,6 +95,9 @@ class ServiceSpec:
     session_affinity_timeout_seconds: int | None = None  # set exactly when ClientIP
     external_traffic_policy: str = "Cluster"
     internal_traffic_policy: str = "Cluster"
+    # spec.healthCheckNodePort: set (with externalTrafficPolicy Local) when this node serves
+    # the service's health check there (kube-proxy's service health server).
+    health_check_node_port: int | None = None
     endpoints: tuple[EndpointSpec, ...] = ()
     # metadata.creationTimestamp (RFC 3339, which sorts as text); "" in a services file.
     # Two services that claim one frontend: the older keeps it (then the smaller key).
@@ -104,6 +107,20 @@ class ServiceSpec:
     def key(self) -> str:
         """`namespace/name`, as kubectl and kube-proxy spell a service."""
         return f"{self.namespace}/{self.name}"
+
+    def local_ready_endpoints(self, node_name: str | None) -> int:
+        """kube-proxy's count for the health check: distinct addresses of the endpoints on
+        `node_name` that are ready (a terminating endpoint is not: only terminating ones
+        left make the node fail the check)."""
+        if node_name is None:
+            return 0
+        return len(
+            {
+                endpoint.ip
+                for endpoint in self.endpoints
+                if endpoint.ready and endpoint.node_name == node_name
+            }
+        )
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import textwrap
 import threading
 import time
@@ -1754,3 +1755,58 @@ def test_the_status_snapshot_lists_the_first_services_by_name_and_counts_all(
 
     assert [s["name"] for s in snapshot["services"]] == ["default/local", "default/web:http"]
     assert snapshot["servicesTotal"] == 4
+
+
+def test_a_local_services_health_check_node_port_is_served_and_closed_with_the_agent(
+    tmp_path: Path,
+) -> None:
+    """Listening on the --nodeport-addresses (loopback here, in the test's namespace): the
+    count is node-a's ready endpoints, it follows the file, and stop() closes the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    text = SERVICES.replace(
+        "    externalTrafficPolicy: Local\n",
+        f"    externalTrafficPolicy: Local\n    healthCheckNodePort: {port}\n",
+    )
+    path = tmp_path / "services.yaml"
+    path.write_text(text)
+    h = Harness(
+        FileSource(path, poll_interval=0.02),
+        tmp_path,
+        config={"min_sync_period": 0.0, "nodeport_addresses": ("127.0.0.1/32",)},
+    )
+    h.agent.start()
+    try:
+        assert h.rules.synced.wait(5), "no first sync"
+        assert wait_for(lambda: h.agent.health_checks.bound_ports() == [port])
+        code, body, headers = http_get(f"http://127.0.0.1:{port}/healthz")
+        assert (code, json.loads(body)) == (
+            200,
+            {
+                "service": {"namespace": "default", "name": "local"},
+                "localEndpoints": 1,
+                "serviceProxyHealthy": True,
+            },
+        )
+        assert headers["X-Load-Balancing-Endpoint-Weight"] == "1"
+        assert h.agent.snapshot()["healthChecks"] == [
+            {
+                "port": port,
+                "service": "default/local",
+                "localEndpoints": 1,
+                "serving": True,
+                "error": None,
+            }
+        ]
+        path.write_text(
+            text.replace(
+                "{ip: 10.244.1.11, nodeName: node-a}", "{ip: 10.244.1.11, nodeName: node-b}"
+            )
+        )
+        assert wait_for(lambda: http_get(f"http://127.0.0.1:{port}/")[0] == 503)
+        assert json.loads(http_get(f"http://127.0.0.1:{port}/")[1])["localEndpoints"] == 0
+    finally:
+        h.agent.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "stop() closes the health check port"

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,12 +48,14 @@ from pykp.observe.metrics import (
     datapath_families,
     engine_families,
 )
+from pykp.observe.service_health import WILDCARD, HealthCheck, ServiceHealthServers
 from pykp.observe.status import build_status, write_status_file
 from pykp.sources.base import ServiceSource
 from pykp.sources.file import FileSource
 
 if TYPE_CHECKING:
     from pykp._fastpath import Engine
+    from pykp.model import Catalog
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -186,14 +188,12 @@ class Dependencies:
     make_engine: Callable[[AgentConfig], Engine] = _make_engine
     make_rules: Callable[[AgentConfig], RulesLike] = _make_rules
     make_datapath: Callable[[Engine, AgentConfig], DatapathLike] = _make_datapath
-    make_monitor: Callable[
-        [RulesLike, Callable[[ForeignChange], None]], RulesetMonitor | None
-    ] = _make_monitor
+    make_monitor: Callable[[RulesLike, Callable[[ForeignChange], None]], RulesetMonitor | None] = (
+        _make_monitor
+    )
     interface_addresses: Callable[[], list[str]] = interface_addresses
     delete_udp_flows: Callable[[str, str, int | None], int] = _delete_udp_flows
-    delete_unnated_udp_flows: Callable[[Sequence[tuple[str, int]]], int] = (
-        _delete_unnated_udp_flows
-    )
+    delete_unnated_udp_flows: Callable[[Sequence[tuple[str, int]]], int] = _delete_unnated_udp_flows
     set_conntrack_sysctls: Callable[[ConntrackSettings], list[SysctlResult]] = (
         _set_conntrack_sysctls
     )
@@ -240,6 +240,10 @@ class Agent:
         self.rules = self.deps.make_rules(config)
         self.datapath = self.deps.make_datapath(self.engine, config)
         self.health = ProxierHealth(config.health_timeout, clock=self.deps.wall_clock)
+        # Services' health check node ports (externalTrafficPolicy Local).
+        self.health_checks = ServiceHealthServers(self.health.is_healthy)
+        self._health_check_wanted: dict[str, HealthCheck] = {}
+        self._health_check_stale = True  # a failed sync lost the changed keys: check all
         self.metrics = AgentMetrics()
         self.registry = Registry()
         self.registry.add("agent", self.metrics.families)
@@ -354,6 +358,7 @@ class Agent:
             steps.append(("rules", self._cleanup_rules))
         steps.append(("datapath", self._stop_datapath))
         steps += [(server.name, server.stop) for server in self._servers]
+        steps.append(("health check servers", self.health_checks.stop))
         for name, step in steps:
             try:
                 step()
@@ -549,12 +554,17 @@ class Agent:
         except Exception:
             # What the kernel and the caches hold is uncertain: start over from a full load.
             self.service_sync.reset()
+            self._health_check_stale = True
             raise
         if full:
             self._last_full = now
         if result.full_load:
             self._trim_heap = True
         self._context = context
+        self._sync_health_checks(
+            catalog, None if full or self._health_check_stale else changes.keys, context
+        )
+        self._health_check_stale = False
         self.metrics.service_changes += result.service_changes
         self.metrics.endpoint_changes += result.endpoint_changes
         self._note_refusals(self.service_sync.refused)
@@ -704,6 +714,37 @@ class Agent:
                 backend_port,
             )
 
+    def _sync_health_checks(
+        self, catalog: Catalog, keys: Iterable[str] | None, context: NodeContext
+    ) -> None:
+        """The services' health check servers after a sync: `keys` the services that
+        changed (None: all). Never raises: a port that cannot be bound is retried later."""
+        wanted = self._health_check_wanted
+        if keys is None:
+            wanted.clear()
+            keys = catalog.keys()
+        for key in keys:
+            spec = catalog.get(key)
+            if (
+                spec is None
+                or spec.health_check_node_port is None
+                or spec.external_traffic_policy != "Local"
+            ):
+                wanted.pop(key, None)
+            else:
+                wanted[key] = HealthCheck(
+                    spec.health_check_node_port, spec.local_ready_endpoints(self.node_name)
+                )
+        if not wanted and not self.health_checks.statuses():
+            return
+        # kube-proxy listens on the --nodeport-addresses, and on every address without.
+        hosts = context.node_addresses if self.config.nodeport_addresses else WILDCARD
+        if self._running and not self._stop.is_set():
+            try:
+                self.health_checks.sync(wanted, hosts or WILDCARD)
+            except Exception:  # noqa: BLE001 - the proxy's sync succeeded
+                _log.exception("updating the health check servers failed")
+
     def _delete_unnated_udp(self, frontends: Sequence[tuple[str, int]]) -> None:
         """UDP frontends now served: their flows that began unserved were never NATed."""
         if not frontends:
@@ -754,6 +795,7 @@ class Agent:
         snapshot["kernelPathUndecided"] = self._undecided_connections()
         snapshot["proxyMode"] = PROXY_MODE
         snapshot["conntrackSysctls"] = [result.as_json() for result in self._conntrack_sysctls]
+        snapshot["healthChecks"] = [status.as_json() for status in self.health_checks.statuses()]
         return snapshot
 
     def _flush_status(self) -> None:
@@ -815,6 +857,19 @@ class Agent:
                 "counter",
                 "Loads of the source that failed (the last good state was kept)",
                 source.load_errors,
+            ),
+            Family.single(
+                "pykp_healthcheck_bind_errors_total",
+                "counter",
+                "Failed attempts to listen on a service's health check node port (retried at "
+                "later syncs)",
+                self.health_checks.bind_errors,
+            ),
+            Family.single(
+                "pykp_healthcheck_servers",
+                "gauge",
+                "Services' health check node ports served",
+                len(self.health_checks.bound_ports()),
             ),
             Family.single(
                 "pykp_source_initialized",

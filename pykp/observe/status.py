@@ -268,6 +268,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
         if source.get("lastError"):
             console.print(Text(f"last load error: {source['lastError']}", style="red"))
     _render_sysctls(snapshot.get("conntrackSysctls") or [], console)
+    _render_health_checks(snapshot.get("healthChecks") or [], console)
     sync = snapshot.get("sync")
     if sync and sync.get("lastError"):
         console.print(Text(f"last sync failed: {sync['lastError']}", style="red"))
@@ -345,6 +346,18 @@ def _render_sysctls(results: Sequence[Mapping[str, Any]], console: Console) -> N
             )
     if done:
         console.print(Text("conntrack sysctls: " + ", ".join(done)))
+
+
+def _render_health_checks(checks: Sequence[Mapping[str, Any]], console: Console) -> None:
+    """One line per service health check node port (externalTrafficPolicy Local)."""
+    for check in checks:
+        count = check["localEndpoints"]
+        head = f"health check :{check['port']} {check['service']}: {count} local endpoints, "
+        if check.get("serving"):
+            state, style = ("serving 200" if count else "serving 503"), ""
+        else:
+            state, style = f"not serving ({check.get('error') or 'not bound'})", "red"
+        console.print(Text(head + state, style=style))
 
 
 def _name(service: EngineService) -> str:

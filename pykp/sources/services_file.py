@@ -405,6 +405,7 @@ _SERVICE_FIELDS: Final = (
     "sessionAffinityTimeoutSeconds",
     "externalTrafficPolicy",
     "internalTrafficPolicy",
+    "healthCheckNodePort",
     "endpoints",
 )
 _PORT_FIELDS: Final = ("name", "port", "targetPort", "protocol", "nodePort")
@@ -776,6 +777,16 @@ class _Parser:
         internal_traffic_policy = self.field(
             fields, "internalTrafficPolicy", path, traffic_policy, "Cluster"
         )
+        health_check_node_port = self.field(
+            fields, "healthCheckNodePort", path, self.port_number, None
+        )
+        health_check_node = self.optional(fields, "healthCheckNodePort")
+        if health_check_node is not None and external_traffic_policy != "Local":
+            self.report(
+                health_check_node,
+                _join(path, "healthCheckNodePort"),
+                "only allowed with externalTrafficPolicy: Local",
+            )
         ports: list[tuple[ServicePort, Node]] = []
         with contextlib.suppress(_Invalid):
             ports = self.required(fields, "ports", path, node, self.parse_ports)
@@ -812,6 +823,7 @@ class _Parser:
                 session_affinity_timeout_seconds=timeout if affinity == "ClientIP" else None,
                 external_traffic_policy=external_traffic_policy,
                 internal_traffic_policy=internal_traffic_policy,
+                health_check_node_port=health_check_node_port,
                 endpoints=endpoints,
             )
         return entry

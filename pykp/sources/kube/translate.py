@@ -405,6 +405,17 @@ def _service(obj: object, default_policy: str, problem: _Report) -> ParsedServic
     internal_policy = _one_of(
         spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy", TRAFFIC_POLICIES, "Cluster"
     )
+    # kube-proxy's NeedsHealthCheck: a LoadBalancer with externalTrafficPolicy Local (the API
+    # allocates the port for exactly those).
+    health_check_node_port: int | None = None
+    if (
+        service_type == "LoadBalancer"
+        and external_policy == "Local"
+        and spec.get("healthCheckNodePort") not in (None, 0)
+    ):
+        health_check_node_port = _integer(
+            spec.get("healthCheckNodePort"), "spec.healthCheckNodePort", 1, 65535
+        )
 
     policy = annotations.get(ANNOTATION_POLICY, default_policy)
     if policy not in POLICIES:
@@ -436,6 +447,7 @@ def _service(obj: object, default_policy: str, problem: _Report) -> ParsedServic
             session_affinity_timeout_seconds=timeout,
             external_traffic_policy=external_policy,
             internal_traffic_policy=internal_policy,
+            health_check_node_port=health_check_node_port,
         ),
         created=created if isinstance(created, str) else "",
     )
