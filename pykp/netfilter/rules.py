@@ -332,7 +332,9 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
     # Clearing the backend field lets a stale foreign value there never reach the
     # iptables rule, which queues only packets whose backend field is still empty, nor
     # hide a new connection from the kernel path.
-    mark_new = [
+    # Every packet of every flow passes these hooks: all but a connection's first leave
+    # at the first rule (kube-proxy's nftables chains check `ct state new` first too).
+    mark_new = ["ct state != new accept"] + [
         f"ct state new {p} daddr . meta l4proto . th dport @frontends{v} "
         f"meta mark set meta mark & {keep}"
         for p, v in fams
@@ -384,7 +386,10 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
     # Reached only when the map lacks the id (sync lagging behind the engine): refuse,
     # rather than let conntrack record the connection un-NATed.
     nat_backend.append(f"meta mark set meta mark & {keep} | {reject}")
-    reject_rules = [f"meta mark & {mask} == {reject} jump do_reject"] + [
+    reject_rules = [
+        "ct state != new accept",
+        f"meta mark & {mask} == {reject} jump do_reject",
+    ] + [
         f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams
     ]
     return {
