@@ -221,11 +221,14 @@ class HttpServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    def _server_class(self, host: str) -> type[_Server]:
+        """The socket server for `host` (subclasses may bind otherwise)."""
+        return _Server6 if ":" in host else _Server
+
     def start(self) -> None:
         """Bind (raising OSError, e.g. when the port is taken) and serve in a thread."""
         host, port = parse_bind_address(self.address)
-        server_class = _Server6 if ":" in host else _Server
-        self._server = server_class((host, port), self._handler_class())
+        self._server = self._server_class(host)((host, port), self._handler_class())
         server = self._server
         self._thread = threading.Thread(
             # A short poll interval: `shutdown()` waits for the loop to see it.

@@ -104,20 +104,9 @@ class _Listener(HttpServer):
     def respond(self, request: BaseHTTPRequestHandler, path: str) -> Response | None:
         return self.port.response()
 
-    def start(self) -> None:
-        if not self.dual_stack:
-            super().start()
-            return
-        # [::]:port for both families; `HttpServer.start` picks its class from the host.
-        host, port = "::", int(self.address.rpartition(":")[2])
-        self._server = _DualStackServer((host, port), self._handler_class())
-        server = self._server
-        self._thread = threading.Thread(
-            target=lambda: server.serve_forever(poll_interval=0.1),
-            name=f"pykp-{self.name}",
-            daemon=True,
-        )
-        self._thread.start()
+    def _server_class(self, host: str) -> type[_Server]:
+        # [::]:port for both families (as Go's ":port"), when no address was asked for.
+        return _DualStackServer if self.dual_stack else super()._server_class(host)
 
 
 class _Port:
