@@ -176,17 +176,23 @@ def test_rules_flushed_by_someone_else_are_restored_within_a_sync_period(
         )
         assert time.monotonic() - flushed < 2 * SYNC_PERIOD
         assert wait_for(serves, timeout=SYNC_PERIOD, step=0.1)
-        # ... whole again: the reader decides new connections (round-robin) once more.
+        # ... whole again: the reader decides new connections (round-robin) once more,
+        # within a moment (the repair's full load may keep the queue lent to the kernel
+        # path for a heartbeat on a loaded machine: counted, not an error).
+        def reader_decides() -> bool:
+            before = node.metric("pykp_queue_packets_total")
+            answers = {http_get(lab, "client-0", "10.96.0.10") for _ in range(3)}
+            return answers == {"backend-0", "backend-1", "backend-2"} and (
+                node.metric("pykp_queue_packets_total") == before + 3
+            )
+
+        assert wait_for(reader_decides, timeout=3, step=0.2)
         queued = node.metric("pykp_queue_packets_total")
-        assert {http_get(lab, "client-0", "10.96.0.10") for _ in range(3)} == {
-            "backend-0", "backend-1", "backend-2",
-        }  # fmt: skip
-        assert node.metric("pykp_queue_packets_total") == queued + 3
         # ... and the kernel path too (random services, and whatever no reader decides).
         assert {http_get(lab, "client-0", "10.96.0.11") for _ in range(30)} == {
             "backend-0", "backend-1", "backend-2",
         }  # fmt: skip
-        assert node.metric("pykp_queue_packets_total") == queued + 3
+        assert node.metric("pykp_queue_packets_total") == queued  # none of these queued
     finally:
         node.stop()
 
