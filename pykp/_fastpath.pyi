@@ -17,6 +17,9 @@ __all__ = [
     "Connection",
     "Engine",
     "NfqueueDatapath",
+    "ConntrackFollower",
+    "KernelFlow",
+    "kernel_flows",
     "loadgen_main",
     "queue_keeper",
 ]
@@ -243,6 +246,8 @@ class Engine:
         """All counters: decisions by action and policy, drops by reason, conntrack stats."""
     def connections(self, limit: int = 1000, *, now: float | None = None) -> list[Connection]:
         """Open flows; expiry is measured at `now`, by default the latest time the engine saw."""
+    def flow_counts(self, *, now: float | None = None) -> dict[tuple[str, str, int], int]:
+        """Live flows in the connection table per (service, backend ip, backend port)."""
     def maglev_table(self, name: str) -> list[int]:
         """The Maglev lookup table of a service, as backend ids (empty if not Maglev)."""
 
@@ -288,6 +293,53 @@ class NfqueueDatapath:
         """Worker counters (packets, verdicts, accepted, dropped, errors, batches, ...),
         verdicts by kind (forwarded, passed, rejected, decision_drops, id_overflow) and the
         kernel's drops for these queues (kernel_queue_dropped, kernel_user_dropped)."""
+
+@final
+class ConntrackFollower:
+    """A Rust thread following the kernel's conntrack events (NEW, DESTROY) in the network
+    namespace of the thread that calls `start()`, so that `engine`'s connection table holds
+    the kernel's live service flows: a flow's end frees its backend's count at once, and
+    flows the kernel balanced itself are counted too. Lost events (ENOBUFS) and every
+    `resync_interval` seconds trigger a full listing of the kernel's table; an entry the
+    kernel never confirmed is forgotten once `grace` seconds old."""
+
+    def __new__(cls, engine: Engine, *, resync_interval: float = 30.0, grace: float = 2.0) -> Self: ...
+    def start(self) -> None:
+        """Subscribe and start the thread; raises OSError (no CAP_NET_ADMIN, say)."""
+    def stop(self) -> None: ...
+    @property
+    def running(self) -> bool: ...
+    def stats(self) -> dict[str, int]:
+        """events_new, events_update, events_destroy, flows_confirmed, flows_adopted, flows_ended,
+        events_lost, resyncs, resync_removed, parse_errors, recv_errors (empty when stopped)."""
+
+@final
+class KernelFlow:
+    """One service flow of the kernel's conntrack table."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def client(self) -> tuple[str, int]: ...
+    @property
+    def frontend(self) -> tuple[str, int]: ...
+    @property
+    def backend(self) -> tuple[str, int]: ...
+    @property
+    def service(self) -> str: ...
+    @property
+    def state(self) -> str:
+        """The kernel's TCP state (ESTABLISHED, TIME_WAIT, ...), or UDP / SCTP."""
+    @property
+    def timeout(self) -> int | None:
+        """Seconds before the kernel times the entry out unless a packet refreshes it."""
+    @property
+    def age(self) -> float | None:
+        """Seconds since the kernel confirmed the flow, when the engine's follower saw it."""
+
+def kernel_flows(engine: Engine, limit: int = 1000) -> list[KernelFlow]:
+    """The kernel's conntrack entries (caller's network namespace) addressed to one of
+    `engine`'s frontends, at most `limit`; raises OSError when the table cannot be read."""
 
 def loadgen_main(args: list[str]) -> None:
     """`pykp-loadgen ARGS...` (pykp bench's load generator) in this process, GIL released."""

@@ -39,6 +39,12 @@ from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.executor import trim_heap
 from pykp.netfilter.monitor import ForeignChange, RulesetMonitor
 from pykp.netfilter.rules import MarkLayout
+from pykp.observe.flows import (
+    FLOWS_LISTED_MAX,
+    active_flow_family,
+    flows_report,
+    follower_families,
+)
 from pykp.observe.health import HealthServer, ProxierHealth
 from pykp.observe.metrics import (
     AgentMetrics,
@@ -54,7 +60,7 @@ from pykp.sources.base import ServiceSource
 from pykp.sources.file import FileSource
 
 if TYPE_CHECKING:
-    from pykp._fastpath import Engine
+    from pykp._fastpath import Engine, KernelFlow
     from pykp.model import Catalog
 
 __all__ = [
@@ -97,6 +103,16 @@ class RulesLike(Protocol):
 
 class DatapathLike(Protocol):
     """pykp._fastpath.NfqueueDatapath, as far as the agent uses it."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    @property
+    def running(self) -> bool: ...
+    def stats(self) -> dict[str, int]: ...
+
+
+class FollowerLike(Protocol):
+    """pykp._fastpath.ConntrackFollower, as far as the agent uses it."""
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -163,6 +179,20 @@ def _make_datapath(engine: Engine, config: AgentConfig) -> DatapathLike:
     )
 
 
+def _make_follower(engine: Engine, config: AgentConfig) -> FollowerLike | None:
+    from pykp._fastpath import ConntrackFollower
+
+    if not config.follow_conntrack:
+        return None
+    return ConntrackFollower(engine, resync_interval=config.conntrack_resync_interval)
+
+
+def _list_kernel_flows(engine: Engine, limit: int) -> list[KernelFlow]:
+    from pykp._fastpath import kernel_flows
+
+    return kernel_flows(engine, limit)
+
+
 def _delete_udp_flows(service_ip: str, backend_ip: str, backend_port: int | None) -> int:
     from pykp.netfilter.conntrack import delete_udp_flows
 
@@ -188,6 +218,8 @@ class Dependencies:
     make_engine: Callable[[AgentConfig], Engine] = _make_engine
     make_rules: Callable[[AgentConfig], RulesLike] = _make_rules
     make_datapath: Callable[[Engine, AgentConfig], DatapathLike] = _make_datapath
+    make_follower: Callable[[Engine, AgentConfig], FollowerLike | None] = _make_follower
+    kernel_flows: Callable[[Engine, int], list[KernelFlow]] = _list_kernel_flows
     make_monitor: Callable[[RulesLike, Callable[[ForeignChange], None]], RulesetMonitor | None] = (
         _make_monitor
     )
@@ -239,6 +271,7 @@ class Agent:
         self.engine = self.deps.make_engine(config)
         self.rules = self.deps.make_rules(config)
         self.datapath = self.deps.make_datapath(self.engine, config)
+        self.follower = self.deps.make_follower(self.engine, config)
         self.health = ProxierHealth(config.health_timeout, clock=self.deps.wall_clock)
         # Services' health check node ports (externalTrafficPolicy Local).
         self.health_checks = ServiceHealthServers(self.health.is_healthy)
@@ -251,6 +284,7 @@ class Agent:
         self.registry.add("datapath", self._datapath_families)
         self.registry.add("state", self._state_families)
         self.registry.add("kernel_path", self._kernel_path_families)
+        self.registry.add("flows", self._flow_families)
         self.runner = BoundedFrequencyRunner(
             self.sync,
             config.min_sync_period,
@@ -311,6 +345,7 @@ class Agent:
                         self.registry.render,
                         self.snapshot,
                         PROXY_MODE,
+                        flows=self.kernel_flows,
                     )
                 )
             # A failed start removes only rules it created: a previous agent's rules keep
@@ -357,6 +392,7 @@ class Agent:
         if remove_rules:
             steps.append(("rules", self._cleanup_rules))
         steps.append(("datapath", self._stop_datapath))
+        steps.append(("conntrack follower", self._stop_follower))
         steps += [(server.name, server.stop) for server in self._servers]
         steps.append(("health check servers", self.health_checks.stop))
         for name, step in steps:
@@ -437,6 +473,25 @@ class Agent:
     def _stop_datapath(self) -> None:
         if self.datapath.running:
             self.datapath.stop()
+
+    def _start_follower(self) -> None:
+        """Follow the kernel's conntrack, once the engine knows the services: its first
+        listing then counts the flows that predate this agent."""
+        if self.follower is None or self.follower.running:
+            return
+        try:
+            self.follower.start()
+        except OSError as error:
+            _log.warning(
+                "cannot follow the kernel's conntrack events (%s): least-conn counts flows "
+                "opened in the last two minutes instead of live ones",
+                error,
+            )
+            self.follower = None
+
+    def _stop_follower(self) -> None:
+        if self.follower is not None and self.follower.running:
+            self.follower.stop()
 
     def _housekeeping(self) -> None:
         """GC of pykp's own flow table about once a second, the status file at most every
@@ -572,6 +627,7 @@ class Agent:
             # Only now, with the engine loaded: a reader bound earlier would refuse what it
             # does not know yet, where --queue-bypass lets the kernel path serve it.
             self.datapath.start()
+            self._start_follower()
         if (
             self.config.watch_rules
             and self._running
@@ -822,6 +878,26 @@ class Agent:
 
     def _datapath_families(self) -> list[Family]:
         return datapath_families(self.datapath.stats())
+
+    def kernel_flows(self, query: Mapping[str, str]) -> dict[str, Any]:
+        """`/flows`: the kernel's live service flows, filtered by `service` (a name, or a
+        prefix ending in ':' or '/') and `backend` (ip or ip:port), at most `limit`."""
+        return flows_report(
+            self.deps.kernel_flows(self.engine, FLOWS_LISTED_MAX),
+            service=query.get("service"),
+            backend=query.get("backend"),
+            limit=int(query.get("limit", "100")),
+            follower=self.follower.stats() if self.follower is not None else None,
+        )
+
+    def _flow_families(self) -> list[Family]:
+        stats = self.follower.stats() if self.follower is not None else {}
+        families = follower_families(stats)
+        if self.config.flow_metrics_limit > 0 and stats:
+            families.append(
+                active_flow_family(self.engine.flow_counts(), self.config.flow_metrics_limit)
+            )
+        return families
 
     def _kernel_path_families(self) -> list[Family]:
         return [

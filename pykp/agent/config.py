@@ -74,6 +74,14 @@ class AgentConfig:
     # notifications) and repaired at once; off, or where the notifications cannot be read,
     # the periodic check (every half --sync-period) finds them.
     watch_rules: bool = True
+    # Follow the kernel's conntrack events so pykp's flow table holds the kernel's live
+    # service flows: least-conn counts active connections, a flow's end frees its count at
+    # once, and /metrics and `pykp flows` count exactly.
+    follow_conntrack: bool = True
+    conntrack_resync_interval: float = 30.0  # full listing of the kernel's table this often
+    # (service, backend) series of pykp_backend_active_flows at most; past it, the rest is
+    # summed per service under backend="other" (bounded cardinality).
+    flow_metrics_limit: int = 1000
     # Packets that may wait for the reader's verdict: what a stalled reader holds up before
     # fail-open hands new connections to the kernel path.
     queue_max_len: int = 32

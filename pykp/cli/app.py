@@ -432,6 +432,24 @@ def run(
             "periodic check (every half --sync-period).",
         ),
     ] = True,
+    follow_conntrack: Annotated[
+        bool,
+        typer.Option(
+            "--follow-conntrack/--no-follow-conntrack",
+            help="Follow the kernel's conntrack events so pykp's flow table holds the "
+            "kernel's live service flows: least-conn counts active connections (a closed "
+            "connection frees its backend at once), and /metrics and `pykp flows` count "
+            "exactly. Lost events are repaired by listing the table.",
+        ),
+    ] = True,
+    flow_metrics_limit: Annotated[
+        int,
+        typer.Option(
+            help="Series of pykp_backend_active_flows (service x backend) at most; the rest "
+            "is summed per service as backend=\"other\". 0 turns the series off.",
+            min=0,
+        ),
+    ] = 1000,
     conntrack_capacity: Annotated[
         int, typer.Option(help="Flows pykp's own connection table holds.", min=1)
     ] = 262144,
@@ -574,6 +592,8 @@ def run(
         queue_max_len=queue_max_len,
         kernel_random=kernel_random,
         watch_rules=watch_rules,
+        follow_conntrack=follow_conntrack,
+        flow_metrics_limit=flow_metrics_limit,
         conntrack_capacity=conntrack_capacity,
         conntrack=ConntrackSettings(
             max_per_core=conntrack_max_per_core,
@@ -734,6 +754,47 @@ def status(
         typer.echo(json.dumps(snapshot, indent=1, sort_keys=True))
         return
     render_status(snapshot, _console(), flows=flows)
+
+
+# --- flows --------------------------------------------------------------------------------
+
+
+@app.command()
+def flows(
+    service: Annotated[
+        str | None,
+        typer.Option(help="Only this service: namespace/name, or namespace/name:port-name."),
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Only flows to this backend: IP or IP:port.")
+    ] = None,
+    address: Annotated[
+        str, typer.Option(help="The agent's --metrics-bind-address (serves /flows).")
+    ] = "127.0.0.1:10249",
+    limit: Annotated[int, typer.Option(help="Flows to list (all are counted).", min=0)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+) -> None:
+    """Show a running agent's live service flows, from the kernel's conntrack table: per
+    backend counts, then each flow with its backend, state and age."""
+    from urllib.parse import urlencode
+
+    from pykp.observe.flows import render_flows
+    from pykp.observe.status import StatusError, fetch_json
+
+    query = {"limit": str(limit)}
+    if service:
+        query["service"] = service
+    if backend:
+        query["backend"] = backend
+    try:
+        report = fetch_json(address, "/flows?" + urlencode(query))
+    except StatusError as error:
+        typer.echo(f"pykp flows: {error}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=1, sort_keys=True))
+        return
+    render_flows(report, _console())
 
 
 # --- bench --------------------------------------------------------------------------------

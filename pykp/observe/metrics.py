@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -96,6 +97,21 @@ class Family(Metric):
         family = _family(name, type_, help_, (label,))
         for key in sorted(values):
             family.add_metric((key,), values[key])
+        return family
+
+
+    @staticmethod
+    def rows(
+        name: str,
+        type_: MetricType,
+        help_: str,
+        labels: Sequence[str],
+        values: Iterable[tuple[Sequence[str], float]],
+    ) -> Family:
+        """A family with several labels: `values` as (label values, value) rows."""
+        family = _family(name, type_, help_, tuple(labels))
+        for label_values, value in values:
+            family.add_metric(tuple(label_values), value)
         return family
 
 
@@ -459,10 +475,13 @@ class MetricsServer(HttpServer):
         metrics: Callable[[str], tuple[bytes, str]],
         status: Callable[[], Mapping[str, Any]] | None = None,
         proxy_mode: str | None = None,
+        *,
+        flows: Callable[[Mapping[str, str]], Mapping[str, Any]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.status = status
         self.proxy_mode = proxy_mode
+        self.flows = flows
         super().__init__(address, name="metrics")
 
     def respond(self, request: BaseHTTPRequestHandler, path: str) -> Response | None:
@@ -471,6 +490,13 @@ class MetricsServer(HttpServer):
             return Response(200, page, content_type)
         if path == "/status" and self.status is not None:
             body = json.dumps(self.status(), indent=1, sort_keys=True) + "\n"
+            return Response(200, body.encode(), "application/json")
+        if path == "/flows" and self.flows is not None:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query))
+            try:
+                body = json.dumps(self.flows(query), indent=1, sort_keys=True) + "\n"
+            except ValueError as error:  # a bad query (FlowQueryError, a bad limit)
+                return Response(400, f"{error}\n".encode(), "text/plain; charset=utf-8")
             return Response(200, body.encode(), "application/json")
         if path == "/proxyMode" and self.proxy_mode is not None:
             # kube-proxy's answer: the mode's name alone, no newline.

@@ -179,18 +179,27 @@ def _check(snapshot: object, where: str) -> dict[str, Any]:
 
 def fetch_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
     """GET /status from the agent's metrics server (`IP:port`, as --metrics-bind-address)."""
+    return _check(fetch_json(address, "/status", timeout), "/status")
+
+
+def fetch_json(address: str, path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET `path` (query included) from the agent's metrics server: a JSON object."""
     try:
         host, port = parse_bind_address(address)
     except ValueError as error:
         raise StatusError(str(error)) from None
     # A wildcard bind address is reached through loopback.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    url = f"http://{_address(host, port)}/status"
+    url = f"http://{_address(host, port)}{path}"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # http only
-            return _check(json.load(response), url)
+            body = json.load(response)
+            if not isinstance(body, dict):
+                raise StatusError(f"{url}: not a JSON object")
+            return body
     except urllib.error.HTTPError as error:
-        raise StatusError(f"{url}: HTTP {error.code}") from None
+        detail = error.read().decode(errors="replace").strip()[:200] if error.fp else ""
+        raise StatusError(f"{url}: HTTP {error.code}" + (f": {detail}" if detail else "")) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise StatusError(f"{url}: {reason} (is `pykp run` running?)") from None

@@ -1,6 +1,7 @@
 //! The one decision entry point every datapath calls: given a packet (or its flow), say
 //! what to do with it and update the tables. Pure: no I/O, no clock (`now` comes in).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,18 @@ pub enum Verdict {
     Reject { service: ServiceId, reason: RejectReason },
     /// Malformed: count it and drop it.
     Drop(DropReason),
+}
+
+/// What the engine made of a flow the kernel's conntrack reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFlow {
+    /// The engine had decided it: its entry is now the kernel's.
+    Confirmed,
+    /// A flow to a service the engine had not decided (the kernel's own path, or a flow
+    /// older than the engine): recorded on its backend.
+    Adopted,
+    /// Not a service flow (or its backend is no longer the service's).
+    Foreign,
 }
 
 #[derive(Clone, Debug)]
@@ -292,6 +305,39 @@ impl Engine {
             self.affinity.insert(svc.id, key.src, backend.clone(), timeout, now);
         }
         Some(backend)
+    }
+
+    /// The kernel's conntrack confirmed `key`'s flow, NATed to `backend` (the source of its
+    /// reply direction). The engine's table now holds it until [`Engine::kernel_flow_ended`],
+    /// so per-backend active counts (least-connections) are the kernel's live flows.
+    pub fn kernel_flow_started(
+        &self,
+        key: &FlowKey,
+        backend: SocketAddr,
+        now: Nanos,
+    ) -> KernelFlow {
+        if self.conns.confirm(key, backend, now) {
+            return KernelFlow::Confirmed;
+        }
+        let frontend = Frontend { addr: key.dst, port: key.dst_port, proto: key.proto };
+        let Some(svc) = self.services.lookup(&frontend) else { return KernelFlow::Foreign };
+        let Some(b) = svc.backends.iter().find(|b| b.handle.addr == backend) else {
+            return KernelFlow::Foreign;
+        };
+        let binding = Binding { service: svc.id, backend: b.handle.clone() };
+        self.conns.adopt(*key, binding, now);
+        KernelFlow::Adopted
+    }
+
+    /// The kernel's conntrack ended `key`'s flow (FIN, RST, timeout, flush). False if the
+    /// engine did not hold it.
+    pub fn kernel_flow_ended(&self, key: &FlowKey) -> bool {
+        self.conns.remove(key)
+    }
+
+    /// After a full listing of the kernel's flows: see [`ConnTable::retain_kernel_flows`].
+    pub fn retain_kernel_flows(&self, live: &HashSet<FlowKey>, grace: Nanos, now: Nanos) -> usize {
+        self.conns.retain_kernel_flows(live, grace, now)
     }
 
     fn count(&self, v: &Verdict) {

@@ -272,6 +272,27 @@ impl Engine {
             .collect())
     }
 
+    #[pyo3(signature = (*, now = None))]
+    fn flow_counts(
+        &self,
+        py: Python<'_>,
+        now: Option<f64>,
+    ) -> PyResult<HashMap<(String, String, u16), u64>> {
+        let now = match now {
+            Some(_) => self.now(py, now)?,
+            None => now_nanos(py, None)?,
+        };
+        let counts = py.detach(|| self.core.conntrack().counts(now));
+        let services = self.core.services();
+        Ok(counts
+            .into_iter()
+            .map(|((service, backend), n)| {
+                let name = services.name_of(service).map(|n| n.to_string()).unwrap_or_default();
+                ((name, backend.ip().to_string(), backend.port()), n)
+            })
+            .collect())
+    }
+
     fn maglev_table(&self, name: &str) -> Vec<u32> {
         self.core
             .services()

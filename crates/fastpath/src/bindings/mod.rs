@@ -3,10 +3,11 @@
 //!
 //! One file per class or group: [`values`] (what Python passes in and gets back),
 //! [`engine`], [`staged`] (a batch between stage and commit), [`datapath`] (NFQUEUE and
-//! its queue keeper), [`loadgen`].
+//! its queue keeper), [`follower`] (the kernel's conntrack events), [`loadgen`].
 
 mod datapath;
 mod engine;
+mod follower;
 mod loadgen;
 mod staged;
 mod values;
@@ -22,6 +23,7 @@ use crate::policy::PolicyKind;
 
 use datapath::{queue_keeper, NfqueueDatapath};
 use engine::Engine;
+use follower::{kernel_flows, ConntrackFollower, KernelFlow};
 use loadgen::loadgen_main;
 use staged::StagedChange;
 use values::{Backend, Connection, Decision, Frontend, ServiceUpdate};
@@ -75,6 +77,9 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
     m.add_class::<Engine>()?;
     m.add_class::<NfqueueDatapath>()?;
+    m.add_class::<ConntrackFollower>()?;
+    m.add_class::<KernelFlow>()?;
+    m.add_function(wrap_pyfunction!(kernel_flows, m)?)?;
     m.add_function(wrap_pyfunction!(loadgen_main, m)?)?;
     m.add_function(wrap_pyfunction!(queue_keeper, m)?)?;
     Ok(())

@@ -43,6 +43,10 @@ pub struct ConntrackConfig {
     /// `nf_conntrack_sctp_timeout_established` (210 s = heartbeat interval x path retries +
     /// RTO max since Linux 6.3); a live association heartbeats every 30 s by default.
     pub sctp: Nanos,
+    /// A flow the kernel's conntrack confirmed ([`ConnState::Kernel`]). Its end comes as a
+    /// conntrack event; this only bounds an entry whose event was lost between two
+    /// resynchronisations (kube-proxy's established timeout, 86 400 s).
+    pub kernel: Nanos,
     /// Hard cap on session-affinity entries (client IP x service). Default 65 536.
     pub affinity_capacity: usize,
     /// Affinity timeout for services that do not set one (kube-proxy: 10 800 s).
@@ -61,6 +65,7 @@ impl Default for ConntrackConfig {
             udp: secs(30),
             udp_stream: secs(120),
             sctp: secs(210),
+            kernel: secs(86_400),
             affinity_capacity: 65_536,
             affinity_timeout: DEFAULT_AFFINITY_TIMEOUT,
         }
@@ -79,6 +84,7 @@ impl ConntrackConfig {
             ConnState::Udp => self.udp,
             ConnState::UdpStream => self.udp_stream,
             ConnState::Sctp => self.sctp,
+            ConnState::Kernel => self.kernel,
         }
     }
 }

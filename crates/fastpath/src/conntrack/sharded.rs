@@ -310,6 +310,15 @@ impl<K: TableKey, V> Sharded<K, V> {
     pub(crate) fn remove_where(
         &self,
         mut pred: impl FnMut(&K, &V) -> bool,
+        release: impl FnMut(Removed<K, V>),
+    ) -> usize {
+        self.remove_where_deadline(|k, v, _| pred(k, v), release)
+    }
+
+    /// [`remove_where`](Self::remove_where) whose predicate also sees the entry's deadline.
+    pub(crate) fn remove_where_deadline(
+        &self,
+        mut pred: impl FnMut(&K, &V, Nanos) -> bool,
         mut release: impl FnMut(Removed<K, V>),
     ) -> usize {
         let mut total = 0;
@@ -324,7 +333,7 @@ impl<K: TableKey, V> Sharded<K, V> {
                 start = g.map.sweep_range(
                     start,
                     FLUSH_SLICE,
-                    |k, v, _| pred(k, v),
+                    |k, v, expires| pred(k, v, expires),
                     |e| {
                         n += 1;
                         release(e);

@@ -22,6 +22,9 @@ pub enum ConnState {
     UdpStream,
     /// SCTP (no chunk parsing: a plain idle timeout).
     Sctp,
+    /// The kernel's conntrack confirmed the flow (NFQUEUE datapath, any protocol): it lives
+    /// until the kernel reports its end, whatever its packets (pykp no longer sees them).
+    Kernel,
 }
 
 impl ConnState {
@@ -35,6 +38,7 @@ impl ConnState {
             ConnState::Udp => "UDP",
             ConnState::UdpStream => "UDP_STREAM",
             ConnState::Sctp => "SCTP",
+            ConnState::Kernel => "KERNEL",
         }
     }
 
@@ -70,6 +74,9 @@ impl ConnState {
     pub fn on_packet(self, flags: Option<TcpFlags>) -> Option<ConnState> {
         use ConnState::*;
         match self {
+            // Only a packet the kernel takes for a new connection reaches pykp under
+            // NFQUEUE: the flow this entry stood for is gone from the kernel.
+            Kernel => None,
             Udp | UdpStream => Some(UdpStream),
             Sctp => Some(Sctp),
             SynSent | Established | Closing | Closed => {
@@ -147,5 +154,13 @@ mod tests {
         assert_eq!(Sctp.on_packet(SYN), Some(Sctp));
         assert_eq!(Udp.as_str(), "UDP");
         assert_eq!(Closing.as_str(), "CLOSING");
+    }
+
+    #[test]
+    fn a_kernel_flow_met_again_is_a_new_connection() {
+        for flags in [SYN, ACK, None] {
+            assert_eq!(Kernel.on_packet(flags), None);
+        }
+        assert_eq!(Kernel.as_str(), "KERNEL");
     }
 }

@@ -1,6 +1,7 @@
 //! The connection table: a flow (its 5-tuple in the original direction) -> the service
 //! and backend it was balanced to, plus enough state to expire it on time.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -178,7 +179,16 @@ impl ConnTable {
         tcp_flags: Option<TcpFlags>,
         now: Nanos,
     ) -> InsertOutcome {
-        let state = ConnState::initial(key.proto, tcp_flags);
+        self.insert_in_state(key, binding, ConnState::initial(key.proto, tcp_flags), now)
+    }
+
+    fn insert_in_state(
+        &self,
+        key: FlowKey,
+        binding: Binding,
+        state: ConnState,
+        now: Nanos,
+    ) -> InsertOutcome {
         let expires = now.saturating_add(self.cfg.timeout(state));
         binding.backend.conn_opened();
         let entry = ConnEntry { backend: binding.backend, service: binding.service, state };
@@ -192,6 +202,58 @@ impl ConnTable {
     /// Forget `key`'s flow; false if there was none.
     pub fn remove(&self, key: &FlowKey) -> bool {
         self.inner.remove(key, ConnEntry::release)
+    }
+
+    /// The kernel's conntrack confirmed `key`'s flow, NATed to `backend`. An entry bound to
+    /// that backend becomes [`ConnState::Kernel`]: it now lives until the kernel reports the
+    /// flow's end ([`remove`](Self::remove)). An entry bound elsewhere is wrong (the kernel
+    /// decided that flow, e.g. while the agent was away) and is removed. Returns whether an
+    /// entry was confirmed; if not, the caller may [`adopt`](Self::adopt) the flow.
+    pub fn confirm(&self, key: &FlowKey, backend: SocketAddr, now: Nanos) -> bool {
+        let until = now.saturating_add(self.cfg.kernel);
+        self.inner
+            .lookup(key, now, ConnEntry::release, |e| {
+                if e.backend.addr == backend {
+                    e.state = ConnState::Kernel;
+                    Visit::Keep((), until)
+                } else {
+                    Visit::Remove
+                }
+            })
+            .is_some()
+    }
+
+    /// Record a flow the kernel's conntrack holds but this table did not: one the kernel
+    /// balanced itself, or that started before this table. Counted on its backend like
+    /// any other.
+    pub fn adopt(&self, key: FlowKey, binding: Binding, now: Nanos) -> InsertOutcome {
+        self.insert_in_state(key, binding, ConnState::Kernel, now)
+    }
+
+    /// After a full listing of the kernel's flows (`live`): forget the confirmed flows it
+    /// no longer holds (their end was lost), and unconfirmed ones that are at least `grace`
+    /// old (their first packet never made a conntrack entry: dropped on the way). Younger
+    /// unconfirmed entries may still be on their way to the kernel's table. Returns how
+    /// many entries were removed.
+    pub fn retain_kernel_flows(
+        &self,
+        live: &std::collections::HashSet<FlowKey>,
+        grace: Nanos,
+        now: Nanos,
+    ) -> usize {
+        let cfg = &self.cfg;
+        self.inner.remove_where_deadline(
+            |k, e, expires| {
+                if live.contains(k) {
+                    return false;
+                }
+                // Unconfirmed entries are never refreshed under NFQUEUE, so their age is
+                // their timeout minus what is left of it.
+                let left = expires.saturating_sub(now);
+                e.state == ConnState::Kernel || cfg.timeout(e.state).saturating_sub(left) >= grace
+            },
+            |r| r.value.release(),
+        )
     }
 
     /// Forget every flow to backend `id` (kube-proxy clears stale UDP flows this way when an
@@ -279,6 +341,21 @@ impl ConnTable {
 
     pub fn stats(&self) -> TableStats {
         self.inner.stats()
+    }
+
+    /// Live flows per (service, backend), locking one shard at a time.
+    pub fn counts(&self, now: Nanos) -> HashMap<(ServiceId, SocketAddr), u64> {
+        let mut out = HashMap::new();
+        for shard in self.inner.shards() {
+            let g = shard.lock();
+            for node in g.map.iter_mru() {
+                if now < node.expires {
+                    let e = node.value();
+                    *out.entry((e.service, e.backend.addr)).or_insert(0) += 1;
+                }
+            }
+        }
+        out
     }
 
     #[cfg(test)]

@@ -121,6 +121,16 @@ impl NfqSocket {
         )
     }
 
+    /// `NETLINK_ADD_MEMBERSHIP`: receive the multicast group's messages (conntrack events).
+    pub fn join_group(&self, group: u32) -> io::Result<()> {
+        setsockopt_int(
+            self.fd.as_raw_fd(),
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            group as libc::c_int,
+        )
+    }
+
     /// `NETLINK_CAP_ACK`: error messages do not echo the failed request's payload.
     pub fn set_cap_ack(&self, on: bool) -> io::Result<()> {
         setsockopt_int(
