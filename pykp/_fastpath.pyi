@@ -303,7 +303,16 @@ class ConntrackFollower:
     `resync_interval` seconds trigger a full listing of the kernel's table; an entry the
     kernel never confirmed is forgotten once `grace` seconds old."""
 
-    def __new__(cls, engine: Engine, *, resync_interval: float = 30.0, grace: float = 2.0) -> Self: ...
+    def __new__(
+        cls,
+        engine: Engine,
+        *,
+        resync_interval: float = 30.0,
+        grace: float = 2.0,
+        closing_mark: int = 0,
+    ) -> Self:
+        """`closing_mark`: the conntrack mark bit the rules set on a flow's first FIN or RST
+        (0: none; a closing TCP state then says it)."""
     def start(self) -> None:
         """Subscribe and start the thread; raises OSError (no CAP_NET_ADMIN, say)."""
     def stop(self) -> None: ...

@@ -147,6 +147,7 @@ def _make_rules(config: AgentConfig) -> RulesLike:
         queues=(config.first_queue, config.last_queue),
         cluster_cidrs=config.cluster_cidrs,
         ipv6=_ipv6_enabled(),
+        conntrack_events=config.follow_conntrack,
     )
 
 
@@ -184,7 +185,11 @@ def _make_follower(engine: Engine, config: AgentConfig) -> FollowerLike | None:
 
     if not config.follow_conntrack:
         return None
-    return ConntrackFollower(engine, resync_interval=config.conntrack_resync_interval)
+    from pykp.netfilter.rules import CT_CLOSING_MARK
+
+    return ConntrackFollower(
+        engine, resync_interval=config.conntrack_resync_interval, closing_mark=CT_CLOSING_MARK
+    )
 
 
 def _list_kernel_flows(engine: Engine, limit: int) -> list[KernelFlow]:

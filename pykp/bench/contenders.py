@@ -816,8 +816,22 @@ def make_contender(name: str, binary: str) -> Contender:
     if name.startswith("pykp/kube-"):
         return PykpKubeContender(_policy(name, name.removeprefix("pykp/kube-")))
     if name.startswith("pykp/"):
-        return PykpContender(_policy(name, name.split("/", 1)[1]))
+        # pykp/<policy>[:<switch>...]: the agent with some of its features off, to measure
+        # what they cost (e.g. pykp/least-conn:no-follow-conntrack).
+        policy, *switches = name.split("/", 1)[1].split(":")
+        unknown = [switch for switch in switches if switch not in _SWITCHES]
+        if unknown:
+            raise ValueError(
+                f"unknown contender {name!r} (switches: {', '.join(sorted(_SWITCHES))})"
+            )
+        contender = PykpContender(_policy(name, policy), [f"--{switch}" for switch in switches])
+        contender.name = name
+        return contender
     raise ValueError(f"unknown contender {name!r}")
+
+
+# `pykp run` flags a pykp contender's name may turn on (each turns a feature off).
+_SWITCHES = frozenset({"no-follow-conntrack", "no-kernel-random", "no-watch-rules"})
 
 
 def _policy(name: str, policy: str) -> str:

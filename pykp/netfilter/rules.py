@@ -40,6 +40,7 @@ from pykp.netfilter.nfnetlink import NetlinkError, NftReader, TableSummary
 from pykp.netfilter.tool import RulesError, ToolResult, run_tool
 
 __all__ = [
+    "CT_CLOSING_MARK",
     "JUMP_COMMENT",
     "KUBE_PROXY_DROP_BIT",
     "KUBE_PROXY_MASQ_BIT",
@@ -54,6 +55,9 @@ __all__ = [
     "run_tool",
 ]
 
+# The conntrack mark bit a service flow's first FIN or RST sets (with --follow-conntrack):
+# pykp's queue bit, here in the conntrack mark's space.
+CT_CLOSING_MARK = 0x00002000
 KUBE_PROXY_MASQ_BIT = 0x4000
 KUBE_PROXY_DROP_BIT = 0x8000
 JUMP_COMMENT = "pykp"
@@ -322,7 +326,9 @@ def _element_lines(verb: str, table: str, name: str, items: Iterable[str]) -> li
     ]
 
 
-def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict[str, list[str]]:
+def _chain_rules(
+    layout: MarkLayout, cidrs: Mapping[int, Sequence[str]], conntrack_events: bool = False
+) -> dict[str, list[str]]:
     mask = f"{layout.backend_mask:#010x}"
     reject = f"{layout.reject_mark:#010x}"
     queue = f"{layout.queue_bit:#010x}"
@@ -334,7 +340,16 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
     # hide a new connection from the kernel path.
     # Every packet of every flow passes these hooks: all but a connection's first leave
     # at the first rule (kube-proxy's nftables chains check `ct state new` first too).
-    mark_new = ["ct state != new accept"] + [
+    # With pykp following conntrack events: a service flow's first FIN or RST (either
+    # direction) sets the closing bit of its ct mark, the one event that says a connection
+    # ended (the kernel would otherwise announce every TCP state change, or only the
+    # entry's end, minutes after TIME_WAIT). A cheap test on every packet.
+    closing = (
+        [f"tcp flags & (fin | rst) != 0 ct status dnat ct mark set ct mark | {CT_CLOSING_MARK:#010x}"]
+        if conntrack_events
+        else []
+    )
+    mark_new = [*closing, "ct state != new accept"] + [
         f"ct state new {p} daddr . meta l4proto . th dport @frontends{v} "
         f"meta mark set meta mark & {keep}"
         for p, v in fams
@@ -362,12 +377,16 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
         f"{p} daddr . meta l4proto . th dport @masq_frontends{v} meta mark set meta mark | {masq}"
         for p, v in fams
     ]
-    nat_backend = ["jump nat_masq"]
+    # A service flow announces itself, its closing mark and its end: no per-state events.
+    # ("mark" quoted: nft 1.0.6 parses it bare as the keyword.)
+    events = ['ct event set new,destroy,"mark"'] if conntrack_events else []
+    nat_backend = [*events, "jump nat_masq"]
     nat_backend += [
         f"meta l4proto {{ tcp, udp, sctp }} dnat {p} to meta mark & {mask} map @backends{v}"
         for p, v in fams
     ]
     nat_fallback = [
+        *events,
         # A queued frontend's connection that no reader decided: its policy degraded to
         # random. Counted in a named counter, which outlives the chain rewrites of restarts.
         f"meta mark & {queue} == {queue} counter name {UNDECIDED_COUNTER}",
@@ -489,6 +508,7 @@ class RuleManager:
         ipv6: bool = True,
         netns: str | None = None,
         nft: NftExecutor | None = None,
+        conntrack_events: bool = False,
     ) -> None:
         layout.validate()
         first, last = queues
@@ -501,6 +521,7 @@ class RuleManager:
         self.chain = chain
         self.ipv6 = ipv6
         self.netns = netns
+        self.conntrack_events = conntrack_events
         # Scripts go through the library in-process when it loads (no exec per change).
         self.nft = nft if nft is not None else make_executor(netns)
         self._given_nft = nft
@@ -511,7 +532,7 @@ class RuleManager:
 
     def render_table(self) -> str:
         """The complete table, rules included, as installed on an empty kernel."""
-        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        rules = _chain_rules(self.layout, self.cluster_cidrs, self.conntrack_events)
         lines = [f"table inet {self.table} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
         lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC}.items()]
         for name, spec in _CHAINS.items():
@@ -551,7 +572,7 @@ class RuleManager:
         t = self.table
         rules = {
             n: r
-            for n, r in _chain_rules(self.layout, self.cluster_cidrs).items()
+            for n, r in _chain_rules(self.layout, self.cluster_cidrs, self.conntrack_events).items()
             if n not in _PICKS
         }
         existing = set(existing_sets)
@@ -879,7 +900,7 @@ class RuleManager:
             and {n for n, t in _SYNCED.items() if _is_map(t)} <= maps
         ):
             return False
-        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        rules = _chain_rules(self.layout, self.cluster_cidrs, self.conntrack_events)
         if any(chains.get(chain, -1) != len(chain_rules) for chain, chain_rules in rules.items()):
             return False
         for save, _ in _iptables_families(self.ipv6):

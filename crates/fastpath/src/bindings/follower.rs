@@ -30,8 +30,8 @@ pub struct ConntrackFollower {
 #[pymethods]
 impl ConntrackFollower {
     #[new]
-    #[pyo3(signature = (engine, *, resync_interval = 30.0, grace = 2.0))]
-    fn new(engine: &Engine, resync_interval: f64, grace: f64) -> PyResult<Self> {
+    #[pyo3(signature = (engine, *, resync_interval = 30.0, grace = 2.0, closing_mark = 0))]
+    fn new(engine: &Engine, resync_interval: f64, grace: f64, closing_mark: u32) -> PyResult<Self> {
         if !(0.1..=86_400.0).contains(&resync_interval) {
             return Err(value_error("resync_interval must be between 0.1 and 86400 seconds"));
         }
@@ -41,6 +41,7 @@ impl ConntrackFollower {
             config: FollowerConfig {
                 resync_interval: std::time::Duration::from_secs_f64(resync_interval),
                 grace,
+                closing_mark,
                 ..FollowerConfig::default()
             },
             running: Mutex::new(None),

@@ -475,6 +475,37 @@ mod tests {
     }
 
     #[test]
+    fn mutated_messages_never_panic() {
+        // Deterministic xorshift: flip bytes of real events (both families, every kind),
+        // lengths included, and parse whatever comes out.
+        let mut seeds = vec![encode_flow(&flow(CtEventKind::New), 1)];
+        let mut f6 = flow(CtEventKind::Destroy);
+        f6.original.src = "fd00::1".parse().unwrap();
+        f6.original.dst = "fd00::2".parse().unwrap();
+        seeds.push(encode_flow(&f6, 2));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..50_000 {
+            let mut buf = seeds[i % seeds.len()].clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % buf.len() as u64) as usize;
+                buf[at] = next() as u8;
+            }
+            if next() % 4 == 0 {
+                buf.truncate((next() % buf.len() as u64) as usize);
+            }
+            for (h, b) in messages(&buf).flatten() {
+                let _ = parse_message(&h, b);
+            }
+        }
+    }
+
+    #[test]
     fn every_truncation_is_an_error_never_a_panic() {
         let full = encode_flow(&flow(CtEventKind::New), 1);
         for cut in 0..full.len() {

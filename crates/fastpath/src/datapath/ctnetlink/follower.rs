@@ -19,7 +19,7 @@ use super::codec::{
     NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE,
 };
 use crate::datapath::nfqueue::sys::{is_enobufs, monotonic_nanos};
-use crate::datapath::nfqueue::NfqSocket;
+use crate::datapath::nfqueue::{NfqSocket, RecvBatch};
 use crate::engine::{Engine, KernelFlow};
 use crate::flow::{Nanos, NANOS_PER_SEC};
 
@@ -32,6 +32,13 @@ pub struct FollowerConfig {
     pub grace: Nanos,
     /// Receive buffer of the event socket.
     pub rcvbuf: usize,
+    /// The conntrack mark bit pykp's rules set on a service flow's first FIN or RST (0:
+    /// none). Those rules also limit service flows' events to new, mark and destroy: three
+    /// messages per connection instead of one per TCP state change.
+    pub closing_mark: u32,
+    /// After a read that emptied the socket, wait this long before the next: events
+    /// arrive in batches (one wakeup per batch, not per event) at a small delay.
+    pub coalesce: Duration,
 }
 
 impl Default for FollowerConfig {
@@ -40,6 +47,8 @@ impl Default for FollowerConfig {
             resync_interval: Duration::from_secs(30),
             grace: 2 * NANOS_PER_SEC,
             rcvbuf: 8 << 20,
+            closing_mark: 0,
+            coalesce: Duration::from_millis(5),
         }
     }
 }
@@ -92,7 +101,13 @@ impl FollowerCounters {
 }
 
 /// Apply one event to the engine (the sans-I/O half of the follower).
-pub fn apply_event(engine: &Engine, counters: &FollowerCounters, flow: &CtFlow, now: Nanos) {
+pub fn apply_event(
+    engine: &Engine,
+    counters: &FollowerCounters,
+    flow: &CtFlow,
+    closing_mark: u32,
+    now: Nanos,
+) {
     match flow.kind {
         CtEventKind::New => {
             counters.events_new.fetch_add(1, Relaxed);
@@ -106,9 +121,7 @@ pub fn apply_event(engine: &Engine, counters: &FollowerCounters, flow: &CtFlow, 
             counters.events_update.fetch_add(1, Relaxed);
             // A FIN or RST ends the connection's active part: its count goes now, not when
             // the kernel drops the entry after TIME_WAIT (minutes later).
-            if flow.tcp_state.is_some_and(tcp_state_is_closing)
-                && engine.kernel_flow_ended(&flow.original)
-            {
+            if is_closing(flow, closing_mark) && engine.kernel_flow_ended(&flow.original) {
                 counters.flows_ended.fetch_add(1, Relaxed);
             }
         }
@@ -121,9 +134,10 @@ pub fn apply_event(engine: &Engine, counters: &FollowerCounters, flow: &CtFlow, 
     }
 }
 
-/// Whether a listed entry is a live connection (a closing TCP one no longer counts).
-fn is_active(flow: &CtFlow) -> bool {
-    !flow.tcp_state.is_some_and(tcp_state_is_closing)
+/// Whether a flow's connection is closing: a FIN or RST seen (a closing TCP state, or the
+/// rules' closing mark). A closing connection no longer counts as active.
+fn is_closing(flow: &CtFlow, closing_mark: u32) -> bool {
+    flow.tcp_state.is_some_and(tcp_state_is_closing) || flow.mark & closing_mark != 0
 }
 
 /// Apply a full listing of the kernel's table: record what the engine lacks, forget what
@@ -132,11 +146,12 @@ pub fn apply_listing(
     engine: &Engine,
     counters: &FollowerCounters,
     flows: &[CtFlow],
+    closing_mark: u32,
     grace: Nanos,
     now: Nanos,
 ) -> usize {
     let mut live = HashSet::with_capacity(flows.len());
-    for f in flows.iter().filter(|f| is_active(f)) {
+    for f in flows.iter().filter(|f| !is_closing(f, closing_mark)) {
         live.insert(f.original);
         match engine.kernel_flow_started(&f.original, f.reply_source, now) {
             KernelFlow::Adopted => {
@@ -246,7 +261,8 @@ fn follow(
     stop: &AtomicBool,
     counters: &FollowerCounters,
 ) {
-    let mut buf = vec![0u8; 1 << 16];
+    // Event messages are a few hundred bytes, one per datagram.
+    let mut batch = RecvBatch::new(256, 4096);
     let mut dump_buf = vec![0u8; 1 << 16];
     let mut last_listing: Option<Instant> = None;
     let mut must_list = true;
@@ -255,7 +271,8 @@ fn follow(
             let mut errors = 0;
             match list_on(dump, &mut dump_buf, &mut errors) {
                 Ok(flows) => {
-                    apply_listing(engine, counters, &flows, cfg.grace, monotonic_nanos());
+                    let now = monotonic_nanos();
+                    apply_listing(engine, counters, &flows, cfg.closing_mark, cfg.grace, now);
                     must_list = false;
                 }
                 Err(_) => {
@@ -265,17 +282,25 @@ fn follow(
             counters.parse_errors.fetch_add(errors, Relaxed);
             last_listing = Some(Instant::now());
         }
-        match events.recv(&mut buf) {
+        match events.recv_batch(&mut batch) {
             Ok(n) => {
                 let now = monotonic_nanos();
-                for m in messages(&buf[..n]) {
-                    match m.and_then(|(h, body)| parse_message(&h, body)) {
-                        Ok(CtMessage::Flow(f)) => apply_event(engine, counters, &f, now),
-                        Ok(_) => {}
-                        Err(_) => {
-                            counters.parse_errors.fetch_add(1, Relaxed);
+                for i in 0..n {
+                    let Some((datagram, _truncated)) = batch.get(i) else { continue };
+                    for m in messages(datagram) {
+                        match m.and_then(|(h, body)| parse_message(&h, body)) {
+                            Ok(CtMessage::Flow(f)) => {
+                                apply_event(engine, counters, &f, cfg.closing_mark, now)
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                counters.parse_errors.fetch_add(1, Relaxed);
+                            }
                         }
                     }
+                }
+                if n < batch.capacity() {
+                    std::thread::sleep(cfg.coalesce);
                 }
             }
             Err(e) if is_enobufs(&e) => {
@@ -306,6 +331,20 @@ mod tests {
     use crate::service::{BackendSpec, Conditions, Frontend, ServiceSpec};
 
     const S: Nanos = NANOS_PER_SEC;
+
+    fn on_event(engine: &Engine, c: &FollowerCounters, flow: &CtFlow, now: Nanos) {
+        apply_event(engine, c, flow, 0, now)
+    }
+
+    fn on_listing(
+        engine: &Engine,
+        c: &FollowerCounters,
+        flows: &[CtFlow],
+        grace: Nanos,
+        now: Nanos,
+    ) -> usize {
+        apply_listing(engine, c, flows, 0, grace, now)
+    }
 
     fn engine_with(policy: PolicyKind, backends: &[&str]) -> Engine {
         let engine = Engine::new(EngineConfig::default()).unwrap();
@@ -373,7 +412,7 @@ mod tests {
         let mut picked = Vec::new();
         for p in 0..10 {
             let b = syn(&engine, 40000 + p, S);
-            apply_event(&engine, &c, &event(CtEventKind::New, 40000 + p, &b.to_string()), S);
+            on_event(&engine, &c, &event(CtEventKind::New, 40000 + p, &b.to_string()), S);
             picked.push(b);
         }
         assert_eq!(active(&engine), [5, 5]);
@@ -381,7 +420,7 @@ mod tests {
         for (p, b) in picked.iter().enumerate() {
             if b.to_string() == "10.244.0.11:80" {
                 let e = event(CtEventKind::Destroy, 40000 + p as u16, &b.to_string());
-                apply_event(&engine, &c, &e, 2 * S);
+                on_event(&engine, &c, &e, 2 * S);
             }
         }
         assert_eq!(active(&engine), [0, 5]);
@@ -398,26 +437,48 @@ mod tests {
         let engine = engine_with(PolicyKind::LeastConn, &["10.244.0.11:80"]);
         let c = FollowerCounters::default();
         let b = syn(&engine, 1, S).to_string();
-        apply_event(&engine, &c, &event(CtEventKind::New, 1, &b), S);
+        on_event(&engine, &c, &event(CtEventKind::New, 1, &b), S);
         let mut established = event(CtEventKind::Update, 1, &b);
         established.tcp_state = Some(3);
-        apply_event(&engine, &c, &established, S);
+        on_event(&engine, &c, &established, S);
         assert_eq!(active(&engine), [1]);
         let mut fin = established;
         fin.tcp_state = Some(4); // FIN_WAIT
-        apply_event(&engine, &c, &fin, 2 * S);
+        on_event(&engine, &c, &fin, 2 * S);
         assert_eq!(active(&engine), [0]);
         // Later TIME_WAIT and DESTROY events change nothing more.
         fin.tcp_state = Some(7);
-        apply_event(&engine, &c, &fin, 3 * S);
-        apply_event(&engine, &c, &event(CtEventKind::Destroy, 1, &b), 4 * S);
+        on_event(&engine, &c, &fin, 3 * S);
+        on_event(&engine, &c, &event(CtEventKind::Destroy, 1, &b), 4 * S);
         assert_eq!(c.flows_ended.load(Relaxed), 1);
         assert_eq!(c.events_update.load(Relaxed), 3);
         // A listing that still finds it in TIME_WAIT does not count it again.
         let mut listed = event(CtEventKind::Update, 1, &b);
         listed.tcp_state = Some(7);
-        apply_listing(&engine, &c, &[listed], 2 * S, 5 * S);
+        on_listing(&engine, &c, &[listed], 2 * S, 5 * S);
         assert_eq!(active(&engine), [0]);
+    }
+
+    #[test]
+    fn the_rules_closing_mark_ends_a_flow_without_state_events() {
+        let engine = engine_with(PolicyKind::LeastConn, &["10.244.0.11:80"]);
+        let c = FollowerCounters::default();
+        let b = syn(&engine, 1, S).to_string();
+        apply_event(&engine, &c, &event(CtEventKind::New, 1, &b), 0x2000, S);
+        let mut marked = event(CtEventKind::Update, 1, &b);
+        marked.mark = 0x2000 | 0x0100; // other bits of the ct mark are someone else's
+        apply_event(&engine, &c, &marked, 0x2000, 2 * S);
+        assert_eq!(active(&engine), [0]);
+        // A listing of a marked (closing) flow does not count it either.
+        assert_eq!(apply_listing(&engine, &c, &[marked], 0x2000, 2 * S, 3 * S), 0);
+        assert_eq!(active(&engine), [0]);
+        // Without the closing mark in the config, the mark means nothing.
+        let b2 = syn(&engine, 2, 4 * S).to_string();
+        apply_event(&engine, &c, &event(CtEventKind::New, 2, &b2), 0, 4 * S);
+        let mut other = event(CtEventKind::Update, 2, &b2);
+        other.mark = 0x2000;
+        apply_event(&engine, &c, &other, 0, 5 * S);
+        assert_eq!(active(&engine), [1]);
     }
 
     #[test]
@@ -425,14 +486,14 @@ mod tests {
         let engine = engine_with(PolicyKind::LeastConn, &["10.244.0.11:80", "10.244.0.12:80"]);
         let c = FollowerCounters::default();
         let b = syn(&engine, 1, S);
-        apply_event(&engine, &c, &event(CtEventKind::New, 1, &b.to_string()), S);
+        on_event(&engine, &c, &event(CtEventKind::New, 1, &b.to_string()), S);
         // A flow the kernel balanced on its own (the agent was away).
-        apply_event(&engine, &c, &event(CtEventKind::New, 2, "10.244.0.12:80"), S);
+        on_event(&engine, &c, &event(CtEventKind::New, 2, "10.244.0.12:80"), S);
         // A flow to no service, and one to an address the service does not have.
         let mut other = event(CtEventKind::New, 3, "10.0.0.9:80");
         other.original.dst = "192.0.2.7".parse().unwrap();
-        apply_event(&engine, &c, &other, S);
-        apply_event(&engine, &c, &event(CtEventKind::New, 4, "10.244.0.99:80"), S);
+        on_event(&engine, &c, &other, S);
+        on_event(&engine, &c, &event(CtEventKind::New, 4, "10.244.0.99:80"), S);
         assert_eq!(c.flows_confirmed.load(Relaxed), 1);
         assert_eq!(c.flows_adopted.load(Relaxed), 1);
         assert_eq!(engine.conntrack().len(), 2);
@@ -440,7 +501,7 @@ mod tests {
         engine.expire(600 * S, 1 << 20);
         assert_eq!(active(&engine).iter().sum::<u32>(), 2);
         // A destroy for a flow the engine never held changes nothing.
-        apply_event(&engine, &c, &event(CtEventKind::Destroy, 9, "10.244.0.11:80"), S);
+        on_event(&engine, &c, &event(CtEventKind::Destroy, 9, "10.244.0.11:80"), S);
         assert_eq!(c.flows_ended.load(Relaxed), 0);
     }
 
@@ -449,7 +510,7 @@ mod tests {
         let engine = engine_with(PolicyKind::RoundRobin, &["10.244.0.11:80", "10.244.0.12:80"]);
         let c = FollowerCounters::default();
         let b1 = syn(&engine, 1, S);
-        apply_event(&engine, &c, &event(CtEventKind::New, 1, &b1.to_string()), S);
+        on_event(&engine, &c, &event(CtEventKind::New, 1, &b1.to_string()), S);
         let b2 = syn(&engine, 2, S); // confirmed, but the event was lost
         let _b3 = syn(&engine, 3, S); // its SYN never made a kernel entry
         let b4 = syn(&engine, 4, 10 * S); // too young to judge
@@ -459,7 +520,7 @@ mod tests {
             event(CtEventKind::New, 2, &b2.to_string()),
             event(CtEventKind::New, 5, "10.244.0.12:80"),
         ];
-        let removed = apply_listing(&engine, &c, &listing, 2 * S, 11 * S);
+        let removed = on_listing(&engine, &c, &listing, 2 * S, 11 * S);
         assert_eq!(removed, 2, "flow 1 (ended) and flow 3 (never confirmed)");
         let _ = b4;
         let keys: HashSet<u16> =
@@ -474,7 +535,7 @@ mod tests {
         let engine = engine_with(PolicyKind::RoundRobin, &["10.244.0.11:80", "10.244.0.12:80"]);
         let c = FollowerCounters::default();
         let b = syn(&engine, 1, S);
-        apply_event(&engine, &c, &event(CtEventKind::New, 1, &b.to_string()), S);
+        on_event(&engine, &c, &event(CtEventKind::New, 1, &b.to_string()), S);
         // The kernel queued a SYN on that tuple: it holds no flow there any more.
         let again = syn(&engine, 1, 2 * S);
         assert_ne!(again, b, "round-robin moved on: a fresh decision");
