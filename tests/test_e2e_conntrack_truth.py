@@ -142,6 +142,14 @@ def test_least_conn_counts_live_connections_and_a_close_frees_them_at_once(
         assert all(row["age"] is not None and row["age"] >= 0 for row in report["flows"])  # type: ignore[index, union-attr]
     assert wait_for(lambda: sum(active_flows_metric(node, ip) for ip in BACKENDS) == 0, timeout=2)
     assert node.metric("pykp_conntrack_service_flows_total", event="ended") >= 40
+    status = subprocess.run(
+        ["ip", "netns", "exec", lab.ns("node"), *pykp_command("status")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "conntrack follower: " in status and " ended; 0 event losses" in status
 
 
 def test_flows_of_the_kernel_path_and_of_a_previous_agent_are_counted(

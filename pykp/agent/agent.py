@@ -862,6 +862,10 @@ class Agent:
         snapshot["proxyMode"] = PROXY_MODE
         snapshot["conntrackSysctls"] = [result.as_json() for result in self._conntrack_sysctls]
         snapshot["healthChecks"] = [status.as_json() for status in self.health_checks.statuses()]
+        follower = self.follower
+        snapshot["conntrackFollower"] = (
+            follower.stats() if follower is not None and follower.running else None
+        )
         return snapshot
 
     def _flush_status(self) -> None:

@@ -278,6 +278,8 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
             console.print(Text(f"last load error: {source['lastError']}", style="red"))
     _render_sysctls(snapshot.get("conntrackSysctls") or [], console)
     _render_health_checks(snapshot.get("healthChecks") or [], console)
+    if "conntrackFollower" in snapshot:  # older agents' snapshots lack it
+        _render_follower(snapshot["conntrackFollower"], console)
     sync = snapshot.get("sync")
     if sync and sync.get("lastError"):
         console.print(Text(f"last sync failed: {sync['lastError']}", style="red"))
@@ -367,6 +369,25 @@ def _render_health_checks(checks: Sequence[Mapping[str, Any]], console: Console)
         else:
             state, style = f"not serving ({check.get('error') or 'not bound'})", "red"
         console.print(Text(head + state, style=style))
+
+
+def _render_follower(follower: Mapping[str, int] | None, console: Console) -> None:
+    """Whether least-conn and the flow counts follow the kernel's conntrack."""
+    if follower is None:
+        console.print(
+            "conntrack follower: not running (--no-follow-conntrack, or before the first "
+            "sync): least-conn counts flows opened in the last 2 minutes"
+        )
+        return
+    lost = follower.get("events_lost", 0)
+    console.print(
+        Text(
+            f"conntrack follower: {follower.get('flows_confirmed', 0)} flows confirmed, "
+            f"{follower.get('flows_adopted', 0)} adopted, {follower.get('flows_ended', 0)} ended; "
+            f"{lost} event losses (repaired by {follower.get('resyncs', 0)} listings)",
+            style="yellow" if lost else "",
+        )
+    )
 
 
 def _name(service: EngineService) -> str:
