@@ -71,7 +71,11 @@ def simulate_connections(
     from pykp._fastpath import Engine
 
     engine = Engine(seed=seed)
-    engine_services = services_file_to_engine(services_file, [SIMULATED_NODE_ADDRESS])
+    # One node that is none of the file's nodes: no endpoint would be local, and a Local
+    # policy would turn every connection away. Traffic policies are `simulate --nodes`'s
+    # to show; here every service spreads over all its endpoints.
+    spread = dataclasses.replace(services_file, traffic_policies=False)
+    engine_services = services_file_to_engine(spread, [SIMULATED_NODE_ADDRESS])
     if policy is not None:
         engine_services = [
             dataclasses.replace(service, policy=policy) for service in engine_services
