@@ -7,6 +7,7 @@ The answer this product grew from (per-node round-robin, two client nodes, two b
 from __future__ import annotations
 
 import struct
+import textwrap
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -266,3 +267,28 @@ def test_the_bundled_answer_file_gives_the_answers_sequence() -> None:
         ("node-1", POD2),
         ("node-2", POD2),
     ]
+
+
+@pytest.mark.usefixtures("fastpath")
+def test_each_node_applies_local_traffic_policy_with_its_own_name() -> None:
+    services_file, _ = load_services_text(
+        textwrap.dedent("""\
+        services:
+          - name: ingress
+            clusterIP: 10.96.0.30
+            externalTrafficPolicy: Local
+            ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+            endpoints: [{ip: 10.244.1.10, nodeName: node-1}, {ip: 10.244.3.10, nodeName: node-3}]
+        """)
+    )
+
+    result = simulate_nodes(services_file, nodes=2, connections=40, seed=2)
+
+    internal, external = result.runs
+    assert external.service == "default/ingress#external"
+    # Every node's NodePort: node-1 sends to its own endpoint; node-2 has none, and drops.
+    assert {(step.node, step.outcome) for step in external.steps} == {
+        ("node-1", "10.244.1.10:8080"),
+        ("node-2", "drop: no local endpoints"),
+    }
+    assert {step.outcome for step in internal.steps} == {"10.244.1.10:8080", "10.244.3.10:8080"}

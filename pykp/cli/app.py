@@ -176,9 +176,15 @@ def simulate(
         ),
     ] = None,
     connections: Annotated[
-        int,
-        typer.Option("--connections", "-n", help="New connections per service port.", min=1),
-    ] = 1000,
+        int | None,
+        typer.Option(
+            "--connections",
+            "-n",
+            help="New connections per service port (default 1000; with --nodes 10000, "
+            "enough for random and Maglev to settle).",
+            min=1,
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed for the clients and the engine (default: random, printed).", min=0),
@@ -239,14 +245,14 @@ def simulate(
     try:
         if nodes is None:
             result = simulate_connections(
-                services_file, connections=connections, seed=seed, policy=policy
+                services_file, connections=connections or 1000, seed=seed, policy=policy
             )
         else:
             nodes_result = simulate_nodes(
                 services_file,
                 nodes=nodes,
                 schedule=schedule,
-                connections=connections,
+                connections=connections or 10000,
                 seed=seed,
                 policy=policy,
             )

@@ -28,7 +28,7 @@ from pykp.labs.simulate import endpoint_text
 from pykp.model import Catalog
 
 if TYPE_CHECKING:
-    from pykp._fastpath import Engine
+    from pykp._fastpath import Decision, Engine
 
 # "round-robin": over every node; "alternate": the first two nodes in turn (the answer's
 # two client pods on node 1 and node 2); "random": any node, uniformly.
@@ -231,10 +231,7 @@ def _run_policy(
             decision = node.engine.decide(
                 client_ip, client_port, ip, port, protocol, tcp_flags=_TCP_SYN, now=now
             )
-            if decision.action == "forward" and decision.backend is not None:
-                outcome = endpoint_text(*decision.backend)
-            else:
-                outcome = f"{decision.action}: {decision.reason}"
+            outcome = _outcome(decision, node_service)
             steps.append(Step(node.name, (client_ip, client_port), (ip, port, protocol), outcome))
         runs.append(
             ServiceRun(
@@ -264,14 +261,22 @@ def decide_on_every_node(
 ) -> dict[str, str]:
     """Where each node sends one 5-tuple (no state kept: Maglev's answer, for instance)."""
     ip, port, protocol = frontend
-    outcomes = {}
-    for node in nodes:
-        decision = node.engine.decide(*client, ip, port, protocol, tcp_flags=_TCP_SYN, now=0.0)
-        if decision.action == "forward" and decision.backend is not None:
-            outcomes[node.name] = endpoint_text(*decision.backend)
-        else:
-            outcomes[node.name] = f"{decision.action}: {decision.reason}"
-    return outcomes
+    return {
+        node.name: _outcome(
+            node.engine.decide(*client, ip, port, protocol, tcp_flags=_TCP_SYN, now=0.0)
+        )
+        for node in nodes
+    }
+
+
+def _outcome(decision: Decision, service: EngineService | None = None) -> str:
+    """The backend a decision names, or what happened instead."""
+    if decision.action == "forward" and decision.backend is not None:
+        return endpoint_text(*decision.backend)
+    if decision.action == "reject" and service is not None and service.no_local_endpoints:
+        # The engine refuses; the agent's rules then drop, as kube-proxy does.
+        return "drop: no local endpoints"
+    return f"{decision.action}: {decision.reason}"
 
 
 class _NodeClients:
@@ -340,13 +345,13 @@ def _steps_table(run: ServiceRun, steps: int) -> Table:
     table.add_column("client", no_wrap=True)
     table.add_column("backend", no_wrap=True)
     for backend in backends:
-        table.add_column(f"share {backend}", justify="right", no_wrap=True)
+        table.add_column(Text(f"share {backend}"), justify="right", no_wrap=True)
     for index, step in enumerate(run.steps[:steps], start=1):
         shares = run.shares_after(index)
         table.add_row(
             str(index),
             step.node,
-            endpoint_text(*step.client),
+            Text(endpoint_text(*step.client)),
             Text(step.outcome, style="" if step.outcome in run.fair_shares else "red"),
             *(_percent(shares[backend]) for backend in backends),
         )
@@ -367,7 +372,7 @@ def _totals_table(run: ServiceRun, nodes: Sequence[str]) -> Table:
     for backend in run.backends:
         fair = run.fair_shares.get(backend)
         table.add_row(
-            backend,
+            Text(backend, style="" if fair is not None else "red"),
             *(str(per_node[(node, backend)]) for node in nodes),
             str(sum(per_node[(node, backend)] for node in nodes)),
             _percent(shares.get(backend, 0.0)),

@@ -25,7 +25,12 @@ def plot_shares(result: NodesSimulation, path: Path) -> str | None:
     rows = max(1, len(result.runs))
     columns = len(COMPARED_POLICIES)
     figure, axes = plt.subplots(
-        rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False, sharey=True
+        rows,
+        columns,
+        figsize=(4.2 * columns, 3.0 * rows),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",  # leaves room for the suptitle, unlike tight_layout
     )
     for row, run in enumerate(result.runs):
         for column, policy in enumerate(COMPARED_POLICIES):
@@ -64,7 +69,6 @@ def plot_shares(result: NodesSimulation, path: Path) -> str | None:
         f"seed {result.seed})",
         fontsize=9,
     )
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return None
