@@ -105,7 +105,7 @@ def test_external_local_sends_external_frontends_to_this_nodes_endpoints_only() 
         (NODE_ADDRESS, 30080, "TCP"),
     }
     assert [(b.ip, b.local) for b in external.backends] == [("10.244.1.1", True)]
-    assert not external.no_local_endpoints and not internal.no_local_endpoints
+    assert not external.no_local_endpoints and not internal.no_local_endpoints  # empty
 
 
 def test_no_local_endpoint_but_some_elsewhere_is_marked_for_a_drop() -> None:
@@ -113,14 +113,14 @@ def test_no_local_endpoint_but_some_elsewhere_is_marked_for_a_drop() -> None:
 
     external = engine["default/ingress:http#external"]
     assert external.backends == ()
-    assert external.no_local_endpoints  # kube-proxy: DROP ("has no local endpoints")
+    assert external.no_local_endpoints == {4}  # kube-proxy: DROP ("has no local endpoints")
     assert not engine["default/ingress:http"].no_local_endpoints  # ClusterIP: unaffected
 
 
 def test_internal_local_without_a_local_endpoint_is_marked_for_a_drop_too() -> None:
     engine = from_file("Cluster", "Local", "node-c")
 
-    assert engine["default/ingress:http"].no_local_endpoints
+    assert engine["default/ingress:http"].no_local_endpoints == {4}
     assert not engine["default/ingress:http#external"].no_local_endpoints
 
 
@@ -149,7 +149,7 @@ def test_a_drop_needs_usable_endpoints_elsewhere_and_none_here(
 ) -> None:
     engine = from_file("Local", "Cluster", "node-a", endpoints)
 
-    assert engine["default/ingress:http#external"].no_local_endpoints is dropped
+    assert engine["default/ingress:http#external"].no_local_endpoints == ({4} if dropped else set())
 
 
 def test_the_drop_reaches_the_rules_as_a_set_element() -> None:
@@ -228,3 +228,37 @@ def test_local_with_some_node_names_or_no_endpoints_is_accepted() -> None:
 
     assert problems == []
     assert [service.name for service in catalog.services] == ["partly", "empty"]
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "dropped"),
+    [
+        # An IPv4 endpoint here, the IPv6 one elsewhere: only the IPv6 frontends drop.
+        ('[{ip: 10.244.1.1, nodeName: node-a}, {ip: "fd00:244::2", nodeName: node-b}]', {6}),
+        # No IPv6 endpoint anywhere: the IPv6 frontends are refused (kube-proxy runs one
+        # proxier per family, and the IPv6 one has no endpoint at all).
+        ("[{ip: 10.244.1.1, nodeName: node-b}]", {4}),
+    ],
+)
+def test_the_drop_is_decided_per_address_family(endpoints: str, dropped: set[int]) -> None:
+    catalog, problems = load_services_text(
+        textwrap.dedent(
+            f"""\
+            services:
+              - name: dual
+                externalTrafficPolicy: Local
+                ports: [{{port: 80, nodePort: 30080}}]
+                endpoints: {endpoints}
+            """
+        )
+    )
+    assert problems == []
+
+    (external,) = services_file_to_engine(catalog, [NODE_ADDRESS, "fd00:77::1"], "node-a")
+
+    assert {_family(ip) for ip, _, _ in external.frontends} == {4, 6}
+    assert external.no_local_endpoints == dropped
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4

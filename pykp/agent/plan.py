@@ -41,10 +41,11 @@ class EngineService:
     policy: str = DEFAULT_POLICY
     affinity_timeout: float | None = None  # None: no session affinity
     hash_key: str | None = None  # None: the engine's default
-    # A Local traffic policy left this node no usable endpoint while the service has some
-    # elsewhere: kube-proxy drops such connections ("has no local endpoints") instead of
-    # refusing them (refused: no endpoint at all).
-    no_local_endpoints: bool = False
+    # The address families (4, 6) for which a Local traffic policy left this node no
+    # usable endpoint while the service has some elsewhere: kube-proxy drops connections
+    # to those frontends ("has no local endpoints") instead of refusing them (refused: no
+    # endpoint of the family at all). Per family, as kube-proxy runs one proxier per family.
+    no_local_endpoints: frozenset[int] = frozenset()
 
 
 @functools.lru_cache(maxsize=64)
@@ -84,10 +85,10 @@ def service_ports_to_engine(
     With `traffic_policies`, a Local internalTrafficPolicy (for clusterIPs) or
     externalTrafficPolicy (for externalIPs, loadBalancerIPs and nodePorts) gives those
     frontends only this node's endpoints, none at all when the node has none (the traffic
-    is then never sent off the node: `no_local_endpoints` says to drop it, as kube-proxy
-    does, when the service has usable endpoints elsewhere). When the two policies differ,
-    a port becomes two engine services: `name` for the clusterIPs and `name#external` for
-    the rest.
+    is then never sent off the node: `no_local_endpoints` says for which families to drop
+    it, as kube-proxy does, because the service has usable endpoints elsewhere). When the
+    two policies differ, a port becomes two engine services: `name` for the clusterIPs and
+    `name#external` for the rest.
     """
     nodes = _canonical(tuple(node_addresses))
     affinity_timeout = (
@@ -142,12 +143,23 @@ def service_ports_to_engine(
                     policy=spec.policy,
                     affinity_timeout=affinity_timeout,
                     hash_key=spec.hash_key,
-                    no_local_endpoints=narrowed
-                    and not any(map(_usable, backends))
-                    and any(map(_usable, every)),
+                    no_local_endpoints=(
+                        _no_local_endpoints(families, backends, every) if narrowed else frozenset()
+                    ),
                 )
             )
     return engine_services
+
+
+def _no_local_endpoints(
+    families: set[int],
+    local: tuple[EngineBackend, ...],
+    every: tuple[EngineBackend, ...],
+) -> frozenset[int]:
+    """The families with a usable endpoint somewhere but none among `local`."""
+    usable = {_family(backend.ip) for backend in every if _usable(backend)}
+    served = {_family(backend.ip) for backend in local if _usable(backend)}
+    return frozenset(families & usable - served)
 
 
 def _usable(backend: EngineBackend) -> bool:

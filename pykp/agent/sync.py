@@ -423,7 +423,7 @@ class ServiceSync:
         slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
         used_ips = set()
         for ip, port, protocol in service.frontends:
-            no_local = service.no_local_endpoints
+            no_local = (6 if ":" in ip else 4) in service.no_local_endpoints
             if ip in cluster_ips:
                 rules.append(
                     FrontendRule(ip, port, protocol, queued=queued, no_local_endpoints=no_local)

@@ -231,7 +231,8 @@ def _run_policy(
             decision = node.engine.decide(
                 client_ip, client_port, ip, port, protocol, tcp_flags=_TCP_SYN, now=now
             )
-            outcome = _outcome(decision, node_service)
+            no_local = ipaddress.ip_address(ip).version in node_service.no_local_endpoints
+            outcome = _outcome(decision, no_local_endpoints=no_local)
             steps.append(Step(node.name, (client_ip, client_port), (ip, port, protocol), outcome))
         runs.append(
             ServiceRun(
@@ -269,11 +270,11 @@ def decide_on_every_node(
     }
 
 
-def _outcome(decision: Decision, service: EngineService | None = None) -> str:
+def _outcome(decision: Decision, *, no_local_endpoints: bool = False) -> str:
     """The backend a decision names, or what happened instead."""
     if decision.action == "forward" and decision.backend is not None:
         return endpoint_text(*decision.backend)
-    if decision.action == "reject" and service is not None and service.no_local_endpoints:
+    if decision.action == "reject" and no_local_endpoints:
         # The engine refuses; the agent's rules then drop, as kube-proxy does.
         return "drop: no local endpoints"
     return f"{decision.action}: {decision.reason}"
