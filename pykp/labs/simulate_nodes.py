@@ -318,7 +318,8 @@ def render_nodes_simulation(result: NodesSimulation, console: Console, *, steps:
         )
     )
     for run in result.runs:
-        console.print(_steps_table(run, steps))
+        if steps > 0:
+            console.print(_steps_table(run, steps))
         console.print(_totals_table(run, result.nodes))
     console.print(_convergence_table(result))
 
@@ -388,6 +389,7 @@ def _convergence_table(result: NodesSimulation) -> Table:
             f"eventually: the connection from which every backend's share stays within "
             f"±{100 * DEFAULT_TOLERANCE:g} % of its fair share to the end of the run"
         ),
+        caption="one run: the figures of random draws and Maglev hashes vary with --seed",
         box=box.SIMPLE_HEAD,
     )
     table.add_column("service", no_wrap=True)
