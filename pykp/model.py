@@ -128,9 +128,10 @@ class Catalog:
     """Every service a source holds (invalid entries left out): a services file's content,
     or the Kubernetes API's Services and EndpointSlices.
 
-    A Kubernetes source sets `traffic_policies` (apply externalTrafficPolicy and
-    internalTrafficPolicy when translating, as kube-proxy does) and `zone` (this node's
-    topology.kubernetes.io/zone, for topology hints); a services file keeps the defaults.
+    Both sources set `traffic_policies` (apply externalTrafficPolicy and
+    internalTrafficPolicy when translating, as kube-proxy does: an endpoint is local when
+    its nodeName is the agent's node name); a Kubernetes source also sets `zone` (this
+    node's topology.kubernetes.io/zone, for topology hints).
     """
 
     services: tuple[ServiceSpec, ...] = ()

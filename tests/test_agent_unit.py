@@ -421,6 +421,7 @@ def test_the_engine_gets_every_service_port_and_decides_for_its_frontends(
     engine = h.agent.engine
     assert sorted(engine.services()) == [
         "default/local",
+        "default/local#external",  # externalTrafficPolicy Local: this node's endpoints only
         "default/web:http",
         "kube-system/dns:dns",
         "kube-system/dns:dns-tcp",
@@ -428,6 +429,8 @@ def test_the_engine_gets_every_service_port_and_decides_for_its_frontends(
     decision = engine.decide("192.0.2.1", 40000, "192.168.77.1", 30080)  # a NodePort
     assert decision.action == "forward"
     assert decision.service == "default/web:http"
+    local = engine.decide("192.0.2.1", 40001, "192.168.77.1", 30443)
+    assert (local.service, local.backend) == ("default/local#external", ("10.244.1.11", 8443))
     # nodeName node-a is this node (--hostname-override): the status shows it local.
     web = next(s for s in h.agent.snapshot()["services"] if s["name"] == "default/web:http")
     assert [b["local"] for b in web["backends"]] == [True, False]
@@ -869,11 +872,12 @@ def test_each_sync_writes_the_status_file(tmp_path: Path) -> None:
     names = [service["name"] for service in snapshot["services"]]
     assert names == [
         "default/local",
+        "default/local#external",
         "default/web:http",
         "kube-system/dns:dns",
         "kube-system/dns:dns-tcp",
     ]
-    dns = snapshot["services"][2]
+    dns = snapshot["services"][3]
     assert dns["frontends"][:2] == ["10.96.0.53:53/UDP", "203.0.113.53:53/UDP"]
     assert "[fd00:77::1]:30053/UDP" in dns["frontends"]
     assert snapshot["counters"]["decisions_forward"] == 1
@@ -1753,8 +1757,11 @@ def test_the_status_snapshot_lists_the_first_services_by_name_and_counts_all(
 
     snapshot = h.agent.snapshot()
 
-    assert [s["name"] for s in snapshot["services"]] == ["default/local", "default/web:http"]
-    assert snapshot["servicesTotal"] == 4
+    assert [s["name"] for s in snapshot["services"]] == [
+        "default/local",
+        "default/local#external",
+    ]
+    assert snapshot["servicesTotal"] == 5
 
 
 def test_a_local_services_health_check_node_port_is_served_and_closed_with_the_agent(

@@ -122,7 +122,14 @@ SMALL = RuleState(
             FrontendRule("10.96.0.10", 53, "TCP"),
             FrontendRule("10.96.0.20", 80, "SCTP"),
             FrontendRule("192.168.77.1", 30080, "TCP", external=True),
-            FrontendRule("192.168.77.1", 30081, "TCP", external=True, masquerade=False),
+            FrontendRule(
+                "192.168.77.1",
+                30081,
+                "TCP",
+                external=True,
+                masquerade=False,
+                no_local_endpoints=True,
+            ),
             FrontendRule("fd00:10:96::a", 53, "UDP"),
             FrontendRule("fd00:77::1", 30080, "TCP", external=True),
         }
@@ -168,6 +175,8 @@ SMALL_EXPECTED = {
     "masq_frontends6": {"fd00:77::1 . tcp . 30080"},
     "local_frontends4": {"192.168.77.1 . tcp . 30081"},
     "local_frontends6": set(),
+    "no_local_endpoints4": {"192.168.77.1 . tcp . 30081"},
+    "no_local_endpoints6": set(),
     "service_ips4": {"10.96.0.10", "10.96.0.20"},
     "service_ips6": {"fd00:10:96::a"},
     "hairpin4": {"10.244.0.11 . 10.244.0.11", "10.244.0.12 . 10.244.0.12"},
@@ -270,6 +279,16 @@ def test_render_table_has_sets_maps_and_chains() -> None:
         "meta mark & 0x00004000 == 0x00004000",
         "ip daddr @service_ips4 jump do_reject",
         "meta mark & 0xffff0000 == 0xffff0000 jump do_reject",
+        # kube-proxy's "has no local endpoints" DROP: clusterIPs from anywhere, external
+        # frontends from outside the cluster and the node.
+        (
+            "meta mark & 0xffff0000 == 0xffff0000 ip daddr . meta l4proto . th dport "
+            "@no_local_endpoints4 ip daddr . meta l4proto . th dport != @local_frontends4 drop"
+        ),
+        (
+            "meta mark & 0xffff0000 == 0xffff0000 ip daddr . meta l4proto . th dport "
+            "@no_local_endpoints4 ip saddr != @cluster_cidrs4 fib saddr type != local drop"
+        ),
         "reject with tcp reset",
         "reject with icmpx port-unreachable",
         # The kernel path: undecided new connections to a frontend pick a slot at random.

@@ -234,7 +234,7 @@ def test_null_means_unset() -> None:
 
 
 def test_an_empty_file_has_no_services() -> None:
-    assert load("") == (Catalog(), [])
+    assert load("") == (Catalog(traffic_policies=True), [])
 
 
 def test_the_bundled_example_is_clean_and_covers_the_features() -> None:

@@ -41,6 +41,11 @@ class EngineService:
     policy: str = DEFAULT_POLICY
     affinity_timeout: float | None = None  # None: no session affinity
     hash_key: str | None = None  # None: the engine's default
+    # The address families (4, 6) for which a Local traffic policy left this node no
+    # usable endpoint while the service has some elsewhere: kube-proxy drops connections
+    # to those frontends ("has no local endpoints") instead of refusing them (refused: no
+    # endpoint of the family at all). Per family, as kube-proxy runs one proxier per family.
+    no_local_endpoints: frozenset[int] = frozenset()
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,9 +84,10 @@ def service_ports_to_engine(
 
     With `traffic_policies`, a Local internalTrafficPolicy (for clusterIPs) or
     externalTrafficPolicy (for externalIPs, loadBalancerIPs and nodePorts) gives those
-    frontends only this node's endpoints, none at all when the node has none (the engine
-    then refuses the traffic rather than sending it off the node). When the two policies
-    differ, a port becomes two engine services: `name` for the clusterIPs and
+    frontends only this node's endpoints, none at all when the node has none (the traffic
+    is then never sent off the node: `no_local_endpoints` says for which families to drop
+    it, as kube-proxy does, because the service has usable endpoints elsewhere). When the
+    two policies differ, a port becomes two engine services: `name` for the clusterIPs and
     `name#external` for the rest.
     """
     nodes = _canonical(tuple(node_addresses))
@@ -102,28 +108,27 @@ def service_ports_to_engine(
         every = _port_backends(spec, port, node_name)
         cluster = _topology_filter(every, spec.endpoints, port, node_name, zone)
         local = tuple(backend for backend in every if backend.local)
-        internal_backends = (
-            local if traffic_policies and spec.internal_traffic_policy == "Local" else cluster
-        )
-        external_backends = (
-            local if traffic_policies and spec.external_traffic_policy == "Local" else cluster
-        )
+        internal_local = traffic_policies and spec.internal_traffic_policy == "Local"
+        external_local = traffic_policies and spec.external_traffic_policy == "Local"
+        internal_backends = local if internal_local else cluster
+        external_backends = local if external_local else cluster
         name = service_port_name(spec, port)
-        groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...]]]
+        # (engine service name, frontends, backends, narrowed to this node's endpoints)
+        groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...], bool]]
         if not internal:
-            groups = [(name, external, external_backends)]
+            groups = [(name, external, external_backends, external_local)]
         elif not external or spec.internal_traffic_policy == spec.external_traffic_policy:
-            groups = [(name, internal + external, internal_backends)]
+            groups = [(name, internal + external, internal_backends, internal_local)]
         elif traffic_policies:
             # Split on the policies, not on whether the backend sets differ, so the
             # engine services' names stay put as endpoints come and go.
             groups = [
-                (name, internal, internal_backends),
-                (name + EXTERNAL_SUFFIX, external, external_backends),
+                (name, internal, internal_backends, internal_local),
+                (name + EXTERNAL_SUFFIX, external, external_backends, external_local),
             ]
         else:
-            groups = [(name, internal + external, cluster)]
-        for group_name, frontends, backends in groups:
+            groups = [(name, internal + external, cluster, False)]
+        for group_name, frontends, backends, narrowed in groups:
             # The engine refuses a backend that no frontend's family reaches (NAT does not
             # cross families): e.g. IPv4 endpoints behind IPv6-only node addresses.
             families = {_family(address) for address, _, _ in frontends}
@@ -138,9 +143,29 @@ def service_ports_to_engine(
                     policy=spec.policy,
                     affinity_timeout=affinity_timeout,
                     hash_key=spec.hash_key,
+                    no_local_endpoints=(
+                        _no_local_endpoints(families, backends, every) if narrowed else frozenset()
+                    ),
                 )
             )
     return engine_services
+
+
+def _no_local_endpoints(
+    families: set[int],
+    local: tuple[EngineBackend, ...],
+    every: tuple[EngineBackend, ...],
+) -> frozenset[int]:
+    """The families with a usable endpoint somewhere but none among `local`."""
+    usable = {_family(backend.ip) for backend in every if _usable(backend)}
+    served = {_family(backend.ip) for backend in local if _usable(backend)}
+    return frozenset(families & usable - served)
+
+
+def _usable(backend: EngineBackend) -> bool:
+    """kube-proxy's usable endpoint (the engine's pool rule): ready, or serving while
+    terminating (used when none is ready)."""
+    return backend.ready or (backend.serving and backend.terminating)
 
 
 def _port_backends(

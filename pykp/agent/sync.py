@@ -423,12 +423,21 @@ class ServiceSync:
         slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
         used_ips = set()
         for ip, port, protocol in service.frontends:
+            no_local = (6 if ":" in ip else 4) in service.no_local_endpoints
             if ip in cluster_ips:
-                rules.append(FrontendRule(ip, port, protocol, queued=queued))
+                rules.append(
+                    FrontendRule(ip, port, protocol, queued=queued, no_local_endpoints=no_local)
+                )
             else:
                 rules.append(
                     FrontendRule(
-                        ip, port, protocol, external=True, masquerade=masquerade, queued=queued
+                        ip,
+                        port,
+                        protocol,
+                        external=True,
+                        masquerade=masquerade,
+                        queued=queued,
+                        no_local_endpoints=no_local,
                     )
                 )
             if ip in service_ips:

@@ -25,6 +25,13 @@ from rich.console import Console
 
 from pykp import __version__
 from pykp.labs.simulate import render_simulation, simulate_connections
+from pykp.labs.simulate_nodes import (
+    MAX_NODES,
+    SCHEDULES,
+    render_nodes_simulation,
+    simulate_nodes,
+)
+from pykp.labs.simulate_plot import plot_shares
 from pykp.model import POLICIES, Catalog, Problem, family_warnings
 from pykp.sources.services_file import ServicesFileError, load_bundled_example, load_services_file
 
@@ -136,6 +143,12 @@ def _check_policy(value: str | None) -> str | None:
     return value
 
 
+def _check_schedule(value: str) -> str:
+    if value not in SCHEDULES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SCHEDULES)}")
+    return value
+
+
 def _load_services(path: Path | None) -> Catalog:
     """The services file at `path` (the bundled example if None); problems go to stderr."""
     try:
@@ -163,9 +176,15 @@ def simulate(
         ),
     ] = None,
     connections: Annotated[
-        int,
-        typer.Option("--connections", "-n", help="New connections per service port.", min=1),
-    ] = 1000,
+        int | None,
+        typer.Option(
+            "--connections",
+            "-n",
+            help="New connections per service port (default 1000; with --nodes 10000, "
+            "enough for random and Maglev to settle).",
+            min=1,
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed for the clients and the engine (default: random, printed).", min=0),
@@ -177,21 +196,81 @@ def simulate(
             callback=_check_policy,
         ),
     ] = None,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            help="Simulate this many nodes (node-1 ... node-N), each with its own engine and "
+            "policy state; compares random, round-robin and Maglev.",
+            min=1,
+            max=MAX_NODES,
+        ),
+    ] = None,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="With --nodes: which node each connection starts on: round-robin (every "
+            "node in turn), alternate (the first two nodes in turn) or random.",
+            callback=_check_schedule,
+        ),
+    ] = "round-robin",
+    steps: Annotated[
+        int, typer.Option(help="With --nodes: connections shown one by one.", min=0)
+    ] = 8,
+    plot_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="With --nodes: write a PNG of share versus connections per policy "
+            "(needs matplotlib).",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Show how the engine spreads synthetic connections over backends (no cluster needed)."""
+    if nodes is None:
+        given = [
+            flag
+            for flag, value, default in (
+                ("--schedule", schedule, "round-robin"),
+                ("--steps", steps, 8),
+                ("--plot", plot_file, None),
+            )
+            if value != default
+        ]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} needs --nodes")
     services_file = _load_services(services)
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
     try:
-        result = simulate_connections(
-            services_file, connections=connections, seed=seed, policy=policy
-        )
+        if nodes is None:
+            result = simulate_connections(
+                services_file, connections=connections or 1000, seed=seed, policy=policy
+            )
+        else:
+            nodes_result = simulate_nodes(
+                services_file,
+                nodes=nodes,
+                schedule=schedule,
+                connections=connections or 10000,
+                seed=seed,
+                policy=policy,
+            )
     except ModuleNotFoundError as error:
         if error.name != _EXTENSION:
             raise
         typer.echo(_NOT_BUILT, err=True)
         raise typer.Exit(1) from None
-    render_simulation(result, _console())
+    if nodes is None:
+        render_simulation(result, _console())
+        return
+    render_nodes_simulation(nodes_result, _console(), steps=steps)
+    if plot_file is not None:
+        skipped = plot_shares(nodes_result, plot_file)
+        if skipped:
+            typer.echo(f"plot skipped: {skipped}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"plot written to {plot_file}")
 
 
 # --- run ----------------------------------------------------------------------------------

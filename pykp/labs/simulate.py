@@ -71,7 +71,11 @@ def simulate_connections(
     from pykp._fastpath import Engine
 
     engine = Engine(seed=seed)
-    engine_services = services_file_to_engine(services_file, [SIMULATED_NODE_ADDRESS])
+    # One node that is none of the file's nodes: no endpoint would be local, and a Local
+    # policy would turn every connection away. Traffic policies are `simulate --nodes`'s
+    # to show; here every service spreads over all its endpoints.
+    spread = dataclasses.replace(services_file, traffic_policies=False)
+    engine_services = services_file_to_engine(spread, [SIMULATED_NODE_ADDRESS])
     if policy is not None:
         engine_services = [
             dataclasses.replace(service, policy=policy) for service in engine_services
@@ -93,7 +97,7 @@ def simulate_connections(
                 client_ip, client_port, ip, port, protocol, tcp_flags=_TCP_SYN, now=now
             )
             if decision.action == "forward" and decision.backend is not None:
-                forwarded[_endpoint_text(*decision.backend)] += 1
+                forwarded[endpoint_text(*decision.backend)] += 1
             else:
                 outcomes[f"{decision.action}: {decision.reason}"] += 1
         tallies.append(_tally(service, forwarded, outcomes, connections))
@@ -138,7 +142,7 @@ def _tally(
     connections: int,
 ) -> ServiceTally:
     # Every backend gets a row, the unused ones too (a terminating endpoint's 0 is the point).
-    backends = [_endpoint_text(backend.ip, backend.port) for backend in service.backends]
+    backends = [endpoint_text(backend.ip, backend.port) for backend in service.backends]
     backends += [backend for backend in forwarded if backend not in backends]
     return ServiceTally(
         service=service.name,
@@ -149,7 +153,7 @@ def _tally(
     )
 
 
-def _endpoint_text(ip: str, port: int) -> str:
+def endpoint_text(ip: str, port: int) -> str:
     address = ipaddress.ip_address(ip)
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 

@@ -146,6 +146,9 @@ class FrontendRule:
     # Its first packets go to pykp's reader; False: the kernel path decides them (a policy
     # the kernel expresses), and never a user-space hop.
     queued: bool = True
+    # A Local traffic policy left it no endpoint on this node (the service has some
+    # elsewhere): what it cannot serve is dropped, not refused, as kube-proxy does.
+    no_local_endpoints: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -212,6 +215,9 @@ _SYNCED: dict[str, str] = {
     # --cluster-cidr rule (meant for ClusterIPs) does not hide the client address.
     "local_frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
     "local_frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
+    # Frontends whose Local traffic policy left this node no endpoint: dropped, not refused.
+    "no_local_endpoints4": _FRONTEND_TYPE.format("ipv4_addr"),
+    "no_local_endpoints6": _FRONTEND_TYPE.format("ipv6_addr"),
     "service_ips4": "ipv4_addr",
     "service_ips6": "ipv6_addr",
     # (ip . ip) for every backend ip: nft cannot compare saddr with daddr, so hairpin
@@ -283,6 +289,8 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
             out[f"queued{version}"][key] = key
         if f.external:
             out[f"{'masq' if f.masquerade else 'local'}_frontends{version}"][key] = key
+        if f.no_local_endpoints:
+            out[f"no_local_endpoints{version}"][key] = key
     for (ip, port, protocol), slots in state.fallback.items():
         if not slots:
             continue
@@ -405,8 +413,25 @@ def _chain_rules(
     # Reached only when the map lacks the id (sync lagging behind the engine): refuse,
     # rather than let conntrack record the connection un-NATed.
     nat_backend.append(f"meta mark set meta mark & {keep} | {reject}")
-    reject_rules = [
-        "ct state != new accept",
+    frontend = "{p} daddr . meta l4proto . th dport"
+    reject_rules = ["ct state != new accept"]
+    # kube-proxy's "has no local endpoints" DROP (a Local policy, endpoints elsewhere only),
+    # before the refusal: for clusterIPs (internalTrafficPolicy) from anywhere; for external
+    # frontends (externalTrafficPolicy, in local_frontends) from outside the cluster only.
+    # kube-proxy short-circuits pods and the node itself to every endpoint there; pykp
+    # cannot (the engine decides by destination), so they are refused: at once, not after
+    # a timeout.
+    reject_rules += [
+        f"meta mark & {mask} == {reject} {frontend.format(p=p)} @no_local_endpoints{v} "
+        f"{frontend.format(p=p)} != @local_frontends{v} drop"
+        for p, v in fams
+    ]
+    reject_rules += [
+        f"meta mark & {mask} == {reject} {frontend.format(p=p)} @no_local_endpoints{v} "
+        f"{p} saddr != @cluster_cidrs{v} fib saddr type != local drop"
+        for p, v in fams
+    ]
+    reject_rules += [
         f"meta mark & {mask} == {reject} jump do_reject",
     ] + [
         f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams

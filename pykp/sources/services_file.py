@@ -126,7 +126,7 @@ def load_services_text(
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ServicesFileError(source_name, line, column, f"invalid YAML: {message}") from None
     if root is None:  # an empty file: no services, nothing wrong
-        return Catalog(), []
+        return Catalog(traffic_policies=True), []
     if not isinstance(root, MappingNode):
         line, column = _position(root)
         raise ServicesFileError(
@@ -238,6 +238,7 @@ class ServicesFileCache:
         catalog = Catalog(
             services=tuple(by_key.values()),
             default_policy=default_policy,
+            traffic_policies=True,
             invalid=frozenset(parser._invalid_services),
             by_key=by_key,
         )
@@ -693,7 +694,7 @@ class _Parser:
         try:
             entries = self.required(fields, "services", "", root, self.items)
         except _Invalid:
-            return Catalog(default_policy=default_policy)
+            return Catalog(default_policy=default_policy, traffic_policies=True)
         services = []
         for index, entry in enumerate(entries):
             service = self.parse_service(entry, f"services[{index}]", default_policy)
@@ -702,6 +703,7 @@ class _Parser:
         return Catalog(
             services=tuple(services),
             default_policy=default_policy,
+            traffic_policies=True,
             invalid=frozenset(self._invalid_services),
         )
 
@@ -790,6 +792,9 @@ class _Parser:
         ports: list[tuple[ServicePort, Node]] = []
         with contextlib.suppress(_Invalid):
             ports = self.required(fields, "ports", path, node, self.parse_ports)
+        self.check_local_endpoints_named(
+            fields, path, entry.key, external_traffic_policy, internal_traffic_policy
+        )
         middle = len(self.problems)
         addresses = (*cluster_ips, *external_ips, *load_balancer_ips)
         if not addresses and all(port.node_port is None for port, _ in ports):
@@ -827,6 +832,31 @@ class _Parser:
                 endpoints=endpoints,
             )
         return entry
+
+    def check_local_endpoints_named(
+        self, fields: dict[str, Node], path: str, key: str, external: str, internal: str
+    ) -> None:
+        """A Local traffic policy sends traffic only to the endpoints on this node, which
+        only an endpoint's nodeName tells (matched against the agent's node name,
+        --hostname-override): endpoints of which none names its node cannot be meant."""
+        endpoints = self.optional(fields, "endpoints")
+        if not isinstance(endpoints, SequenceNode) or not endpoints.value:
+            return
+        if any(_has_key(endpoint, "nodeName") for endpoint in endpoints.value):
+            return
+        for policy_key, policy in (
+            ("externalTrafficPolicy", external),
+            ("internalTrafficPolicy", internal),
+        ):
+            if policy == "Local":
+                self.report(
+                    fields[policy_key],
+                    _join(path, policy_key),
+                    f"{key}: Local sends traffic only to endpoints on this node, but no "
+                    "endpoint has a nodeName to say which node it is on (add nodeName to "
+                    "the endpoints, or use Cluster)",
+                )
+                return
 
     def settle(self, entry: _Entry, path: str, base: int) -> ServiceSpec | None:
         """An entry's problems placed (its text starts at 0-based line `base`; its index
@@ -1036,6 +1066,12 @@ def _value_node(mapping: Node, key: str) -> Node:
                 value: Node = value_node
                 return value
     return mapping
+
+
+def _has_key(node: Node, key: str) -> bool:
+    return isinstance(node, MappingNode) and any(
+        isinstance(key_node, ScalarNode) and key_node.value == key for key_node, _ in node.value
+    )
 
 
 def _is_null(node: Node) -> bool:
