@@ -22,6 +22,11 @@ __all__ = [
     "kernel_flows",
     "loadgen_main",
     "queue_keeper",
+    "Explanation",
+    "ExplainedBackend",
+    "ExplainedAffinity",
+    "ExplainedFlow",
+    "explain",
 ]
 
 __version__: Final[str]
@@ -364,3 +369,131 @@ def queue_keeper(
     then accept what still waits and close (all fds owned from here on); with `heartbeat`,
     hand the queues over while the readers stall and give them back (the readers'
     `max_len` and `fail_open`) after."""
+
+@final
+class ExplainedBackend:
+    """One backend of an explained service, with why it is (not) in the policy's pool."""
+
+    @property
+    def ip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def serving(self) -> bool: ...
+    @property
+    def terminating(self) -> bool: ...
+    @property
+    def local(self) -> bool: ...
+    @property
+    def eligible(self) -> bool:
+        """In the pool the policy chooses from."""
+    @property
+    def reason(self) -> str:
+        """Why (not): ready, terminating-fallback (in the pool: no backend is ready),
+        terminating (ready ones exist), not-serving, not-ready, weight-0 or other-family."""
+    @property
+    def active(self) -> int:
+        """Flows pykp's connection table binds to it (what least-conn compares)."""
+    @property
+    def maglev_slots(self) -> int | None:
+        """Slots it owns in the Maglev table (None: not Maglev)."""
+
+@final
+class ExplainedAffinity:
+    """The client's session-affinity entry."""
+
+    @property
+    def backend(self) -> tuple[str, int]: ...
+    @property
+    def expires_in(self) -> float: ...
+    @property
+    def in_pool(self) -> bool:
+        """False: its backend left the pool, so the policy chooses again."""
+
+@final
+class ExplainedFlow:
+    """A live flow in pykp's connection table with the probe's 5-tuple."""
+
+    @property
+    def backend(self) -> tuple[str, int]: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def expires_in(self) -> float: ...
+    @property
+    def kept(self) -> bool:
+        """False: a new connection on this tuple is decided afresh (the flow is closing, or
+        its backend left the pool)."""
+
+@final
+class Explanation:
+    """What a new connection would get, and why: `explain`'s answer."""
+
+    @property
+    def service(self) -> str: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def hash_key(self) -> str | None:
+        """Maglev's ("5-tuple", "source-ip"); None for the other policies."""
+    @property
+    def affinity_timeout(self) -> float | None: ...
+    @property
+    def frontends(self) -> list[tuple[str, int, str]]: ...
+    @property
+    def frontend(self) -> tuple[str, int, str] | None:
+        """The frontend the connection goes to (None: the service has none)."""
+    @property
+    def backends(self) -> list[ExplainedBackend]:
+        """Every backend, in the order the service gave them."""
+    @property
+    def fallback(self) -> bool:
+        """The pool is the terminating fallback (no backend is ready)."""
+    @property
+    def round_robin_ticket(self) -> int | None:
+        """Round-robin: connections handed out since the service was last written (the
+        next one takes this ticket)."""
+    @property
+    def round_robin_cycle(self) -> int | None:
+        """Round-robin: tickets in one turn of the pool (or of the weighted schedule)."""
+    @property
+    def maglev_table_size(self) -> int | None: ...
+    @property
+    def maglev_slot(self) -> int | None:
+        """The connection's slot in the Maglev table, when the client given is enough."""
+    @property
+    def policy_choice(self) -> tuple[str, int] | None:
+        """What the policy alone picks now (affinity and live flows aside)."""
+    @property
+    def affinity(self) -> ExplainedAffinity | None: ...
+    @property
+    def flow(self) -> ExplainedFlow | None: ...
+    @property
+    def backend(self) -> tuple[str, int] | None:
+        """The backend the connection gets on this engine (None: see `decided_by`)."""
+    @property
+    def decided_by(self) -> str:
+        """What decides: flow, affinity, policy, reject (no backend in the pool) or
+        undetermined (the policy needs more of the client: see `note`)."""
+    @property
+    def note(self) -> str | None: ...
+
+def explain(
+    engine: Engine,
+    *,
+    service: str | None = None,
+    frontend: tuple[str, int, str] | None = None,
+    client: str | None = None,
+    client_port: int | None = None,
+    now: float | None = None,
+) -> Explanation:
+    """A dry run of a new connection to a service (by engine service `name` or by
+    `frontend` (ip, port, protocol)) from `client`: changes nothing in the engine (no
+    round-robin ticket, no entropy drawn, no flow or affinity entry made or refreshed).
+    Raises KeyError for an unknown service or frontend, ValueError for a bad address."""

@@ -39,6 +39,7 @@ from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.executor import trim_heap
 from pykp.netfilter.monitor import ForeignChange, RulesetMonitor
 from pykp.netfilter.rules import MarkLayout
+from pykp.observe.explain import NodeView, explain_report
 from pykp.observe.flows import (
     FLOWS_LISTED_MAX,
     active_flow_family,
@@ -351,6 +352,7 @@ class Agent:
                         self.snapshot,
                         PROXY_MODE,
                         flows=self.kernel_flows,
+                        explain=self.explain,
                     )
                 )
             # A failed start removes only rules it created: a previous agent's rules keep
@@ -867,6 +869,21 @@ class Agent:
             follower.stats() if follower is not None and follower.running else None
         )
         return snapshot
+
+    def explain(self, service: str, client: str | None) -> dict[str, Any]:
+        """`/explain`: what a new connection to `service` from `client` gets here, and why."""
+        context = self._context
+        node = NodeView(self.node_name)
+        if context is not None:
+            node = NodeView(
+                context.node_name,
+                context.node_addresses,
+                context.traffic_policies,
+                context.zone,
+            )
+        # A copy of the names in one C call: atomic against the sync thread.
+        names = list(self.service_sync.applied)
+        return explain_report(self.engine, names, self.service_sync.spec, node, service, client)
 
     def _flush_status(self) -> None:
         if self._status_dirty:

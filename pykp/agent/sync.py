@@ -159,6 +159,11 @@ class ServiceSync:
     def refused(self) -> Mapping[str, str]:
         return self._refused
 
+    def spec(self, key: str) -> ServiceSpec | None:
+        """The service `key` as its engine services were last built from (for explain)."""
+        plan = self._plans.get(key)
+        return plan.spec if plan is not None else None
+
     @property
     def backends(self) -> Mapping[int, tuple[str, int]]:
         return self._backends

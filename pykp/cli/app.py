@@ -876,6 +876,93 @@ def flows(
     render_flows(report, _console())
 
 
+# --- explain ------------------------------------------------------------------------------
+
+
+@app.command()
+def explain(
+    service: Annotated[
+        str,
+        typer.Argument(
+            help="The service: namespace/name (every port), namespace/name:port, or "
+            "IP:port[/protocol] (the service at that frontend)."
+        ),
+    ],
+    client: Annotated[
+        str | None,
+        typer.Option(
+            help="The client: IP or IP:port (Maglev's 5-tuple needs the port). Default: a "
+            "new client, with no affinity or flow yet."
+        ),
+    ] = None,
+    services: Annotated[
+        Path | None,
+        typer.Option(
+            "--services",
+            "-f",
+            help="Explain offline, from this services file in a fresh engine, instead of "
+            "asking the running agent.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str, typer.Option(help="The agent's --metrics-bind-address (serves /explain).")
+    ] = "127.0.0.1:10249",
+    node: Annotated[
+        str | None,
+        typer.Option(help="Offline: the node's name (its endpoints are local; node hints)."),
+    ] = None,
+    node_address: Annotated[
+        list[str] | None,
+        typer.Option(help="Offline: a node address, where nodePorts listen (repeatable)."),
+    ] = None,
+    maglev_table_size: Annotated[
+        int, typer.Option(help="Offline: as `pykp run --maglev-table-size`.")
+    ] = 65537,
+    maglev_seed: Annotated[int, typer.Option(help="Offline: as `pykp run --maglev-seed`.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show which backend a new connection to a service gets on this node, and why: every
+    endpoint's eligibility, the policy's live state (round-robin position, Maglev slot,
+    least-conn counts, affinity). Asks the running agent, or --services FILE offline.
+    Changes nothing: the answer is what the next connection gets."""
+    from pykp.observe.explain import (
+        ExplainError,
+        NodeView,
+        explain_services_file,
+        fetch_explain,
+        render_explain,
+    )
+
+    try:
+        if services is None:
+            report = fetch_explain(address, service, client)
+        else:
+            catalog = _load_services(services)
+            view = NodeView(node, tuple(node_address or ()))
+            report = explain_services_file(
+                catalog,
+                service,
+                client,
+                node=view,
+                maglev_table_size=maglev_table_size,
+                maglev_seed=maglev_seed,
+            )
+    except ExplainError as error:
+        typer.echo(f"pykp explain: {error}", err=True)
+        raise typer.Exit(1) from None
+    except ModuleNotFoundError as error:
+        if error.name != _EXTENSION:
+            raise
+        typer.echo(_NOT_BUILT, err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=1, sort_keys=True))
+        return
+    render_explain(report, _console())
+
+
 # --- bench --------------------------------------------------------------------------------
 
 

@@ -461,12 +461,14 @@ def datapath_families(stats: Mapping[str, int]) -> list[Family]:
 
 
 class MetricsServer(HttpServer):
-    """`/metrics` (and `/status`, the agent's JSON snapshot, and `/proxyMode`) on
-    --metrics-bind-address.
+    """`/metrics` (and `/status`, the agent's JSON snapshot, `/proxyMode`, and
+    `/explain?service=...&client=...`) on --metrics-bind-address.
 
     `metrics` answers a scrape: given the request's Accept header, the body and its
     Content-Type (`Registry.render`). `proxy_mode` is the body of `/proxyMode`, as
-    kube-proxy answers it there ("iptables", "nftables"; pykp's is "nfqueue").
+    kube-proxy answers it there ("iptables", "nftables"; pykp's is "nfqueue"). `explain`
+    answers `/explain` (`pykp explain`): given the service and the client (or None), the
+    report (see `pykp.observe.explain`).
     """
 
     def __init__(
@@ -477,11 +479,13 @@ class MetricsServer(HttpServer):
         proxy_mode: str | None = None,
         *,
         flows: Callable[[Mapping[str, str]], Mapping[str, Any]] | None = None,
+        explain: Callable[[str, str | None], Mapping[str, Any]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.status = status
         self.proxy_mode = proxy_mode
         self.flows = flows
+        self.explain = explain
         super().__init__(address, name="metrics")
 
     def respond(self, request: BaseHTTPRequestHandler, path: str) -> Response | None:
@@ -498,6 +502,8 @@ class MetricsServer(HttpServer):
             except ValueError as error:  # a bad query (FlowQueryError, a bad limit)
                 return Response(400, f"{error}\n".encode(), "text/plain; charset=utf-8")
             return Response(200, body.encode(), "application/json")
+        if path == "/explain" and self.explain is not None:
+            return self._explain(request.path)
         if path == "/proxyMode" and self.proxy_mode is not None:
             # kube-proxy's answer: the mode's name alone, no newline.
             return Response(
@@ -507,3 +513,21 @@ class MetricsServer(HttpServer):
                 {"X-Content-Type-Options": "nosniff"},
             )
         return None
+
+    def _explain(self, target: str) -> Response:
+        from pykp.observe.explain import ExplainError
+
+        assert self.explain is not None
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+        service = query.get("service", [""])[0]
+        client = query.get("client", [""])[0] or None
+        status, body = 200, {}
+        if not service:
+            status, body = 400, {"error": "give ?service=namespace/name[:port] or IP:port[/proto]"}
+        else:
+            try:
+                body = dict(self.explain(service, client))
+            except ExplainError as error:
+                status, body = error.status, {"error": str(error)}
+        text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+        return Response(status, text.encode(), "application/json")

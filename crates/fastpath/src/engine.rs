@@ -223,6 +223,15 @@ impl Engine {
         &self.counters
     }
 
+    /// The entropy the next new flow will draw, without drawing it (for `explain`).
+    pub(crate) fn peek_entropy(&self) -> u64 {
+        mix64(self.entropy.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn affinity(&self) -> &AffinityTable {
+        &self.affinity
+    }
+
     #[inline]
     fn next_entropy(&self) -> u64 {
         mix64(self.entropy.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))

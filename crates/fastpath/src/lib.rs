@@ -5,6 +5,7 @@
 //! - [`policy`]: backend selection (random, round-robin, Maglev, least-connections).
 //! - [`conntrack`]: the connection table and session affinity.
 //! - [`engine`]: the one entry point every datapath calls for every packet it sees.
+//! - [`explain`]: a dry run of the engine's decision, with why (`pykp explain`).
 //! - [`datapath`]: how packets reach the engine (NFQUEUE today), Linux only.
 //!
 //! The PyO3 bindings live in `bindings` behind the `python` feature.
@@ -13,6 +14,7 @@ pub mod conntrack;
 #[cfg(target_os = "linux")]
 pub mod datapath;
 pub mod engine;
+pub mod explain;
 pub mod flow;
 pub mod hash;
 pub mod policy;

@@ -2,11 +2,13 @@
 //! with the GIL released around the core's work. The stub is `pykp/_fastpath.pyi`.
 //!
 //! One file per class or group: [`values`] (what Python passes in and gets back),
-//! [`engine`], [`staged`] (a batch between stage and commit), [`datapath`] (NFQUEUE and
-//! its queue keeper), [`follower`] (the kernel's conntrack events), [`loadgen`].
+//! [`engine`], [`explain`] (a dry run of a decision), [`staged`] (a batch between stage
+//! and commit), [`datapath`] (NFQUEUE and its queue keeper), [`follower`] (the kernel's
+//! conntrack events), [`loadgen`].
 
 mod datapath;
 mod engine;
+mod explain;
 mod follower;
 mod loadgen;
 mod staged;
@@ -23,6 +25,7 @@ use crate::policy::PolicyKind;
 
 use datapath::{queue_keeper, NfqueueDatapath};
 use engine::Engine;
+use explain::{ExplainedAffinity, ExplainedBackend, ExplainedFlow, Explanation};
 use follower::{kernel_flows, ConntrackFollower, KernelFlow};
 use loadgen::loadgen_main;
 use staged::StagedChange;
@@ -82,5 +85,10 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_flows, m)?)?;
     m.add_function(wrap_pyfunction!(loadgen_main, m)?)?;
     m.add_function(wrap_pyfunction!(queue_keeper, m)?)?;
+    m.add_class::<Explanation>()?;
+    m.add_class::<ExplainedBackend>()?;
+    m.add_class::<ExplainedAffinity>()?;
+    m.add_class::<ExplainedFlow>()?;
+    m.add_function(wrap_pyfunction!(explain::explain, m)?)?;
     Ok(())
 }

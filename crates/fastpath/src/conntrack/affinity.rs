@@ -91,6 +91,18 @@ impl AffinityTable {
         )
     }
 
+    /// The backend `client` is pinned to and the time left, without refreshing the pin.
+    pub(crate) fn peek(
+        &self,
+        service: ServiceId,
+        client: IpAddr,
+        now: Nanos,
+    ) -> Option<(Arc<BackendHandle>, Nanos)> {
+        let key = AffinityKey { service, client };
+        let (backend, expires) = self.inner.peek(&key, Arc::clone)?;
+        (now < expires).then(|| (backend, expires - now))
+    }
+
     /// Unpin `client` from `service`; false if it was not pinned.
     pub fn remove(&self, service: ServiceId, client: IpAddr) -> bool {
         self.inner.remove(&AffinityKey { service, client }, drop)

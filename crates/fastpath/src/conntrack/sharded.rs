@@ -245,6 +245,16 @@ impl<K: TableKey, V> Sharded<K, V> {
         }
     }
 
+    /// Look at `key`'s entry, expired or not, without touching it (no new deadline, no LRU
+    /// move, no lazy expiry): `f` of its value, and its deadline.
+    pub(crate) fn peek<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<(R, Nanos)> {
+        let (h, shard) = self.locate(key);
+        let g = shard.lock();
+        let (_, idx) = g.map.find(h, key)?;
+        let node = g.map.node(idx);
+        Some((f(node.value()), node.expires))
+    }
+
     /// Insert or replace `key`. A full shard first drops its least recently used entry
     /// (an expiration if that entry had expired anyway, else an eviction). Every value that
     /// leaves goes to `release`; the new value was "opened" by the caller.

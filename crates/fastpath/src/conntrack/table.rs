@@ -199,6 +199,15 @@ impl ConnTable {
         }
     }
 
+    /// `key`'s entry (expired ones too: a lookup would drop them, freeing their count), its
+    /// state and its deadline, without counting a packet.
+    pub(crate) fn peek(&self, key: &FlowKey) -> Option<(Binding, ConnState, Nanos)> {
+        let ((binding, state), expires) = self.inner.peek(key, |e| {
+            (Binding { service: e.service, backend: Arc::clone(&e.backend) }, e.state)
+        })?;
+        Some((binding, state, expires))
+    }
+
     /// Forget `key`'s flow; false if there was none.
     pub fn remove(&self, key: &FlowKey) -> bool {
         self.inner.remove(key, ConnEntry::release)

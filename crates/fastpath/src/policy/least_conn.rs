@@ -10,16 +10,30 @@ pub struct LeastConn;
 impl Policy for LeastConn {
     #[inline]
     fn select(&self, pool: &[Backend], input: &SelectInput<'_>) -> Option<usize> {
+        self.select_by(pool, input, |b| b.handle.active())
+    }
+}
+
+impl LeastConn {
+    /// `select` with the active counts `active` gives (`explain` discounts a flow the
+    /// packet would end first).
+    #[inline]
+    pub(crate) fn select_by(
+        &self,
+        pool: &[Backend],
+        input: &SelectInput<'_>,
+        active: impl Fn(&Backend) -> u32,
+    ) -> Option<usize> {
         if pool.is_empty() {
             return None;
         }
         // Start the scan at a random backend so ties do not all land on the first one.
         let start = scale(input.entropy, pool.len());
         let mut best = start;
-        let mut best_load = (u64::from(pool[start].handle.active()), u64::from(pool[start].weight));
+        let mut best_load = (u64::from(active(&pool[start])), u64::from(pool[start].weight));
         for k in 1..pool.len() {
             let i = (start + k) % pool.len();
-            let load = (u64::from(pool[i].handle.active()), u64::from(pool[i].weight));
+            let load = (u64::from(active(&pool[i])), u64::from(pool[i].weight));
             // a/wa < b/wb  <=>  a*wb < b*wa (weights are > 0 in a pool).
             if load.0 * best_load.1 < best_load.0 * load.1 {
                 best = i;

@@ -142,6 +142,16 @@ impl Maglev {
     pub fn table(&self) -> &[u16] {
         &self.table
     }
+
+    pub(crate) fn hash_key(&self) -> HashKey {
+        self.key
+    }
+
+    /// The slot a flow hashes to (None for an empty table).
+    pub(crate) fn slot_of(&self, flow: &FlowKey) -> Option<usize> {
+        (!self.table.is_empty())
+            .then(|| scale(flow_hash(flow, self.key, self.seed), self.table.len()))
+    }
 }
 
 fn gcd(a: u32, b: u32) -> u32 {

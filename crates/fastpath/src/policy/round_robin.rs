@@ -67,11 +67,32 @@ impl Policy for RoundRobin {
         if pool.is_empty() {
             return None;
         }
-        let ticket = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(match &self.schedule {
-            None => (ticket % pool.len() as u64) as usize,
+        Some(self.pick(self.next.fetch_add(1, Ordering::Relaxed), pool.len()))
+    }
+}
+
+impl RoundRobin {
+    #[inline]
+    fn pick(&self, ticket: u64, pool_len: usize) -> usize {
+        match &self.schedule {
+            None => (ticket % pool_len as u64) as usize,
             Some(s) => s[(ticket % s.len() as u64) as usize] as usize,
-        })
+        }
+    }
+
+    /// Tickets taken so far: the next connection takes this one.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Connections in one turn of the cycle (the pool, or the weighted schedule).
+    pub(crate) fn cycle_len(&self, pool_len: usize) -> usize {
+        self.schedule.as_ref().map_or(pool_len, |s| s.len())
+    }
+
+    /// What `select` would return now, without taking a ticket.
+    pub(crate) fn peek(&self, pool: &[Backend]) -> Option<usize> {
+        (!pool.is_empty()).then(|| self.pick(self.ticket(), pool.len()))
     }
 }
 
