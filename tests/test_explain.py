@@ -281,6 +281,37 @@ services:
     assert service["decision"]["backend"] == "10.244.1.20:8443"
 
 
+def test_topology_hints_leave_other_zones_endpoints_out_with_why() -> None:
+    from pykp._fastpath import Engine
+    from pykp.model import EndpointSpec, ServicePort, ServiceSpec
+
+    spec = ServiceSpec(
+        name="hinted",
+        cluster_ips=("10.96.0.21",),
+        ports=(ServicePort(port=80, target_port=8080),),
+        policy="round-robin",
+        endpoints=(
+            EndpointSpec(
+                ip="10.244.1.21", node_name="node-a", zone="zone-a", zone_hints=("zone-a",)
+            ),
+            EndpointSpec(
+                ip="10.244.2.21", node_name="node-b", zone="zone-b", zone_hints=("zone-b",)
+            ),
+        ),
+    )
+    node = NodeView("node-a", (), traffic_policies=True, zone="zone-a")
+    engine = Engine(seed=0)
+    apply_to_engine(
+        engine, service_ports_to_engine(spec, (), "node-a", traffic_policies=True, zone="zone-a")
+    )
+    specs = {spec.key: spec}
+    service = only(explain_report(engine, engine.services(), specs.get, node, "default/hinted"))
+    assert [b["address"] for b in service["backends"]] == ["10.244.1.21:8080"]
+    assert [(e["address"], e["reason"]) for e in service["excluded"]] == [
+        ("10.244.2.21:8080", "topology")
+    ]
+
+
 # --- through the agent's /explain -----------------------------------------------------------
 
 

@@ -885,14 +885,16 @@ def explain(
         str,
         typer.Argument(
             help="The service: namespace/name (every port), namespace/name:port, or "
-            "IP:port[/protocol] (the service at that frontend)."
+            "IP:port[/protocol] (the service at that frontend).",
+            metavar="SERVICE",
         ),
     ],
     client: Annotated[
         str | None,
         typer.Option(
             help="The client: IP or IP:port (Maglev's 5-tuple needs the port). Default: a "
-            "new client, with no affinity or flow yet."
+            "new client, with no affinity or flow yet.",
+            metavar="IP[:PORT]",
         ),
     ] = None,
     services: Annotated[
@@ -915,7 +917,9 @@ def explain(
     ] = None,
     node_address: Annotated[
         list[str] | None,
-        typer.Option(help="Offline: a node address, where nodePorts listen (repeatable)."),
+        typer.Option(
+            help="Offline: a node address, where nodePorts listen (repeatable).", metavar="IP"
+        ),
     ] = None,
     maglev_table_size: Annotated[
         int, typer.Option(help="Offline: as `pykp run --maglev-table-size`.")

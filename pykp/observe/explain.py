@@ -385,10 +385,9 @@ def _decision(x: Explanation) -> dict[str, Any]:
         shares = ", ".join(
             f"{_address(b.ip, b.port)} {100.0 * b.weight / total:.0f}%" for b in eligible
         )
-        why = (
-            f"random: each new connection is an independent draw ({shares}); on a node "
-            "running with --kernel-random (the default) the kernel draws"
-        )
+        why = f"random: each new connection is an independent draw ({shares})"
+        if x.affinity_timeout is None:
+            why += "; with `pykp run --kernel-random` (the default) the kernel draws"
         return {"backend": None, "decidedBy": "random", "why": why}
     return {
         "backend": _maybe_address(x.backend),
@@ -516,11 +515,13 @@ def _render_service(
     if traffic and "Local" in (traffic["internal"], traffic["external"]):
         line = (
             f"internalTrafficPolicy {traffic['internal']}, externalTrafficPolicy "
-            f"{traffic['external']}; these frontends follow the {traffic['scope']} one"
+            f"{traffic['external']}: "
         )
-        if not traffic["applied"]:
-            line += " (not applied: this source does not apply traffic policies)"
-        console.print(Text(line, style="yellow" if not traffic["applied"] else ""))
+        if traffic["applied"]:
+            line += f"these frontends follow the {traffic['scope']} one"
+        else:
+            line += "not applied by this source (a services file): every endpoint serves"
+        console.print(Text(line, style="" if traffic["applied"] else "yellow"))
 
     table = Table(box=None, pad_edge=False, show_edge=False)
     for column in ("endpoint", "node", "conditions", "eligible", "why", "active"):

@@ -395,7 +395,6 @@ fn backend_views(svc: &ServiceState, pool: &Pool, v4: bool) -> Vec<BackendView> 
                 Some(_) => Eligibility::TerminatingFallback,
                 None if b.handle.addr.is_ipv4() != v4 => Eligibility::OtherFamily,
                 None if b.weight == 0 => Eligibility::Drained,
-                None if c.ready => Eligibility::Ready, // a duplicate address: its twin is in
                 None if c.serving && c.terminating => Eligibility::Terminating,
                 None if !c.serving => Eligibility::NotServing,
                 None => Eligibility::NotReady,
