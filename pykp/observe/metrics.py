@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from pykp.observe.explain import ExplainError
 from pykp.observe.health import HttpServer, Response
 
 __all__ = [
@@ -503,7 +504,7 @@ class MetricsServer(HttpServer):
                 return Response(400, f"{error}\n".encode(), "text/plain; charset=utf-8")
             return Response(200, body.encode(), "application/json")
         if path == "/explain" and self.explain is not None:
-            return self._explain(request.path)
+            return _explain_response(self.explain, request.path)
         if path == "/proxyMode" and self.proxy_mode is not None:
             # kube-proxy's answer: the mode's name alone, no newline.
             return Response(
@@ -514,20 +515,21 @@ class MetricsServer(HttpServer):
             )
         return None
 
-    def _explain(self, target: str) -> Response:
-        from pykp.observe.explain import ExplainError
 
-        assert self.explain is not None
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
-        service = query.get("service", [""])[0]
-        client = query.get("client", [""])[0] or None
-        status, body = 200, {}
-        if not service:
-            status, body = 400, {"error": "give ?service=namespace/name[:port] or IP:port[/proto]"}
-        else:
-            try:
-                body = dict(self.explain(service, client))
-            except ExplainError as error:
-                status, body = error.status, {"error": str(error)}
-        text = json.dumps(body, indent=1, sort_keys=True) + "\n"
-        return Response(status, text.encode(), "application/json")
+def _explain_response(
+    explain: Callable[[str, str | None], Mapping[str, Any]], target: str
+) -> Response:
+    """`/explain?service=...&client=...`: the report, or `{"error": ...}` with a 4xx."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+    service = query.get("service", [""])[0]
+    client = query.get("client", [""])[0] or None
+    status, body = 200, {}
+    if not service:
+        status, body = 400, {"error": "give ?service=namespace/name[:port] or IP:port[/proto]"}
+    else:
+        try:
+            body = dict(explain(service, client))
+        except ExplainError as error:
+            status, body = error.status, {"error": str(error)}
+    text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+    return Response(status, text.encode(), "application/json")
