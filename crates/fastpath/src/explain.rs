@@ -662,6 +662,16 @@ mod tests {
         let owner = svc.v4.backends[usize::from(m.table()[slot])].handle.addr;
         assert_eq!(outcome_backend(&x).unwrap().0, owner);
         assert_eq!(forwarded(&e.decide_flow(&flow(1, 4242), SYN, SEC)), owner);
+        // Hashing the client address alone, the address is enough.
+        let mut by_source =
+            spec(PolicyKind::Maglev, (1..=5).map(|i| be(i, 1, Conditions::READY)).collect());
+        by_source.hash_key = Some(HashKey::SourceIp);
+        e.upsert_service(&by_source).unwrap();
+        let (named, _) = outcome_backend(&e.explain(&no_port, SEC).unwrap()).unwrap();
+        assert_eq!(forwarded(&e.decide_flow(&flow(1, 999), SYN, SEC)), named);
+        let anonymous = Probe { client: None, ..no_port };
+        let x = e.explain(&anonymous, SEC).unwrap();
+        assert!(matches!(x.outcome, Outcome::Undetermined(why) if why.contains("client")));
     }
 
     #[test]
