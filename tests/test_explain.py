@@ -243,11 +243,7 @@ def test_an_agent_that_does_not_answer_is_one_line_on_stderr() -> None:
 # --- traffic policy and topology ------------------------------------------------------------
 
 
-def test_a_local_traffic_policy_leaves_other_nodes_endpoints_out_with_why() -> None:
-    from pykp._fastpath import Engine
-
-    catalog, _ = load_services_text(
-        """\
+LOCAL = """\
 services:
   - name: api
     clusterIP: 10.96.0.20
@@ -257,17 +253,16 @@ services:
     endpoints:
       - {ip: 10.244.1.20, nodeName: node-a}
       - {ip: 10.244.2.20, nodeName: node-b}
-""",
-        "test.yaml",
-    )
-    node = NodeView("node-a", (), traffic_policies=True)
-    spec = catalog.services[0]
-    engine = Engine(seed=0)
-    built = service_ports_to_engine(spec, (), "node-a", traffic_policies=True)
-    apply_to_engine(engine, built)
-    report = explain_report(engine, engine.services(), catalog.get, node, "default/api")
-    service = only(report)
-    assert [b["address"] for b in service["backends"]] == ["10.244.1.20:8443"]
+"""
+
+
+def test_a_local_traffic_policy_leaves_other_nodes_endpoints_out_or_drops(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "local.yaml"
+    path.write_text(LOCAL)
+    service = only(explain_json(path, "default/api", "--node", "node-a"))
+    assert [(b["address"], b["local"]) for b in service["backends"]] == [("10.244.1.20:8443", True)]
     assert service["excluded"] == [
         {
             "address": "10.244.2.20:8443",
@@ -279,6 +274,12 @@ services:
     ]
     assert service["trafficPolicy"]["applied"] is True
     assert service["decision"]["backend"] == "10.244.1.20:8443"
+    # A node without an endpoint of its own drops, as kube-proxy does (never sends off).
+    elsewhere = only(explain_json(path, "10.96.0.20:443", "--node", "node-c"))
+    assert elsewhere["backends"] == []
+    assert {e["reason"] for e in elsewhere["excluded"]} == {"traffic-policy-local"}
+    assert elsewhere["decision"]["backend"] is None
+    assert elsewhere["decision"]["decidedBy"] == "drop"
 
 
 def test_topology_hints_leave_other_zones_endpoints_out_with_why() -> None:
@@ -301,11 +302,11 @@ def test_topology_hints_leave_other_zones_endpoints_out_with_why() -> None:
     )
     node = NodeView("node-a", (), traffic_policies=True, zone="zone-a")
     engine = Engine(seed=0)
-    apply_to_engine(
-        engine, service_ports_to_engine(spec, (), "node-a", traffic_policies=True, zone="zone-a")
-    )
+    built = service_ports_to_engine(spec, (), "node-a", traffic_policies=True, zone="zone-a")
+    apply_to_engine(engine, built)
     specs = {spec.key: spec}
-    service = only(explain_report(engine, engine.services(), specs.get, node, "default/hinted"))
+    report = explain_report(engine, {s.name: s for s in built}, specs.get, node, "default/hinted")
+    service = only(report)
     assert [b["address"] for b in service["backends"]] == ["10.244.1.21:8080"]
     assert [(e["address"], e["reason"]) for e in service["excluded"]] == [
         ("10.244.2.21:8080", "topology")

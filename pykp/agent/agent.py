@@ -881,9 +881,9 @@ class Agent:
                 context.traffic_policies,
                 context.zone,
             )
-        # A copy of the names in one C call: atomic against the sync thread.
-        names = list(self.service_sync.applied)
-        return explain_report(self.engine, names, self.service_sync.spec, node, service, client)
+        # A copy in one C call: atomic against the sync thread.
+        built = dict(self.service_sync.applied)
+        return explain_report(self.engine, built, self.service_sync.spec, node, service, client)
 
     def _flush_status(self) -> None:
         if self._status_dirty:

@@ -913,7 +913,10 @@ def explain(
     ] = "127.0.0.1:10249",
     node: Annotated[
         str | None,
-        typer.Option(help="Offline: the node's name (its endpoints are local; node hints)."),
+        typer.Option(
+            help="Offline: the node's name: its endpoints (by nodeName) are local, for "
+            "Local traffic policies and node hints."
+        ),
     ] = None,
     node_address: Annotated[
         list[str] | None,

@@ -19,7 +19,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,6 +29,7 @@ from rich.text import Text
 
 from pykp.agent.plan import (
     EXTERNAL_SUFFIX,
+    EngineService,
     apply_to_engine,
     service_port_name,
     service_ports_to_engine,
@@ -129,7 +130,7 @@ def _key_of(name: str) -> str:
     return name.removesuffix(EXTERNAL_SUFFIX).split(":", 1)[0]
 
 
-def _engine_names(query: str, services: Collection[str]) -> list[str]:
+def _engine_names(query: str, services: Mapping[str, EngineService]) -> list[str]:
     """The engine services a name query means: that port (and its #external half), or
     every port of the service."""
     name = query if "/" in query else f"default/{query}"
@@ -154,7 +155,7 @@ _REASONS: Final = {
 
 def explain_report(
     engine: Engine,
-    services: Collection[str],
+    services: Mapping[str, EngineService],
     spec_of: Callable[[str], ServiceSpec | None],
     node: NodeView,
     query: str,
@@ -164,9 +165,9 @@ def explain_report(
 ) -> dict[str, Any]:
     """The report for `query` (a service name or frontend) and `client` (IP or IP:port).
 
-    `services`: the names of the engine's services; `spec_of` gives a service's model by
-    `namespace/name` (what its engine services were built from), for the endpoints left
-    out before the engine: topology, traffic policy, address family. Raises ExplainError
+    `services`: the engine's services by name, as they were built from the model;
+    `spec_of` gives a service's model by `namespace/name`, for the endpoints left out
+    before the engine (topology, traffic policy, address family). Raises ExplainError
     (status 404 for an unknown service).
     """
     from pykp._fastpath import explain
@@ -200,7 +201,10 @@ def explain_report(
         "query": query,
         "client": None if client_ip is None else _client_text(client_ip, client_port),
         "node": node.node_name,
-        "services": [_service_report(x, spec_of(_key_of(x.service)), node) for x in explanations],
+        "services": [
+            _service_report(x, services.get(x.service), spec_of(_key_of(x.service)), node)
+            for x in explanations
+        ],
     }
 
 
@@ -213,7 +217,9 @@ def _frontend_text(frontend: Sequence[Any]) -> str:
     return f"{_address(ip, port)}/{protocol}"
 
 
-def _service_report(x: Explanation, spec: ServiceSpec | None, node: NodeView) -> dict[str, Any]:
+def _service_report(
+    x: Explanation, built: EngineService | None, spec: ServiceSpec | None, node: NodeView
+) -> dict[str, Any]:
     endpoints = _endpoints_by_address(spec)
     backends = []
     for b in x.backends:
@@ -264,7 +270,7 @@ def _service_report(x: Explanation, spec: ServiceSpec | None, node: NodeView) ->
             "expiresIn": round(x.flow.expires_in, 3),
             "kept": x.flow.kept,
         },
-        "decision": _decision(x),
+        "decision": _decision(x, built, spec),
     }
 
 
@@ -299,7 +305,7 @@ def _traffic_policy(name: str, spec: ServiceSpec | None, node: NodeView) -> dict
         "internal": spec.internal_traffic_policy,
         "external": spec.external_traffic_policy,
         "scope": _scope(name, spec),
-        # A services file is read without them (kube-proxy's Kubernetes source applies them).
+        # False when the source reads them without applying them.
         "applied": node.traffic_policies,
     }
 
@@ -376,9 +382,23 @@ def _policy_state(x: Explanation) -> dict[str, Any]:
     return state
 
 
-def _decision(x: Explanation) -> dict[str, Any]:
+def _decision(
+    x: Explanation, built: EngineService | None, spec: ServiceSpec | None
+) -> dict[str, Any]:
     """The backend and why. A random choice is not named: each connection is a fresh
     draw (by the kernel, with the agent's default --kernel-random)."""
+    family = ipaddress.ip_address(x.frontend[0]).version if x.frontend else None
+    if x.decided_by == "reject" and built is not None and family in built.no_local_endpoints:
+        # The rules drop these before the engine sees them (kube-proxy's "has no local
+        # endpoints"); the endpoints elsewhere are not used from this node.
+        scope = _scope(x.service, spec) if spec is not None else "internal"
+        why = (
+            f"{scope}TrafficPolicy Local and no usable endpoint on this node: dropped, as "
+            "kube-proxy does"
+        )
+        if scope == "external":
+            why += " (clients in --cluster-cidr and the node itself are refused instead)"
+        return {"backend": None, "decidedBy": "drop", "why": why}
     if x.policy == "random" and x.decided_by == "policy":
         eligible = [b for b in x.backends if b.eligible]
         total = sum(b.weight for b in eligible) or 1
@@ -448,7 +468,8 @@ def explain_services_file(
         apply_to_engine(engine, services)
     except ValueError as error:  # the others are applied; the refused one is unknown
         raise ExplainError(f"the engine refused part of the file: {error}") from None
-    return explain_report(engine, engine.services(), catalog.get, node, query, client)
+    built = {service.name: service for service in services}
+    return explain_report(engine, built, catalog.get, node, query, client)
 
 
 # --- fetching from the agent ----------------------------------------------------------------
@@ -520,7 +541,7 @@ def _render_service(
         if traffic["applied"]:
             line += f"these frontends follow the {traffic['scope']} one"
         else:
-            line += "not applied by this source (a services file): every endpoint serves"
+            line += "not applied by this source: every endpoint serves"
         console.print(Text(line, style="" if traffic["applied"] else "yellow"))
 
     table = Table(box=None, pad_edge=False, show_edge=False)
@@ -617,6 +638,8 @@ def _render_service(
         )
     elif decision["decidedBy"] == "reject":
         head = Text(f"the next connection {who}{where} is refused", style="bold red")
+    elif decision["decidedBy"] == "drop":
+        head = Text(f"the next connection {who}{where} is dropped", style="bold red")
     elif decision["decidedBy"] == "random":
         head = Text(f"the next connection {who}{where} gets a random endpoint", style="bold")
     else:

@@ -462,7 +462,7 @@ def datapath_families(stats: Mapping[str, int]) -> list[Family]:
 
 
 class MetricsServer(HttpServer):
-    """`/metrics` (and `/status`, the agent's JSON snapshot, `/proxyMode`, and
+    """`/metrics` (and `/status`, the agent's JSON snapshot, `/flows`, `/proxyMode`, and
     `/explain?service=...&client=...`) on --metrics-bind-address.
 
     `metrics` answers a scrape: given the request's Accept header, the body and its
