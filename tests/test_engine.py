@@ -192,6 +192,21 @@ def test_round_robin_cycles_through_the_backends_in_order() -> None:
     assert chosen(engine, 7) == [address(b) for b in (b1, b2, b3, b1, b2, b3, b1)]
 
 
+def test_round_robin_goes_on_where_it_was_when_the_endpoints_change() -> None:
+    """IPVS rr keeps its place when destinations change; restarting at the lowest address
+    on every change would skew every node towards it under endpoint churn."""
+    b1, b2, b3, b4 = backends(4)
+    engine = engine_with([b1, b2, b3], policy="round-robin")
+    assert chosen(engine, 2) == [address(b1), address(b2)]
+
+    engine.upsert_service(SERVICE, [Frontend(VIP, PORT)], [b1, b2, b3, b4], policy="round-robin")
+    later = [connect(engine, ("10.2.0.1", port)).backend for port in (1001, 1002, 1003)]
+    assert later == [address(b3), address(b4), address(b1)]
+    # The backend whose turn it is (b2) leaves: the next one by address takes it.
+    engine.upsert_service(SERVICE, [Frontend(VIP, PORT)], [b1, b3, b4], policy="round-robin")
+    assert connect(engine, ("10.2.0.1", 2001)).backend == address(b3)
+
+
 def test_random_is_uniform_by_chi_square() -> None:
     service_backends = backends(3)
     engine = engine_with(service_backends, policy="random", engine=Engine(seed=20240601))

@@ -540,6 +540,14 @@ impl ServiceTable {
         let pool = |v4: bool| {
             let backends = build_pool(backends.iter().filter(|b| b.handle.addr.is_ipv4() == v4));
             let selector = Selector::build(policy, &backends, &self.config.maglev, key);
+            if let (Selector::RoundRobin(rr), Some(old)) = (&selector, old) {
+                let old_pool = if v4 { &old.v4 } else { &old.v6 };
+                if let Selector::RoundRobin(old_rr) = &old_pool.selector {
+                    if let Some(i) = old_rr.peek(&old_pool.backends) {
+                        rr.resume_at(&backends, old_pool.backends[i].handle.addr);
+                    }
+                }
+            }
             Pool { backends, selector }
         };
         Ok(Arc::new(ServiceState {

@@ -90,6 +90,22 @@ impl RoundRobin {
         self.schedule.as_ref().map_or(pool_len, |s| s.len())
     }
 
+    /// Continue a previous version's rotation: the next pick is the first backend whose
+    /// address is `addr` or comes after it (pools are sorted by address), wrapping around.
+    /// Without this, every endpoint change would restart every node at the lowest address
+    /// at once: under churn, a lasting skew towards it.
+    pub(crate) fn resume_at(&self, pool: &[Backend], addr: std::net::SocketAddr) {
+        if pool.is_empty() {
+            return;
+        }
+        let index = pool.iter().position(|b| b.handle.addr >= addr).unwrap_or(0);
+        let ticket = match &self.schedule {
+            None => index,
+            Some(s) => s.iter().position(|&i| i as usize == index).unwrap_or(0),
+        };
+        self.next.store(ticket as u64, Ordering::Relaxed);
+    }
+
     /// What `select` would return now, without taking a ticket.
     pub(crate) fn peek(&self, pool: &[Backend]) -> Option<usize> {
         (!pool.is_empty()).then(|| self.pick(self.ticket(), pool.len()))
@@ -108,6 +124,36 @@ mod tests {
         (0..n)
             .map(|_| p.select(&pool, &SelectInput { flow: &f, entropy: 0, now: 0 }).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_new_version_resumes_where_the_old_one_was() {
+        let old = pool(&[1, 1, 1]);
+        let rr = RoundRobin::new(&old);
+        let f = flow(0);
+        let input = SelectInput { flow: &f, entropy: 0, now: 0 };
+        assert_eq!(rr.select(&old, &input), Some(0));
+        assert_eq!(rr.select(&old, &input), Some(1));
+        let next = old[rr.peek(&old).unwrap()].handle.addr;
+        // One more backend (the pool's last address): the rotation goes on with the third.
+        let grown = pool(&[1, 1, 1, 1]);
+        let new = RoundRobin::new(&grown);
+        new.resume_at(&grown, next);
+        assert_eq!(new.select(&grown, &input), Some(2));
+        // The next backend left: its successor by address takes its turn.
+        let shrunk: Vec<_> = grown.iter().filter(|b| b.handle.addr != next).cloned().collect();
+        let after = RoundRobin::new(&shrunk);
+        after.resume_at(&shrunk, next);
+        assert_eq!(shrunk[after.peek(&shrunk).unwrap()].handle.addr, grown[3].handle.addr);
+        // Past the last address: wrap to the first.
+        let wrap = RoundRobin::new(&old);
+        wrap.resume_at(&old, grown[3].handle.addr);
+        assert_eq!(wrap.peek(&old), Some(0));
+        // Weighted: the first turn of that backend in the schedule.
+        let weighted = pool(&[3, 1]);
+        let w = RoundRobin::new(&weighted);
+        w.resume_at(&weighted, weighted[1].handle.addr);
+        assert_eq!(w.select(&weighted, &input), Some(1));
     }
 
     #[test]
