@@ -35,6 +35,7 @@ fn spec(i: u32, backends: u32, policy: PolicyKind) -> ServiceSpec {
         policy: Some(policy),
         affinity_timeout: None,
         hash_key: None,
+        short_circuit: None,
     }
 }
 

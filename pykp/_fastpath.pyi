@@ -90,7 +90,11 @@ class ServiceUpdate:
         policy: str | None = None,
         affinity_timeout: float | None = None,
         hash_key: str | None = None,
-    ) -> Self: ...
+        short_circuit: str | None = None,
+    ) -> Self:
+        """`short_circuit`: a connection from inside the cluster (a packet the rules mark
+        with the cluster-source bit) is decided as this other service (kube-proxy's
+        short-circuit of externalTrafficPolicy Local)."""
     @property
     def name(self) -> str: ...
     @property
@@ -103,6 +107,8 @@ class ServiceUpdate:
     def affinity_timeout(self) -> float | None: ...
     @property
     def hash_key(self) -> str | None: ...
+    @property
+    def short_circuit(self) -> str | None: ...
 
 @final
 class StagedChange:
@@ -274,6 +280,7 @@ class NfqueueDatapath:
         backend_mask: int = 0xFFFF0000,
         fail_open: bool = False,
         max_len: int = 4096,
+        cluster_source_bit: int = 0,
     ) -> Self:
         """`max_len`: packets that may wait for a verdict (what a stalled reader holds up);
         with `fail_open`, packets past it (or past the socket buffer) are accepted unmarked."""

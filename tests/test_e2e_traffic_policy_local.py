@@ -1,7 +1,9 @@
 """End to end: externalTrafficPolicy Local from a services file, on a lab node running
 `pykp run` (--hostname-override node): external traffic reaches only this node's
 endpoints; with none here but some elsewhere it is dropped (the client times out, as with
-kube-proxy), with none at all refused; the ClusterIP keeps every endpoint."""
+kube-proxy), with none at all refused; the ClusterIP keeps every endpoint, and pods and
+the node itself are short-circuited to every endpoint through the external frontends, as
+kube-proxy does."""
 
 from __future__ import annotations
 
@@ -76,6 +78,11 @@ def test_external_traffic_reaches_only_the_local_endpoint(lab: Lab, node: Node) 
     )
     # The ClusterIP is not affected: both endpoints.
     assert answers(lab, "client-0", CLUSTER_IP, 80) == {"backend-0", "backend-1"}
+    # kube-proxy's short-circuit: a pod, and the node itself, reach every endpoint through
+    # the external frontends too (round-robin alternates over both).
+    assert answers(lab, "client-0", lab.node_ip4, NODE_PORT) == {"backend-0", "backend-1"}
+    assert answers(lab, "client-0", EXTERNAL_IP, 80) == {"backend-0", "backend-1"}
+    assert answers(lab, "node", EXTERNAL_IP, 80) == {"backend-0", "backend-1"}
 
 
 def test_no_local_endpoint_drops_external_traffic_and_the_cluster_ip_still_works(
@@ -87,9 +94,9 @@ def test_no_local_endpoint_drops_external_traffic_and_the_cluster_ip_still_works
     assert connect_error(lab, "external", lab.node_ip4, NODE_PORT, timeout=2) == "timeout"
     assert connect_error(lab, "external", EXTERNAL_IP, 80, timeout=2) == "timeout"
     assert answers(lab, "client-0", CLUSTER_IP, 80) == {"backend-0", "backend-1"}
-    # A pod of this node: kube-proxy would short-circuit it to every endpoint; pykp's
-    # engine decides by destination alone, so it is refused at once rather than dropped.
-    assert connect_error(lab, "client-0", lab.node_ip4, NODE_PORT, timeout=2) == "refused"
+    # A pod of this node is short-circuited to the endpoints elsewhere, as by kube-proxy.
+    assert answers(lab, "client-0", lab.node_ip4, NODE_PORT) == {"backend-0", "backend-1"}
+    assert answers(lab, "client-0", EXTERNAL_IP, 80) == {"backend-0", "backend-1"}
 
     # No endpoint anywhere: refused, as kube-proxy's REJECT.
     node.write_services(services("[]"))

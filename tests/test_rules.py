@@ -177,6 +177,8 @@ SMALL_EXPECTED = {
     "local_frontends6": set(),
     "no_local_endpoints4": {"192.168.77.1 . tcp . 30081"},
     "no_local_endpoints6": set(),
+    "short_circuit4": set(),
+    "short_circuit6": set(),
     "service_ips4": {"10.96.0.10", "10.96.0.20"},
     "service_ips6": {"fd00:10:96::a"},
     "hairpin4": {"10.244.0.11 . 10.244.0.11", "10.244.0.12 . 10.244.0.12"},

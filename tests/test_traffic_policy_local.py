@@ -108,6 +108,25 @@ def test_external_local_sends_external_frontends_to_this_nodes_endpoints_only() 
     assert not external.no_local_endpoints and not internal.no_local_endpoints  # empty
 
 
+@pytest.mark.parametrize(
+    ("etp", "itp", "short_circuit"),
+    [("Local", "Cluster", "default/ingress:http"), ("Cluster", "Local", None)],
+)
+def test_external_local_short_circuits_the_cluster_to_the_cluster_wide_service(
+    etp: str, itp: str, short_circuit: str | None
+) -> None:
+    """kube-proxy sends pods and the node to every endpoint through a Local service's
+    external addresses: the external engine service names the port's cluster-wide one."""
+    engine = from_file(etp, itp, "node-c")
+    assert engine["default/ingress:http#external"].short_circuit == short_circuit
+    assert engine["default/ingress:http"].short_circuit is None
+    # Both policies Local: no cluster-wide service to short-circuit to.
+    assert all(s.short_circuit is None for s in from_file("Local", "Local", "node-c").values())
+    frontend = FrontendRule(NODE_ADDRESS, 30080, "TCP", external=True, short_circuit=True)
+    key = f"{NODE_ADDRESS} . tcp . 30080"
+    assert frontend_contribution([frontend], {}, [])["short_circuit4"] == {key: key}
+
+
 def test_no_local_endpoint_but_some_elsewhere_is_marked_for_a_drop() -> None:
     engine = from_file("Local", "Cluster", "node-c")
 

@@ -177,6 +177,7 @@ def _make_datapath(engine: Engine, config: AgentConfig) -> DatapathLike:
             backend_mask=config.mark_mask,
             fail_open=config.fail_open,
             max_len=config.queue_max_len,
+            cluster_source_bit=MarkLayout(backend_mask=config.mark_mask).cluster_source_bit,
         )
     )
 

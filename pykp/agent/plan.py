@@ -46,6 +46,10 @@ class EngineService:
     # to those frontends ("has no local endpoints") instead of refusing them (refused: no
     # endpoint of the family at all). Per family, as kube-proxy runs one proxier per family.
     no_local_endpoints: frozenset[int] = frozenset()
+    # externalTrafficPolicy Local, split from a cluster-wide internal service: pods and the
+    # node reach every endpoint through the external frontends, decided as that service
+    # (kube-proxy's short-circuit).
+    short_circuit: str | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -113,6 +117,7 @@ def service_ports_to_engine(
         internal_backends = local if internal_local else cluster
         external_backends = local if external_local else cluster
         name = service_port_name(spec, port)
+        short_circuit: dict[str, str] = {}
         # (engine service name, frontends, backends, narrowed to this node's endpoints)
         groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...], bool]]
         if not internal:
@@ -126,6 +131,8 @@ def service_ports_to_engine(
                 (name, internal, internal_backends, internal_local),
                 (name + EXTERNAL_SUFFIX, external, external_backends, external_local),
             ]
+            if external_local and not internal_local:
+                short_circuit = {name + EXTERNAL_SUFFIX: name}
         else:
             groups = [(name, internal + external, cluster, False)]
         for group_name, frontends, backends, narrowed in groups:
@@ -146,6 +153,7 @@ def service_ports_to_engine(
                     no_local_endpoints=(
                         _no_local_endpoints(families, backends, every) if narrowed else frozenset()
                     ),
+                    short_circuit=short_circuit.get(group_name),
                 )
             )
     return engine_services
@@ -280,6 +288,7 @@ def engine_update(service: EngineService) -> ServiceUpdate:
         policy=service.policy,
         affinity_timeout=service.affinity_timeout,
         hash_key=service.hash_key,
+        short_circuit=service.short_circuit,
     )
 
 

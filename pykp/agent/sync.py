@@ -443,6 +443,7 @@ class ServiceSync:
                         masquerade=masquerade,
                         queued=queued,
                         no_local_endpoints=no_local,
+                        short_circuit=service.short_circuit is not None,
                     )
                 )
             if ip in service_ips:

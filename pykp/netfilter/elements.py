@@ -55,6 +55,8 @@ def frontend_contribution(
             put(f"{'masq' if f.masquerade else 'local'}_frontends{version}", key, key)
         if f.no_local_endpoints:
             put(f"no_local_endpoints{version}", key, key)
+        if f.short_circuit:
+            put(f"short_circuit{version}", key, key)
         chosen = tuple(slots.get((f.ip, f.port, f.protocol), ()))[:MAX_SLOTS]
         if chosen:
             put(f"fallback{version}", key, f"{key} : goto pick{version}_{len(chosen)}")

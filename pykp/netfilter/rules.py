@@ -82,10 +82,14 @@ class MarkLayout:
     backend_mask: int = 0xFFFF0000
     queue_bit: int = 0x00002000
     masq_bit: int = KUBE_PROXY_MASQ_BIT
+    # Set with the queue bit on a new connection from a pod or the node to an external
+    # frontend of an externalTrafficPolicy Local service: the reader then decides it as
+    # the port's cluster-wide service (kube-proxy's short-circuit).
+    cluster_source_bit: int = 0x00001000
 
     def validate(self) -> None:
         """Raise ValueError unless the fields are sane and do not collide."""
-        for name in ("backend_mask", "queue_bit", "masq_bit"):
+        for name in ("backend_mask", "queue_bit", "masq_bit", "cluster_source_bit"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 < value <= _MARK_BITS:
                 raise ValueError(f"{name} must be a non-zero 32-bit mask, got {value!r}")
@@ -94,10 +98,14 @@ class MarkLayout:
             raise ValueError(f"backend_mask {self.backend_mask:#x} is not contiguous")
         if field_ < 3:
             raise ValueError("backend_mask needs at least 2 bits (one id plus the reject id)")
-        for name in ("queue_bit", "masq_bit"):
+        for name in ("queue_bit", "masq_bit", "cluster_source_bit"):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"{name} must be a single bit, got {value:#x}")
+        if self.cluster_source_bit & (
+            self.backend_mask | self.queue_bit | self.masq_bit | KUBE_PROXY_DROP_BIT
+        ):
+            raise ValueError("cluster_source_bit collides with another field or kube-proxy's bits")
         if self.queue_bit & self.backend_mask:
             raise ValueError("queue_bit lies inside backend_mask")
         if self.masq_bit & self.backend_mask:
@@ -149,6 +157,8 @@ class FrontendRule:
     # A Local traffic policy left it no endpoint on this node (the service has some
     # elsewhere): what it cannot serve is dropped, not refused, as kube-proxy does.
     no_local_endpoints: bool = False
+    # External only, externalTrafficPolicy Local: pods and the node reach every endpoint.
+    short_circuit: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -215,6 +225,10 @@ _SYNCED: dict[str, str] = {
     # --cluster-cidr rule (meant for ClusterIPs) does not hide the client address.
     "local_frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
     "local_frontends6": _FRONTEND_TYPE.format("ipv6_addr"),
+    # External frontends of externalTrafficPolicy Local services: pods and the node reach
+    # every endpoint of the port through them (kube-proxy's short-circuit).
+    "short_circuit4": _FRONTEND_TYPE.format("ipv4_addr"),
+    "short_circuit6": _FRONTEND_TYPE.format("ipv6_addr"),
     # Frontends whose Local traffic policy left this node no endpoint: dropped, not refused.
     "no_local_endpoints4": _FRONTEND_TYPE.format("ipv4_addr"),
     "no_local_endpoints6": _FRONTEND_TYPE.format("ipv6_addr"),
@@ -366,6 +380,20 @@ def _chain_rules(
         f"meta mark set meta mark | {queue}"
         for p, v in fams
     ]
+    # From a pod (prerouting) or the node (output) to a short-circuited frontend: queued
+    # with the cluster-source bit, whatever the policy.
+    short_circuit = f"{layout.queue_bit | layout.cluster_source_bit:#010x}"
+    mark_new_in = mark_new + [
+        f"ct state new {p} saddr @cluster_cidrs{v} {p} daddr . meta l4proto . th dport "
+        f"@short_circuit{v} meta mark set meta mark | {short_circuit}"
+        for p, v in fams
+        if cidrs[v]
+    ]
+    mark_new_out = mark_new + [
+        f"ct state new {p} daddr . meta l4proto . th dport @short_circuit{v} "
+        f"meta mark set meta mark | {short_circuit}"
+        for p, v in fams
+    ]
     has_backend = f"meta mark & {mask} != 0x00000000 meta mark & {mask} != {reject}"
     # A new connection to a frontend that no reader decided (not queued, or queued while
     # no reader is bound, stalled or overloaded: --queue-bypass and fail-open let it on).
@@ -418,9 +446,9 @@ def _chain_rules(
     # kube-proxy's "has no local endpoints" DROP (a Local policy, endpoints elsewhere only),
     # before the refusal: for clusterIPs (internalTrafficPolicy) from anywhere; for external
     # frontends (externalTrafficPolicy, in local_frontends) from outside the cluster only.
-    # kube-proxy short-circuits pods and the node itself to every endpoint there; pykp
-    # cannot (the engine decides by destination), so they are refused: at once, not after
-    # a timeout.
+    # Pods and the node itself are short-circuited to every endpoint of the port (queued
+    # with the cluster-source bit, see mark_new), as kube-proxy does; refused only when the
+    # kernel path decides for them (no reader), where the short-circuit does not apply.
     reject_rules += [
         f"meta mark & {mask} == {reject} {frontend.format(p=p)} @no_local_endpoints{v} "
         f"{frontend.format(p=p)} != @local_frontends{v} drop"
@@ -437,8 +465,8 @@ def _chain_rules(
         f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams
     ]
     return {
-        "mark_new": mark_new,
-        "mark_new_out": mark_new,
+        "mark_new": mark_new_in,
+        "mark_new_out": mark_new_out,
         "nat_pre": [f"{has_backend} jump nat_backend", *undecided],
         "nat_out": [f"{has_backend} jump nat_backend", *undecided],
         "nat_backend": nat_backend,

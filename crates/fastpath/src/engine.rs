@@ -30,6 +30,15 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// Where a new connection comes from, as far as its datapath can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Outside the cluster, or not known.
+    Outside,
+    /// A pod (the cluster CIDRs) or the node itself.
+    Cluster,
+}
+
 /// What the engine made of a flow the kernel's conntrack reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFlow {
@@ -239,8 +248,18 @@ impl Engine {
 
     /// Decide for a raw IPv4 or IPv6 packet.
     pub fn decide_packet(&self, packet: &[u8], now: Nanos) -> Verdict {
+        self.decide_packet_from(packet, Source::Outside, now)
+    }
+
+    /// [`decide_packet`](Self::decide_packet) for a packet whose datapath knows where it
+    /// comes from: from inside the cluster, a service's short-circuit applies.
+    pub fn decide_packet_from(&self, packet: &[u8], source: Source, now: Nanos) -> Verdict {
         let verdict = match wire::parse(packet) {
-            Ok(info) => return self.decide_flow(&info.key, info.tcp_flags, now),
+            Ok(info) => {
+                let verdict = self.decide_inner(&info.key, info.tcp_flags, source, now);
+                self.count(&verdict);
+                return verdict;
+            }
             Err(WireError::UnsupportedProtocol(_)) => {
                 Verdict::Pass(PassReason::UnsupportedProtocol)
             }
@@ -257,15 +276,30 @@ impl Engine {
 
     /// Decide for a packet known by its flow and (for TCP) its flags.
     pub fn decide_flow(&self, key: &FlowKey, tcp_flags: Option<TcpFlags>, now: Nanos) -> Verdict {
-        let verdict = self.decide_inner(key, tcp_flags, now);
+        let verdict = self.decide_inner(key, tcp_flags, Source::Outside, now);
         self.count(&verdict);
         verdict
     }
 
     #[inline]
-    fn decide_inner(&self, key: &FlowKey, tcp_flags: Option<TcpFlags>, now: Nanos) -> Verdict {
+    fn decide_inner(
+        &self,
+        key: &FlowKey,
+        tcp_flags: Option<TcpFlags>,
+        source: Source,
+        now: Nanos,
+    ) -> Verdict {
         let frontend = Frontend { addr: key.dst, port: key.dst_port, proto: key.proto };
-        let svc = self.services.lookup(&frontend);
+        let mut svc = self.services.lookup(&frontend);
+        if source == Source::Cluster {
+            if let Some(target) = svc.as_ref().and_then(|s| s.short_circuit.as_deref()) {
+                // A pod or the node: kube-proxy's short-circuit to every endpoint. Without
+                // the target (not loaded yet), the service itself decides.
+                if let Some(t) = self.services.get(target) {
+                    svc = Some(t);
+                }
+            }
+        }
         if let Some(b) = self.conns.lookup(key, tcp_flags, now) {
             // A connection attempt (a bare SYN) whose recorded backend has left its service's
             // pool reuses an old flow's 5-tuple: a new connection, decided afresh. The NFQUEUE
@@ -473,6 +507,7 @@ mod tests {
             policy: Some(policy),
             affinity_timeout: None,
             hash_key: None::<HashKey>,
+            short_circuit: None,
         }
     }
 

@@ -454,6 +454,7 @@ mod tests {
             policy: Some(policy),
             affinity_timeout: None,
             hash_key: None,
+            short_circuit: None,
         }
     }
 

@@ -114,6 +114,10 @@ pub struct ServiceSpec {
     pub affinity_timeout: Option<Nanos>,
     /// Maglev's key; None: the table's default.
     pub hash_key: Option<HashKey>,
+    /// kube-proxy's short-circuit of `externalTrafficPolicy: Local`: a connection from
+    /// inside the cluster (a pod, the node itself: the datapath says which) is decided as
+    /// this other service (the same port's cluster-wide one) instead.
+    pub short_circuit: Option<String>,
 }
 
 /// Why a write was refused. The table is unchanged when a write fails.
@@ -184,6 +188,8 @@ pub struct ServiceState {
     pub v6: Pool,
     pub policy: PolicyKind,
     pub affinity_timeout: Option<Nanos>,
+    /// [`ServiceSpec::short_circuit`].
+    pub short_circuit: Option<Arc<str>>,
 }
 
 /// Backends of one family that policies choose from: ready ones with weight > 0; when
@@ -559,6 +565,7 @@ impl ServiceTable {
             backends,
             policy,
             affinity_timeout: spec.affinity_timeout,
+            short_circuit: spec.short_circuit.as_deref().map(Arc::from),
         }))
     }
 
@@ -782,6 +789,7 @@ mod tests {
             policy: None,
             affinity_timeout: None,
             hash_key: None,
+            short_circuit: None,
         }
     }
 

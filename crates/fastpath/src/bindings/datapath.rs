@@ -23,7 +23,7 @@ pub struct NfqueueDatapath {
 #[pymethods]
 impl NfqueueDatapath {
     #[new]
-    #[pyo3(signature = (engine, *, first_queue = 0, last_queue = 0, backend_mask = 0xffff_0000, fail_open = false, max_len = 4096))]
+    #[pyo3(signature = (engine, *, first_queue = 0, last_queue = 0, backend_mask = 0xffff_0000, fail_open = false, max_len = 4096, cluster_source_bit = 0))]
     fn new(
         engine: &Engine,
         first_queue: u16,
@@ -31,6 +31,7 @@ impl NfqueueDatapath {
         backend_mask: u32,
         fail_open: bool,
         max_len: u32,
+        cluster_source_bit: u32,
     ) -> PyResult<Self> {
         if first_queue > last_queue {
             return Err(value_error("first_queue must not be above last_queue"));
@@ -43,7 +44,9 @@ impl NfqueueDatapath {
             config: NfqueueConfig {
                 first_queue,
                 last_queue,
-                layout: MarkLayout::new(backend_mask).map_err(value_error)?,
+                layout: MarkLayout::new(backend_mask)
+                    .and_then(|l| l.with_cluster_source_bit(cluster_source_bit))
+                    .map_err(value_error)?,
                 fail_open,
                 max_len,
             },

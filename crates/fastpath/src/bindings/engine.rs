@@ -116,9 +116,16 @@ impl Engine {
         affinity_timeout: Option<f64>,
         hash_key: Option<&str>,
     ) -> PyResult<u32> {
-        let spec =
-            ServiceUpdate::build(name, frontends, backends, policy, affinity_timeout, hash_key)?
-                .spec;
+        let spec = ServiceUpdate::build(
+            name,
+            frontends,
+            backends,
+            policy,
+            affinity_timeout,
+            hash_key,
+            None,
+        )?
+        .spec;
         let state = py.detach(|| self.core.upsert_service(&spec)).map_err(value_error)?;
         Ok(state.id.0)
     }

@@ -135,6 +135,7 @@ impl ServiceUpdate {
         policy: Option<&str>,
         affinity_timeout: Option<f64>,
         hash_key: Option<&str>,
+        short_circuit: Option<String>,
     ) -> PyResult<Self> {
         let spec = ServiceSpec {
             name,
@@ -149,6 +150,7 @@ impl ServiceUpdate {
                 None => None,
             },
             hash_key: hash_key.map(HashKey::from_str).transpose().map_err(value_error)?,
+            short_circuit,
         };
         Ok(ServiceUpdate { spec, affinity_timeout })
     }
@@ -157,7 +159,7 @@ impl ServiceUpdate {
 #[pymethods]
 impl ServiceUpdate {
     #[new]
-    #[pyo3(signature = (name, frontends, backends, *, policy = None, affinity_timeout = None, hash_key = None))]
+    #[pyo3(signature = (name, frontends, backends, *, policy = None, affinity_timeout = None, hash_key = None, short_circuit = None))]
     fn new(
         name: String,
         frontends: Vec<Frontend>,
@@ -165,8 +167,17 @@ impl ServiceUpdate {
         policy: Option<&str>,
         affinity_timeout: Option<f64>,
         hash_key: Option<&str>,
+        short_circuit: Option<String>,
     ) -> PyResult<Self> {
-        ServiceUpdate::build(name, frontends, backends, policy, affinity_timeout, hash_key)
+        ServiceUpdate::build(
+            name,
+            frontends,
+            backends,
+            policy,
+            affinity_timeout,
+            hash_key,
+            short_circuit,
+        )
     }
 
     #[getter]
@@ -192,6 +203,10 @@ impl ServiceUpdate {
     #[getter]
     fn hash_key(&self) -> Option<&'static str> {
         self.spec.hash_key.map(HashKey::as_str)
+    }
+    #[getter]
+    fn short_circuit(&self) -> Option<String> {
+        self.spec.short_circuit.clone()
     }
 
     fn __repr__(&self) -> String {

@@ -367,6 +367,7 @@ mod tests {
             policy: Some(policy),
             affinity_timeout: None,
             hash_key: None,
+            short_circuit: None,
         };
         engine.upsert_service(&spec).unwrap();
         engine

@@ -4,6 +4,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MarkLayout {
     backend_mask: u32,
+    /// The bit pykp's rules set on a queued packet from inside the cluster (a pod, the
+    /// node): the short-circuit of `externalTrafficPolicy: Local` applies. 0: none.
+    cluster_source_bit: u32,
 }
 
 /// kube-proxy's masquerade (0x4000) and drop (0x8000) bits: a backend field must not
@@ -28,7 +31,23 @@ impl MarkLayout {
         if width < 2 {
             return Err(format!("mark mask {backend_mask:#x} leaves no room for backend ids"));
         }
-        Ok(MarkLayout { backend_mask })
+        Ok(MarkLayout { backend_mask, cluster_source_bit: 0 })
+    }
+
+    /// The same layout with the cluster-source bit (one bit, outside the backend field and
+    /// kube-proxy's bits).
+    pub fn with_cluster_source_bit(self, bit: u32) -> Result<Self, String> {
+        if bit != 0 && (bit.count_ones() != 1 || bit & (self.backend_mask | KUBE_PROXY_BITS) != 0) {
+            return Err(format!(
+                "cluster source bit {bit:#x} is not one bit clear of the mark mask and kube-proxy's bits"
+            ));
+        }
+        Ok(MarkLayout { cluster_source_bit: bit, ..self })
+    }
+
+    /// Whether a packet's mark says it comes from inside the cluster.
+    pub fn from_cluster(&self, packet_mark: u32) -> bool {
+        packet_mark & self.cluster_source_bit != 0
     }
 
     pub fn backend_mask(&self) -> u32 {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::mark::MarkLayout;
 use super::sys::monotonic_nanos;
 use super::{QueueConfig, QueueVerdict, QueueWorkers, WorkerStats};
-use crate::engine::{Engine, Verdict};
+use crate::engine::{Engine, Source, Verdict};
 
 /// Verdicts the datapath gave, beyond the workers' own counters.
 #[derive(Debug, Default)]
@@ -37,7 +37,8 @@ pub fn queue_verdict(
     now: u64,
 ) -> QueueVerdict {
     let keep = packet_mark & !layout.backend_mask();
-    match engine.decide_packet(packet, now) {
+    let source = if layout.from_cluster(packet_mark) { Source::Cluster } else { Source::Outside };
+    match engine.decide_packet_from(packet, source, now) {
         Verdict::Forward(f) => match layout.backend_mark(f.backend.id.0) {
             Some(mark) => {
                 counters.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -152,6 +153,7 @@ mod tests {
             policy: None,
             affinity_timeout: None,
             hash_key: None,
+            short_circuit: None,
         };
         let state = engine.upsert_service(&spec).unwrap();
         let id = state.backends[0].handle.id.0;
@@ -182,5 +184,66 @@ mod tests {
         assert_eq!(c.rejected.load(Ordering::Relaxed), 1);
         assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
         assert_eq!(c.passed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_packet_from_the_cluster_takes_the_short_circuit() {
+        let engine = Engine::new(EngineConfig::default()).unwrap();
+        let backend = |a: &str, local: bool| BackendSpec {
+            addr: a.parse().unwrap(),
+            weight: 1,
+            conditions: Conditions::READY,
+            local,
+        };
+        let frontend =
+            |a: &str| Frontend { addr: a.parse().unwrap(), port: 80, proto: Protocol::Tcp };
+        // externalTrafficPolicy Local on a node without a local endpoint: the external
+        // frontend's service has none; the cluster-wide one has the remote endpoint.
+        let cluster = ServiceSpec {
+            name: "default/lb:http".into(),
+            frontends: vec![frontend("10.96.0.10")],
+            backends: vec![backend("10.244.1.11:8080", false)],
+            policy: None,
+            affinity_timeout: None,
+            hash_key: None,
+            short_circuit: None,
+        };
+        let external = ServiceSpec {
+            name: "default/lb:http#external".into(),
+            frontends: vec![frontend("203.0.113.10")],
+            backends: vec![],
+            short_circuit: Some("default/lb:http".into()),
+            ..cluster.clone()
+        };
+        engine.upsert_service(&cluster).unwrap();
+        engine.upsert_service(&external).unwrap();
+        let layout = MarkLayout::new(0xffff_0000).unwrap().with_cluster_source_bit(0x1000).unwrap();
+        let c = VerdictCounters::default();
+        let key = |port| {
+            FlowKey::new(
+                Protocol::Tcp,
+                "10.244.0.5".parse().unwrap(),
+                port,
+                "203.0.113.10".parse().unwrap(),
+                80,
+            )
+        };
+        let id = engine.services().get("default/lb:http").unwrap().backends[0].handle.id.0;
+        // From outside: no local endpoint, refused (the rules drop it instead).
+        let outside = PacketBuilder::new(key(40000)).build();
+        assert_eq!(
+            queue_verdict(&engine, &layout, &c, &outside, 0x2000, 1),
+            QueueVerdict::accept_with_mark(0xffff_2000)
+        );
+        // From a pod (the rules' cluster-source bit): every endpoint of the port.
+        let inside = PacketBuilder::new(key(40001)).build();
+        assert_eq!(
+            queue_verdict(&engine, &layout, &c, &inside, 0x3000, 1),
+            QueueVerdict::accept_with_mark(0x3000 | id << 16)
+        );
+        // A bit outside the mark mask, and only one.
+        assert!(MarkLayout::new(0xffff_0000).unwrap().with_cluster_source_bit(0x1_0000).is_err());
+        assert!(MarkLayout::new(0xffff_0000).unwrap().with_cluster_source_bit(0x3000).is_err());
+        assert!(MarkLayout::new(0xffff_0000).unwrap().with_cluster_source_bit(0x4000).is_err());
     }
 }
