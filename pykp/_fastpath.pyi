@@ -490,6 +490,10 @@ class Explanation:
         undetermined (the policy needs more of the client: see `note`)."""
     @property
     def note(self) -> str | None: ...
+    @property
+    def short_circuited_from(self) -> str | None:
+        """The service the probe addressed, when its short-circuit (a client inside the
+        cluster, externalTrafficPolicy Local) sent it to `service`."""
 
 def explain(
     engine: Engine,
@@ -499,8 +503,10 @@ def explain(
     client: str | None = None,
     client_port: int | None = None,
     now: float | None = None,
+    from_cluster: bool = False,
 ) -> Explanation:
     """A dry run of a new connection to a service (by engine service `name` or by
     `frontend` (ip, port, protocol)) from `client`: changes nothing in the engine (no
     round-robin ticket, no entropy drawn, no flow or affinity entry made or refreshed).
+    `from_cluster`: the client is a pod or the node (the short-circuit applies).
     Raises KeyError for an unknown service or frontend, ValueError for a bad address."""

@@ -399,3 +399,38 @@ def test_the_agents_explain_answers_errors_with_a_status_and_json(
     result = runner.invoke(app, ["explain", "--address", address, "default/nope"])
     assert result.exit_code == 1
     assert "no service 'default/nope' on this node" in result.stderr
+
+
+LOCAL_ELSEWHERE = """
+services:
+  - name: ingress
+    namespace: shop
+    clusterIP: 10.96.0.60
+    externalIPs: [203.0.113.60]
+    policy: round-robin
+    externalTrafficPolicy: Local
+    ports: [{port: 80, targetPort: 8080}]
+    endpoints: [{ip: 10.244.0.10, nodeName: node-2}, {ip: 10.244.0.11, nodeName: node-3}]
+"""
+
+
+def test_a_pod_client_takes_the_short_circuit_an_outside_one_is_dropped(tmp_path: Path) -> None:
+    """externalTrafficPolicy Local, no endpoint on this node: explain tells a pod (inside
+    --cluster-cidr) from an outside client, as the datapath does."""
+    path = tmp_path / "local.yaml"
+    path.write_text(LOCAL_ELSEWHERE)
+    common = ("203.0.113.60:80", "--node", "node", "--cluster-cidr", "10.244.0.0/16")
+
+    pod = only(explain_json(path, *common, "--client", "10.244.0.101:40000"))
+    assert pod["service"] == "shop/ingress"
+    assert pod["shortCircuitFrom"] == "shop/ingress#external"
+    assert pod["decision"]["backend"] == "10.244.0.10:8080"
+
+    outside = only(explain_json(path, *common, "--client", "192.0.2.9:40000"))
+    assert outside["service"] == "shop/ingress#external"
+    assert outside["shortCircuitFrom"] is None
+    assert outside["decision"]["decidedBy"] == "drop"
+
+    # Without --cluster-cidr the pod is an outside client too.
+    unknown = only(explain_json(path, "203.0.113.60:80", "--node", "node", "--client", "10.244.0.101"))
+    assert unknown["decision"]["decidedBy"] == "drop"

@@ -878,9 +878,10 @@ class Agent:
         if context is not None:
             node = NodeView(
                 context.node_name,
-                context.node_addresses,
+                tuple(context.node_addresses),
                 context.traffic_policies,
                 context.zone,
+                tuple(self.config.cluster_cidrs),
             )
         # A copy in one C call: atomic against the sync thread.
         built = dict(self.service_sync.applied)

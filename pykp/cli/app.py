@@ -924,6 +924,14 @@ def explain(
             help="Offline: a node address, where nodePorts listen (repeatable).", metavar="IP"
         ),
     ] = None,
+    cluster_cidr: Annotated[
+        str,
+        typer.Option(
+            help="Offline: as `pykp run --cluster-cidr`: a client inside one (or at a node "
+            "address) takes an externalTrafficPolicy Local service's short-circuit.",
+            metavar="CIDR[,CIDR]",
+        ),
+    ] = "",
     maglev_table_size: Annotated[
         int, typer.Option(help="Offline: as `pykp run --maglev-table-size`.")
     ] = 65537,
@@ -947,7 +955,9 @@ def explain(
             report = fetch_explain(address, service, client)
         else:
             catalog = _load_services(services)
-            view = NodeView(node, tuple(node_address or ()))
+            view = NodeView(
+                node, tuple(node_address or ()), cluster_cidrs=tuple(parse_cidrs(cluster_cidr))
+            )
             report = explain_services_file(
                 catalog,
                 service,

@@ -70,6 +70,20 @@ class NodeView:
     node_addresses: tuple[str, ...] = ()
     traffic_policies: bool = False
     zone: str | None = None
+    # --cluster-cidr: a client in one (or at a node address) is inside the cluster, where
+    # an externalTrafficPolicy Local service's short-circuit applies.
+    cluster_cidrs: tuple[str, ...] = ()
+
+    def inside(self, client_ip: str | None) -> bool:
+        """Whether the datapath takes `client_ip` for a pod or the node itself."""
+        if client_ip is None:
+            return False
+        address = ipaddress.ip_address(client_ip)
+        if any(address == ipaddress.ip_address(a) for a in self.node_addresses):
+            return True
+        return any(
+            address in ipaddress.ip_network(cidr, strict=False) for cidr in self.cluster_cidrs
+        )
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -179,7 +193,12 @@ def explain_report(
         if frontend is not None:
             explanations.append(
                 explain(
-                    engine, frontend=frontend, client=client_ip, client_port=client_port, now=now
+                    engine,
+                    frontend=frontend,
+                    client=client_ip,
+                    client_port=client_port,
+                    now=now,
+                    from_cluster=node.inside(client_ip),
                 )
             )
         else:
@@ -189,7 +208,12 @@ def explain_report(
             for name in names:
                 explanations.append(
                     explain(
-                        engine, service=name, client=client_ip, client_port=client_port, now=now
+                        engine,
+                        service=name,
+                        client=client_ip,
+                        client_port=client_port,
+                        now=now,
+                        from_cluster=node.inside(client_ip),
                     )
                 )
     except KeyError as error:
@@ -244,6 +268,7 @@ def _service_report(
         )
     return {
         "service": x.service,
+        "shortCircuitFrom": x.short_circuited_from,
         "policy": x.policy,
         "hashKey": x.hash_key,
         "affinityTimeout": x.affinity_timeout,
@@ -397,7 +422,10 @@ def _decision(
             "kube-proxy does"
         )
         if scope == "external":
-            why += " (clients in --cluster-cidr and the node itself are refused instead)"
+            why += (
+                " (clients in --cluster-cidr and the node itself take the short-circuit to "
+                "every endpoint instead)"
+            )
         return {"backend": None, "decidedBy": "drop", "why": why}
     if x.policy == "random" and x.decided_by == "policy":
         eligible = [b for b in x.backends if b.eligible]
@@ -456,7 +484,13 @@ def explain_services_file(
     from pykp._fastpath import Engine
 
     node = node or NodeView()
-    node = NodeView(node.node_name, node.node_addresses, catalog.traffic_policies, catalog.zone)
+    node = NodeView(
+        node.node_name,
+        node.node_addresses,
+        catalog.traffic_policies,
+        catalog.zone,
+        node.cluster_cidrs,
+    )
     engine = Engine(
         default_policy=catalog.default_policy,
         maglev_table_size=maglev_table_size,
@@ -525,6 +559,13 @@ def _render_service(
     if service.get("affinityTimeout") is not None:
         policy += f", ClientIP affinity {service['affinityTimeout']:g}s"
     console.print(Text.assemble((service["service"], "bold"), f"  {policy}"))
+    if service.get("shortCircuitFrom"):
+        console.print(
+            Text(
+                f"short-circuit: a client inside the cluster reaches {service['shortCircuitFrom']} "
+                "(externalTrafficPolicy Local) through every endpoint of the port, as kube-proxy does"
+            )
+        )
     others = [f for f in service["frontends"] if f != service["frontend"]]
     console.print(
         Text(

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::conntrack::ConnState;
-use crate::engine::Engine;
+use crate::engine::{Engine, Source};
 use crate::flow::{FlowKey, Nanos, Protocol, TcpFlags};
 use crate::policy::{HashKey, Policy, SelectInput, Selector};
 use crate::service::{Backend, BackendHandle, Conditions, Frontend, Pool, ServiceState};
@@ -32,6 +32,9 @@ pub struct Probe {
     pub client: Option<IpAddr>,
     /// Only with `client`.
     pub client_port: Option<u16>,
+    /// Whether the client is inside the cluster (a pod, the node): a service's
+    /// short-circuit then applies, as the datapath's cluster-source bit says.
+    pub source: Source,
 }
 
 /// Why a backend is or is not in the pool the policy chooses from (kube-proxy's endpoint
@@ -161,6 +164,8 @@ pub struct FlowView {
 #[derive(Clone, Debug)]
 pub struct Explanation {
     pub service: Arc<ServiceState>,
+    /// The service the probe addressed, when its short-circuit sent it to `service`.
+    pub short_circuited_from: Option<Arc<str>>,
     /// The frontend the probe's connection goes to (None: the service has none).
     pub frontend: Option<Frontend>,
     /// Every backend, in the writer's order.
@@ -228,6 +233,16 @@ impl Engine {
                     .copied();
                 (svc, fe)
             }
+        };
+        // kube-proxy's short-circuit: from inside the cluster, the port's cluster-wide
+        // service decides (as `decide_inner` does).
+        let short_circuited_from = match (probe.source, svc.short_circuit.as_deref()) {
+            (Source::Cluster, Some(target)) => table.get(target).map(|t| (t, svc.name.clone())),
+            _ => None,
+        };
+        let (svc, short_circuited_from) = match short_circuited_from {
+            Some((target, from)) => (target, Some(from)),
+            None => (svc, None),
         };
         if let (Some(client), Some(fe)) = (probe.client, frontend) {
             if client.is_ipv4() != fe.addr.is_ipv4() {
@@ -312,6 +327,7 @@ impl Engine {
             }
         };
         Ok(Explanation {
+            short_circuited_from,
             service: svc.clone(),
             frontend,
             backends,
@@ -463,7 +479,12 @@ mod tests {
     }
 
     fn probe(c: u8, port: u16) -> Probe {
-        Probe { target: Target::Frontend(fe()), client: Some(client(c)), client_port: Some(port) }
+        Probe {
+            target: Target::Frontend(fe()),
+            client: Some(client(c)),
+            client_port: Some(port),
+            source: Source::Outside,
+        }
     }
 
     fn flow(c: u8, port: u16) -> FlowKey {
@@ -487,8 +508,15 @@ mod tests {
     /// Everything a decision can change: counters, both tables, the policy's cursor, the
     /// entropy, and each backend's active count.
     fn state(e: &Engine) -> String {
-        let x = e
-            .explain(&Probe { target: Target::Frontend(fe()), client: None, client_port: None }, 0);
+        let x = e.explain(
+            &Probe {
+                target: Target::Frontend(fe()),
+                client: None,
+                client_port: None,
+                source: Source::Outside,
+            },
+            0,
+        );
         format!(
             "{:?} {:?} {:?} {} {:?} {:?}",
             counter_snapshot(e.counters()),
@@ -571,6 +599,7 @@ mod tests {
             target: Target::Name("default/web:http".into()),
             client: None,
             client_port: None,
+            source: Source::Outside,
         };
         for i in 0..7u16 {
             let x = e.explain(&anyone, SEC).unwrap();
@@ -629,6 +658,7 @@ mod tests {
                     target: Target::Name("default/web:http".into()),
                     client: Some("fd00::1".parse().unwrap()),
                     client_port: Some(5),
+                    source: Source::Outside,
                 },
                 SEC,
             )
@@ -652,8 +682,12 @@ mod tests {
         let e = engine();
         let backends: Vec<_> = (1..=5).map(|i| be(i, 1, Conditions::READY)).collect();
         e.upsert_service(&spec(PolicyKind::Maglev, backends)).unwrap();
-        let no_port =
-            Probe { target: Target::Frontend(fe()), client: Some(client(1)), client_port: None };
+        let no_port = Probe {
+            target: Target::Frontend(fe()),
+            client: Some(client(1)),
+            client_port: None,
+            source: Source::Outside,
+        };
         let x = e.explain(&no_port, SEC).unwrap();
         assert!(matches!(x.outcome, Outcome::Undetermined(why) if why.contains("port")));
         // Every slot has an owner: the shares add up to the table.
@@ -721,8 +755,12 @@ mod tests {
     fn unknown_services_and_mixed_families_are_errors() {
         let e = engine();
         assert!(matches!(e.explain(&probe(1, 1), SEC), Err(ExplainError::UnknownFrontend(_))));
-        let by_name =
-            Probe { target: Target::Name("nope".into()), client: None, client_port: None };
+        let by_name = Probe {
+            target: Target::Name("nope".into()),
+            client: None,
+            client_port: None,
+            source: Source::Outside,
+        };
         assert_eq!(
             e.explain(&by_name, SEC).unwrap_err(),
             ExplainError::UnknownService("nope".into())
@@ -730,5 +768,53 @@ mod tests {
         e.upsert_service(&spec(PolicyKind::Random, vec![be(1, 1, Conditions::READY)])).unwrap();
         let v6 = Probe { client: Some("fd00::1".parse().unwrap()), ..probe(1, 1) };
         assert!(matches!(e.explain(&v6, SEC), Err(ExplainError::FamilyMismatch { .. })));
+    }
+
+    #[test]
+    fn a_probe_from_the_cluster_takes_the_short_circuit_as_the_engine_does() {
+        let e = Engine::new(EngineConfig::default()).unwrap();
+        let cluster = ServiceSpec {
+            name: "default/lb:http".into(),
+            frontends: vec![Frontend {
+                addr: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                proto: Protocol::Tcp,
+            }],
+            backends: vec![BackendSpec {
+                addr: "10.244.1.11:8080".parse().unwrap(),
+                weight: 1,
+                conditions: Conditions::READY,
+                local: false,
+            }],
+            policy: Some(PolicyKind::RoundRobin),
+            affinity_timeout: None,
+            hash_key: None,
+            short_circuit: None,
+        };
+        let lb_ip =
+            Frontend { addr: "203.0.113.10".parse().unwrap(), port: 80, proto: Protocol::Tcp };
+        let external = ServiceSpec {
+            name: "default/lb:http#external".into(),
+            frontends: vec![lb_ip],
+            backends: vec![],
+            short_circuit: Some("default/lb:http".into()),
+            ..cluster.clone()
+        };
+        e.upsert_service(&cluster).unwrap();
+        e.upsert_service(&external).unwrap();
+        let probe = |source| Probe {
+            target: Target::Frontend(lb_ip),
+            client: Some("10.244.0.5".parse().unwrap()),
+            client_port: Some(40000),
+            source,
+        };
+        let outside = e.explain(&probe(Source::Outside), SEC).unwrap();
+        assert_eq!(&*outside.service.name, "default/lb:http#external");
+        assert!(outside.short_circuited_from.is_none());
+        let inside = e.explain(&probe(Source::Cluster), SEC).unwrap();
+        assert_eq!(&*inside.service.name, "default/lb:http");
+        assert_eq!(inside.short_circuited_from.as_deref(), Some("default/lb:http#external"));
+        let (backend, _) = outcome_backend(&inside).unwrap();
+        assert_eq!(backend, "10.244.1.11:8080".parse().unwrap());
     }
 }

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 use super::engine::Engine;
 use super::{now_nanos, parse_ip, parse_port, sock, value_error};
+use crate::engine::Source;
 use crate::explain::{ExplainError, Outcome, PolicyView, Probe, Target};
 use crate::flow::{Protocol, NANOS_PER_SEC};
 use crate::service::Frontend;
@@ -73,6 +74,7 @@ pub struct Explanation {
     backend: Option<(String, u16)>,
     decided_by: &'static str,
     note: Option<&'static str>,
+    short_circuited_from: Option<String>,
 }
 
 fn frontend_tuple(f: &Frontend) -> (String, u16, &'static str) {
@@ -82,7 +84,7 @@ fn frontend_tuple(f: &Frontend) -> (String, u16, &'static str) {
 /// What a new connection to a service (by `service` name or `frontend`) from `client`
 /// would get now, and why; changes nothing in the engine.
 #[pyfunction]
-#[pyo3(signature = (engine, *, service = None, frontend = None, client = None, client_port = None, now = None))]
+#[pyo3(signature = (engine, *, service = None, frontend = None, client = None, client_port = None, now = None, from_cluster = false))]
 #[allow(clippy::too_many_arguments)]
 pub fn explain(
     py: Python<'_>,
@@ -92,6 +94,7 @@ pub fn explain(
     client: Option<&str>,
     client_port: Option<i64>,
     now: Option<f64>,
+    from_cluster: bool,
 ) -> PyResult<Explanation> {
     let target = match (service, frontend) {
         (Some(name), None) => Target::Name(name),
@@ -109,7 +112,8 @@ pub fn explain(
         (None, Some(_)) => return Err(value_error("a client port needs a client address")),
     };
     let now = now_nanos(py, now)?;
-    let probe = Probe { target, client, client_port };
+    let source = if from_cluster { Source::Cluster } else { Source::Outside };
+    let probe = Probe { target, client, client_port, source };
     let x = py.detach(|| engine.core.explain(&probe, now)).map_err(|e| match e {
         ExplainError::UnknownService(_) | ExplainError::UnknownFrontend(_) => {
             PyKeyError::new_err(e.to_string())
@@ -176,5 +180,6 @@ pub fn explain(
         backend,
         decided_by,
         note,
+        short_circuited_from: x.short_circuited_from.as_deref().map(str::to_string),
     })
 }
