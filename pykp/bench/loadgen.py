@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pykp.labs.lab import Host, Lab
+from pykp.labs.lab import Host, _Namespaces
+
+# Any lab: these only run commands in its namespaces.
+Lab = _Namespaces
 
 __all__ = [
     "BINARY",

@@ -983,6 +983,46 @@ def explain(
 # --- bench --------------------------------------------------------------------------------
 
 
+def _bench_lb_tier(
+    rounds: int | None,
+    contenders: str | None,
+    duration: float | None,
+    concurrency: int | None,
+    threads: int | None,
+    json_file: Path | None,
+) -> None:
+    """`pykp bench --lb-tier`."""
+    import tempfile
+
+    from pykp.bench.lb_tier import LB_CONTENDERS, LbBenchSettings, format_summary, run_lb_bench
+
+    settings = LbBenchSettings()
+    if contenders is not None:
+        names = [c.strip() for c in contenders.split(",") if c.strip()]
+        unknown = [n for n in names if n not in LB_CONTENDERS]
+        if unknown or not names:
+            raise typer.BadParameter(
+                f"load-balancer tier contenders are {', '.join(LB_CONTENDERS)}",
+                param_hint="'--contenders'",
+            )
+        settings.contenders = names
+    for name, value in (
+        ("rounds", rounds),
+        ("duration", duration),
+        ("concurrency", concurrency),
+        ("threads", threads),
+    ):
+        if value is not None:
+            setattr(settings, name, value)
+    typer.echo(f"pykp bench --lb-tier: {vars(settings)}")
+    with tempfile.TemporaryDirectory(prefix="pykp-bench-lb-") as workdir:
+        result = run_lb_bench(settings, workdir=Path(workdir), log=typer.echo)
+    typer.echo(format_summary(result["summary"]))
+    if json_file is not None:
+        json_file.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        typer.echo(f"raw samples and summary written to {json_file}")
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(item.replace("_", "")) for item in text.split(",") if item.strip()]
@@ -1063,6 +1103,16 @@ def bench(
     markdown_file: Annotated[
         Path | None, typer.Option("--markdown", help="Write the tables as markdown here.")
     ] = None,
+    lb_tier: Annotated[
+        bool,
+        typer.Option(
+            "--lb-tier",
+            help="Benchmark the load-balancer tier instead (client, multipath router, two "
+            "load-balancer nodes, backends): kernel L2 DSR and kernel full NAT against no "
+            "load balancer (--contenders direct,kernel-dsr,kernel-nat; --rounds, "
+            "--duration, --concurrency, --threads, --json apply).",
+        ),
+    ] = False,
 ) -> None:
     """Benchmark pykp against kube-proxy's iptables and nftables rules and no proxy at all.
 
@@ -1081,6 +1131,9 @@ def bench(
     from pykp.cli.preflight import LAB_TOOLS
 
     require("bench", (*LAB_TOOLS, "iperf3"))
+    if lb_tier:
+        _bench_lb_tier(rounds, contenders, duration, concurrency, threads, json_file)
+        return
 
     settings = BenchSettings()
     if quick:

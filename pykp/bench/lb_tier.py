@@ -1,0 +1,264 @@
+"""`pykp bench --lb-tier`: the load-balancer tier (issue 12) on `LoadBalancerLab`: an
+external client, a multipath router over two load-balancer nodes, backends answering
+directly. Contenders take turns on one lab, round by round (the order rotates), and every
+one runs the same workloads:
+
+* ``direct``: no load balancer; the client dials the backends' own addresses (the ceiling).
+* ``kernel-dsr``: the kernel forwards by L2 direct server return (nftables netdev ingress:
+  destination MAC by ``jhash`` of the 5-tuple, ``fwd``), what pykp's AF_PACKET datapath
+  does in user space.
+* ``kernel-nat``: the kernel forwards by full NAT (nftables DNAT by ``jhash`` and
+  masquerade on each load-balancer node, forwarding on): replies come back through the
+  load balancer, as with IPVS NAT or kube-proxy.
+
+Workloads: new connections/s (closed loop, `pykp-loadgen`), TCP throughput (iperf3, one
+stream, one backend: iperf3's control and data connections must meet one server) and
+small-packet UDP (iperf3 -u, 64-byte datagrams, as fast as the client sends: datagrams/s
+received and lost). Results are medians over rounds, with every sample kept.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pykp.bench.loadgen import LoadgenError, find_loadgen, iperf3, run_conns, start_server
+from pykp.labs.lab import Host, LabError
+from pykp.labs.lb_lab import LoadBalancerLab
+
+__all__ = ["LB_CONTENDERS", "LbBenchSettings", "run_lb_bench"]
+
+LB_CONTENDERS: Final = ("direct", "kernel-dsr", "kernel-nat")
+CONN_PORT: Final = 8080
+IPERF_PORT: Final = 5201
+
+
+@dataclass
+class LbBenchSettings:
+    rounds: int = 3
+    duration: float = 5.0  # seconds of each new-connections run
+    concurrency: int = 64
+    threads: int = 2
+    iperf_seconds: float = 3.0
+    contenders: Sequence[str] = LB_CONTENDERS
+
+
+def _backend_targets(lab: LoadBalancerLab, port: int) -> list[str]:
+    return [f"{b.ipv4}:{port}" for b in lab.backend_hosts]
+
+
+def _kernel_nat(lab: LoadBalancerLab, lb: Host, backends: Sequence[Host], port: int) -> None:
+    targets = ", ".join(f"{i} : {b.ipv4}" for i, b in enumerate(backends))
+    script = f"""
+table ip pykp_lab_nat {{
+    chain pre {{
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr {lab.vip} meta l4proto {{ tcp, udp }} th dport {port} \\
+            dnat to jhash ip saddr . th sport . ip daddr . th dport mod {len(backends)} map {{ {targets} }}
+    }}
+    chain post {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ct status dnat masquerade
+    }}
+}}
+"""
+    _nft(lab, lb, script)
+
+
+def _nft(lab: LoadBalancerLab, host: Host, script: str) -> None:
+    proc = lab.exec(host, ["nft", "-f", "-"], input=script)
+    if proc.returncode != 0:
+        raise LabError(f"nft on {host.name}: {proc.stderr.strip()}")
+
+
+def _program(lab: LoadBalancerLab, contender: str) -> None:
+    """Set up one contender on every load-balancer node (after `_unprogram`)."""
+    for lb in lab.lb_hosts:
+        if contender == "kernel-dsr":
+            lab.kernel_l2_dsr(lb, list(lab.backend_hosts), CONN_PORT)
+            _nft(lab, lb, _dsr_extra_port(lab, lb, IPERF_PORT))
+        elif contender == "kernel-nat":
+            lab.exec(lb, ["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+            _kernel_nat(lab, lb, lab.backend_hosts, CONN_PORT)
+            _nft(lab, lb, _nat_extra_port(lab, IPERF_PORT))
+
+
+def _dsr_extra_port(lab: LoadBalancerLab, lb: Host, port: int) -> str:
+    # iperf3's control and data connections must reach one server: one backend for it.
+    own, mac = lab.mac(lb), lab.mac(lab.backend_hosts[0])
+    return (
+        f"add rule netdev pykp_lab_dsr ingress ip daddr {lab.vip} meta l4proto {{ tcp, udp }} "
+        f"th dport {port} ether saddr set {own} ether daddr set {mac} fwd to eth0\n"
+    )
+
+
+def _nat_extra_port(lab: LoadBalancerLab, port: int) -> str:
+    backend = lab.backend_hosts[0].ipv4
+    return (
+        f"add rule ip pykp_lab_nat pre ip daddr {lab.vip} meta l4proto {{ tcp, udp }} "
+        f"th dport {port} dnat to {backend}\n"
+    )
+
+
+def _unprogram(lab: LoadBalancerLab) -> None:
+    for lb in lab.lb_hosts:
+        for table in ("netdev pykp_lab_dsr", "ip pykp_lab_nat"):
+            lab.exec(lb, ["nft", "delete", "table", *table.split()])
+        lab.exec(lb, ["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        lab.exec(lb, ["conntrack", "-F"])
+
+
+def _targets(lab: LoadBalancerLab, contender: str, port: int) -> tuple[list[str], str]:
+    """The connection targets and the iperf3 host for a contender."""
+    if contender == "direct":
+        return _backend_targets(lab, port), lab.backend_hosts[0].ipv4
+    return [f"{lab.vip}:{port}"], lab.vip
+
+
+def _udp_pps(lab: LoadBalancerLab, host: str, seconds: float) -> dict[str, Any]:
+    proc = lab.exec(
+        lab.client,
+        ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-u", "-b", "0", "-l", "64",
+         "-t", f"{seconds}", "-J"],
+        timeout=seconds + 30,
+    )  # fmt: skip
+    data = json.loads(proc.stdout or "{}")
+    if "error" in data or "end" not in data:
+        raise LoadgenError(f"iperf3 -u: {data.get('error') or proc.stderr[-500:]}")
+    total = data["end"]["sum"]
+    received = total["packets"] - total["lost_packets"]
+    return {
+        "datagrams_per_second": received / total["seconds"],
+        "lost_percent": total["lost_percent"],
+        "sent": total["packets"],
+    }
+
+
+def _retry(run: Callable[[], dict[str, Any]], attempts: int = 3) -> dict[str, Any]:
+    """An iperf3 run, again after a pause if the server was still closing the last test
+    (it serves one at a time and refuses the next for a moment)."""
+    for attempt in range(attempts):
+        time.sleep(1.0 + attempt)
+        try:
+            return run()
+        except LoadgenError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _turn(
+    lab: LoadBalancerLab, binary: str, contender: str, s: LbBenchSettings, workdir: Path
+) -> dict[str, Any]:
+    _unprogram(lab)
+    _program(lab, contender)
+    targets, iperf_host = _targets(lab, contender, CONN_PORT)
+    conns = run_conns(
+        lab,
+        lab.client,
+        binary,
+        targets,
+        duration=s.duration,
+        concurrency=s.concurrency,
+        threads=s.threads,
+        workdir=workdir,
+    )
+    tcp = _retry(lambda: iperf3(lab, lab.client, iperf_host, IPERF_PORT, s.iperf_seconds, 1))
+    try:
+        udp = _retry(lambda: _udp_pps(lab, iperf_host, s.iperf_seconds))
+    except LoadgenError as error:  # recorded, not fatal: the other workloads stand
+        udp = {"error": str(error)}
+    return {"conns": conns, "tcp": tcp, "udp": udp}
+
+
+def run_lb_bench(
+    settings: LbBenchSettings,
+    *,
+    workdir: Path,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every round, every contender once; the samples and medians."""
+    unknown = [c for c in settings.contenders if c not in LB_CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown load-balancer contenders {unknown} (known: {LB_CONTENDERS})")
+    binary = find_loadgen()
+    samples: dict[str, list[dict[str, Any]]] = {c: [] for c in settings.contenders}
+    with LoadBalancerLab(lb_nodes=2, backends=3) as lab:
+        for backend in lab.backend_hosts:
+            start_server(lab, backend, binary, str(CONN_PORT), backend.name)
+        iperf_server = lab.popen(
+            lab.backend_hosts[0], ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL
+        )
+        time.sleep(0.3)
+        if iperf_server.poll() is not None:
+            raise LoadgenError("iperf3 server did not start")
+        order = list(settings.contenders)
+        for round_ in range(settings.rounds):
+            for contender in order:
+                sample = _turn(lab, binary, contender, settings, workdir)
+                samples[contender].append(sample)
+                log(
+                    f"  round {round_ + 1}/{settings.rounds}, {contender}: "
+                    f"{sample['conns']['conns_per_s']:,.0f} conn/s "
+                    f"({sample['conns']['failed']} failed), "
+                    f"{sample['tcp']['bits_per_second'] / 1e9:.2f} Gbit/s, "
+                    + _udp_text(sample["udp"])
+                )
+            order = order[1:] + order[:1]
+        _unprogram(lab)
+    return {
+        "schema": "pykp-bench-lb/1",
+        "settings": vars(settings) | {"contenders": list(settings.contenders)},
+        "samples": samples,
+        "summary": summarize(samples),
+    }
+
+
+def _udp_text(udp: dict[str, Any]) -> str:
+    if "error" in udp:
+        return f"UDP failed: {udp['error']}"
+    return f"{udp['datagrams_per_second']:,.0f} datagrams/s ({udp['lost_percent']:.1f} % lost)"
+
+
+def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Medians per contender, and each one's ratio to `direct` where measured."""
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    out: dict[str, dict[str, float]] = {}
+    for contender, runs in samples.items():
+        out[contender] = {
+            "conn_per_s": median([r["conns"]["conns_per_s"] for r in runs]),
+            "connect_p99_ms": median([r["conns"]["connect_us"]["p99"] / 1000 for r in runs]),
+            "failed": sum(r["conns"]["failed"] for r in runs),
+            "tcp_gbit_s": median([r["tcp"]["bits_per_second"] / 1e9 for r in runs]),
+            "udp_datagrams_per_s": median(
+                [r["udp"]["datagrams_per_second"] for r in runs if "error" not in r["udp"]]
+            ),
+            "udp_lost_percent": median(
+                [r["udp"]["lost_percent"] for r in runs if "error" not in r["udp"]]
+            ),
+        }
+    return out
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    """A plain table of the medians, with ratios to `direct` when it ran."""
+    base = summary.get("direct")
+    lines = ["contender      conn/s  (x direct)  connect p99 ms  failed  TCP Gbit/s  UDP datagrams/s  lost %"]
+    for name, row in summary.items():
+        ratio = f"{row['conn_per_s'] / base['conn_per_s']:.2f}" if base and base["conn_per_s"] else "-"
+        lines.append(
+            f"{name:<12} {row['conn_per_s']:>8,.0f}  {ratio:>10}  {row['connect_p99_ms']:>14.3f}  "
+            f"{row['failed']:>6.0f}  {row['tcp_gbit_s']:>10.2f}  "
+            f"{row['udp_datagrams_per_s']:>15,.0f}  {row['udp_lost_percent']:>6.1f}"
+        )
+    return "\n".join(lines)
+
