@@ -307,6 +307,23 @@ def test_render_table_has_sets_maps_and_chains() -> None:
         assert f"chain {name} {{" in text
 
 
+def test_forward_drops_invalid_packets_unless_conntrack_is_liberal() -> None:
+    """kube-proxy drops INVALID packets in forward (an out-of-window segment of a NATed
+    connection would reach the client un-NATed and get the connection reset), except with
+    --conntrack-tcp-be-liberal, which makes conntrack call no such segment INVALID."""
+
+    def forward_chain(manager: RuleManager) -> str:
+        return manager.render_table().split("chain reject_fwd {", 1)[1].split("}", 1)[0]
+
+    strict = forward_chain(RuleManager())
+    assert strict.index("ct state invalid drop") < strict.index("ct state != new accept")
+    assert "ct state invalid drop" not in forward_chain(RuleManager(drop_invalid=False))
+    # Only forwarded packets: the node's own sockets are left to their TCP stacks.
+    text = RuleManager().render_table()
+    for chain in ("reject_in", "reject_out"):
+        assert "invalid" not in text.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+
+
 def test_render_iptables() -> None:
     one = RuleManager().render_iptables()
     assert (

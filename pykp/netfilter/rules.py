@@ -322,7 +322,9 @@ def _element_lines(verb: str, table: str, name: str, items: Iterable[str]) -> li
     ]
 
 
-def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict[str, list[str]]:
+def _chain_rules(
+    layout: MarkLayout, cidrs: Mapping[int, Sequence[str]], drop_invalid: bool = True
+) -> dict[str, list[str]]:
     mask = f"{layout.backend_mask:#010x}"
     reject = f"{layout.reject_mark:#010x}"
     queue = f"{layout.queue_bit:#010x}"
@@ -392,6 +394,10 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
     ] + [
         f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams
     ]
+    # kube-proxy's drop of INVALID packets in forward (unless nf_conntrack_tcp_be_liberal):
+    # an out-of-window segment from a backend skips the reverse NAT, reaches the client
+    # with the backend's own address, and the client's reset kills the real connection.
+    forward_rules = ["ct state invalid drop", *reject_rules] if drop_invalid else reject_rules
     return {
         "mark_new": mark_new,
         "mark_new_out": mark_new,
@@ -407,7 +413,7 @@ def _chain_rules(layout: MarkLayout, cidrs: Mapping[int, Sequence[str]]) -> dict
             *(f"ct status dnat {p} saddr . {p} daddr @hairpin{v} masquerade" for p, v in fams),
         ],
         "reject_in": reject_rules,
-        "reject_fwd": reject_rules,
+        "reject_fwd": forward_rules,
         "reject_out": reject_rules,
         "do_reject": [
             "meta l4proto tcp reject with tcp reset",
@@ -484,6 +490,7 @@ class RuleManager:
         *,
         queues: tuple[int, int] = (0, 0),
         cluster_cidrs: Sequence[str] = (),
+        drop_invalid: bool = True,
         table: str = "pykp",
         chain: str = "PYKP-QUEUE",
         ipv6: bool = True,
@@ -497,6 +504,7 @@ class RuleManager:
         self.layout = layout
         self.queues = (first, last)
         self.cluster_cidrs = _split_cidrs(cluster_cidrs)
+        self.drop_invalid = drop_invalid
         self.table = table
         self.chain = chain
         self.ipv6 = ipv6
@@ -511,7 +519,7 @@ class RuleManager:
 
     def render_table(self) -> str:
         """The complete table, rules included, as installed on an empty kernel."""
-        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        rules = _chain_rules(self.layout, self.cluster_cidrs, self.drop_invalid)
         lines = [f"table inet {self.table} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
         lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC}.items()]
         for name, spec in _CHAINS.items():
@@ -551,7 +559,7 @@ class RuleManager:
         t = self.table
         rules = {
             n: r
-            for n, r in _chain_rules(self.layout, self.cluster_cidrs).items()
+            for n, r in _chain_rules(self.layout, self.cluster_cidrs, self.drop_invalid).items()
             if n not in _PICKS
         }
         existing = set(existing_sets)
@@ -879,7 +887,7 @@ class RuleManager:
             and {n for n, t in _SYNCED.items() if _is_map(t)} <= maps
         ):
             return False
-        rules = _chain_rules(self.layout, self.cluster_cidrs)
+        rules = _chain_rules(self.layout, self.cluster_cidrs, self.drop_invalid)
         if any(chains.get(chain, -1) != len(chain_rules) for chain, chain_rules in rules.items()):
             return False
         for save, _ in _iptables_families(self.ipv6):
