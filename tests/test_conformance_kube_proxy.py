@@ -7,7 +7,8 @@ kube_proxy.go, dual_stack.go, topology_hints.go, traffic_distribution.go). `CASE
 upstream `It(...)` of those files that a node proxy is answerable for to the test here that
 mirrors it; `NOT_EXPRESSED` lists the cases of those files this suite does not run, and why
 (most belong to the API server, a controller, the kubelet or a cloud load balancer, not to
-the proxy). Each test's docstring starts with its upstream case's `It` string. README.md's
+the proxy). Each test's docstring starts with its upstream case's `It` string (the cases a
+parametrized test covers, one per parameter). README.md's
 "Conformance with kube-proxy" table is this mapping; `test_the_readme_table_lists_every_case`
 keeps the two together.
 
@@ -15,22 +16,23 @@ The lab: a `ClusterLab` (3 nodes, 2 routed pods each; node-0 and node-2 in zone-
 zone-b), the stand-in API server on the cluster network, one `pykp run` per node fed by it.
 Every pod serves HTTP (8080 and 8081, answering its name, or the client address on
 /clientip), UDP (5353, the same) and a TCP line echo (7000); the nodes' host networks serve
-HTTP on 8082 and UDP on 5353 (hostNetwork endpoints). SCTP is spoken with raw sockets (the lab machine's
-kernel has no SCTP sockets; conntrack and NAT handle SCTP without them): a responder in a pod
-answers an INIT with an INIT-ACK whose state cookie carries its name. Clients are real
-sockets in pod namespaces, on a node's host network or on the external host. Each test
-publishes its own Services (fresh addresses) and deletes them at the end, so the three
-agents are shared by the whole module.
+HTTP on 8082 and UDP on 5353 (hostNetwork endpoints). SCTP is spoken over raw sockets (this
+machine's kernel has no SCTP sockets, and conntrack and NAT need none; raw sockets work with
+or without them): a responder in a pod answers an INIT with an INIT-ACK whose state cookie
+carries its name. Clients are real sockets in pod namespaces, on a node's host network or on
+the external host. Each test publishes its own Services (fresh addresses) and deletes them
+at the end, so the lab and the three agents are shared by the whole module.
 
 Families: the service.go cases run single-stack IPv4 and IPv6 (`[4]`, `[6]`); the granular
-checks run on dual-stack Services, `[4]` being networking.go's case and `[6]` dual_stack.go's
-"Secondary IP Family" one.
+checks run on dual-stack Services, `[<proto>-4]` being networking.go's case and
+`[<proto>-6]` dual_stack.go's "Secondary IP Family" one.
 
 Runs as root (CI runs as root).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import os
@@ -153,6 +155,8 @@ CASES: list[tuple[str, str, str]] = [
     ("loadbalancer.go", "should be able to preserve UDP traffic when server pod cycles for a LoadBalancer service on different nodes", "test_preserve_udp_traffic_when_server_pod_cycles[LoadBalancer]"),
     ("loadbalancer.go", "should have session affinity work for LoadBalancer service with ESIPP on", "test_session_affinity_works[LoadBalancer-Local]"),
     ("loadbalancer.go", "should have session affinity work for LoadBalancer service with ESIPP off", "test_session_affinity_works[LoadBalancer-Cluster]"),
+    ("loadbalancer.go", "should be able to switch session affinity for LoadBalancer service with ESIPP on", "test_switch_session_affinity[LoadBalancer-Local]"),
+    ("loadbalancer.go", "should be able to switch session affinity for LoadBalancer service with ESIPP off", "test_switch_session_affinity[LoadBalancer-Cluster]"),
     ("loadbalancer.go", "ESIPP should work for type=LoadBalancer", "test_esipp_load_balancer"),
     ("loadbalancer.go", "ESIPP should work for type=NodePort", "test_esipp_nodeport"),
     ("loadbalancer.go", "ESIPP should only target nodes with endpoints", "test_esipp_only_targets_nodes_with_endpoints"),
@@ -197,7 +201,7 @@ NOT_EXPRESSED: list[tuple[str, str, str]] = [
     ("service.go", "should create endpoints for unready pods", "the EndpointSlice controller's behaviour; the proxy's side (endpoints with their conditions) is test_publish_not_ready_addresses"),
     ("service.go", "should allow creating a basic SCTP service with pod and endpoints", "the endpoints controller and the node's sctp module (upstream checks the proxy does not load it; pykp opens no SCTP socket); the proxy's part, an SCTP Service served, is test_pod_to_service[sctp-*]"),
     ("networking.go", "should allow creating a Pod with an SCTP HostPort", "kubelet and CNI (host ports), not the proxy"),
-    ("loadbalancer.go", "should be able to change the type and ports of a TCP/UDP service; should be able to create an internal type load balancer; should handle load balancer cleanup finalizer; should be able to create LoadBalancer Service without NodePort and change it; should not have connectivity disruption during rolling update with externalTrafficPolicy=Cluster/Local; should be able to switch session affinity for LoadBalancer service with ESIPP on/off", "need a cloud provider's load balancer (provisioning, health checking it, its finalizer); the lab routes a load-balancer IP straight to a node instead, which the ESIPP and affinity cases here use"),
+    ("loadbalancer.go", "should be able to change the type and ports of a TCP/UDP service; should be able to create an internal type load balancer; should handle load balancer cleanup finalizer; should be able to create LoadBalancer Service without NodePort and change it; should not have connectivity disruption during rolling update with externalTrafficPolicy=Cluster/Local", "need a cloud provider's load balancer (provisioning, health checking it, its finalizer); the lab routes a load-balancer IP straight to a node instead, which the ESIPP and affinity cases here use"),
     ("loadbalancer.go", "should be able to preserve UDP traffic when server pod cycles for a LoadBalancer service on the same nodes", "the same as the different-nodes case on this lab (the client is the external host either way)"),
     ("kube_proxy.go", "should update metric for tracking accepted packets destined for localhost nodeports", "pykp does not serve NodePorts on 127.0.0.1 (no route_localnet), as kube-proxy's nftables mode does not"),
     ("dual_stack.go", "should have ipv4 and ipv6 internal node ip; should create pod, add ipv6 and ipv4 ip to pod ips; should create pod, add ipv6 and ipv4 ip to host ips; should be able to reach pod on ipv4 and ipv6 ip", "kubelet and CNI behaviour (the lab gives every node and pod both families: test_pod_to_service[*-6])"),
@@ -230,11 +234,11 @@ def case_ref(test: str) -> str:
 
 # --- servers in the lab ----------------------------------------------------------------------
 
-# A SCTP peer over a raw socket: answers each INIT with an INIT-ACK whose state cookie is
-# this pod's name. The raw socket also keeps the kernel (which has no SCTP here) from
-# answering "protocol unreachable".
+# An SCTP peer over a raw socket: answers each INIT with an INIT-ACK whose state cookie is
+# this pod's name. The raw socket also keeps a kernel without SCTP from answering
+# "protocol unreachable" (one with SCTP answers an ABORT as well, which clients skip).
 SCTP_RESPONDER = r"""
-import socket, struct, sys, zlib
+import socket, struct, sys
 name, family = sys.argv[1].encode(), int(sys.argv[2])
 POLY = 0x82F63B78
 TABLE = []
@@ -267,7 +271,7 @@ while True:
 
 # Accepts connections and holds them open, never closing its side (CLOSE_WAIT).
 HOLD_SERVER = r"""
-import socket, sys, time
+import socket, sys
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.bind(("::", int(sys.argv[1])))
@@ -279,6 +283,7 @@ while True:
 
 
 def _crc32c(data: bytes) -> int:
+    """SCTP's checksum (CRC-32C, RFC 9260 appendix A; sent least significant byte first)."""
     crc = 0xFFFFFFFF
     for byte in data:
         crc ^= byte
@@ -377,11 +382,45 @@ class Port:
 @dataclass
 class Api:
     """Publishes Services and EndpointSlices as the API server and the EndpointSlice
-    controller would; everything published is deleted at the end of the test."""
+    controller would; everything published is deleted at the end of the test.
+
+    Every write returns once no agent holds a backend the API no longer gives the Service
+    (read from each agent's /status): a check right after a removal then sees the new
+    state, not a race with its propagation. Additions need no such wait: `reaches` waits
+    to see every wanted backend."""
 
     lab: ClusterLab
     server: ClusterApiServer
+    agents: list[LabAgent]
     published: set[str] = field(default_factory=set)
+    _slice_ips: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    _services: set[str] = field(default_factory=set)
+
+    def settle(self, name: str) -> None:
+        """Wait until every running agent's backends of Service `name` are among the
+        endpoints the API holds for it (none once it is gone)."""
+        allowed = (
+            set().union(*self._slice_ips.get(name, {}).values())
+            if name in self._services
+            else set()
+        )
+        key = f"default/{name}"
+
+        def held(agent: LabAgent) -> set[str]:
+            status, body = agent.get(METRICS, "/status")
+            if status != 200:  # stopped (restart test): nothing to wait for
+                return set()
+            return {
+                str(ipaddress.ip_address(backend["ip"]))
+                for service in json.loads(body)["services"]
+                if service["name"] == key or service["name"].startswith(key + ":")
+                for backend in service["backends"]
+            }
+
+        def settled() -> bool:
+            return all(held(agent) <= allowed for agent in self.agents)
+
+        assert wait_for(settled, timeout=10), (name, allowed, [held(a) for a in self.agents])
 
     def service(
         self,
@@ -469,6 +508,9 @@ class Api:
                 if hints:
                     entry["hints"] = hints
                 entries.append(entry)
+            self._slice_ips.setdefault(name, {})[f"{name}-ipv{family}{suffix}"] = {
+                str(ipaddress.ip_address(entry["addresses"][0])) for entry in entries
+            }
             self.server.apply(
                 "endpointslices",
                 {
@@ -490,6 +532,7 @@ class Api:
                 },
             )
             self.published.add(f"endpointslices/{name}-ipv{family}{suffix}")
+        self.settle(name)
 
     def publish(
         self,
@@ -505,12 +548,17 @@ class Api:
         self.apply(self.service(name, ips, ports, **kwargs))
 
     def apply(self, service: dict[str, Any]) -> None:
+        name = service["metadata"]["name"]
         self.server.apply("services", service)
-        self.published.add(f"services/{service['metadata']['name']}")
+        self.published.add(f"services/{name}")
+        self._services.add(name)
+        self.settle(name)
 
     def delete_service(self, name: str) -> None:
         self.server.delete("services", "default", name)
         self.published.discard(f"services/{name}")
+        self._services.discard(name)
+        self.settle(name)
 
     def cleanup(self) -> None:
         for item in sorted(self.published):
@@ -522,7 +570,7 @@ class Api:
 
 @pytest.fixture
 def api(cluster: ClusterLab, apiserver: ClusterApiServer, nodes: list[LabAgent]) -> Iterator[Api]:
-    publisher = Api(cluster, apiserver)
+    publisher = Api(cluster, apiserver, nodes)
     try:
         yield publisher
     finally:
@@ -624,7 +672,9 @@ def sctp_ask(lab: ClusterLab, src: str, host: str, port: int, timeout: float = 1
                 data = data[(data[0] & 0x0F) * 4 :]
             if len(data) < 20 or struct.unpack("!HHI", data[:8]) != (port, sport, tag):
                 continue
-            if data[12] != 2 or peer[0] != host:
+            if data[12] != 2:  # not an INIT-ACK: a kernel SCTP stack's ABORT, say
+                continue
+            if peer[0] != host:  # the reply skipped the reverse NAT
                 return None
             cookie_len = struct.unpack("!H", data[34:36])[0] - 4
             return data[36 : 36 + cookie_len].decode()
@@ -632,6 +682,10 @@ def sctp_ask(lab: ClusterLab, src: str, host: str, port: int, timeout: float = 1
 
 
 ASK: dict[str, Callable[..., str | None]] = {"tcp": tcp_ask, "udp": udp_ask, "sctp": sctp_ask}
+
+
+SETTLED = 6  # consecutive answers from `wanted` that say a change has been programmed
+CONFIRMATIONS = 12  # answers after that which must all come from `wanted`
 
 
 def reaches(
@@ -643,22 +697,32 @@ def reaches(
     proto: str = "tcp",
     timeout: float = 10.0,
 ) -> None:
-    """Wait until consecutive answers from `src` have shown exactly the backends `wanted`
-    (each seen, nothing else, no failure in between)."""
+    """Wait until `SETTLED` consecutive answers from `src` have come from the backends
+    `wanted` and shown each of them (no failure, nothing else in between: the change is
+    programmed); then every one of `CONFIRMATIONS` further answers must come from `wanted`
+    too, so a backend that should be out of reach (another zone's, another node's) fails
+    the check rather than being waited out."""
     ask = ASK[proto]
     seen: set[str] = set()
+    streak = 0
     last: str | None = None
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while seen != wanted or streak < SETTLED:
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{src} -> {host}:{port}/{proto}: saw {seen} ({streak} in a row), "
+                f"last {last!r}, wanted {wanted}"
+            )
         last = ask(lab, src, host, port)
         if last is None or last not in wanted:
             seen.clear()
+            streak = 0
             time.sleep(0.05)
             continue
         seen.add(last)
-        if seen == wanted:
-            return
-    pytest.fail(f"{src} -> {host}:{port}/{proto}: saw {seen}, last {last!r}, wanted {wanted}")
+        streak += 1
+    after = [ask(lab, src, host, port) for _ in range(CONFIRMATIONS)]
+    assert set(after) <= wanted, f"{src} -> {host}:{port}/{proto}: {after}, wanted only {wanted}"
 
 
 def not_served(
@@ -949,11 +1013,18 @@ def test_session_affinity_timeout_works(cluster: ClusterLab, api: Api, kind: str
     pytest.fail(f"every connection after the timeout still went to {first}")
 
 
-@pytest.mark.parametrize("kind", ["ClusterIP", "NodePort"])
+@pytest.mark.parametrize(
+    "kind", ["ClusterIP", "NodePort", "LoadBalancer-Local", "LoadBalancer-Cluster"]
+)
 def test_switch_session_affinity(cluster: ClusterLab, api: Api, kind: str) -> None:
     """should be able to switch session affinity for service with type clusterIP / NodePort
-    service: None spreads, ClientIP sticks, None spreads again."""
-    target = affinity_service(cluster, api, kind, 4, "None")
+    service / LoadBalancer service with ESIPP on (externalTrafficPolicy Local: node-1's two
+    pods) and off: None spreads, ClientIP sticks, None spreads again."""
+    kind, _, policy = kind.partition("-")
+    spec: dict[str, Any] = {"externalTrafficPolicy": policy} if policy else {}
+    if policy == "Local":
+        spec["healthCheckNodePort"] = node_port()
+    target = affinity_service(cluster, api, kind, 4, "None", **spec)
     assert wait_for(lambda: tcp_ask(cluster, *target) is not None)
     assert len(set(backends_seen(cluster, target, 20))) > 1
     service = api.server.get("services", "default", "affinity")
@@ -963,7 +1034,7 @@ def test_switch_session_affinity(cluster: ClusterLab, api: Api, kind: str) -> No
         api.apply(service)
 
         def settled(spread: bool = spread) -> bool:
-            return (len(set(backends_seen(cluster, target, 12))) > 1) == spread
+            return (len(set(backends_seen(cluster, target, 20))) > 1) == spread
 
         assert wait_for(settled, timeout=10, step=0.2), affinity
 
