@@ -178,6 +178,8 @@ SMALL_EXPECTED = {
         "0x00040000 : 10.244.0.11 . 8080",
     },
     "backends6": {"0x00030000 : fd00:10:244::11 . 53"},
+    "short_circuit4": set(),
+    "short_circuit6": set(),
     "cluster_cidrs4": {"10.244.0.0/16"},
     "cluster_cidrs6": {"fd00:10:244::/56"},
 }
@@ -322,6 +324,34 @@ def test_forward_drops_invalid_packets_unless_conntrack_is_liberal() -> None:
     text = RuleManager().render_table()
     for chain in ("reject_in", "reject_out"):
         assert "invalid" not in text.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+
+
+def test_pods_reach_a_local_services_external_address_through_its_cluster_ip() -> None:
+    """kube-proxy's short-circuit: traffic from the cluster CIDR to an externalIP or
+    load-balancer IP of an externalTrafficPolicy Local service goes to the cluster-wide
+    endpoints. The first packet's destination is rewritten to the ClusterIP after conntrack
+    has recorded the original one, before the frontend lookup."""
+    from pykp.netfilter.elements import frontend_contribution
+
+    lb = FrontendRule("192.0.2.5", 80, "TCP", external=True, masquerade=False,
+                      short_circuit="10.96.0.5")  # fmt: skip
+    lb6 = FrontendRule("2001:db8::5", 80, "TCP", external=True, masquerade=False,
+                       short_circuit="fd00:10:96::5")  # fmt: skip
+    elements = frontend_contribution([lb, lb6], {}, [])
+    assert elements["short_circuit4"] == {
+        "192.0.2.5 . tcp . 80": "192.0.2.5 . tcp . 80 : 10.96.0.5"
+    }
+    assert elements["short_circuit6"] == {
+        "2001:db8::5 . tcp . 80": "2001:db8::5 . tcp . 80 : fd00:10:96::5"
+    }
+    text = RuleManager(cluster_cidrs=["10.244.0.0/16"]).render_table()
+    chain = text.split("chain short_circuit {", 1)[1].split("}", 1)[0]
+    assert "type filter hook prerouting priority -160;" in chain
+    assert (
+        "ct state new ip saddr @cluster_cidrs4 ip daddr set ip daddr . meta l4proto . th dport "
+        "map @short_circuit4" in chain
+    )
+    assert "ip6 saddr" not in chain  # no IPv6 cluster CIDR: no IPv6 pods to tell apart
 
 
 def test_render_iptables() -> None:

@@ -426,9 +426,22 @@ class ServiceSync:
             if ip in cluster_ips:
                 rules.append(FrontendRule(ip, port, protocol, queued=queued))
             else:
+                # A Local service's externalIP or load-balancer IP (at the service port,
+                # as its ClusterIP): pods' connections go to the ClusterIP, as kube-proxy's.
+                short_circuit = (
+                    next((c for c in cluster_ips if (":" in c) == (":" in ip)), None)
+                    if not masquerade and ip in service_ips
+                    else None
+                )
                 rules.append(
                     FrontendRule(
-                        ip, port, protocol, external=True, masquerade=masquerade, queued=queued
+                        ip,
+                        port,
+                        protocol,
+                        external=True,
+                        masquerade=masquerade,
+                        queued=queued,
+                        short_circuit=short_circuit,
                     )
                 )
             if ip in service_ips:

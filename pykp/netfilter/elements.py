@@ -53,6 +53,8 @@ def frontend_contribution(
             put(f"queued{version}", key, key)
         if f.external:
             put(f"{'masq' if f.masquerade else 'local'}_frontends{version}", key, key)
+        if f.short_circuit is not None:
+            put(f"short_circuit{version}", key, f"{key} : {_ip(f.short_circuit)[1]}")
         chosen = tuple(slots.get((f.ip, f.port, f.protocol), ()))[:MAX_SLOTS]
         if chosen:
             put(f"fallback{version}", key, f"{key} : goto pick{version}_{len(chosen)}")

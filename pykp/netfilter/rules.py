@@ -142,6 +142,11 @@ class FrontendRule:
     # Its first packets go to pykp's reader; False: the kernel path decides them (a policy
     # the kernel expresses), and never a user-space hop.
     queued: bool = True
+    # An externalIP or load-balancer IP of a Local service: the ClusterIP (same family and
+    # port) that traffic from pods is sent to instead, as kube-proxy short-circuits it to
+    # the cluster-wide endpoints (a pod's connection never leaves the cluster, and a node
+    # without a local endpoint would otherwise refuse it).
+    short_circuit: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -216,6 +221,9 @@ _SYNCED: dict[str, str] = {
     "hairpin6": "ipv6_addr . ipv6_addr",
     "backends4": "mark : ipv4_addr . inet_service",
     "backends6": "mark : ipv6_addr . inet_service",
+    # External frontend of a Local service -> its ClusterIP, for pods' connections.
+    "short_circuit4": _FRONTEND_TYPE.format("ipv4_addr") + " : ipv4_addr",
+    "short_circuit6": _FRONTEND_TYPE.format("ipv6_addr") + " : ipv6_addr",
 }
 _STATIC: dict[str, str] = {
     "cluster_cidrs4": "ipv4_addr; flags interval",
@@ -223,6 +231,9 @@ _STATIC: dict[str, str] = {
 }
 # name -> base chain spec ("" for regular chains)
 _CHAINS: dict[str, str] = {
+    # After conntrack (-200), whose entry keeps the address the pod asked for (replies
+    # come from it), and before mark_new, which then sees the ClusterIP.
+    "short_circuit": "type filter hook prerouting priority -160; policy accept;",
     "mark_new": "type filter hook prerouting priority -151; policy accept;",
     "mark_new_out": "type filter hook output priority -151; policy accept;",
     "nat_pre": "type nat hook prerouting priority -100; policy accept;",
@@ -279,6 +290,9 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
             out[f"queued{version}"][key] = key
         if f.external:
             out[f"{'masq' if f.masquerade else 'local'}_frontends{version}"][key] = key
+        if f.short_circuit is not None:
+            target = _ip(f.short_circuit)[1]
+            out[f"short_circuit{version}"][key] = f"{key} : {target}"
     for (ip, port, protocol), slots in state.fallback.items():
         if not slots:
             continue
@@ -398,7 +412,17 @@ def _chain_rules(
     # an out-of-window segment from a backend skips the reverse NAT, reaches the client
     # with the backend's own address, and the client's reset kills the real connection.
     forward_rules = ["ct state invalid drop", *reject_rules] if drop_invalid else reject_rules
+    # kube-proxy's short-circuit of pod traffic to a Local service's external addresses:
+    # rewritten (statelessly, checksums updated) to the ClusterIP on the first packet; the
+    # DNAT to a backend follows, and conntrack answers from the original address.
+    short_circuit = [
+        f"ct state new {p} saddr @cluster_cidrs{v} "
+        f"{p} daddr set {p} daddr . meta l4proto . th dport map @short_circuit{v}"
+        for p, v in fams
+        if cidrs[v]
+    ]
     return {
+        "short_circuit": short_circuit,
         "mark_new": mark_new,
         "mark_new_out": mark_new,
         "nat_pre": [f"{has_backend} jump nat_backend", *undecided],
