@@ -1770,18 +1770,6 @@ def test_esipp_only_targets_nodes_with_endpoints(cluster: ClusterLab, api: Api) 
     not_served(cluster, "external", ip, 80)
 
 
-# kube-proxy sends traffic from pods (the cluster CIDR) and from the node to a Local
-# Service's external addresses to the cluster-wide endpoints (iptables: KUBE-EXT's
-# "short-circuit" to KUBE-SVC; nftables: the same in the external chain). pykp decides by
-# frontend alone: a load-balancer IP's engine service holds the node's own endpoints only,
-# so a pod on a node without one is refused. Deciding by source as well needs the engine
-# (crates/fastpath) to hold a second backend set per external frontend: a larger change.
-ESIPP_FROM_PODS_GAP = (
-    "pykp decides by frontend only: a Local Service's load-balancer IP from a pod on a node "
-    "without a local endpoint is refused, where kube-proxy sends it to the cluster-wide endpoints"
-)
-
-
 @FAMILIES
 def test_esipp_works_from_pods_on_the_endpoints_node(
     cluster: ClusterLab, api: Api, family: int
@@ -1793,7 +1781,6 @@ def test_esipp_works_from_pods_on_the_endpoints_node(
     assert tcp_ask(cluster, "pod-0-1", ip, 80, "/clientip") == addr(cluster, "pod-0-1", family)
 
 
-@pytest.mark.xfail(strict=True, reason=ESIPP_FROM_PODS_GAP)
 @FAMILIES
 def test_esipp_works_from_pods(cluster: ClusterLab, api: Api, family: int) -> None:
     """ESIPP should work from pods, wherever the pod runs (upstream does not pin it): a pod
