@@ -328,6 +328,47 @@ def test_render_table_has_sets_maps_and_chains() -> None:
         assert f"chain {name} {{" in text
 
 
+def test_forward_drops_invalid_packets_unless_conntrack_is_liberal() -> None:
+    """kube-proxy drops INVALID packets in forward (an out-of-window segment of a NATed
+    connection would reach the client un-NATed and get the connection reset), except with
+    --conntrack-tcp-be-liberal, which makes conntrack call no such segment INVALID."""
+
+    def forward_chain(manager: RuleManager) -> str:
+        return manager.render_table().split("chain reject_fwd {", 1)[1].split("}", 1)[0]
+
+    strict = forward_chain(RuleManager())
+    assert strict.index("ct state invalid drop") < strict.index("ct state != new accept")
+    assert "ct state invalid drop" not in forward_chain(RuleManager(drop_invalid=False))
+    # Only forwarded packets: the node's own sockets are left to their TCP stacks.
+    text = RuleManager().render_table()
+    for chain in ("reject_in", "reject_out"):
+        assert "invalid" not in text.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+
+
+def test_pods_and_the_node_reach_a_local_services_external_frontends_through_the_reader() -> None:
+    """kube-proxy's short-circuit: new connections from the cluster CIDR (prerouting) or
+    the node itself (output) to an external frontend of an externalTrafficPolicy Local
+    service are queued with the cluster-source bit, and the reader decides them as the
+    port's cluster-wide service."""
+    from pykp.netfilter.elements import frontend_contribution
+
+    lb = FrontendRule("192.0.2.5", 80, "TCP", external=True, masquerade=False, short_circuit=True)
+    lb6 = FrontendRule("2001:db8::5", 80, "TCP", external=True, masquerade=False, short_circuit=True)
+    elements = frontend_contribution([lb, lb6], {}, [])
+    assert elements["short_circuit4"] == {"192.0.2.5 . tcp . 80": "192.0.2.5 . tcp . 80"}
+    assert elements["short_circuit6"] == {"2001:db8::5 . tcp . 80": "2001:db8::5 . tcp . 80"}
+    text = RuleManager(cluster_cidrs=["10.244.0.0/16"]).render_table()
+    prerouting = text.split("chain mark_new {", 1)[1].split("}", 1)[0]
+    output = text.split("chain mark_new_out {", 1)[1].split("}", 1)[0]
+    queue_and_cluster = "meta mark set meta mark | 0x00003000"
+    assert (
+        "ct state new ip saddr @cluster_cidrs4 ip daddr . meta l4proto . th dport "
+        f"@short_circuit4 {queue_and_cluster}" in prerouting
+    )
+    assert "ip6 saddr @cluster_cidrs6" not in prerouting  # no IPv6 cluster CIDR given
+    assert f"ct state new ip daddr . meta l4proto . th dport @short_circuit4 {queue_and_cluster}" in output
+
+
 def test_render_iptables() -> None:
     one = RuleManager().render_iptables()
     assert (

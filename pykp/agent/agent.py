@@ -147,6 +147,8 @@ def _make_rules(config: AgentConfig) -> RulesLike:
         MarkLayout(backend_mask=config.mark_mask),
         queues=(config.first_queue, config.last_queue),
         cluster_cidrs=config.cluster_cidrs,
+        # As kube-proxy: liberal conntrack calls no out-of-window segment INVALID.
+        drop_invalid=not config.conntrack.tcp_be_liberal,
         ipv6=_ipv6_enabled(),
         conntrack_events=config.follow_conntrack,
     )

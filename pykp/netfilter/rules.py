@@ -305,6 +305,8 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
             out[f"{'masq' if f.masquerade else 'local'}_frontends{version}"][key] = key
         if f.no_local_endpoints:
             out[f"no_local_endpoints{version}"][key] = key
+        if f.short_circuit:
+            out[f"short_circuit{version}"][key] = key
     for (ip, port, protocol), slots in state.fallback.items():
         if not slots:
             continue
@@ -349,7 +351,10 @@ def _element_lines(verb: str, table: str, name: str, items: Iterable[str]) -> li
 
 
 def _chain_rules(
-    layout: MarkLayout, cidrs: Mapping[int, Sequence[str]], conntrack_events: bool = False
+    layout: MarkLayout,
+    cidrs: Mapping[int, Sequence[str]],
+    conntrack_events: bool = False,
+    drop_invalid: bool = True,
 ) -> dict[str, list[str]]:
     mask = f"{layout.backend_mask:#010x}"
     reject = f"{layout.reject_mark:#010x}"
@@ -464,6 +469,10 @@ def _chain_rules(
     ] + [
         f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams
     ]
+    # kube-proxy's drop of INVALID packets in forward (unless nf_conntrack_tcp_be_liberal):
+    # an out-of-window segment from a backend skips the reverse NAT, reaches the client
+    # with the backend's own address, and the client's reset kills the real connection.
+    forward_rules = ["ct state invalid drop", *reject_rules] if drop_invalid else reject_rules
     return {
         "mark_new": mark_new_in,
         "mark_new_out": mark_new_out,
@@ -479,7 +488,7 @@ def _chain_rules(
             *(f"ct status dnat {p} saddr . {p} daddr @hairpin{v} masquerade" for p, v in fams),
         ],
         "reject_in": reject_rules,
-        "reject_fwd": reject_rules,
+        "reject_fwd": forward_rules,
         "reject_out": reject_rules,
         "do_reject": [
             "meta l4proto tcp reject with tcp reset",
@@ -556,6 +565,7 @@ class RuleManager:
         *,
         queues: tuple[int, int] = (0, 0),
         cluster_cidrs: Sequence[str] = (),
+        drop_invalid: bool = True,
         table: str = "pykp",
         chain: str = "PYKP-QUEUE",
         ipv6: bool = True,
@@ -570,6 +580,7 @@ class RuleManager:
         self.layout = layout
         self.queues = (first, last)
         self.cluster_cidrs = _split_cidrs(cluster_cidrs)
+        self.drop_invalid = drop_invalid
         self.table = table
         self.chain = chain
         self.ipv6 = ipv6
@@ -583,9 +594,14 @@ class RuleManager:
 
     # rendering (public so tests and `pykp` can show it)
 
+    def _rules(self) -> dict[str, list[str]]:
+        return _chain_rules(
+            self.layout, self.cluster_cidrs, self.conntrack_events, self.drop_invalid
+        )
+
     def render_table(self) -> str:
         """The complete table, rules included, as installed on an empty kernel."""
-        rules = _chain_rules(self.layout, self.cluster_cidrs, self.conntrack_events)
+        rules = self._rules()
         lines = [f"table inet {self.table} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
         lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC}.items()]
         for name, spec in _CHAINS.items():
@@ -625,7 +641,7 @@ class RuleManager:
         t = self.table
         rules = {
             n: r
-            for n, r in _chain_rules(self.layout, self.cluster_cidrs, self.conntrack_events).items()
+            for n, r in self._rules().items()
             if n not in _PICKS
         }
         existing = set(existing_sets)
@@ -953,7 +969,7 @@ class RuleManager:
             and {n for n, t in _SYNCED.items() if _is_map(t)} <= maps
         ):
             return False
-        rules = _chain_rules(self.layout, self.cluster_cidrs, self.conntrack_events)
+        rules = self._rules()
         if any(chains.get(chain, -1) != len(chain_rules) for chain, chain_rules in rules.items()):
             return False
         for save, _ in _iptables_families(self.ipv6):
