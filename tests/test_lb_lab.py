@@ -57,3 +57,20 @@ def test_flows_spread_over_both_nodes_and_backends_answer_directly(lab: LoadBala
     assert sum(through.values()) < 60 * 8, through
     # The same 5-tuple always gets the same backend, through whichever node it hashes to.
     assert {connect_from(lab, 42005, PORT) for _ in range(5)} == {connect_from(lab, 42005, PORT)}
+
+
+def test_the_lb_tier_bench_measures_every_contender(tmp_path: object) -> None:
+    """`pykp bench --lb-tier`'s runner, shortened: every contender serves every connection
+    it attempts, and every workload gives a figure (no timing asserted)."""
+    from pathlib import Path
+
+    from pykp.bench.lb_tier import LB_CONTENDERS, LbBenchSettings, run_lb_bench
+
+    settings = LbBenchSettings(rounds=1, duration=0.5, concurrency=16, iperf_seconds=1.0)
+    result = run_lb_bench(settings, workdir=Path(str(tmp_path)), log=lambda _: None)
+    assert set(result["summary"]) == set(LB_CONTENDERS)
+    for name, runs in result["samples"].items():
+        (run,) = runs
+        assert run["conns"]["ok"] > 0 and run["conns"]["failed"] == 0, (name, run["conns"])
+        assert run["tcp"]["bits_per_second"] > 0, name
+        assert "error" not in run["udp"] and run["udp"]["datagrams_per_second"] > 0, (name, run["udp"])

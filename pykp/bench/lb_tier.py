@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,11 @@ __all__ = ["LB_CONTENDERS", "LbBenchSettings", "run_lb_bench"]
 
 LB_CONTENDERS: Final = ("direct", "kernel-dsr", "kernel-nat")
 CONN_PORT: Final = 8080
-IPERF_PORT: Final = 5201
+IPERF_PORT: Final = 5201  # the backend's own address: the direct baseline
+# Through the load balancers: a server bound to the VIP, so that its UDP replies come from
+# the VIP (an unbound UDP socket would answer from the backend's own address under DSR,
+# and the client's connected socket would not take it).
+IPERF_VIP_PORT: Final = 5202
 
 
 @dataclass
@@ -82,11 +85,11 @@ def _program(lab: LoadBalancerLab, contender: str) -> None:
     for lb in lab.lb_hosts:
         if contender == "kernel-dsr":
             lab.kernel_l2_dsr(lb, list(lab.backend_hosts), CONN_PORT)
-            _nft(lab, lb, _dsr_extra_port(lab, lb, IPERF_PORT))
+            _nft(lab, lb, _dsr_extra_port(lab, lb, IPERF_VIP_PORT))
         elif contender == "kernel-nat":
             lab.exec(lb, ["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
             _kernel_nat(lab, lb, lab.backend_hosts, CONN_PORT)
-            _nft(lab, lb, _nat_extra_port(lab, IPERF_PORT))
+            _nft(lab, lb, _nat_extra_port(lab, IPERF_VIP_PORT))
 
 
 def _dsr_extra_port(lab: LoadBalancerLab, lb: Host, port: int) -> str:
@@ -99,10 +102,11 @@ def _dsr_extra_port(lab: LoadBalancerLab, lb: Host, port: int) -> str:
 
 
 def _nat_extra_port(lab: LoadBalancerLab, port: int) -> str:
+    # Full NAT reaches the backend at its own address: its server that is not bound to the VIP.
     backend = lab.backend_hosts[0].ipv4
     return (
         f"add rule ip pykp_lab_nat pre ip daddr {lab.vip} meta l4proto {{ tcp, udp }} "
-        f"th dport {port} dnat to {backend}\n"
+        f"th dport {port} dnat to {backend}:{IPERF_PORT}\n"
     )
 
 
@@ -114,17 +118,17 @@ def _unprogram(lab: LoadBalancerLab) -> None:
         lab.exec(lb, ["conntrack", "-F"])
 
 
-def _targets(lab: LoadBalancerLab, contender: str, port: int) -> tuple[list[str], str]:
-    """The connection targets and the iperf3 host for a contender."""
+def _targets(lab: LoadBalancerLab, contender: str, port: int) -> tuple[list[str], str, int]:
+    """The connection targets, and the iperf3 host and port, for a contender."""
     if contender == "direct":
-        return _backend_targets(lab, port), lab.backend_hosts[0].ipv4
-    return [f"{lab.vip}:{port}"], lab.vip
+        return _backend_targets(lab, port), lab.backend_hosts[0].ipv4, IPERF_PORT
+    return [f"{lab.vip}:{port}"], lab.vip, IPERF_VIP_PORT
 
 
-def _udp_pps(lab: LoadBalancerLab, host: str, seconds: float) -> dict[str, Any]:
+def _udp_pps(lab: LoadBalancerLab, host: str, port: int, seconds: float) -> dict[str, Any]:
     proc = lab.exec(
         lab.client,
-        ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-u", "-b", "0", "-l", "64",
+        ["iperf3", "-c", host, "-p", str(port), "-u", "-b", "0", "-l", "64",
          "-t", f"{seconds}", "-J"],
         timeout=seconds + 30,
     )  # fmt: skip
@@ -158,7 +162,7 @@ def _turn(
 ) -> dict[str, Any]:
     _unprogram(lab)
     _program(lab, contender)
-    targets, iperf_host = _targets(lab, contender, CONN_PORT)
+    targets, iperf_host, iperf_port = _targets(lab, contender, CONN_PORT)
     conns = run_conns(
         lab,
         lab.client,
@@ -169,9 +173,9 @@ def _turn(
         threads=s.threads,
         workdir=workdir,
     )
-    tcp = _retry(lambda: iperf3(lab, lab.client, iperf_host, IPERF_PORT, s.iperf_seconds, 1))
+    tcp = _retry(lambda: iperf3(lab, lab.client, iperf_host, iperf_port, s.iperf_seconds, 1))
     try:
-        udp = _retry(lambda: _udp_pps(lab, iperf_host, s.iperf_seconds))
+        udp = _retry(lambda: _udp_pps(lab, iperf_host, iperf_port, s.iperf_seconds))
     except LoadgenError as error:  # recorded, not fatal: the other workloads stand
         udp = {"error": str(error)}
     return {"conns": conns, "tcp": tcp, "udp": udp}
@@ -192,12 +196,13 @@ def run_lb_bench(
     with LoadBalancerLab(lb_nodes=2, backends=3) as lab:
         for backend in lab.backend_hosts:
             start_server(lab, backend, binary, str(CONN_PORT), backend.name)
-        iperf_server = lab.popen(
-            lab.backend_hosts[0], ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL
-        )
+        servers = [
+            lab.popen(lab.backend_hosts[0], ["iperf3", "-s", "-p", str(port), *bind])
+            for port, bind in ((IPERF_PORT, []), (IPERF_VIP_PORT, ["-B", lab.vip]))
+        ]
         time.sleep(0.3)
-        if iperf_server.poll() is not None:
-            raise LoadgenError("iperf3 server did not start")
+        if any(server.poll() is not None for server in servers):
+            raise LoadgenError("an iperf3 server did not start")
         order = list(settings.contenders)
         for round_ in range(settings.rounds):
             for contender in order:

@@ -9,7 +9,7 @@ Topology (every name prefixed with ``pykp-lab-<id>-``)::
        |
     router  (c0 10.10.0.1/24; br0 10.20.0.1/24, a bridge: the load-balancer segment;
        |     forwarding on; VIP/32 via every load-balancer node, one multipath route,
-       |     fib_multipath_hash_policy 1 = L4 hash)
+       |     a custom fib_multipath_hash_policy on the 5-tuple)
        +-- lb-K      (eth0 10.20.0.(10+K)/24; forwarding OFF; the VIP is on no interface)
        +-- backend-J (eth0 10.20.0.(100+J)/24; the VIP on lo, arp_ignore 1 and
                       arp_announce 2 so it never answers ARP for it; default via router)
@@ -57,6 +57,9 @@ _LB_NET: Final = ipaddress.IPv4Network("10.20.0.0/24")
 _LB_OFFSET: Final = 10
 _BACKEND_OFFSET: Final = 100
 _BRIDGE: Final = "br0"
+# One seed on every load-balancer node: they agree on every flow's backend, as Maglev
+# nodes do, so a flow that moves to the other node keeps its backend.
+_JHASH_SEED: Final = 0x5EED
 
 
 @dataclass
@@ -109,7 +112,7 @@ table netdev pykp_lab_dsr {{
         type filter hook ingress device eth0 priority 0; policy accept;
         ip daddr {self.vip} meta l4proto {{ tcp, udp }} th dport {port} \\
             ether saddr set {own} \\
-            ether daddr set jhash ip saddr . th sport . ip daddr . th dport mod {len(macs)} map {{ {slots} }} \\
+            ether daddr set jhash ip saddr . th sport . ip daddr . th dport mod {len(macs)} seed {_JHASH_SEED:#x} map {{ {slots} }} \\
             fwd to eth0
     }}
 }}
@@ -151,7 +154,11 @@ table netdev pykp_lab_dsr {{
                 "net.ipv4.conf.all.rp_filter": "0",
                 "net.ipv4.conf.default.rp_filter": "0",
                 # Multipath routes hash the 5-tuple: one flow, one load-balancer node.
-                "net.ipv4.fib_multipath_hash_policy": "1",
+                # Policy 3 (custom fields: addresses, protocol, ports) and not 1: policy 1
+                # takes a packet's ready-made L4 hash, and a veth keeps the sending
+                # socket's random one (rehashed on retransmits), as no real router would.
+                "net.ipv4.fib_multipath_hash_policy": "3",
+                "net.ipv4.fib_multipath_hash_fields": "0x0037",
             },
         )
         with IPRoute(netns=self.router.netns, flags=0) as router:
