@@ -1,0 +1,47 @@
+//! The AF_PACKET datapath: a user-space L4 load balancer for traffic entering an interface,
+//! in the manner of Maglev and Katran. pykp's own connection table carries every packet.
+//!
+//! - [`forward`]: the per-frame logic without I/O (decide, encapsulate, ARP/ND, ICMP).
+//!
+//! # Forwarding model: direct server return with IP-in-IP
+//!
+//! The load balancer wraps the client's packet, untouched, in an outer IP header from this
+//! node to the chosen backend (protocol 4 for IPv4 inside, 41 for IPv6 inside). The backend
+//! has a tunnel device that unwraps it and the VIP on its loopback, so its socket sees the
+//! client's own packet and answers from the VIP straight to the client. Why this model
+//! rather than full NAT:
+//!
+//! - Replies, usually the bulk of the bytes, never cross the load balancer: it handles one
+//!   direction only, and needs no reverse-path state or rewrite.
+//! - The load balancer's only state is its connection table, and that is a cache: Maglev
+//!   gives every load-balancer node with the same services and seed the same backend for a
+//!   5-tuple, so when a router moves a flow to another node (one died, ECMP rehashed) that
+//!   node picks the same backend and the established connection carries on. Full NAT would
+//!   need the lost node's translation state.
+//! - What it costs: backends need the tunnel device and the VIP on loopback (a CNI or a
+//!   DaemonSet sets that up); the backend must listen on the service port (no port
+//!   translation, as with Katran); and the outer header takes 20 (IPv4) or 40 (IPv6) bytes
+//!   of the MTU, which [`forward`] handles with ICMP "fragmentation needed" / "packet too
+//!   big" to the client.
+//!
+//! # Keeping the kernel out of VIP traffic
+//!
+//! AF_PACKET gets a copy of every frame; the kernel still gets the original. The VIPs are
+//! not configured on any interface of the load-balancer node and the node does not forward
+//! (`net.ipv4.ip_forward=0`, `net.ipv6.conf.all.forwarding=0` in its namespace): the kernel
+//! drops a VIP packet at its routing decision (counted as `InAddrErrors` in
+//! `/proc/net/snmp`), sends no ICMP for it, and never answers ARP for a VIP (the load
+//! balancer does). The privileged test checks both counters.
+//!
+//! Receive offloads must be off on the interface (`ethtool -K IF gro off lro off`): with
+//! GRO the ring would see coalesced super-packets larger than the MTU. veth pairs do not
+//! coalesce unless told to.
+//!
+//! Linux only.
+
+pub mod forward;
+
+pub use forward::{
+    fuzz_frame, DropReason, ForwardCounters, Forwarder, IgnoreReason, LbConfig, Neighbours,
+    Outcome, TxKind,
+};
