@@ -99,7 +99,7 @@ impl LbConfig {
 }
 
 /// What a transmitted frame is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TxKind {
     /// An encapsulated client packet, to a backend.
     Forward,
@@ -219,10 +219,11 @@ pub enum Outcome {
     Drop(DropReason),
 }
 
-/// One worker's counters (one writer each, so relaxed atomics cost no contention).
+/// One worker's counters. Each has one writer (the worker's [`Forwarder`]), so it adds with
+/// a plain load and store (no locked read-modify-write on the per-packet path); readers on
+/// other threads see totals that are at most a packet or two behind.
 #[derive(Debug, Default)]
 pub struct ForwardCounters {
-    pub frames: AtomicU64,
     pub tx: [AtomicU64; TX_KINDS.len()],
     pub ignored: [AtomicU64; IGNORE_REASONS.len()],
     pub drops: [AtomicU64; DROP_REASONS.len()],
@@ -235,8 +236,13 @@ impl ForwardCounters {
             Outcome::Ignore(r) => &self.ignored[r.index()],
             Outcome::Drop(r) => &self.drops[r.index()],
         };
-        self.frames.fetch_add(1, Ordering::Relaxed);
-        c.fetch_add(1, Ordering::Relaxed);
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Every frame seen: the sum of the outcomes.
+    pub fn frames(&self) -> u64 {
+        let sum = |a: &[AtomicU64]| a.iter().map(|n| n.load(Ordering::Relaxed)).sum::<u64>();
+        sum(&self.tx) + sum(&self.ignored) + sum(&self.drops)
     }
 
     pub fn drop_count(&self, r: DropReason) -> u64 {
@@ -250,7 +256,7 @@ impl ForwardCounters {
     /// Every counter, labelled (`tx_forward`, `ignored_not_a_vip`, `drops_truncated`, ...).
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut v = vec![("frames".to_string(), get(&self.frames))];
+        let mut v = vec![("frames".to_string(), self.frames())];
         v.extend(TX_KINDS.iter().zip(&self.tx).map(|(k, n)| (format!("tx_{k}"), get(n))));
         v.extend(
             IGNORE_REASONS.iter().zip(&self.ignored).map(|(k, n)| (format!("ignored_{k}"), get(n))),
@@ -260,8 +266,9 @@ impl ForwardCounters {
     }
 }
 
-/// The load balancer's frame handler. One per worker thread (it owns its counters); the
-/// engine is shared.
+/// The load balancer's frame handler. One per worker thread: it is its counters' only
+/// writer, so it is `Send` but deliberately not shared (`process` from two threads would
+/// lose counts, nothing worse). The engine is shared.
 pub struct Forwarder {
     engine: Arc<Engine>,
     config: Arc<LbConfig>,
@@ -564,10 +571,17 @@ impl Forwarder {
     }
 }
 
-/// The body of the fuzz targets for this path: any bytes, as a frame, through a load
-/// balancer with a TCP, a UDP and an IPv6 service. Besides "no panic" it checks that a
-/// transmitted frame is a well-formed frame of its kind; a violation panics on purpose.
+/// The body of the fuzz targets for this path: `data` both as a whole frame and as an IP
+/// packet in a frame to the load balancer's MAC (so IP-packet seeds reach the deep paths),
+/// through a load balancer with a TCP, a UDP and an IPv6 service. Besides "no panic" it
+/// checks that a transmitted frame is a well-formed frame of its kind; a violation panics
+/// on purpose.
 pub fn fuzz_frame(data: &[u8]) {
+    check_frame(data);
+    check_frame(&testbed::frame(data));
+}
+
+fn check_frame(data: &[u8]) {
     use std::sync::OnceLock;
     static LB: OnceLock<Forwarder> = OnceLock::new();
     let lb = LB.get_or_init(testbed::forwarder);
@@ -675,6 +689,58 @@ pub mod testbed {
 
     pub fn forwarder() -> Forwarder {
         Forwarder::new(engine(7), Arc::new(config()))
+    }
+
+    /// Frames of every kind the load balancer answers: seeds for the fuzz drivers.
+    pub fn sample_frames() -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for p in crate::wire::build::sample_packets() {
+            out.push(frame(&p));
+            // The same packet to the service of its family and protocol, where there is one.
+            let mut to_vip = p.clone();
+            let vip = match wire::parse(&p).map(|i| (i.key.dst.is_ipv4(), i.key.proto)) {
+                Ok((true, Protocol::Tcp)) => Some((IpAddr::V4(VIP4), 80)),
+                Ok((true, Protocol::Udp)) => Some((IpAddr::V4(VIP4), 53)),
+                Ok((false, Protocol::Tcp)) => Some((IpAddr::V6(VIP6), 443)),
+                _ => None,
+            };
+            if let Some((addr, port)) = vip {
+                if wire::rewrite_dst(&mut to_vip, addr, port).is_ok() {
+                    out.push(frame(&to_vip));
+                }
+            }
+        }
+        let asker = MacAddr([2, 0, 0, 0, 0, 0x42]);
+        let mut arp = vec![0u8; 42];
+        let _ = ethernet::emit_header(&mut arp, MacAddr::BROADCAST, asker, ethertype::ARP);
+        let req = ArpRepr {
+            operation: arp::op::REQUEST,
+            sender_hw: asker,
+            sender_ip: Ipv4Addr::new(192, 0, 2, 254),
+            target_hw: MacAddr::default(),
+            target_ip: VIP4,
+        };
+        let _ = req.emit(&mut arp[14..]);
+        out.push(arp);
+        let asker6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
+        let group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x10);
+        let mut ns = vec![0u8; 14 + 40 + 32];
+        let _ =
+            ethernet::emit_header(&mut ns, MacAddr::ipv6_multicast(&group), asker, ethertype::IPV6);
+        let ip = Ipv6Repr {
+            src_addr: asker6,
+            dst_addr: group,
+            next_header: icmp::PROTO_ICMPV6,
+            payload_len: 32,
+            hop_limit: 255,
+            traffic_class: 0,
+            flow_label: 0,
+        };
+        let _ = ip.emit(&mut ns[14..]);
+        let _ = icmp::emit_neighbor_advert(&mut ns[54..], &asker6, &group, &VIP6, asker);
+        ns[54] = icmp::ICMPV6_NEIGHBOR_SOLICIT; // the same layout up to the option type
+        out.push(ns);
+        out
     }
 
     /// `ip` in an Ethernet frame from the router to the load balancer.
