@@ -2,6 +2,10 @@
 //! in the manner of Maglev and Katran. pykp's own connection table carries every packet.
 //!
 //! - [`forward`]: the per-frame logic without I/O (decide, encapsulate, ARP/ND, ICMP).
+//! - [`ring`]: the layout of a TPACKET_V3 receive block, read from bytes (no I/O).
+//! - [`sys`]: the only module with system calls and `unsafe` (the AF_PACKET socket, its
+//!   mapped ring, fanout, `sendmmsg`, ring statistics, interface index/MAC/MTU).
+//! - [`worker`]: worker threads: ring -> [`forward::Forwarder`] -> batched sends, counters.
 //!
 //! # Forwarding model: direct server return with IP-in-IP
 //!
@@ -40,8 +44,13 @@
 //! Linux only.
 
 pub mod forward;
+pub mod ring;
+pub mod sys;
+pub mod worker;
 
 pub use forward::{
     fuzz_frame, DropReason, ForwardCounters, Forwarder, IgnoreReason, LbConfig, Neighbours,
     Outcome, TxKind,
 };
+pub use sys::{interface_info, InterfaceInfo, RingConfig};
+pub use worker::{IoCounters, LbWorkers, WorkerConfig};
