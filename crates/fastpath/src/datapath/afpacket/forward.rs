@@ -292,7 +292,29 @@ impl Forwarder {
     /// the outer header's 20 or 40 is enough for any frame of a 1,500-byte MTU link).
     #[inline]
     pub fn process(&self, frame: &[u8], now: Nanos, out: &mut [u8]) -> Outcome {
+        self.process_rx(frame, false, now, out)
+    }
+
+    /// [`process`](Self::process) for a frame whose L4 checksum is still partial (only the
+    /// pseudo-header's: the kernel's `CHECKSUM_PARTIAL`, which a local or virtual sender such
+    /// as a veth peer leaves for the device to finish). A forwarded copy gets its checksum
+    /// completed, since no device down the tunnel will.
+    #[inline]
+    pub fn process_rx(
+        &self,
+        frame: &[u8],
+        checksum_partial: bool,
+        now: Nanos,
+        out: &mut [u8],
+    ) -> Outcome {
         let o = self.outcome(frame, now, out);
+        if let (true, Outcome::Transmit { len, kind: TxKind::Forward }) = (checksum_partial, o) {
+            // The inner packet starts after the Ethernet and outer IP headers.
+            let outer = wire::parse_l3(wire::sub(out, ethernet::HEADER_LEN, len)).map(|l| l.l3_len);
+            if let Ok(at) = outer {
+                let _ = wire::fill_checksums(wire::sub_mut(out, ethernet::HEADER_LEN + at, len));
+            }
+        }
         self.counters.count(&o);
         o
     }

@@ -387,3 +387,18 @@ fn the_fuzz_seeds_reach_every_reply_and_forward_checksums_stay_valid() {
     assert!(lb.counters().tx_count(TxKind::Forward) >= 10);
     assert!(kinds.contains(&TxKind::ArpReply) && kinds.contains(&TxKind::NeighborAdvert));
 }
+
+#[test]
+fn a_partial_checksum_is_completed_on_the_forwarded_copy_only_when_flagged() {
+    let lb = testbed::forwarder();
+    let mut syn = packet(client4(40005), TcpFlags::SYN, 10);
+    syn[36..38].copy_from_slice(&[0x12, 0x34]); // what CHECKSUM_PARTIAL leaves: not the sum
+    assert_eq!(verify_checksums(&syn), Ok(false));
+    let mut out = vec![0u8; 2048];
+    for (partial, fixed) in [(false, false), (true, true)] {
+        let o = lb.process_rx(&frame(&syn), partial, SEC, &mut out);
+        let Outcome::Transmit { len, kind: TxKind::Forward } = o else { panic!("{o:?}") };
+        let (_, _, inner) = unwrap(&out[..len]);
+        assert_eq!(verify_checksums(&inner), Ok(fixed), "partial: {partial}");
+    }
+}

@@ -23,7 +23,9 @@
 //!   node picks the same backend and the established connection carries on. Full NAT would
 //!   need the lost node's translation state.
 //! - What it costs: backends need the tunnel device and the VIP on loopback (a CNI or a
-//!   DaemonSet sets that up); the backend must listen on the service port (no port
+//!   DaemonSet sets that up) with `arp_ignore=1` and `arp_announce=2`, or they answer ARP
+//!   for the VIP themselves and clients on their segment bypass the load balancer (the
+//!   privileged test caught exactly that); the backend must listen on the service port (no port
 //!   translation, as with Katran); and the outer header takes 20 (IPv4) or 40 (IPv6) bytes
 //!   of the MTU, which [`forward`] handles with ICMP "fragmentation needed" / "packet too
 //!   big" to the client.

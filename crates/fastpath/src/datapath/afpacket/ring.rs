@@ -29,6 +29,8 @@ pub const TP_STATUS_KERNEL: u32 = 0;
 pub const TP_STATUS_USER: u32 = 1;
 pub const TP_STATUS_COPY: u32 = 1 << 1;
 pub const TP_STATUS_LOSING: u32 = 1 << 2;
+/// The L4 checksum is only the pseudo-header's (a local or virtual sender offloaded it).
+pub const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 pub const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
@@ -48,6 +50,8 @@ pub struct RxFrame<'a> {
     pub wire_len: usize,
     /// The NIC stripped a VLAN tag (reported beside the frame, not in it): not ours.
     pub vlan: bool,
+    /// The L4 checksum is to be completed by whoever sends the packet on (us).
+    pub checksum_partial: bool,
 }
 
 /// The status word of a block (`TP_STATUS_USER` when the kernel handed it over).
@@ -99,10 +103,12 @@ impl<'a> Frames<'a> {
             0 => self.left = 0,
             next => self.next = at.checked_add(next as usize)?,
         }
+        let status = u32_at(hdr, pkt::STATUS)?;
         Some(RxFrame {
             data,
             wire_len: u32_at(hdr, pkt::LEN)? as usize,
-            vlan: u32_at(hdr, pkt::STATUS)? & TP_STATUS_VLAN_VALID != 0,
+            vlan: status & TP_STATUS_VLAN_VALID != 0,
+            checksum_partial: status & TP_STATUS_CSUMNOTREADY != 0,
         })
     }
 }
@@ -145,13 +151,17 @@ mod tests {
     fn walks_the_chain() {
         let b = block(&[
             (b"first frame", TP_STATUS_USER),
-            (b"second", TP_STATUS_USER | TP_STATUS_VLAN_VALID),
+            (b"second", TP_STATUS_USER | TP_STATUS_VLAN_VALID | TP_STATUS_CSUMNOTREADY),
         ]);
         assert_eq!(block_status(&b), TP_STATUS_USER);
         let got: Vec<RxFrame> = frames(&b).collect();
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].data, got[0].wire_len, got[0].vlan), (&b"first frame"[..], 15, false));
-        assert_eq!((got[1].data, got[1].vlan), (&b"second"[..], true));
+        assert!(!got[0].checksum_partial);
+        assert_eq!(
+            (got[1].data, got[1].vlan, got[1].checksum_partial),
+            (&b"second"[..], true, true)
+        );
     }
 
     #[test]

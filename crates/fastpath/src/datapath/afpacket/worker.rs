@@ -201,7 +201,7 @@ fn run(sock: PacketSocket, fwd: Forwarder, io: &IoCounters, stop: &AtomicBool, t
                     continue;
                 }
                 if let Outcome::Transmit { len, .. } =
-                    fwd.process(f.data, monotonic_nanos(), &mut tx[n])
+                    fwd.process_rx(f.data, f.checksum_partial, monotonic_nanos(), &mut tx[n])
                 {
                     lens[n] = len;
                     n += 1;
