@@ -638,7 +638,7 @@ fn check_frame(data: &[u8]) {
 /// A small load balancer for tests, benches and the fuzz driver: MAC 02:00:00:00:00:01,
 /// node addresses 192.0.2.1 and 2001:db8::1, MTU 1500, router 02:00:00:00:00:fe.
 /// Services (Maglev, backends 10.244.0.1-3 and fd00:244::1-3, all on the router):
-/// TCP 10.96.0.10:80, UDP 10.96.0.10:53, TCP [fd00:96::10]:443.
+/// TCP `10.96.0.10:80`, UDP `10.96.0.10:53`, TCP `[fd00:96::10]:443`.
 pub mod testbed {
     use super::*;
     use crate::engine::EngineConfig;

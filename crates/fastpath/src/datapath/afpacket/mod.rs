@@ -43,6 +43,24 @@
 //! GRO the ring would see coalesced super-packets larger than the MTU. veth pairs do not
 //! coalesce unless told to.
 //!
+//! A frame from a local or virtual sender (a veth peer, a tap) may carry a partial L4
+//! checksum (`TP_STATUS_CSUMNOTREADY`: only the pseudo-header's, left for the device to
+//! finish); the forwarded copy gets it completed, since no device down the tunnel will.
+//!
+//! # Limits (today)
+//!
+//! - Too big once encapsulated with DF clear: dropped and counted, not fragmented.
+//! - Non-first fragments to a VIP are dropped (no ports to find the flow by); the fanout's
+//!   defragmentation flag reassembles fragments that reach the node whole, for hashing
+//!   only.
+//! - No port translation (DSR): a backend port other than the service port reaches the
+//!   backend on the service port.
+//! - ICMP to a VIP (echo, errors about a flow) is left to the kernel, which drops it.
+//! - "Too big" answers are not rate-limited.
+//! - A ring block is handed over when full or after `RingConfig::retire_ms` (1 ms): the
+//!   added latency at low packet rates.
+//! - VLAN-tagged frames are ignored and counted (`rx_vlan`).
+//!
 //! Linux only.
 
 pub mod forward;
