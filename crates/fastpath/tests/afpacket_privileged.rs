@@ -1,7 +1,11 @@
-//! Privileged test of the AF_PACKET load balancer against the real kernel: a real TCP
-//! connection from a client to a VIP, through the load balancer (ARP for the VIP, IP-in-IP
-//! to the backend, ICMP "fragmentation needed" for the client's full-size segments), served
-//! by a real server in the backend, whose replies go straight back to the client.
+//! Privileged tests of the AF_PACKET load balancer against the real kernel:
+//!
+//! - a real TCP connection from a client to a VIP, through the load balancer (ARP for the
+//!   VIP, IP-in-IP to the backend, ICMP "fragmentation needed" for the client's full-size
+//!   segments), served by a real server in the backend, whose replies go straight back to
+//!   the client;
+//! - failover: connections opened through one load balancer finish through a second one
+//!   (same services, same Maglev seed) that never saw them, each on its own backend.
 //!
 //! Needs root (CAP_NET_ADMIN) and `ip`; runs in CI as root. As another user it prints a
 //! notice and returns, except under CI (`CI` set), where it fails: CI must run it.
@@ -374,4 +378,171 @@ fn a_tcp_connection_to_the_vip_is_served_by_the_backend_with_direct_return() {
     // The kernel's ring counters are read every 200 ms: they lag, but they are read.
     assert!(get("ring_packets") > 0 && get("rx_frames") > 0, "{report}");
     eprintln!("afpacket_privileged: {report}");
+}
+
+/// Backend `addr` of the failover lab: VIP on loopback, the decapsulator, and a server that
+/// answers every connection with the number of bytes it got; returns those numbers.
+fn start_backend(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<usize>> {
+    ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+    ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+    ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+    ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
+    ns.run("ip", &["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+    let stop2 = stop.clone();
+    let decap = ns.within(move || decapsulate(stop2)).expect("raw sockets");
+    let listener = ns.within(|| TcpListener::bind(SocketAddrV4::new(VIP, PORT))).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut c, _)) => conns.push(std::thread::spawn(move || {
+                    c.set_nonblocking(false).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                    let mut got = Vec::new();
+                    let _ = c.read_to_end(&mut got);
+                    let _ = c.write_all(format!("backend got {} bytes", got.len()).as_bytes());
+                    got.len()
+                })),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        let _ = decap.join();
+        conns.into_iter().filter_map(|c| c.join().ok()).collect()
+    })
+}
+
+fn start_lb(
+    ns: &Netns,
+    address: Ipv4Addr,
+    backends: Vec<(Ipv4Addr, fastpath::wire::MacAddr)>,
+) -> LbWorkers {
+    ns.within(move || {
+        let mut ec = EngineConfig::default();
+        ec.table.maglev.seed = 42; // the same on both load balancers
+        let engine = Arc::new(Engine::new(ec).unwrap());
+        let mut spec = service();
+        spec.backends = backends
+            .iter()
+            .map(|(ip, _)| BackendSpec {
+                addr: SocketAddr::new((*ip).into(), PORT),
+                weight: 1,
+                conditions: Conditions::READY,
+                local: false,
+            })
+            .collect();
+        engine.upsert_service(&spec).unwrap();
+        let info = interface_info("eth0").unwrap();
+        let mut cfg = LbConfig::new(info.mac, info.mtu);
+        cfg.ipv4 = Some(address);
+        cfg.vips.insert(IpAddr::V4(VIP));
+        for (ip, mac) in backends {
+            cfg.neighbours.insert(ip.into(), mac);
+        }
+        LbWorkers::start(&WorkerConfig::new("eth0", 2), engine, Arc::new(cfg)).unwrap()
+    })
+}
+
+/// Two load balancers with the same services and Maglev seed; four connections open
+/// through the first, which then stops (the client's next hop for the VIP moves to the
+/// second, as a router's would). The second has never seen these flows, yet every
+/// connection finishes on the backend it started on: a wrong pick would reach a backend
+/// with no such connection, which resets it.
+#[test]
+fn established_connections_survive_the_loss_of_their_load_balancer() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root: this test must not skip");
+        eprintln!("NOTICE: afpacket_privileged: not root, skipping");
+        return;
+    }
+    const CONNS: usize = 4;
+    let switch = Netns::new("switch");
+    switch.run("ip", &["link", "add", "br0", "type", "bridge"]);
+    switch.run("ip", &["link", "set", "br0", "up"]);
+    let names = ["client", "lb1", "lb2", "backend1", "backend2"];
+    let nets: Vec<Netns> = names.iter().map(|n| Netns::new(n)).collect();
+    for (i, ns) in nets.iter().enumerate() {
+        let path = ns.path();
+        let port = format!("p{i}");
+        switch.run(
+            "ip",
+            &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &path],
+        );
+        switch.run("ip", &["link", "set", &port, "master", "br0", "up"]);
+        ns.run("ip", &["addr", "add", &format!("10.0.0.{}/24", 10 + i), "dev", "eth0"]);
+        ns.run("ip", &["link", "set", "eth0", "up"]);
+    }
+    let [client, lb1, lb2, b1, b2] = &nets[..] else { unreachable!() };
+    client.run("ip", &["link", "set", "eth0", "gso_max_segs", "1"]);
+    client.run("ip", &["route", "add", &format!("{VIP}/32"), "dev", "eth0"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [start_backend(b1, stop.clone()), start_backend(b2, stop.clone())];
+    let backends: Vec<_> = [(b1, 13), (b2, 14)]
+        .iter()
+        .map(|(ns, host)| {
+            (Ipv4Addr::new(10, 0, 0, *host), ns.within(|| interface_info("eth0")).unwrap().mac)
+        })
+        .collect();
+    let mut first = start_lb(lb1, Ipv4Addr::new(10, 0, 0, 11), backends.clone());
+    let second = start_lb(lb2, Ipv4Addr::new(10, 0, 0, 12), backends);
+    let lb_mac = |ns: &Netns| ns.within(|| interface_info("eth0")).unwrap().mac.to_string();
+    let (lb1_mac, lb2_mac) = (lb_mac(lb1), lb_mac(lb2));
+    let vip = VIP.to_string();
+    client.run(
+        "ip",
+        &["neigh", "replace", &vip, "lladdr", &lb1_mac, "dev", "eth0", "nud", "permanent"],
+    );
+
+    // Open the connections and send half of each upload through the first load balancer.
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let clients = client.spawn(move || -> io::Result<Vec<String>> {
+        let to = SocketAddr::new(VIP.into(), PORT);
+        let mut streams = Vec::new();
+        for _ in 0..CONNS {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            s.write_all(&vec![b'x'; UPLOAD / 2])?;
+            streams.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(300)); // let the first halves arrive
+        opened_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        let mut answers = Vec::new();
+        for mut s in streams {
+            s.write_all(&vec![b'y'; UPLOAD / 2])?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut a = String::new();
+            s.read_to_string(&mut a)?;
+            answers.push(a);
+        }
+        Ok(answers)
+    });
+    if opened_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        panic!("the connections did not open: {:?}", clients.join());
+    }
+    let first_forwarded = first.total_of("tx_forward");
+    first.stop();
+    client.run(
+        "ip",
+        &["neigh", "replace", &vip, "lladdr", &lb2_mac, "dev", "eth0", "nud", "permanent"],
+    );
+    go_tx.send(()).unwrap();
+    let answers = clients.join().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let second_stats = second.total();
+    stop.store(true, Ordering::Relaxed);
+    let served: Vec<Vec<usize>> = servers.into_iter().map(|s| s.join().unwrap()).collect();
+    drop(second);
+
+    let get = |k: &str| second_stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    let report = format!("answers {answers:?}\nserved {served:?}\nsecond {second_stats:?}");
+    let want = format!("backend got {UPLOAD} bytes");
+    assert_eq!(answers.as_ref().ok(), Some(&vec![want; CONNS]), "{report}");
+    let mut all: Vec<usize> = served.concat();
+    all.sort();
+    assert_eq!(all, vec![UPLOAD; CONNS], "each connection whole on one backend: {report}");
+    assert!(first_forwarded >= CONNS as u64 * 2, "{report}");
+    assert!(get("tx_forward") >= CONNS as u64, "the second carried the rest: {report}");
+    eprintln!("failover: {report}");
 }
