@@ -402,3 +402,15 @@ fn a_partial_checksum_is_completed_on_the_forwarded_copy_only_when_flagged() {
         assert_eq!(verify_checksums(&inner), Ok(fixed), "partial: {partial}");
     }
 }
+
+#[test]
+fn ethernet_padding_is_not_forwarded() {
+    let lb = testbed::forwarder();
+    let ack = packet(client4(40006), TcpFlags::ACK, 0); // 40 bytes: padded to 60 on the wire
+    let mut padded = frame(&ack);
+    padded.resize(60, 0);
+    let mut out = vec![0u8; 2048];
+    let o = lb.process(&padded, SEC, &mut out);
+    assert_eq!(o, Outcome::Transmit { len: 14 + 20 + 40, kind: TxKind::Forward });
+    assert_eq!(unwrap(&out[..74]).2, ack);
+}
