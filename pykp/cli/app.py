@@ -1068,7 +1068,9 @@ def lb(
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Load-balance the services' VIPs arriving on INTERFACE (AF_PACKET, IP-in-IP direct
-    server return; backends need a tunnel device and the VIP on loopback)."""
+    server return; backends need a tunnel device and the VIP on loopback). The node must
+    not forward, and IPv6 VIPs need a blackhole route here (`ip -6 route add blackhole
+    VIP/128`), so that the kernel drops its own copies silently."""
     from pykp.cli.lb import parse_neighbour, run_load_balancer
 
     _configure_logging(verbose)

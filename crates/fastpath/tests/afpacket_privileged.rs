@@ -4,6 +4,7 @@
 //!   VIP, IP-in-IP to the backend, ICMP "fragmentation needed" for the client's full-size
 //!   segments), served by a real server in the backend, whose replies go straight back to
 //!   the client;
+//! - the same over IPv6 (neighbour discovery, IPv6 in IPv6, "packet too big");
 //! - failover: connections opened through one load balancer finish through a second one
 //!   (same services, same Maglev seed) that never saw them, each on its own backend.
 //!
@@ -545,4 +546,174 @@ fn established_connections_survive_the_loss_of_their_load_balancer() {
     assert!(first_forwarded >= CONNS as u64 * 2, "{report}");
     assert!(get("tx_forward") >= CONNS as u64, "the second carried the rest: {report}");
     eprintln!("failover: {report}");
+}
+
+/// The IPv6 decapsulator (IPv6 in IPv6, next header 41), as [`decapsulate`] for IPv4: raw
+/// IPv6 sockets hand over the payload without the outer header, which is the inner packet.
+fn decapsulate6(stop: Arc<AtomicBool>) -> io::Result<std::thread::JoinHandle<u64>> {
+    let open = |proto| {
+        // SAFETY: plain syscall with constant arguments.
+        let fd =
+            unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let rx = open(libc::IPPROTO_IPV6)?;
+    let tx = open(libc::IPPROTO_RAW)?;
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+    // SAFETY: `tv` is a valid timeval of the given size.
+    unsafe {
+        libc::setsockopt(
+            rx.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    Ok(std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        let mut n_inner = 0;
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: `buf` is valid for writes of its length.
+            let n = unsafe { libc::recv(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 40 || buf[0] >> 4 != 6 {
+                continue;
+            }
+            let inner = &buf[..n as usize];
+            // SAFETY: all-zero is a valid sockaddr_in6.
+            let mut to: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+            to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            to.sin6_addr.s6_addr.copy_from_slice(&inner[24..40]);
+            // SAFETY: `inner` and `to` are valid for reads of their lengths.
+            let r = unsafe {
+                libc::sendto(
+                    tx.as_raw_fd(),
+                    inner.as_ptr().cast(),
+                    inner.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in6).cast(),
+                    mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            };
+            if r > 0 {
+                n_inner += 1;
+            }
+        }
+        n_inner
+    }))
+}
+
+/// The first test over IPv6: neighbour discovery for the VIP, IPv6 in IPv6, "packet too
+/// big" for the client's full-size segments, direct return.
+#[test]
+fn a_tcp_connection_to_an_ipv6_vip_is_served_with_direct_return() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root: this test must not skip");
+        eprintln!("NOTICE: afpacket_privileged: not root, skipping");
+        return;
+    }
+    let vip6: std::net::Ipv6Addr = "fd00:96::10".parse().unwrap();
+    let lb_addr: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+    let backend_addr: std::net::Ipv6Addr = "fd00::3".parse().unwrap();
+    let switch = Netns::new("switch");
+    switch.run("ip", &["link", "add", "br0", "type", "bridge"]);
+    switch.run("ip", &["link", "set", "br0", "up"]);
+    let (client, lb, backend) = (Netns::new("client"), Netns::new("lb"), Netns::new("backend"));
+    for (i, (ns, addr)) in
+        [(&client, "fd00::2"), (&lb, "fd00::1"), (&backend, "fd00::3")].iter().enumerate()
+    {
+        let (path, port) = (ns.path(), format!("p{i}"));
+        switch.run(
+            "ip",
+            &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &path],
+        );
+        switch.run("ip", &["link", "set", &port, "master", "br0", "up"]);
+        ns.run("ip", &["-6", "addr", "add", &format!("{addr}/64"), "dev", "eth0", "nodad"]);
+        ns.run("ip", &["link", "set", "eth0", "up"]);
+    }
+    lb.sysctl("net.ipv6.conf.all.forwarding", "0");
+    // Unlike IPv4's, the IPv6 stack answers a packet it cannot route with ICMPv6 "no
+    // route" even when not forwarding, which aborts the client's connect: the VIP is
+    // routed to a blackhole, where the kernel drops its copy silently.
+    lb.run("ip", &["-6", "route", "add", "blackhole", &format!("{vip6}/128")]);
+    client.run("ip", &["-6", "route", "add", &format!("{vip6}/128"), "dev", "eth0"]);
+    client.run("ip", &["link", "set", "eth0", "gso_max_segs", "1"]);
+    backend.run("ip", &["-6", "addr", "add", &format!("{vip6}/128"), "dev", "lo", "nodad"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let decap = backend.within(move || decapsulate6(stop2)).expect("raw sockets");
+    let listener = backend
+        .within(move || TcpListener::bind(SocketAddr::new(vip6.into(), PORT)))
+        .expect("bind the VIP");
+    listener.set_nonblocking(true).unwrap();
+    let server = std::thread::spawn(move || -> io::Result<usize> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got)?;
+        conn.write_all(format!("backend got {} bytes", got.len()).as_bytes())?;
+        Ok(got.len())
+    });
+
+    let backend_mac = backend.within(|| interface_info("eth0")).unwrap().mac;
+    let (workers, lb_mac) = lb.within(move || {
+        let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+        let mut spec = service();
+        spec.frontends[0].addr = vip6.into();
+        spec.backends[0].addr = SocketAddr::new(backend_addr.into(), PORT);
+        engine.upsert_service(&spec).unwrap();
+        let info = interface_info("eth0").unwrap();
+        let mut cfg = LbConfig::new(info.mac, info.mtu);
+        cfg.ipv6 = Some(lb_addr);
+        cfg.vips.insert(IpAddr::V6(vip6));
+        cfg.neighbours.insert(backend_addr.into(), backend_mac);
+        let w = LbWorkers::start(&WorkerConfig::new("eth0", 2), engine, Arc::new(cfg)).unwrap();
+        (w, info.mac)
+    });
+
+    let answer = client.within(move || -> io::Result<String> {
+        let to = SocketAddr::new(vip6.into(), PORT);
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&vec![b'x'; UPLOAD])?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = workers.total();
+    stop.store(true, Ordering::Relaxed);
+    let served = server.join().unwrap();
+    let decapsulated = decap.join().unwrap();
+    let neigh = client.run("ip", &["-6", "neigh", "show", &vip6.to_string()]);
+    drop(workers);
+
+    let get = |k: &str| stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    let report = format!(
+        "{stats:?}\nneigh {neigh}decapsulated {decapsulated}\nanswer {answer:?} served {served:?}"
+    );
+    assert_eq!(answer.as_deref().ok(), Some(&*format!("backend got {UPLOAD} bytes")), "{report}");
+    assert!(neigh.contains(&lb_mac.to_string()), "{report}");
+    assert!(get("tx_neighbor_advert") >= 1, "{report}");
+    assert!(get("tx_forward") >= 4 && decapsulated >= 4, "{report}");
+    assert!(get("tx_too_big") >= 1, "{report}");
 }

@@ -37,7 +37,11 @@
 //! (`net.ipv4.ip_forward=0`, `net.ipv6.conf.all.forwarding=0` in its namespace): the kernel
 //! drops a VIP packet at its routing decision (counted as `InAddrErrors` in
 //! `/proc/net/snmp`), sends no ICMP for it, and never answers ARP for a VIP (the load
-//! balancer does). The privileged test checks both counters.
+//! balancer does). The privileged test checks both counters. IPv6 needs one more step:
+//! its stack answers a packet it cannot route with ICMPv6 "no route" even when not
+//! forwarding, which aborts the client's connection, so the IPv6 VIPs get a blackhole
+//! route on the load-balancer node (`ip -6 route add blackhole VIP/128`), where the kernel
+//! drops its copy silently (the IPv6 privileged test found this and does so).
 //!
 //! Receive offloads must be off on the interface (`ethtool -K IF gro off lro off`): with
 //! GRO the ring would see coalesced super-packets larger than the MTU. veth pairs do not
