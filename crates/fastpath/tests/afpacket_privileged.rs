@@ -5,6 +5,7 @@
 //!   segments), served by a real server in the backend, whose replies go straight back to
 //!   the client;
 //! - the same over IPv6 (neighbour discovery, IPv6 in IPv6, "packet too big");
+//! - the same with L2 direct routing (no encapsulation, no tunnel on the backend);
 //! - failover: connections opened through one load balancer finish through a second one
 //!   (same services, same Maglev seed) that never saw them, each on its own backend.
 //!
@@ -48,7 +49,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastpath::datapath::afpacket::{interface_info, LbConfig, LbWorkers, Neighbours, WorkerConfig};
+use fastpath::datapath::afpacket::{
+    interface_info, Forwarding, LbConfig, LbWorkers, Neighbours, WorkerConfig,
+};
 use fastpath::engine::{Engine, EngineConfig};
 use fastpath::policy::PolicyKind;
 use fastpath::service::{BackendSpec, Conditions, Frontend, ServiceSpec};
@@ -716,4 +719,74 @@ fn a_tcp_connection_to_an_ipv6_vip_is_served_with_direct_return() {
     assert!(get("tx_neighbor_advert") >= 1, "{report}");
     assert!(get("tx_forward") >= 4 && decapsulated >= 4, "{report}");
     assert!(get("tx_too_big") >= 1, "{report}");
+}
+
+/// The first test with L2 direct routing (IPVS "DR"): the backend shares the segment, gets
+/// the client's frame with only its MACs changed, and needs no tunnel device at all.
+#[test]
+fn l2_direct_routing_serves_a_tcp_connection_without_a_tunnel() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root: this test must not skip");
+        eprintln!("NOTICE: afpacket_privileged: not root, skipping");
+        return;
+    }
+    let lab = Lab::new();
+    let listener = lab
+        .backend
+        .within(|| TcpListener::bind(SocketAddrV4::new(VIP, PORT)))
+        .expect("bind the VIP on the backend");
+    listener.set_nonblocking(true).unwrap();
+    let server = std::thread::spawn(move || -> io::Result<usize> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got)?;
+        conn.write_all(format!("backend got {} bytes", got.len()).as_bytes())?;
+        Ok(got.len())
+    });
+    let backend_mac = lab.backend.within(|| interface_info("eth0")).unwrap().mac;
+    let workers = lab.lb.within(move || {
+        let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+        engine.upsert_service(&service()).unwrap();
+        let info = interface_info("eth0").unwrap();
+        let mut cfg = LbConfig::new(info.mac, info.mtu);
+        cfg.forwarding = Forwarding::L2Dsr;
+        cfg.vips.insert(IpAddr::V4(VIP));
+        cfg.neighbours.insert(BACKEND_ADDR.into(), backend_mac);
+        LbWorkers::start(&WorkerConfig::new("eth0", 2), engine, Arc::new(cfg)).unwrap()
+    });
+    let answer = lab.client.within(|| -> io::Result<String> {
+        let vip = SocketAddr::new(VIP.into(), PORT);
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&vec![b'x'; UPLOAD])?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = workers.total();
+    let served = server.join().unwrap();
+    let lb_forwarded = lab.lb.ip_counter("ForwDatagrams");
+    drop(workers);
+
+    let get = |k: &str| stats.iter().find(|(n, _)| n == k).map_or(0, |(_, v)| *v);
+    let report = format!("{stats:?}\nanswer {answer:?} served {served:?}");
+    assert_eq!(answer.as_deref().ok(), Some(&*format!("backend got {UPLOAD} bytes")), "{report}");
+    assert!(get("tx_forward") >= 4 && get("tx_arp_reply") >= 1, "{report}");
+    assert_eq!((get("tx_too_big"), lb_forwarded), (0, 0), "no overhead, nothing routed: {report}");
 }

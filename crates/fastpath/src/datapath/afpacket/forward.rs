@@ -65,6 +65,27 @@ impl Neighbours {
     pub fn lookup(&self, addr: &IpAddr) -> Option<MacAddr> {
         self.entries.get(addr).copied().or(self.default)
     }
+
+    /// The address's own entry, never the default.
+    #[inline]
+    pub fn lookup_exact(&self, addr: &IpAddr) -> Option<MacAddr> {
+        self.entries.get(addr).copied()
+    }
+}
+
+/// How a VIP packet reaches its backend. Both are direct server return: the backend holds
+/// the VIP on loopback and answers the client itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Forwarding {
+    /// IP-in-IP (IPv6 inside: protocol 41) to the backend's MAC, or the router's for a
+    /// backend elsewhere: backends anywhere routable, 20 or 40 bytes of overhead.
+    #[default]
+    IpIp,
+    /// L2 direct routing (IPVS "DR"): the frame goes out as it came but for its MACs, to
+    /// the backend's own MAC, so backends must share this segment (each needs a
+    /// [`Neighbours`] entry: the router would route the VIP straight back here). No
+    /// encapsulation: no overhead, and no tunnel device on the backends.
+    L2Dsr,
 }
 
 /// What the load balancer needs to know about its interface and network.
@@ -82,6 +103,7 @@ pub struct LbConfig {
     /// Addresses answered in ARP and neighbour discovery: the VIPs this node announces.
     pub vips: HashSet<IpAddr>,
     pub neighbours: Neighbours,
+    pub forwarding: Forwarding,
 }
 
 impl LbConfig {
@@ -94,6 +116,7 @@ impl LbConfig {
             outer_ttl: 64,
             vips: HashSet::new(),
             neighbours: Neighbours::default(),
+            forwarding: Forwarding::IpIp,
         }
     }
 }
@@ -309,8 +332,13 @@ impl Forwarder {
     ) -> Outcome {
         let o = self.outcome(frame, now, out);
         if let (true, Outcome::Transmit { len, kind: TxKind::Forward }) = (checksum_partial, o) {
-            // The inner packet starts after the Ethernet and outer IP headers.
-            let outer = wire::parse_l3(wire::sub(out, ethernet::HEADER_LEN, len)).map(|l| l.l3_len);
+            // The client's packet starts after the Ethernet header and any outer IP header.
+            let outer = match self.config.forwarding {
+                Forwarding::IpIp => {
+                    wire::parse_l3(wire::sub(out, ethernet::HEADER_LEN, len)).map(|l| l.l3_len)
+                }
+                Forwarding::L2Dsr => Ok(0),
+            };
             if let Ok(at) = outer {
                 let _ = wire::fill_checksums(wire::sub_mut(out, ethernet::HEADER_LEN + at, len));
             }
@@ -369,7 +397,34 @@ impl Forwarder {
             }
         };
         let inner = wire::sub(ip, 0, info.total_len);
-        self.encapsulate(eth, &info.key, inner, backend, out)
+        match self.config.forwarding {
+            Forwarding::IpIp => self.encapsulate(eth, &info.key, inner, backend, out),
+            Forwarding::L2Dsr => self.redirect(eth, inner, backend, out),
+        }
+    }
+
+    /// L2 direct routing: the client's packet in a frame to the backend's MAC.
+    #[inline]
+    fn redirect(
+        &self,
+        eth: &EthernetFrame<&[u8]>,
+        inner: &[u8],
+        backend: IpAddr,
+        out: &mut [u8],
+    ) -> Outcome {
+        let Some(mac) = self.config.neighbours.lookup_exact(&backend) else {
+            return Outcome::Drop(DropReason::NoNeighbour);
+        };
+        if inner.len() > self.config.mtu {
+            return self.too_big(eth, inner, 0, out);
+        }
+        let len = ethernet::HEADER_LEN + inner.len();
+        let Some(out) = out.get_mut(..len) else {
+            return Outcome::Drop(DropReason::OutputTooSmall);
+        };
+        let _ = ethernet::emit_header(out, mac, self.config.mac, eth.ethertype());
+        out[ethernet::HEADER_LEN..].copy_from_slice(inner);
+        Outcome::Transmit { len, kind: TxKind::Forward }
     }
 
     /// `reason`, or `NotAVip` when the packet's destination is not one of ours.

@@ -414,3 +414,45 @@ fn ethernet_padding_is_not_forwarded() {
     assert_eq!(o, Outcome::Transmit { len: 14 + 20 + 40, kind: TxKind::Forward });
     assert_eq!(unwrap(&out[..74]).2, ack);
 }
+
+#[test]
+fn l2_direct_routing_changes_only_the_macs_and_needs_the_backends_own() {
+    let mut cfg = testbed::config();
+    cfg.forwarding = Forwarding::L2Dsr;
+    let macs: Vec<(IpAddr, MacAddr)> = testbed::backends4(3)
+        .into_iter()
+        .zip((1..=3).map(|i| MacAddr([2, 0, 0, 0, 4, i])))
+        .collect();
+    for (ip, mac) in &macs {
+        cfg.neighbours.insert(*ip, *mac);
+    }
+    let engine = testbed::engine(7);
+    let lb = Forwarder::new(engine.clone(), Arc::new(cfg.clone()));
+    let ipip = Forwarder::new(testbed::engine(7), Arc::new(testbed::config()));
+    let mut syn = packet(client4(40007), TcpFlags::SYN, 0);
+    let mut out = vec![0u8; 2048];
+    let mut padded = frame(&syn);
+    padded.extend_from_slice(&[0; 6]);
+    let o = lb.process(&padded, SEC, &mut out);
+    assert_eq!(o, Outcome::Transmit { len: 14 + syn.len(), kind: TxKind::Forward });
+    let eth = EthernetFrame::new_checked(&out[..14 + syn.len()]).unwrap();
+    assert_eq!((eth.src_addr(), eth.ethertype()), (LB_MAC, ethertype::IPV4));
+    assert_eq!(eth.payload(), &syn[..], "the packet itself, TTL included, untouched");
+    // The backend whose MAC it went to is the one Maglev picks with IP-in-IP too.
+    let chosen = backend_of(&ipip, &syn);
+    assert_eq!(Some(&eth.dst_addr()), macs.iter().find(|(ip, _)| *ip == chosen).map(|(_, m)| m));
+
+    // A partial checksum is completed at the packet's own L4 header.
+    syn[36..38].copy_from_slice(&[0x12, 0x34]);
+    let o = lb.process_rx(&frame(&syn), true, SEC, &mut out);
+    assert!(matches!(o, Outcome::Transmit { kind: TxKind::Forward, .. }));
+    assert_eq!(verify_checksums(&out[14..14 + syn.len()]), Ok(true));
+
+    // No entry of its own for the backend: the router's MAC would bring the VIP back here.
+    cfg.neighbours = Neighbours::new(Some(ROUTER_MAC));
+    let no_entry = Forwarder::new(engine, Arc::new(cfg));
+    assert_eq!(
+        run(&no_entry, &packet(client4(40007), TcpFlags::ACK, 0)).0,
+        Outcome::Drop(DropReason::NoNeighbour)
+    );
+}

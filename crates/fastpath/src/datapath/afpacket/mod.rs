@@ -30,6 +30,13 @@
 //!   of the MTU, which [`forward`] handles with ICMP "fragmentation needed" / "packet too
 //!   big" to the client.
 //!
+//! [`Forwarding::L2Dsr`] is the other direct-server-return model (IPVS "direct routing"):
+//! when the backends share the load balancer's segment, the frame goes to the backend's
+//! MAC with nothing else changed: no overhead and no tunnel device on the backends (which
+//! still hold the VIP on loopback, with the same ARP settings). It is also what a kernel
+//! without tunnel support can do (this project's CI kernel has no `ipip`; its privileged
+//! IP-in-IP tests decapsulate in user space instead, see `tests/afpacket_privileged.rs`).
+//!
 //! # Keeping the kernel out of VIP traffic
 //!
 //! AF_PACKET gets a copy of every frame; the kernel still gets the original. The VIPs are
@@ -73,8 +80,8 @@ pub mod sys;
 pub mod worker;
 
 pub use forward::{
-    fuzz_frame, DropReason, ForwardCounters, Forwarder, IgnoreReason, LbConfig, Neighbours,
-    Outcome, TxKind,
+    fuzz_frame, DropReason, ForwardCounters, Forwarder, Forwarding, IgnoreReason, LbConfig,
+    Neighbours, Outcome, TxKind,
 };
 pub use sys::{interface_info, InterfaceInfo, RingConfig};
 pub use worker::{IoCounters, LbWorkers, WorkerConfig};
