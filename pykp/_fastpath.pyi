@@ -315,7 +315,10 @@ class AfpacketDatapath:
         gateway_mac: str | None = None,
         workers: int = 1,
         qdisc_bypass: bool = True,
-    ) -> Self: ...
+        forwarding: str = "ipip",
+    ) -> Self:
+        """`forwarding`: "ipip" (IP-in-IP, backends anywhere routable) or "l2-dsr" (only the
+        MACs change: backends on this segment, each in `neighbours`)."""
     def start(self) -> None:
         """Open the sockets and start the threads; raises OSError (e.g. no such interface)."""
     def stop(self) -> None: ...

@@ -1065,6 +1065,13 @@ def lb(
     stats_every: Annotated[
         str, typer.Option(help="How often to print the counters (e.g. 10s).")
     ] = "10s",
+    forwarding: Annotated[
+        str,
+        typer.Option(
+            help="ipip (IP-in-IP, backends anywhere) or l2-dsr (backends on this segment, "
+            "each in --neighbour: only the MACs change)."
+        ),
+    ] = "ipip",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Load-balance the services' VIPs arriving on INTERFACE (AF_PACKET, IP-in-IP direct
@@ -1094,6 +1101,7 @@ def lb(
                 workers=workers,
                 maglev_seed=maglev_seed,
                 stop=stop,
+                forwarding=forwarding,
                 report=log.info,
                 stats_every=max(every, 0.1),
             )

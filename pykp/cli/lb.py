@@ -2,7 +2,8 @@
 
 The services file's frontends are the VIPs (answered in ARP/ND, never configured on the
 node); every VIP packet goes to a backend chosen by Maglev (the same on every load-balancer
-node with the same `maglev_seed`), wrapped in IP-in-IP from `address`, and the backend
+node with the same `maglev_seed`), wrapped in IP-in-IP from `address` (or, with
+`forwarding="l2-dsr"`, sent as it is to the backend's MAC on this segment), and the backend
 answers the client directly. See crates/fastpath/src/datapath/afpacket/mod.rs.
 """
 
@@ -41,6 +42,7 @@ def run_load_balancer(
     workers: int,
     maglev_seed: int,
     stop: threading.Event,
+    forwarding: str = "ipip",
     report: Callable[[str], None],
     stats_every: float = 10.0,
 ) -> dict[str, int]:
@@ -63,6 +65,7 @@ def run_load_balancer(
         neighbours=dict(neighbours),
         gateway_mac=gateway_mac,
         workers=workers,
+        forwarding=forwarding,
     )
     datapath.start()
     report(f"pykp lb: {interface}, {len(engine_services)} service ports, VIPs {', '.join(vips)}")

@@ -8,7 +8,9 @@ use pyo3::prelude::*;
 
 use super::engine::Engine;
 use super::{parse_ip, value_error};
-use crate::datapath::afpacket::{interface_info, LbConfig, LbWorkers, Neighbours, WorkerConfig};
+use crate::datapath::afpacket::{
+    interface_info, Forwarding, LbConfig, LbWorkers, Neighbours, WorkerConfig,
+};
 use crate::engine::Engine as CoreEngine;
 use crate::wire::MacAddr;
 
@@ -17,7 +19,8 @@ fn parse_mac(s: &str) -> PyResult<MacAddr> {
 }
 
 /// The AF_PACKET load balancer: Rust threads reading `interface`'s frames, deciding with the
-/// engine and sending each VIP packet to its backend in IP-in-IP (direct server return).
+/// engine and sending each VIP packet to its backend in IP-in-IP, or to the backend's MAC
+/// as it is (`forwarding="l2-dsr"`): direct server return either way.
 #[pyclass(frozen, module = "pykp._fastpath")]
 pub struct AfpacketDatapath {
     engine: Arc<CoreEngine>,
@@ -28,13 +31,14 @@ pub struct AfpacketDatapath {
     vips: Vec<IpAddr>,
     neighbours: Vec<(IpAddr, MacAddr)>,
     gateway_mac: Option<MacAddr>,
+    forwarding: Forwarding,
     running: Mutex<Option<LbWorkers>>,
 }
 
 #[pymethods]
 impl AfpacketDatapath {
     #[new]
-    #[pyo3(signature = (engine, interface, address, vips, *, neighbours = HashMap::new(), gateway_mac = None, workers = 1, qdisc_bypass = true))]
+    #[pyo3(signature = (engine, interface, address, vips, *, neighbours = HashMap::new(), gateway_mac = None, workers = 1, qdisc_bypass = true, forwarding = "ipip"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine: &Engine,
@@ -45,7 +49,13 @@ impl AfpacketDatapath {
         gateway_mac: Option<String>,
         workers: usize,
         qdisc_bypass: bool,
+        forwarding: &str,
     ) -> PyResult<Self> {
+        let forwarding = match forwarding {
+            "ipip" => Forwarding::IpIp,
+            "l2-dsr" => Forwarding::L2Dsr,
+            other => return Err(value_error(format!("forwarding {other:?}: ipip or l2-dsr"))),
+        };
         if workers == 0 || workers > 256 {
             return Err(value_error("workers must be between 1 and 256"));
         }
@@ -62,6 +72,7 @@ impl AfpacketDatapath {
             vips: vips.iter().map(|v| parse_ip(v)).collect::<PyResult<_>>()?,
             neighbours,
             gateway_mac: gateway_mac.as_deref().map(parse_mac).transpose()?,
+            forwarding,
             running: Mutex::new(None),
         })
     }
@@ -79,6 +90,7 @@ impl AfpacketDatapath {
             IpAddr::V6(a) => lb.ipv6 = Some(a),
         }
         lb.vips = self.vips.iter().copied().collect();
+        lb.forwarding = self.forwarding;
         lb.neighbours = Neighbours::new(self.gateway_mac);
         for (ip, mac) in &self.neighbours {
             lb.neighbours.insert(*ip, *mac);
