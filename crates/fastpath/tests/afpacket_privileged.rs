@@ -626,6 +626,12 @@ fn a_tcp_connection_to_an_ipv6_vip_is_served_with_direct_return() {
     switch.run("ip", &["link", "add", "br0", "type", "bridge"]);
     switch.run("ip", &["link", "set", "br0", "up"]);
     let (client, lb, backend) = (Netns::new("client"), Netns::new("lb"), Netns::new("backend"));
+    for ns in [&client, &lb, &backend] {
+        // No duplicate address detection on the links to come: a tentative link-local
+        // address holds up neighbour discovery for a second or more.
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+    }
     for (i, (ns, addr)) in
         [(&client, "fd00::2"), (&lb, "fd00::1"), (&backend, "fd00::3")].iter().enumerate()
     {
