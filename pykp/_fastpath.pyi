@@ -17,6 +17,7 @@ __all__ = [
     "Connection",
     "Engine",
     "NfqueueDatapath",
+    "AfpacketDatapath",
     "ConntrackFollower",
     "KernelFlow",
     "kernel_flows",
@@ -305,6 +306,40 @@ class NfqueueDatapath:
         """Worker counters (packets, verdicts, accepted, dropped, errors, batches, ...),
         verdicts by kind (forwarded, passed, rejected, decision_drops, id_overflow) and the
         kernel's drops for these queues (kernel_queue_dropped, kernel_user_dropped)."""
+
+@final
+class AfpacketDatapath:
+    """The AF_PACKET load balancer: Rust threads reading `interface`'s frames (a TPACKET_V3
+    ring per worker, hash fanout), deciding with `engine`, and sending each VIP packet to
+    its backend in IP-in-IP from `address` (direct server return). Answers ARP/ND for
+    `vips`; next-hop MACs come from `neighbours` (IP -> MAC), else `gateway_mac`. The
+    sockets open in the network namespace of the thread that calls `start()`.
+    """
+
+    def __new__(
+        cls,
+        engine: Engine,
+        interface: str,
+        address: str,
+        vips: list[str],
+        *,
+        neighbours: dict[str, str] = ...,
+        gateway_mac: str | None = None,
+        workers: int = 1,
+        qdisc_bypass: bool = True,
+        forwarding: str = "ipip",
+    ) -> Self:
+        """`forwarding`: "ipip" (IP-in-IP, backends anywhere routable) or "l2-dsr" (only the
+        MACs change: backends on this segment, each in `neighbours`)."""
+    def start(self) -> None:
+        """Open the sockets and start the threads; raises OSError (e.g. no such interface)."""
+    def stop(self) -> None: ...
+    @property
+    def running(self) -> bool: ...
+    def stats(self) -> dict[str, int]:
+        """Every worker's counters added up: rx/tx/ring counters, transmitted frames by kind
+        (tx_forward, tx_arp_reply, tx_neighbor_advert, tx_too_big), ignored_* and drops_* by
+        reason."""
 
 @final
 class ConntrackFollower:

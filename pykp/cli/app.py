@@ -1265,5 +1265,89 @@ def bench(
         raise typer.Exit(1)
 
 
+# --- lb -----------------------------------------------------------------------------------
+
+
+@app.command("lb")
+def lb(
+    services: Annotated[
+        Path,
+        typer.Argument(
+            help="The services file (YAML): its frontends are the VIPs.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    interface: Annotated[str, typer.Option(help="The interface VIP traffic arrives on.")],
+    address: Annotated[
+        str, typer.Option(help="This node's address on it: the tunnels' outer source.")
+    ],
+    neighbour: Annotated[
+        list[str] | None,
+        typer.Option(help="IP=MAC of a backend on this segment (repeatable)."),
+    ] = None,
+    gateway_mac: Annotated[
+        str | None, typer.Option(help="The router's MAC, for backends not in --neighbour.")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Worker threads (one ring each).", min=1, max=256)
+    ] = 1,
+    maglev_seed: Annotated[
+        int,
+        typer.Option(
+            help="The same on every load-balancer node: the same backend per flow.", min=0
+        ),
+    ] = 0,
+    stats_every: Annotated[
+        str, typer.Option(help="How often to print the counters (e.g. 10s).")
+    ] = "10s",
+    forwarding: Annotated[
+        str,
+        typer.Option(
+            help="ipip (IP-in-IP, backends anywhere) or l2-dsr (backends on this segment, "
+            "each in --neighbour: only the MACs change)."
+        ),
+    ] = "ipip",
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
+) -> None:
+    """Load-balance the services' VIPs arriving on INTERFACE (AF_PACKET, IP-in-IP direct
+    server return; backends need a tunnel device and the VIP on loopback). The node must
+    not forward, and IPv6 VIPs need a blackhole route here (`ip -6 route add blackhole
+    VIP/128`), so that the kernel drops its own copies silently."""
+    from pykp.cli.lb import parse_neighbour, run_load_balancer
+
+    _configure_logging(verbose)
+    try:
+        neighbours = [parse_neighbour(n) for n in neighbour or []]
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="'--neighbour'") from None
+    every = parse_duration(stats_every)
+    catalog = _load_services(services)
+    require("lb", tools=())
+    stop = threading.Event()
+    log = logging.getLogger("pykp.lb")
+    try:
+        with _stop_on_signals(stop):
+            stats = run_load_balancer(
+                catalog,
+                interface=interface,
+                address=address,
+                neighbours=neighbours,
+                gateway_mac=gateway_mac,
+                workers=workers,
+                maglev_seed=maglev_seed,
+                stop=stop,
+                forwarding=forwarding,
+                report=log.info,
+                stats_every=max(every, 0.1),
+            )
+    except (OSError, ValueError) as error:
+        typer.echo(f"pykp lb: {error}", err=True)
+        raise typer.Exit(1) from None
+    from pykp.cli.lb import nonzero
+
+    typer.echo(nonzero(stats))
+
+
 if __name__ == "__main__":  # `python -m pykp.cli.app`, for when the script is not on PATH
     app()

@@ -4,6 +4,7 @@
 //! `fuzz_fallback` is the stable-toolchain stand-in for the cargo-fuzz target: it feeds
 //! mutated valid packets to `fuzz_one` (the fuzz target's body). `FASTPATH_FUZZ_RUNS=N` sets
 //! how many inputs (default 20000); `crates/fastpath/fuzz/run.sh` drives it.
+//! `fuzz_fallback_frames` does the same for the AF_PACKET load balancer's frames.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -278,4 +279,27 @@ fn fuzz_fallback() {
         "fuzz_fallback: {runs} inputs ({parsed} parsed) in {:.2?}, seed {seed}",
         start.elapsed()
     );
+}
+
+/// The same for the AF_PACKET load balancer's frame path (`fuzz_frame`, the `frame` fuzz
+/// target's body): mutated frames, ARP and neighbour solicitations included, and every IP
+/// seed also as a framed packet. Same environment variables.
+#[cfg(target_os = "linux")]
+#[test]
+fn fuzz_fallback_frames() {
+    use fastpath::datapath::afpacket::{forward::testbed::sample_frames, fuzz_frame};
+    let runs: usize =
+        std::env::var("FASTPATH_FUZZ_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let seed: u64 =
+        std::env::var("FASTPATH_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+    let mut corpus = sample_frames();
+    corpus.extend(sample_packets());
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        let mut input = corpus[rng.below(corpus.len())].clone();
+        mutate(&mut rng, &mut input, &corpus);
+        fuzz_frame(&input);
+    }
+    eprintln!("fuzz_fallback_frames: {runs} inputs in {:.2?}, seed {seed}", start.elapsed());
 }

@@ -4,8 +4,9 @@
 //! One file per class or group: [`values`] (what Python passes in and gets back),
 //! [`engine`], [`explain`] (a dry run of a decision), [`staged`] (a batch between stage
 //! and commit), [`datapath`] (NFQUEUE and its queue keeper), [`follower`] (the kernel's
-//! conntrack events), [`loadgen`].
+//! conntrack events), [`loadgen`], [`afpacket`] (the AF_PACKET load balancer).
 
+mod afpacket;
 mod datapath;
 mod engine;
 mod explain;
@@ -23,6 +24,7 @@ use pyo3::prelude::*;
 use crate::flow::{Nanos, NANOS_PER_SEC};
 use crate::policy::PolicyKind;
 
+use afpacket::AfpacketDatapath;
 use datapath::{queue_keeper, NfqueueDatapath};
 use engine::Engine;
 use explain::{ExplainedAffinity, ExplainedBackend, ExplainedFlow, Explanation};
@@ -80,6 +82,7 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
     m.add_class::<Engine>()?;
     m.add_class::<NfqueueDatapath>()?;
+    m.add_class::<AfpacketDatapath>()?;
     m.add_class::<ConntrackFollower>()?;
     m.add_class::<KernelFlow>()?;
     m.add_function(wrap_pyfunction!(kernel_flows, m)?)?;

@@ -179,6 +179,43 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     }
 }
 
+/// The fields of an option-less IPv4 header a sender chooses; [`Ipv4Repr::emit`] writes it
+/// with its checksum (an encapsulating or ICMP-answering datapath builds headers with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Repr {
+    pub src_addr: Ipv4Addr,
+    pub dst_addr: Ipv4Addr,
+    pub protocol: u8,
+    /// Bytes after the header.
+    pub payload_len: usize,
+    pub ttl: u8,
+    pub tos: u8,
+    pub ident: u16,
+    pub dont_frag: bool,
+}
+
+impl Ipv4Repr {
+    /// Writes the 20-byte header into `buf[..20]`. `Truncated` if `buf` is shorter,
+    /// `BadTotalLength` if the packet would exceed 65,535 bytes; nothing is written then.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<(), WireError> {
+        let total =
+            u16::try_from(HEADER_LEN + self.payload_len).map_err(|_| WireError::BadTotalLength)?;
+        let b = buf.get_mut(..HEADER_LEN).ok_or(WireError::Truncated)?;
+        b[field::VER_IHL] = 0x45;
+        b[field::TOS] = self.tos;
+        put16(b, field::LENGTH, total);
+        put16(b, field::IDENT, self.ident);
+        put16(b, field::FLAGS_FRAG, if self.dont_frag { 0x4000 } else { 0 });
+        b[field::TTL] = self.ttl;
+        b[field::PROTOCOL] = self.protocol;
+        put_bytes(b, field::SRC, &self.src_addr.octets());
+        put_bytes(b, field::DST, &self.dst_addr.octets());
+        let c = ipv4_header_checksum(b);
+        put16(b, field::CHECKSUM, c);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +314,31 @@ mod tests {
         assert!(ip.verify_checksum());
         assert_eq!(ip.dst_addr(), Ipv4Addr::new(192, 168, 1, 2));
         assert_eq!(ip.payload_mut().len(), 20);
+    }
+
+    #[test]
+    fn repr_emits_a_valid_header() {
+        let r = Ipv4Repr {
+            src_addr: Ipv4Addr::new(10, 0, 0, 1),
+            dst_addr: Ipv4Addr::new(10, 0, 0, 2),
+            protocol: 4,
+            payload_len: 40,
+            ttl: 64,
+            tos: 0x10,
+            ident: 7,
+            dont_frag: true,
+        };
+        let mut b = vec![0xaa; 60];
+        r.emit(&mut b).unwrap();
+        let ip = Ipv4Packet::new_checked(&b[..]).unwrap();
+        assert!(ip.verify_checksum() && ip.dont_frag() && !ip.more_frags());
+        assert_eq!(
+            (ip.total_len(), ip.protocol(), ip.ttl(), ip.tos(), ip.ident()),
+            (60, 4, 64, 0x10, 7)
+        );
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (r.src_addr, r.dst_addr));
+        assert_eq!(r.emit(&mut [0u8; 19]), Err(WireError::Truncated));
+        let huge = Ipv4Repr { payload_len: 65_516, ..r };
+        assert_eq!(huge.emit(&mut b), Err(WireError::BadTotalLength));
     }
 }

@@ -187,6 +187,39 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     }
 }
 
+/// The fields of an IPv6 header (no extension headers) a sender chooses; see
+/// [`Ipv6Repr::emit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Repr {
+    pub src_addr: Ipv6Addr,
+    pub dst_addr: Ipv6Addr,
+    pub next_header: u8,
+    /// Bytes after the 40-byte header.
+    pub payload_len: usize,
+    pub hop_limit: u8,
+    pub traffic_class: u8,
+    /// 20 bits; higher bits are ignored.
+    pub flow_label: u32,
+}
+
+impl Ipv6Repr {
+    /// Writes the 40-byte header into `buf[..40]`. `Truncated` if `buf` is shorter,
+    /// `BadTotalLength` if the payload exceeds 65,535 bytes (no jumbograms); nothing is
+    /// written then.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<(), WireError> {
+        let len = u16::try_from(self.payload_len).map_err(|_| WireError::BadTotalLength)?;
+        let b = buf.get_mut(..HEADER_LEN).ok_or(WireError::Truncated)?;
+        let first =
+            (6u32 << 28) | (u32::from(self.traffic_class) << 20) | (self.flow_label & 0xf_ffff);
+        put_bytes(b, field::VER_TC_FLOW, &first.to_be_bytes());
+        put_bytes(b, field::PAYLOAD_LEN, &len.to_be_bytes());
+        put_bytes(b, field::NEXT_HEADER, &[self.next_header, self.hop_limit]);
+        put_bytes(b, field::SRC, &self.src_addr.octets());
+        put_bytes(b, field::DST, &self.dst_addr.octets());
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,5 +347,29 @@ mod tests {
         assert_eq!(ip.src_addr(), Ipv6Addr::UNSPECIFIED);
         assert_eq!(ip.hop_limit(), 3);
         assert_eq!(ip.payload_mut().len(), 20);
+    }
+
+    #[test]
+    fn repr_emits_a_header_the_view_reads_back() {
+        let r = Ipv6Repr {
+            src_addr: "2001:db8::1".parse().unwrap(),
+            dst_addr: "2001:db8::2".parse().unwrap(),
+            next_header: 41,
+            payload_len: 20,
+            hop_limit: 64,
+            traffic_class: 0xb8,
+            flow_label: 0xfff_12345,
+        };
+        let mut b = vec![0u8; 60];
+        r.emit(&mut b).unwrap();
+        let ip = Ipv6Packet::new_checked(&b[..]).unwrap();
+        assert_eq!((ip.version(), ip.traffic_class(), ip.flow_label()), (6, 0xb8, 0x12345));
+        assert_eq!((ip.payload_len(), ip.next_header(), ip.hop_limit()), (20, 41, 64));
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (r.src_addr, r.dst_addr));
+        assert_eq!(r.emit(&mut [0u8; 39]), Err(WireError::Truncated));
+        assert_eq!(
+            Ipv6Repr { payload_len: 65_536, ..r }.emit(&mut b),
+            Err(WireError::BadTotalLength)
+        );
     }
 }

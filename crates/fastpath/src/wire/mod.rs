@@ -41,8 +41,11 @@
 //! assert!(wire::parse(&bytes[..30]).is_err());
 //! ```
 
+pub mod arp;
 pub mod build;
 pub mod checksum;
+pub mod ethernet;
+pub mod icmp;
 pub mod ipv4;
 pub mod ipv6;
 mod nat;
@@ -55,13 +58,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::flow::{FlowKey, Protocol, TcpFlags};
 
+pub use arp::{ArpPacket, ArpRepr};
 pub use build::{ExtHeader, PacketBuilder};
 pub use checksum::{
     crc32c, fill_checksums, ipv4_header_checksum, l4_checksum, sctp_checksum, tcp_udp_checksum,
     verify_checksums,
 };
-pub use ipv4::Ipv4Packet;
-pub use ipv6::{Ipv6Packet, Ipv6Upper, MAX_EXT_HEADERS};
+pub use ethernet::{EthernetFrame, MacAddr};
+pub use ipv4::{Ipv4Packet, Ipv4Repr};
+pub use ipv6::{Ipv6Packet, Ipv6Repr, Ipv6Upper, MAX_EXT_HEADERS};
 pub use nat::{rewrite, rewrite_dst, rewrite_src};
 pub use sctp::SctpPacket;
 pub use tcp::TcpPacket;

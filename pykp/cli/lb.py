@@ -1,0 +1,78 @@
+"""`pykp lb`: the AF_PACKET load balancer on one interface of a load-balancer node.
+
+The services file's frontends are the VIPs (answered in ARP/ND, never configured on the
+node); every VIP packet goes to a backend chosen by Maglev (the same on every load-balancer
+node with the same `maglev_seed`), wrapped in IP-in-IP from `address` (or, with
+`forwarding="l2-dsr"`, sent as it is to the backend's MAC on this segment), and the backend
+answers the client directly. See crates/fastpath/src/datapath/afpacket/mod.rs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+
+from pykp.agent.plan import apply_to_engine, services_file_to_engine
+from pykp.model import Catalog
+
+LB_POLICY = "maglev"
+
+
+def parse_neighbour(text: str) -> tuple[str, str]:
+    """`IP=MAC` -> (IP, MAC); ValueError otherwise (the extension checks both halves)."""
+    ip, sep, mac = text.partition("=")
+    if not sep or not ip or not mac:
+        raise ValueError(f"{text!r} is not IP=MAC")
+    return ip.strip(), mac.strip()
+
+
+def nonzero(stats: dict[str, int]) -> str:
+    """The counters that moved, in a stable order: one log line."""
+    return " ".join(f"{k}={v}" for k, v in sorted(stats.items()) if v) or "no frames yet"
+
+
+def run_load_balancer(
+    services: Catalog,
+    *,
+    interface: str,
+    address: str,
+    neighbours: Sequence[tuple[str, str]],
+    gateway_mac: str | None,
+    workers: int,
+    maglev_seed: int,
+    stop: threading.Event,
+    forwarding: str = "ipip",
+    report: Callable[[str], None],
+    stats_every: float = 10.0,
+) -> dict[str, int]:
+    """Run until `stop` is set, reporting the counters every `stats_every` seconds; returns
+    the last counters. Raises OSError from the sockets, ValueError from the arguments."""
+    from pykp._fastpath import AfpacketDatapath, Engine
+
+    engine = Engine(default_policy=LB_POLICY, maglev_seed=maglev_seed)
+    engine_services = [
+        dataclasses.replace(service, policy=LB_POLICY)
+        for service in services_file_to_engine(services)
+    ]
+    apply_to_engine(engine, engine_services)
+    vips = sorted({ip for service in engine_services for ip, _, _ in service.frontends})
+    datapath = AfpacketDatapath(
+        engine,
+        interface,
+        address,
+        vips,
+        neighbours=dict(neighbours),
+        gateway_mac=gateway_mac,
+        workers=workers,
+        forwarding=forwarding,
+    )
+    datapath.start()
+    report(f"pykp lb: {interface}, {len(engine_services)} service ports, VIPs {', '.join(vips)}")
+    try:
+        while not stop.wait(stats_every):
+            report(nonzero(datapath.stats()))
+    finally:
+        stats = datapath.stats()
+        datapath.stop()
+    return stats
