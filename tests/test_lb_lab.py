@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pykp.labs.lab_agent import TCP_ECHO
 from pykp.labs.lb_lab import LoadBalancerLab, connect_from
 
 pytestmark = pytest.mark.privileged
@@ -72,5 +73,66 @@ def test_the_lb_tier_bench_measures_every_contender(tmp_path: object) -> None:
     for name, runs in result["samples"].items():
         (run,) = runs
         assert run["conns"]["ok"] > 0 and run["conns"]["failed"] == 0, (name, run["conns"])
-        assert run["tcp"]["bits_per_second"] > 0, name
+        if name == "pykp-afpacket":
+            assert run["tcp"]["skipped"] == "GSO frames"  # not measured yet: see lb_tier
+        else:
+            assert run["tcp"]["bits_per_second"] > 0, name
         assert "error" not in run["udp"] and run["udp"]["datagrams_per_second"] > 0, (name, run["udp"])
+
+
+def test_pykp_lb_on_both_nodes_and_a_flow_survives_losing_its_node(
+    lab: LoadBalancerLab, tmp_path: object
+) -> None:
+    """`pykp lb` (AF_PACKET, L2 direct server return, Maglev with one seed) on both
+    load-balancer nodes: connections reach every backend, and an established TCP flow
+    keeps its backend when the router stops sending it to its node (a dead node's route
+    withdrawn): the other node, which never saw the flow, picks the same backend."""
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from pykp.labs.lab_agent import wait_for
+
+    for lb in lab.lb_hosts:  # the kernel reference of the other tests, off
+        lab.exec(lb, ["nft", "delete", "table", "netdev", "pykp_lab_dsr"])
+    services = Path(str(tmp_path)) / "lb.yaml"
+    services.write_text(lab.services_yaml(PORT) + lab.services_yaml(7000)[len("services:\n"):])
+    for pod in lab.backend_hosts:
+        lab.popen(pod, ["python3", "-c", TCP_ECHO, pod.name, "7000"])
+    procs = [
+        lab.popen(lb, lab.pykp_lb_argv(lb, str(services)), stdout=subprocess.PIPE, text=True)
+        for lb in lab.lb_hosts
+    ]
+    try:
+        assert wait_for(lambda: _answers(lab), timeout=10), "pykp lb never answered"
+        answers = Counter(connect_from(lab, 43000 + i, PORT) for i in range(60))
+        assert set(answers) == {b.name for b in lab.backend_hosts}, answers
+
+        # Long connections, then the node each one went through disappears for the router.
+        held = []
+        through_first = ingress_packets(lab, lab.lb_hosts[0].name)
+        for _ in range(8):
+            with lab.in_namespace(lab.client):
+                s = socket.create_connection((lab.vip, 7000), timeout=3)
+            s.sendall(b"hello\n")
+            held.append((s, s.recv(100).decode().split()[0]))
+        # Some of them went through the node about to go (8 flows over 2 nodes).
+        assert ingress_packets(lab, lab.lb_hosts[0].name) > through_first
+        lab.withdraw(lab.lb_hosts[0])
+        time.sleep(0.2)
+        for i, (s, backend) in enumerate(held):
+            s.sendall(f"after {i}\n".encode())
+            assert s.recv(100).decode().strip() == f"{backend} after {i}"
+            s.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _answers(lab: LoadBalancerLab) -> bool:
+    try:
+        return bool(connect_from(lab, 42999, PORT, timeout=0.5))
+    except OSError:
+        return False

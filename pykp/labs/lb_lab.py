@@ -121,6 +121,51 @@ table netdev pykp_lab_dsr {{
         if proc.returncode != 0:
             raise LabError(f"nft on {self.host(lb).name}: {proc.stderr.strip()}")
 
+    def services_yaml(self, port: int, backends: list[NsRef] | None = None) -> str:
+        """A services file for `pykp lb`: the VIP at `port`, TCP and UDP, over `backends`
+        (all by default), at the same port (direct server return translates no port)."""
+        hosts = [self.host(b) for b in backends] if backends is not None else self.backend_hosts
+        endpoints = ", ".join(f"{{ip: {h.ipv4}}}" for h in hosts)
+        return (
+            "services:\n"
+            f"  - name: vip-{port}\n"
+            f"    clusterIP: {self.vip}\n"
+            f"    ports: [{{name: tcp, port: {port}, targetPort: {port}}}, "
+            f"{{name: udp, port: {port}, targetPort: {port}, protocol: UDP}}]\n"
+            f"    endpoints: [{endpoints}]\n"
+        )
+
+    def pykp_lb_argv(self, lb: NsRef, services_file: str, *, workers: int = 1) -> list[str]:
+        """`pykp lb` on a load-balancer node: L2 direct server return to every backend of
+        the segment, one Maglev seed on every node (they agree on every flow)."""
+        from pykp.self_command import pykp_command
+
+        host = self.host(lb)
+        neighbours = [f"--neighbour={b.ipv4}={self.mac(b)}" for b in self.backend_hosts]
+        return pykp_command(
+            "lb", services_file, "--interface", "eth0", "--address", host.ipv4,
+            "--forwarding", "l2-dsr", "--maglev-seed", "7", "--workers", str(workers),
+            "--stats-every", "1s", *neighbours,
+        )  # fmt: skip
+
+    def withdraw(self, lb: NsRef) -> None:
+        """Take a load-balancer node out of the router's multipath route, as a routing
+        protocol withdraws a dead node's announcement."""
+        gone = self.host(lb)
+        left = [h for h in self.lb_hosts if h.name != gone.name]
+        if not left:
+            raise LabError("cannot withdraw the last load-balancer node")
+        with IPRoute(netns=self.router.netns, flags=0) as router:
+            bridge = router.link_lookup(ifname=_BRIDGE)[0]
+            if len(left) == 1:
+                router.route("replace", dst=f"{self.vip}/32", gateway=left[0].ipv4, oif=bridge)
+            else:
+                router.route(
+                    "replace",
+                    dst=f"{self.vip}/32",
+                    multipath=[{"gateway": h.ipv4, "oif": bridge} for h in left],
+                )
+
     # ---------------------------------------------------------------- construction
 
     def _plan(self) -> None:
