@@ -289,28 +289,29 @@ impl Engine {
         source: Source,
         now: Nanos,
     ) -> Verdict {
-        let frontend = Frontend { addr: key.dst, port: key.dst_port, proto: key.proto };
-        let mut svc = self.services.lookup(&frontend);
-        if source == Source::Cluster {
-            if let Some(target) = svc.as_ref().and_then(|s| s.short_circuit.as_deref()) {
-                // A pod or the node: kube-proxy's short-circuit to every endpoint. Without
-                // the target (not loaded yet), the service itself decides.
-                if let Some(t) = self.services.get(target) {
-                    svc = Some(t);
-                }
-            }
+        // The flow table first: a packet of a known flow (every packet but the first under
+        // AF_PACKET) needs no service lookup unless it is a bare SYN, which may start a new
+        // connection on an old flow's 5-tuple.
+        let existing = self.conns.lookup(key, tcp_flags, now);
+        let new_attempt = tcp_flags.is_some_and(|f| f.syn() && !f.ack());
+        if let (Some(b), false) = (&existing, new_attempt) {
+            return Verdict::Forward(Forward {
+                service: b.service,
+                backend: b.backend.clone(),
+                new_flow: false,
+            });
         }
-        if let Some(b) = self.conns.lookup(key, tcp_flags, now) {
+        let svc = self.service_for(key, source);
+        if let Some(b) = existing {
             // A connection attempt (a bare SYN) whose recorded backend has left its service's
             // pool reuses an old flow's 5-tuple: a new connection, decided afresh. The NFQUEUE
             // datapath sees only first packets, so its table never learns that the old flow
             // ended, and the old backend's id may no longer be programmed. Any other packet
             // keeps its backend, as the kernel's conntrack would.
-            let new_attempt = tcp_flags.is_some_and(|f| f.syn() && !f.ack());
             let stale = svc
                 .as_ref()
                 .is_none_or(|s| s.id != b.service || !s.pool_for(key.src).has(&b.backend));
-            if !(new_attempt && stale) {
+            if !stale {
                 return Verdict::Forward(Forward {
                     service: b.service,
                     backend: b.backend,
@@ -327,6 +328,22 @@ impl Engine {
         let binding = Binding { service: svc.id, backend: backend.clone() };
         self.conns.insert(*key, binding, tcp_flags, now);
         Verdict::Forward(Forward { service: svc.id, backend, new_flow: true })
+    }
+
+    /// The service a new connection to `key`'s destination goes to, from `source`.
+    fn service_for(&self, key: &FlowKey, source: Source) -> Option<Arc<ServiceState>> {
+        let frontend = Frontend { addr: key.dst, port: key.dst_port, proto: key.proto };
+        let svc = self.services.lookup(&frontend);
+        if source == Source::Cluster {
+            if let Some(target) = svc.as_ref().and_then(|s| s.short_circuit.as_deref()) {
+                // A pod or the node: kube-proxy's short-circuit to every endpoint. Without
+                // the target (not loaded yet), the service itself decides.
+                if let Some(t) = self.services.get(target) {
+                    return Some(t);
+                }
+            }
+        }
+        svc
     }
 
     /// A new flow's backend: the client's affinity if it still stands, else the policy's.
