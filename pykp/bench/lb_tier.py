@@ -94,7 +94,11 @@ def _program(lab: LoadBalancerLab, contender: str, workdir: Path) -> None:
             + lab.services_yaml(IPERF_VIP_PORT, [lab.backend_hosts[0]]).split("\n", 1)[1]
         )
         for lb in lab.lb_hosts:
-            _running.append(lab.popen(lb, lab.pykp_lb_argv(lb, str(services))))
+            log = (workdir / f"pykp-lb-{lb.name}.log").open("w")
+            _running.append(
+                lab.popen(lb, lab.pykp_lb_argv(lb, str(services)), stdout=log, stderr=log)
+            )
+            log.close()
         if not _wait_vip(lab):
             raise LoadgenError("pykp lb did not answer on the VIP")
         return
@@ -124,6 +128,25 @@ def _nat_extra_port(lab: LoadBalancerLab, port: int) -> str:
         f"add rule ip pykp_lab_nat pre ip daddr {lab.vip} meta l4proto {{ tcp, udp }} "
         f"th dport {port} dnat to {backend}:{IPERF_PORT}\n"
     )
+
+
+def _lb_counters(lab: LoadBalancerLab, workdir: Path) -> dict[str, int]:
+    """Every `pykp lb`'s last counter line (``name=value ...``), summed over the nodes."""
+    total: dict[str, int] = {}
+    for lb in lab.lb_hosts:
+        path = workdir / f"pykp-lb-{lb.name}.log"
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if "=" in line and "pykp lb:" not in line
+        ]
+        if not lines:
+            continue
+        for field_ in lines[-1].split():
+            name, sep, value = field_.partition("=")
+            if sep and value.isdigit():
+                total[name] = total.get(name, 0) + int(value)
+    return total
 
 
 def _wait_vip(lab: LoadBalancerLab, timeout: float = 15.0) -> bool:
@@ -213,10 +236,20 @@ def _turn(
         tcp: dict[str, Any] = {"bits_per_second": float("nan"), "skipped": "GSO frames"}
     else:
         tcp = _retry(lambda: iperf3(lab, lab.client, iperf_host, iperf_port, s.iperf_seconds, 1))
+    counters_before = _lb_counters(lab, workdir) if contender == "pykp-afpacket" else {}
     try:
         udp = _retry(lambda: _udp_pps(lab, iperf_host, iperf_port, s.iperf_seconds))
     except LoadgenError as error:  # recorded, not fatal: the other workloads stand
         udp = {"error": str(error)}
+    if contender == "pykp-afpacket":
+        time.sleep(1.5)  # the next counter line (pykp lb prints them every second)
+        after = _lb_counters(lab, workdir)
+        # What the UDP run moved on the load balancers: received, sent, dropped and why.
+        udp["lb_counters"] = {
+            k: after.get(k, 0) - counters_before.get(k, 0)
+            for k in sorted(after)
+            if after.get(k, 0) != counters_before.get(k, 0)
+        }
     return {"conns": conns, "tcp": tcp, "udp": udp}
 
 
@@ -267,7 +300,11 @@ def run_lb_bench(
 def _udp_text(udp: dict[str, Any]) -> str:
     if "error" in udp:
         return f"UDP failed: {udp['error']}"
-    return f"{udp['datagrams_per_second']:,.0f} datagrams/s ({udp['lost_percent']:.1f} % lost)"
+    text = f"{udp['datagrams_per_second']:,.0f} datagrams/s ({udp['lost_percent']:.1f} % lost)"
+    counters = udp.get("lb_counters")
+    if counters:
+        text += "; load balancers: " + " ".join(f"{k}={v}" for k, v in counters.items())
+    return text
 
 
 def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
