@@ -70,7 +70,8 @@ pub struct Backend {
     pub handle: Arc<BackendHandle>,
     pub weight: u32,
     pub conditions: Conditions,
-    /// On this node (for traffic policy Local, later).
+    /// On this node: the control plane narrows Local traffic policies to these (and
+    /// explain shows it); the engine itself does not read it.
     pub local: bool,
 }
 
