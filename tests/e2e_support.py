@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from pykp.labs.kube_apiserver import ClusterApiServer
 from pykp.labs.lab import ClusterLab
+from pykp.labs.lab_agent import LabAgent, in_parallel, start_nodes
 
 
 def kube_service(
@@ -88,3 +92,33 @@ def kube_slice(
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,
     }
+
+
+@contextlib.contextmanager
+def cluster_apiserver(cluster: ClusterLab) -> Iterator[ClusterApiServer]:
+    """The stand-in API server in the cluster's `net` namespace, holding its Node objects."""
+    server = ClusterApiServer(cluster.ns("net"), cluster.api_ip4)
+    server.start()
+    try:
+        for node in cluster.node_objects():
+            server.create("nodes", node)
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def cluster_agents(
+    cluster: ClusterLab, apiserver: ClusterApiServer, base: Path
+) -> Iterator[list[LabAgent]]:
+    """One `pykp run` per node of `cluster`, fed by `apiserver`, started together."""
+    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig")
+    agents = [
+        LabAgent(cluster, None, kubeconfig=kubeconfig, host=host.name, workdir=base / host.name)
+        for host in cluster.node_hosts
+    ]
+    try:
+        start_nodes(agents)
+        yield agents
+    finally:
+        in_parallel(lambda i: agents[i].stop(), len(agents))

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import cluster_agents, cluster_apiserver
 
 from pykp.labs.kube_apiserver import ClusterApiServer
 from pykp.labs.lab import ClusterLab
@@ -62,7 +63,6 @@ from pykp.labs.lab_agent import (
     connect_error,
     http_get,
     in_parallel,
-    start_nodes,
     wait_for,
 )
 
@@ -310,31 +310,16 @@ def cluster() -> Iterator[ClusterLab]:
 
 @pytest.fixture(scope="module")
 def apiserver(cluster: ClusterLab) -> Iterator[ClusterApiServer]:
-    server = ClusterApiServer(cluster.ns("net"), cluster.api_ip4)
-    server.start()
-    try:
-        for node in cluster.node_objects():
-            server.create("nodes", node)
+    with cluster_apiserver(cluster) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def nodes(
     cluster: ClusterLab, apiserver: ClusterApiServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[LabAgent]]:
-    base = tmp_path_factory.mktemp("conformance")
-    kubeconfig = apiserver.write_kubeconfig(base / "kubeconfig")
-    agents = [
-        LabAgent(cluster, None, kubeconfig=kubeconfig, host=host.name, workdir=base / host.name)
-        for host in cluster.node_hosts
-    ]
-    try:
-        start_nodes(agents)
+    with cluster_agents(cluster, apiserver, tmp_path_factory.mktemp("conformance")) as agents:
         yield agents
-    finally:
-        in_parallel(lambda i: agents[i].stop(), len(agents))
 
 
 @pytest.fixture(scope="module")

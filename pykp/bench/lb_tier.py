@@ -82,11 +82,11 @@ def _nft(lab: LoadBalancerLab, host: Host, script: str) -> None:
         raise LabError(f"nft on {host.name}: {proc.stderr.strip()}")
 
 
-_running: list[Any] = []  # the pykp lb processes of the contender on turn
-
-
-def _program(lab: LoadBalancerLab, contender: str, workdir: Path) -> None:
-    """Set up one contender on every load-balancer node (after `_unprogram`)."""
+def _program(
+    lab: LoadBalancerLab, contender: str, workdir: Path, running: list[Any]
+) -> None:
+    """Set up one contender on every load-balancer node (after `_unprogram`); processes it
+    starts go to `running`."""
     if contender == "pykp-afpacket":
         services = workdir / "lb-services.yaml"
         services.write_text(
@@ -95,7 +95,7 @@ def _program(lab: LoadBalancerLab, contender: str, workdir: Path) -> None:
         )
         for lb in lab.lb_hosts:
             log = (workdir / f"pykp-lb-{lb.name}.log").open("w")
-            _running.append(
+            running.append(
                 lab.popen(lb, lab.pykp_lb_argv(lb, str(services)), stdout=log, stderr=log)
             )
             log.close()
@@ -162,9 +162,9 @@ def _wait_vip(lab: LoadBalancerLab, timeout: float = 15.0) -> bool:
     return False
 
 
-def _unprogram(lab: LoadBalancerLab) -> None:
-    while _running:
-        proc = _running.pop()
+def _unprogram(lab: LoadBalancerLab, running: list[Any]) -> None:
+    while running:
+        proc = running.pop()
         proc.terminate()
         proc.wait(10)
     for lb in lab.lb_hosts:
@@ -214,10 +214,15 @@ def _retry(run: Callable[[], dict[str, Any]], attempts: int = 3) -> dict[str, An
 
 
 def _turn(
-    lab: LoadBalancerLab, binary: str, contender: str, s: LbBenchSettings, workdir: Path
+    lab: LoadBalancerLab,
+    binary: str,
+    contender: str,
+    s: LbBenchSettings,
+    workdir: Path,
+    running: list[Any],
 ) -> dict[str, Any]:
-    _unprogram(lab)
-    _program(lab, contender, workdir)
+    _unprogram(lab, running)
+    _program(lab, contender, workdir, running)
     targets, iperf_host, iperf_port = _targets(lab, contender, CONN_PORT)
     conns = run_conns(
         lab,
@@ -275,10 +280,11 @@ def run_lb_bench(
         time.sleep(0.3)
         if any(server.poll() is not None for server in servers):
             raise LoadgenError("an iperf3 server did not start")
+        running: list[Any] = []  # the processes of the contender on turn (pykp lb)
         order = list(settings.contenders)
         for round_ in range(settings.rounds):
             for contender in order:
-                sample = _turn(lab, binary, contender, settings, workdir)
+                sample = _turn(lab, binary, contender, settings, workdir, running)
                 samples[contender].append(sample)
                 log(
                     f"  round {round_ + 1}/{settings.rounds}, {contender}: "
@@ -288,7 +294,7 @@ def run_lb_bench(
                     + _udp_text(sample["udp"])
                 )
             order = order[1:] + order[:1]
-        _unprogram(lab)
+        _unprogram(lab, running)
     return {
         "schema": "pykp-bench-lb/1",
         "settings": vars(settings) | {"contenders": list(settings.contenders)},

@@ -81,8 +81,8 @@ impl ConntrackFollower {
     }
 }
 
-/// One service flow in the kernel's conntrack table.
-#[pyclass(frozen, module = "pykp._fastpath")]
+/// One service flow in the kernel's conntrack table (read-only attributes).
+#[pyclass(frozen, get_all, module = "pykp._fastpath")]
 pub struct KernelFlow {
     protocol: &'static str,
     client: (String, u16),
@@ -92,42 +92,6 @@ pub struct KernelFlow {
     state: &'static str,
     timeout: Option<u32>,
     age: Option<f64>,
-}
-
-#[pymethods]
-impl KernelFlow {
-    #[getter]
-    fn protocol(&self) -> &'static str {
-        self.protocol
-    }
-    #[getter]
-    fn client(&self) -> (String, u16) {
-        self.client.clone()
-    }
-    #[getter]
-    fn frontend(&self) -> (String, u16) {
-        self.frontend.clone()
-    }
-    #[getter]
-    fn backend(&self) -> (String, u16) {
-        self.backend.clone()
-    }
-    #[getter]
-    fn service(&self) -> String {
-        self.service.clone()
-    }
-    #[getter]
-    fn state(&self) -> &'static str {
-        self.state
-    }
-    #[getter]
-    fn timeout(&self) -> Option<u32> {
-        self.timeout
-    }
-    #[getter]
-    fn age(&self) -> Option<f64> {
-        self.age
-    }
 }
 
 /// The kernel's conntrack entries (the caller's network namespace) whose original
