@@ -61,7 +61,11 @@ def follower_families(stats: Mapping[str, int]) -> list[Family]:
             "counter",
             "Conntrack events received, by kind (every flow of the node)",
             "kind",
-            {"new": stats.get("events_new", 0), "destroy": stats.get("events_destroy", 0)},
+            {
+                "new": stats.get("events_new", 0),
+                "update": stats.get("events_update", 0),
+                "destroy": stats.get("events_destroy", 0),
+            },
         ),
         Family.labelled(
             "pykp_conntrack_service_flows_total",
