@@ -571,7 +571,12 @@ def run(
         ),
     ] = "0s",
     maglev_table_size: Annotated[
-        int, typer.Option(help="Maglev lookup table size (a prime).", min=3)
+        int,
+        typer.Option(
+            help="Maglev lookup table size M (a prime, well above 100 x a service's backends):"
+            " M bytes per Maglev service, built at its first new connection on this node.",
+            min=3,
+        ),
     ] = 65537,
     maglev_seed: Annotated[
         int, typer.Option(help="Maglev seed: nodes with the same seed agree.", min=0)

@@ -381,7 +381,7 @@ fn policy_view(selector: &Selector, pool: &Pool, key: &FlowKey, hashable: bool) 
             PolicyView::RoundRobin { ticket: p.ticket(), cycle: p.cycle_len(pool.backends.len()) }
         }
         Selector::Maglev(m) => PolicyView::Maglev {
-            table_size: m.table().len(),
+            table_size: m.table_size(),
             hash_key: m.hash_key(),
             slot: if hashable { m.slot_of(key) } else { None },
         },
@@ -392,7 +392,7 @@ fn backend_views(svc: &ServiceState, pool: &Pool, v4: bool) -> Vec<BackendView> 
     let slots: Option<Vec<u32>> = match &pool.selector {
         Selector::Maglev(m) => {
             let mut counts = vec![0u32; pool.backends.len()];
-            for &i in m.table() {
+            for i in m.table(&pool.backends) {
                 if let Some(c) = counts.get_mut(usize::from(i)) {
                     *c += 1;
                 }
@@ -699,7 +699,7 @@ mod tests {
         };
         let svc = e.services().get("default/web:http").unwrap();
         let Selector::Maglev(m) = &svc.v4.selector else { unreachable!() };
-        let owner = svc.v4.backends[usize::from(m.table()[slot])].handle.addr;
+        let owner = svc.v4.backends[usize::from(m.table(&svc.v4.backends)[slot])].handle.addr;
         assert_eq!(outcome_backend(&x).unwrap().0, owner);
         assert_eq!(forwarded(&e.decide_flow(&flow(1, 4242), SYN, SEC)), owner);
         // Hashing the client address alone, the address is enough.

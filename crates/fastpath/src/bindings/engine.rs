@@ -310,7 +310,9 @@ impl Engine {
                     .into_iter()
                     .filter_map(|pool| match &pool.selector {
                         crate::policy::Selector::Maglev(m) => Some(
-                            m.table().iter().map(|&i| pool.backends[usize::from(i)].handle.id.0),
+                            m.table(&pool.backends)
+                                .into_iter()
+                                .map(|i| pool.backends[usize::from(i)].handle.id.0),
                         ),
                         _ => None,
                     })
