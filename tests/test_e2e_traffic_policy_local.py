@@ -106,3 +106,23 @@ def test_no_local_endpoint_drops_external_traffic_and_the_cluster_ip_still_works
     # An endpoint turning up here serves again.
     node.write_services(services(HERE_AND_ELSEWHERE))
     assert answers(lab, "external", lab.node_ip4, NODE_PORT) == {"backend-0"}
+
+
+def test_pods_keep_the_short_circuit_while_the_agent_is_away(lab: Lab, node: Node) -> None:
+    # No endpoint on this node: pods and the node reach the others through the external
+    # frontends, decided by pykp's reader while it runs ...
+    node.write_services(services(ELSEWHERE))
+    assert answers(lab, "client-0", EXTERNAL_IP, 80) == {"backend-0", "backend-1"}
+    # ... and by the kernel path once it is killed (its rules stay): every endpoint of the
+    # service, not this node's (none: it would refuse them).
+    assert node.proc is not None
+    node.proc.kill()
+    node.proc.wait()
+    node.proc = None
+    both = {"backend-0", "backend-1"}
+    assert answers(lab, "client-0", EXTERNAL_IP, 80, count=16) == both
+    assert answers(lab, "client-0", lab.node_ip4, NODE_PORT, count=16) == both
+    assert answers(lab, "node", EXTERNAL_IP, 80, count=16) == both
+    # Outside the cluster it is still dropped, and the ClusterIP still serves.
+    assert connect_error(lab, "external", EXTERNAL_IP, 80, timeout=2) == "timeout"
+    assert answers(lab, "client-0", CLUSTER_IP, 80, count=16) == both

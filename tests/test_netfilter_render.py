@@ -93,6 +93,9 @@ CASES = {
             "local_frontends4": {NODE_PORT},
             "masq_frontends4": None,
             "fallback4": {f"{FRONTEND} : goto pick4_2", f"{NODE_PORT} : goto pick4_1"},
+            # Pods and the node are short-circuited to both, on the kernel path too.
+            "short_circuit4": {NODE_PORT},
+            "fallback_sc4": {f"{NODE_PORT} : goto pick_sc4_2"},
         },
     ),
 }
@@ -132,6 +135,23 @@ def test_a_moved_endpoint_is_added_before_the_engine_and_removed_after() -> None
         "hairpin4": {"10.244.2.10 . 10.244.2.10"},
     }
     assert elements(second) == {}
+
+
+def test_an_endpoint_elsewhere_reaches_the_short_circuit_slots_of_a_local_service() -> None:
+    # The external engine service (this node's endpoint only) does not change; the slots
+    # its short-circuit gives pods and the node (every endpoint) do.
+    local = WEB.format(policy="random", etp="Local")
+    sync, recorder = synced(local)
+    grown = local + "      - {ip: 10.244.3.10, nodeName: node-c}\n"
+    catalog, _ = load_services_text(textwrap.dedent(grown))
+    recorder.scripts.clear()
+
+    sync.sync(catalog, {"default/web"}, CONTEXT)
+
+    added = elements(recorder.scripts[0])
+    assert added["fallback_sc4"] == {f"{NODE_PORT} : goto pick_sc4_3"}
+    assert f"{NODE_PORT} . 130 : 10.244.3.10 . 8080" in added["slots4"]
+    assert "fallback4" not in added or f"{NODE_PORT} : goto pick4_1" not in added["fallback4"]
 
 
 def test_an_unchanged_service_sends_nothing() -> None:

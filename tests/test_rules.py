@@ -8,6 +8,7 @@ touches the machine's root namespace.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -129,6 +130,7 @@ SMALL = RuleState(
                 external=True,
                 masquerade=False,
                 no_local_endpoints=True,
+                short_circuit=True,
             ),
             FrontendRule("fd00:10:96::a", 53, "UDP"),
             FrontendRule("fd00:77::1", 30080, "TCP", external=True),
@@ -146,6 +148,8 @@ SMALL = RuleState(
         ("fd00:10:96::a", 53, "UDP"): (("fd00:10:244::11", 53),),
         ("10.96.0.20", 80, "SCTP"): (),  # no ready backend: refused, no slots
     },
+    # Pods and the node reach the Local-policy NodePort's endpoints elsewhere.
+    short_circuit_fallback={("192.168.77.1", 30081, "TCP"): (("10.244.0.11", 8080),)},
 )
 SMALL_EXPECTED = {
     "frontends4": {
@@ -166,9 +170,12 @@ SMALL_EXPECTED = {
     "queued6": {"fd00:10:96::a . udp . 53", "fd00:77::1 . tcp . 30080"},
     "fallback4": {"10.96.0.10 . udp . 53 : goto pick4_2"},
     "fallback6": {"fd00:10:96::a . udp . 53 : goto pick6_1"},
+    "fallback_sc4": {"192.168.77.1 . tcp . 30081 : goto pick_sc4_1"},
+    "fallback_sc6": set(),
     "slots4": {
         "10.96.0.10 . udp . 53 . 0 : 10.244.0.11 . 53",
         "10.96.0.10 . udp . 53 . 1 : 10.244.0.12 . 53",
+        "192.168.77.1 . tcp . 30081 . 128 : 10.244.0.11 . 8080",
     },
     "slots6": {"fd00:10:96::a . udp . 53 . 0 : fd00:10:244::11 . 53"},
     "masq_frontends4": {"192.168.77.1 . tcp . 30080"},
@@ -177,7 +184,7 @@ SMALL_EXPECTED = {
     "local_frontends6": set(),
     "no_local_endpoints4": {"192.168.77.1 . tcp . 30081"},
     "no_local_endpoints6": set(),
-    "short_circuit4": set(),
+    "short_circuit4": {"192.168.77.1 . tcp . 30081"},
     "short_circuit6": set(),
     "service_ips4": {"10.96.0.10", "10.96.0.20"},
     "service_ips6": {"fd00:10:96::a"},
@@ -419,7 +426,7 @@ def test_second_sync_sends_only_the_difference(netns: str) -> None:
     mgr.sync(SMALL)
     backends = dict(SMALL.backends)
     backends[2] = ("10.244.0.12", 5353)  # same backend id, new port
-    stats = mgr.sync(RuleState(SMALL.frontends, SMALL.service_ips, backends, SMALL.fallback))
+    stats = mgr.sync(dataclasses.replace(SMALL, backends=backends))
     assert not stats.full
     assert (stats.added, stats.removed) == (1, 1)
     assert dict(stats.by_set) == {"backends4": (1, 1)}
@@ -432,7 +439,9 @@ def test_second_sync_sends_only_the_difference(netns: str) -> None:
     frontends = SMALL.frontends - {FrontendRule("10.96.0.20", 80, "SCTP")}
     del backends[4]
     service_ips = SMALL.service_ips | {"10.96.0.30"}
-    stats = mgr.sync(RuleState(frontends, service_ips, backends, SMALL.fallback))
+    stats = mgr.sync(
+        dataclasses.replace(SMALL, frontends=frontends, service_ips=service_ips, backends=backends)
+    )
     assert dict(stats.by_set) == {
         "frontends4": (0, 1),
         "queued4": (0, 1),

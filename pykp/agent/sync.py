@@ -287,13 +287,40 @@ class ServiceSync:
             assert plan is not None
             return plan
 
+        # A short-circuited external service's kernel-path slots hold its internal
+        # service's backends: it is rendered again when only the internal one changed.
+        for name in list(render):
+            sibling = plan_of(_key_of(name)).engine_services.get(name + EXTERNAL_SUFFIX)
+            if (
+                sibling is not None
+                and sibling.short_circuit == name
+                and sibling.name not in render
+                and self._applied.get(sibling.name) == sibling
+            ):
+                render[sibling.name] = sibling
+        wanted_pools = {n for n in render if n not in pools}
+        wanted_pools |= {
+            s.short_circuit
+            for s in render.values()
+            if s.short_circuit and s.short_circuit not in pools
+        }
+        if wanted_pools:
+            pools.update(self.engine.pools(sorted(wanted_pools)))
+
         for name in refused_now:
             self._elements.set(f"service:{name}", None)
         for name, service in render.items():
+            short_circuit_pools = (
+                pools.get(service.short_circuit) if service.short_circuit else None
+            )
             self._elements.set(
                 f"service:{name}",
                 self._contribution(
-                    service, plan_of(_key_of(name)), pools.get(name, ([], [])), backends
+                    service,
+                    plan_of(_key_of(name)),
+                    pools.get(name, ([], [])),
+                    backends,
+                    short_circuit_pools,
                 ),
             )
         if not full_load:
@@ -413,6 +440,7 @@ class ServiceSync:
         plan: _Plan,
         pools: tuple[Pool, Pool],
         backends: Mapping[int, tuple[str, int]],
+        short_circuit_pools: tuple[Pool, Pool] | None = None,
     ) -> dict[str, dict[str, str]]:
         cluster_ips, service_ips, masquerade = plan.rule_info[service.name]
         v4_pool, v6_pool = pools
@@ -426,6 +454,7 @@ class ServiceSync:
         )
         rules = []
         slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
+        short_circuit_slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
         used_ips = set()
         for ip, port, protocol in service.frontends:
             no_local = (6 if ":" in ip else 4) in service.no_local_endpoints
@@ -450,7 +479,10 @@ class ServiceSync:
                 used_ips.add(ip)
             pool = v4_pool if ":" not in ip else v6_pool
             slots[(ip, port, protocol)] = fallback_slots(pool, backends)
-        return frontend_contribution(rules, slots, used_ips)
+            if short_circuit_pools is not None and ip not in cluster_ips:
+                cluster_pool = short_circuit_pools[1 if ":" in ip else 0]
+                short_circuit_slots[(ip, port, protocol)] = fallback_slots(cluster_pool, backends)
+        return frontend_contribution(rules, slots, used_ips, short_circuit_slots)
 
 
 def _key_of(engine_service_name: str) -> str:

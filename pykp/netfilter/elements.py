@@ -37,10 +37,13 @@ def frontend_contribution(
     frontends: Iterable[FrontendRule],
     slots: Mapping[tuple[str, int, str], Sequence[tuple[str, int]]],
     service_ips: Iterable[str],
+    short_circuit_slots: Mapping[tuple[str, int, str], Sequence[tuple[str, int]]] | None = None,
 ) -> dict[str, dict[str, str]]:
     """The elements of one engine service: its frontends (and their kind), the kernel
-    path's slots of each (`slots`: frontend -> backends, repeated by weight) and the
-    service addresses its frontends use."""
+    path's slots of each (`slots`: frontend -> backends, repeated by weight), the slots a
+    short-circuited frontend gives pods and the node on the kernel path (its service's
+    cluster-wide backends, after the offset `MAX_SLOTS`), and the service addresses its
+    frontends use."""
     out: dict[str, dict[str, str]] = {}
 
     def put(name: str, key: str, text: str) -> None:
@@ -61,6 +64,13 @@ def frontend_contribution(
         if chosen:
             put(f"fallback{version}", key, f"{key} : goto pick{version}_{len(chosen)}")
             for index, (backend_ip, backend_port) in enumerate(chosen):
+                slot = f"{key} . {index}"
+                put(f"slots{version}", slot, f"{slot} : {_ip(backend_ip)[1]} . {backend_port}")
+        cluster = tuple((short_circuit_slots or {}).get((f.ip, f.port, f.protocol), ()))
+        if f.short_circuit and cluster:
+            cluster = cluster[:MAX_SLOTS]
+            put(f"fallback_sc{version}", key, f"{key} : goto pick_sc{version}_{len(cluster)}")
+            for index, (backend_ip, backend_port) in enumerate(cluster, start=MAX_SLOTS):
                 slot = f"{key} . {index}"
                 put(f"slots{version}", slot, f"{slot} : {_ip(backend_ip)[1]} . {backend_port}")
     for text in service_ips:

@@ -184,6 +184,11 @@ class RuleState:
     fallback: Mapping[tuple[str, int, str], tuple[tuple[str, int], ...]] = field(
         default_factory=dict
     )
+    # Short-circuited frontends on the kernel path, for pods and the node: frontend -> its
+    # service's cluster-wide backends (what pykp's reader would pick among).
+    short_circuit_fallback: Mapping[tuple[str, int, str], tuple[tuple[str, int], ...]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ UNDECIDED_COUNTER = "undecided"
 # The most slots (backends, repeated by weight) the kernel path holds per frontend: one
 # `pick<family>_<n>` chain per count, so `numgen random mod n` has a constant n.
 MAX_SLOTS = 128
+# Slots 0..MAX_SLOTS-1 are a frontend's own; MAX_SLOTS.. its short-circuit slots.
 _SLOTS_TYPE = (
     "typeof {p} daddr . meta l4proto . th dport . numgen random mod {n} : {p} daddr . th dport"
 )
@@ -217,6 +223,10 @@ _SYNCED: dict[str, str] = {
     # The kernel path: frontend -> goto pick<family>_<slots>, which DNATs to a random slot.
     "fallback4": _FRONTEND_TYPE.format("ipv4_addr") + " : verdict",
     "fallback6": _FRONTEND_TYPE.format("ipv6_addr") + " : verdict",
+    # The kernel path of short-circuited frontends for pods and the node: frontend -> goto
+    # pick_sc<family>_<slots>, over its service's cluster-wide backends (slots from MAX_SLOTS).
+    "fallback_sc4": _FRONTEND_TYPE.format("ipv4_addr") + " : verdict",
+    "fallback_sc6": _FRONTEND_TYPE.format("ipv6_addr") + " : verdict",
     "slots4": _SLOTS_TYPE.format(p="ip", n=MAX_SLOTS),
     "slots6": _SLOTS_TYPE.format(p="ip6", n=MAX_SLOTS),
     "masq_frontends4": _FRONTEND_TYPE.format("ipv4_addr"),
@@ -255,6 +265,7 @@ _CHAINS: dict[str, str] = {
     "nat_fallback": "",
     "nat_masq": "",
     **{f"pick{v}_{n}": "" for v in (4, 6) for n in range(1, MAX_SLOTS + 1)},
+    **{f"pick_sc{v}_{n}": "" for v in (4, 6) for n in range(1, MAX_SLOTS + 1)},
     "nat_post": "type nat hook postrouting priority 100; policy accept;",
     "reject_in": "type filter hook input priority 0; policy accept;",
     "reject_fwd": "type filter hook forward priority 0; policy accept;",
@@ -314,6 +325,16 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
         slots = slots[:MAX_SLOTS]
         out[f"fallback{version}"][key] = f"{key} : goto pick{version}_{len(slots)}"
         for index, (backend_ip, backend_port) in enumerate(slots):
+            slot = f"{key} . {index}"
+            out[f"slots{version}"][slot] = f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"
+    short_circuited = {(f.ip, f.port, f.protocol) for f in state.frontends if f.short_circuit}
+    for (ip, port, protocol), slots in state.short_circuit_fallback.items():
+        if not slots or (ip, port, protocol) not in short_circuited:
+            continue
+        version, key = _frontend_key(FrontendRule(ip, port, protocol))
+        slots = slots[:MAX_SLOTS]
+        out[f"fallback_sc{version}"][key] = f"{key} : goto pick_sc{version}_{len(slots)}"
+        for index, (backend_ip, backend_port) in enumerate(slots, start=MAX_SLOTS):
             slot = f"{key} . {index}"
             out[f"slots{version}"][slot] = f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"
     for text in state.service_ips:
@@ -426,13 +447,22 @@ def _chain_rules(
         f"meta l4proto {{ tcp, udp, sctp }} dnat {p} to meta mark & {mask} map @backends{v}"
         for p, v in fams
     ]
+    cluster_source = f"{layout.cluster_source_bit:#010x}"
     nat_fallback = [
         *events,
         # A queued frontend's connection that no reader decided: its policy degraded to
         # random. Counted in a named counter, which outlives the chain rewrites of restarts.
         f"meta mark & {queue} == {queue} counter name {UNDECIDED_COUNTER}",
         "jump nat_masq",
-    ] + [f"{p} daddr . meta l4proto . th dport vmap @fallback{v}" for p, v in fams]
+    ]
+    # A pod or the node to a short-circuited frontend (mark_new set the cluster-source
+    # bit): every endpoint of the service, as the reader would give it, not this node's.
+    nat_fallback += [
+        f"meta mark & {cluster_source} == {cluster_source} "
+        f"{p} daddr . meta l4proto . th dport vmap @fallback_sc{v}"
+        for p, v in fams
+    ]
+    nat_fallback += [f"{p} daddr . meta l4proto . th dport vmap @fallback{v}" for p, v in fams]
     # No slots (no ready backend): the reject mark, so that do_reject refuses it even on a
     # node address (a NodePort), which service_ips never holds.
     nat_fallback.append(f"meta mark set meta mark & {keep} | {reject}")
@@ -443,6 +473,16 @@ def _chain_rules(
         for p, v in fams
         for n in range(1, MAX_SLOTS + 1)
     }
+    picks.update(
+        {
+            f"pick_sc{v}_{n}": [
+                f"dnat {p} to {p} daddr . meta l4proto . th dport . numgen random mod {n} "
+                f"offset {MAX_SLOTS} map @slots{v}"
+            ]
+            for p, v in fams
+            for n in range(1, MAX_SLOTS + 1)
+        }
+    )
     # Reached only when the map lacks the id (sync lagging behind the engine): refuse,
     # rather than let conntrack record the connection un-NATed.
     nat_backend.append(f"meta mark set meta mark & {keep} | {reject}")
