@@ -24,6 +24,7 @@ const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 const PACKET_RX_RING: libc::c_int = 5;
 const PACKET_STATISTICS: libc::c_int = 6;
 const PACKET_VERSION: libc::c_int = 10;
+const PACKET_VNET_HDR: libc::c_int = 15;
 const PACKET_FANOUT: libc::c_int = 18;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
@@ -147,8 +148,10 @@ unsafe impl Send for PacketSocket {}
 
 impl PacketSocket {
     /// A packet socket for every protocol on interface `ifindex`, with its receive ring,
-    /// ignoring the frames the host itself sends (ours included).
-    pub fn open(ifindex: u32, ring: &RingConfig) -> io::Result<PacketSocket> {
+    /// ignoring the frames the host itself sends (ours included). With `vnet_hdr`
+    /// (`PACKET_VNET_HDR`), every frame received has a virtio header before it in the ring,
+    /// and every frame sent must start with one (see `ring::VnetHeader`).
+    pub fn open(ifindex: u32, ring: &RingConfig, vnet_hdr: bool) -> io::Result<PacketSocket> {
         // Protocol 0 receives nothing until bound, so no frame of another interface slips in.
         // SAFETY: plain syscall with constant arguments.
         let raw =
@@ -156,6 +159,10 @@ impl PacketSocket {
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         setsockopt(raw, SOL_PACKET, PACKET_VERSION, &TPACKET_V3)?;
+        if vnet_hdr {
+            // Before the ring: the kernel refuses it once a ring exists.
+            setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, &1i32)?;
+        }
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
         let frames =
             ring.block_size.checked_mul(ring.block_count).ok_or_else(|| bad("ring too large"))?
