@@ -1,22 +1,26 @@
 """`pykp lb`: the AF_PACKET load balancer on one interface of a load-balancer node.
 
 The services file's frontends are the VIPs (answered in ARP/ND, never configured on the
-node); every VIP packet goes to a backend chosen by Maglev (the same on every load-balancer
-node with the same `maglev_seed`), wrapped in IP-in-IP from `address` (or, with
-`forwarding="l2-dsr"`, sent as it is to the backend's MAC on this segment), and the backend
-answers the client directly. See crates/fastpath/src/datapath/afpacket/mod.rs.
+node); every VIP packet goes to a backend chosen by its service's policy, wrapped in
+IP-in-IP from `address` (or, with `forwarding="l2-dsr"`, sent as it is to the backend's MAC
+on this segment), and the backend answers the client directly. See
+crates/fastpath/src/datapath/afpacket/mod.rs.
+
+Policies: Maglev (the default) picks the same backend for a flow on every load-balancer
+node with the same services and `maglev_seed`, so a flow the router moves to another node
+keeps its backend. random, round-robin and least-conn decide per node (round-robin's
+position and least-conn's counts are each node's own, least-conn counting only the flows
+through it): a flow keeps its backend only while it stays on its node.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from pykp.agent.plan import apply_to_engine, services_file_to_engine
-from pykp.model import Catalog
-
-LB_POLICY = "maglev"
+from pykp.model import LB_DEFAULT_POLICY, Catalog
 
 
 def parse_neighbour(text: str) -> tuple[str, str]:
@@ -50,11 +54,8 @@ def run_load_balancer(
     the last counters. Raises OSError from the sockets, ValueError from the arguments."""
     from pykp._fastpath import AfpacketDatapath, Engine
 
-    engine = Engine(default_policy=LB_POLICY, maglev_seed=maglev_seed)
-    engine_services = [
-        dataclasses.replace(service, policy=LB_POLICY)
-        for service in services_file_to_engine(services)
-    ]
+    engine = Engine(default_policy=LB_DEFAULT_POLICY, maglev_seed=maglev_seed)
+    engine_services = services_file_to_engine(services)
     apply_to_engine(engine, engine_services)
     vips = sorted({ip for service in engine_services for ip, _, _ in service.frontends})
     datapath = AfpacketDatapath(
@@ -68,7 +69,17 @@ def run_load_balancer(
         forwarding=forwarding,
     )
     datapath.start()
-    report(f"pykp lb: {interface}, {len(engine_services)} service ports, VIPs {', '.join(vips)}")
+    policies = Counter(service.policy for service in engine_services)
+    report(
+        f"pykp lb: {interface}, {len(engine_services)} service ports "
+        f"({', '.join(f'{n} {policy}' for policy, n in sorted(policies.items()))}), "
+        f"VIPs {', '.join(vips)}"
+    )
+    if set(policies) - {"maglev"}:
+        report(
+            "pykp lb: only maglev gives a flow the same backend on every load-balancer "
+            "node; with the others a flow keeps its backend only while it stays on this one"
+        )
     try:
         while not stop.wait(stats_every):
             report(nonzero(datapath.stats()))
