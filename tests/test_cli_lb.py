@@ -42,3 +42,21 @@ def test_a_bad_neighbour_is_refused_before_anything_runs(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "is not IP=MAC" in result.output
+
+
+def test_an_unknown_default_policy_is_refused_before_anything_runs(
+    write_services: Callable[[str], Path],
+) -> None:
+    path = write_services(
+        """
+        services:
+          - name: web
+            clusterIPs: [10.96.0.10]
+            ports: [{name: http, port: 8080}]
+            endpoints: [{ip: 10.0.0.3}]
+        """
+    )
+    args = ["lb", str(path), "--interface", "eth0", "--address", "10.0.0.1"]
+    result = CliRunner().invoke(app, [*args, "--default-policy", "fastest"])
+    assert result.exit_code == 2
+    assert "is not one of" in result.output
