@@ -260,6 +260,37 @@ def _tcp(
     return result
 
 
+def _loss_counters(lab: LoadBalancerLab) -> dict[str, int]:
+    """Where a datagram can be lost between the client and the backend's socket, as the
+    kernel counts it: the per-CPU backlog every veth delivery goes through
+    (`netdev_max_backlog`; /proc/net/softnet_stat, the whole machine's), each veth end on
+    the way (a veth counts a frame its peer's backlog refused as its own TX drop), and the
+    iperf3 backend's UDP socket (a full receive buffer)."""
+    counters: dict[str, int] = {}
+    with open("/proc/net/softnet_stat") as softnet:
+        counters["softnet_backlog_drops"] = sum(int(line.split()[1], 16) for line in softnet)
+
+    def link(host: Host, ifname: str, label: str) -> None:
+        for stat in ("tx_dropped", "rx_dropped"):
+            proc = lab.exec(host, ["cat", f"/sys/class/net/{ifname}/statistics/{stat}"])
+            if proc.returncode == 0:
+                counters[f"{label}_{stat}"] = int(proc.stdout)
+
+    for lb in lab.lb_hosts:
+        link(lb, "eth0", lb.name)
+    backend = lab.backend_hosts[0]
+    link(lab.router, "c0", "router_to_client")
+    link(lab.router, f"p-{backend.name}"[:15], "router_to_backend")
+    link(backend, "eth0", backend.name)
+    snmp = lab.exec(backend, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+    udp = [line.split()[1:] for line in snmp if line.startswith("Udp: ")]
+    if len(udp) == 2:
+        for name in ("InDatagrams", "RcvbufErrors", "InErrors"):
+            if name in udp[0]:
+                counters[f"{backend.name}_udp_{name}"] = int(udp[1][udp[0].index(name)])
+    return counters
+
+
 def _retry(run: Callable[[], dict[str, Any]], attempts: int = 3) -> dict[str, Any]:
     """An iperf3 run, again after a pause if the server was still closing the last test
     (it serves one at a time and refuses the next for a moment)."""
@@ -305,8 +336,11 @@ def _turn(
             time.sleep(1.5)  # the next counter line (pykp lb prints them every second)
             tcp[streams]["lb_counters"] = _counter_delta(before, _lb_counters(lab, workdir))
     counters_before = _lb_counters(lab, workdir) if pykp else {}
+    loss_before = _loss_counters(lab)
     try:
         udp = _retry(lambda: _udp_pps(lab, iperf_host, iperf_port, s.iperf_seconds))
+        # Where the datagrams the backend did not get were lost (the kernel's drop counters).
+        udp["kernel_drops"] = _counter_delta(loss_before, _loss_counters(lab))
     except LoadgenError as error:  # recorded, not fatal: the other workloads stand
         udp = {"error": str(error)}
     if pykp:

@@ -15,9 +15,11 @@ through it): a flow keeps its backend only while it stays on its node.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from pykp.agent.plan import apply_to_engine, services_file_to_engine
 from pykp.model import LB_DEFAULT_POLICY, Catalog
@@ -29,6 +31,39 @@ def parse_neighbour(text: str) -> tuple[str, str]:
     if not sep or not ip or not mac:
         raise ValueError(f"{text!r} is not IP=MAC")
     return ip.strip(), mac.strip()
+
+
+_COALESCING: Final = ("generic-receive-offload", "large-receive-offload", "rx-gro-hw")
+
+
+def coalescing_offloads(ethtool_features: str) -> list[str]:
+    """The receive offloads that merge frames into super-packets and are on, from the
+    output of `ethtool -k IF` (``name: on``, ``name: on [fixed]``)."""
+    on = []
+    for line in ethtool_features.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name in _COALESCING and value.split()[:1] == ["on"]:
+            on.append(name)
+    return on
+
+
+def offload_warning(interface: str) -> str | None:
+    """With IP-in-IP, GSO super-packets cannot be forwarded (dropped, `drops_gso_tunnel`):
+    a warning if the interface coalesces received frames; None if not (or unknown)."""
+    try:
+        proc = subprocess.run(
+            ["ethtool", "-k", interface], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    on = coalescing_offloads(proc.stdout) if proc.returncode == 0 else []
+    if not on:
+        return None
+    return (
+        f"pykp lb: {interface} has {', '.join(on)} on: IP-in-IP cannot forward the "
+        f"super-packets they make (dropped, drops_gso_tunnel); turn them off "
+        f"(ethtool -K {interface} gro off lro off)"
+    )
 
 
 def nonzero(stats: dict[str, int]) -> str:
@@ -68,6 +103,8 @@ def run_load_balancer(
         workers=workers,
         forwarding=forwarding,
     )
+    if forwarding == "ipip" and (warning := offload_warning(interface)):
+        report(warning)
     datapath.start()
     policies = Counter(service.policy for service in engine_services)
     report(
