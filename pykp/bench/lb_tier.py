@@ -17,8 +17,9 @@ Workloads: new connections/s (closed loop, `pykp-loadgen`), bulk TCP throughput 
 1 and 4 streams, one backend: iperf3's control and data connections must meet one server;
 the 4 streams hash over both load-balancer nodes) with the machine's CPU use over the run
 (and, for pykp, its worker threads'), and small-packet UDP (iperf3 -u, 64-byte datagrams,
-as fast as the client sends: datagrams/s received and lost). Results are medians over
-rounds, with every sample kept.
+4 MB socket buffers, as fast as the client sends: datagrams/s received and lost, and the
+kernel's drop counters on the way: softnet backlog, veth ends, the backend's socket).
+Results are medians over rounds, with every sample kept.
 
 Bulk TCP through pykp: a veth hands the client's GSO super-packets (up to 64 kB) to the
 ring whole, and `pykp lb` forwards them whole with their virtio headers (PACKET_VNET_HDR,
@@ -50,6 +51,11 @@ IPERF_PORT: Final = 5201  # the backend's own address: the direct baseline
 # the VIP (an unbound UDP socket would answer from the backend's own address under DSR,
 # and the client's connected socket would not take it).
 IPERF_VIP_PORT: Final = 5202
+# The UDP run's socket buffers (iperf3 -w, both ends). With the default (about 200 kB, some
+# 270 small datagrams at their 768-byte truesize) the backend's socket overflowed behind a
+# batching load balancer while its reader waited for a CPU: a receiver limit, not the load
+# balancer's (RcvbufErrors; benches/README.md).
+UDP_SOCKET_BUFFER: Final = "4M"
 
 
 @dataclass
@@ -193,7 +199,7 @@ def _udp_pps(lab: LoadBalancerLab, host: str, port: int, seconds: float) -> dict
     proc = lab.exec(
         lab.client,
         ["iperf3", "-c", host, "-p", str(port), "-u", "-b", "0", "-l", "64",
-         "-t", f"{seconds}", "-J"],
+         "-w", UDP_SOCKET_BUFFER, "-t", f"{seconds}", "-J"],
         timeout=seconds + 30,
     )  # fmt: skip
     data = json.loads(proc.stdout or "{}")
