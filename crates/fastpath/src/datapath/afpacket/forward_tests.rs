@@ -494,6 +494,15 @@ fn l2_direct_routing_forwards_a_gso_frame_whole_with_its_virtio_header() {
     let to = &out[VnetHeader::LEN..VnetHeader::LEN + 6];
     assert!(to[..5] == [2, 0, 0, 0, 4] && (1..=3).contains(&to[5]), "not a backend's MAC: {to:?}");
 
+    // Spliced: the same headers, and the packet left in the received frame to send after them.
+    let mut head = vec![0u8; 64];
+    let (o, body) = lb.process_vnet_spliced(&frame(&data), Some(gso_header(1448)), SEC, &mut head);
+    assert_eq!((o, body), (Outcome::Transmit { len, kind: TxKind::Forward }, Some(data.len())));
+    assert_eq!(head[..VnetHeader::LEN + 14], out[..VnetHeader::LEN + 14]);
+    // What is made here is never spliced.
+    let (o, body) = lb.process_vnet_spliced(&frame(&data), Some(gso_header(1600)), SEC, &mut out);
+    assert!(matches!((o, body), (Outcome::Transmit { kind: TxKind::TooBig, .. }, None)), "{o:?}");
+
     // Segments that would not fit the MTU: the client is told, as for one big packet.
     let o = lb.process_vnet(&frame(&data), Some(gso_header(1600)), SEC, &mut out);
     assert!(matches!(o, Outcome::Transmit { kind: TxKind::TooBig, .. }), "{o:?}");
@@ -518,6 +527,10 @@ fn ip_in_ip_refuses_gso_frames_and_completes_partial_checksums() {
     let o = lb.process_vnet(&frame(&data), Some(gso_header(1448)), SEC, &mut out);
     assert_eq!(o, Outcome::Drop(DropReason::GsoTunnel));
     assert_eq!(lb.counters().drop_count(DropReason::GsoTunnel), 1);
+    // IP-in-IP writes a new header before the packet: it is never spliced.
+    let one = packet(client4(40012), TcpFlags::SYN, 0);
+    let (o, body) = lb.process_vnet_spliced(&frame(&one), None, SEC, &mut out);
+    assert!(matches!((o, body), (Outcome::Transmit { kind: TxKind::Forward, .. }, None)));
 
     // One segment with a partial checksum: completed here, and no offload passed on.
     let mut one = packet(client4(40011), TcpFlags::ACK, 100);

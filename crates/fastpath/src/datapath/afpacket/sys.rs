@@ -293,21 +293,28 @@ impl PacketSocket {
     }
 
     /// Sends each frame (Ethernet header included) on the bound interface, `SEND_BATCH` per
-    /// system call. Returns how many went out; a frame the kernel refuses is skipped and
-    /// counted in the second number.
-    pub fn send_batch(&self, frames: &[&[u8]]) -> (usize, usize) {
+    /// system call. A frame is its two parts one after the other (the second may be empty:
+    /// new headers, then bytes left where they were received). Returns how many went out;
+    /// a frame the kernel refuses is skipped and counted in the second number.
+    pub fn send_batch(&self, frames: &[(&[u8], &[u8])]) -> (usize, usize) {
         let (mut sent, mut failed) = (0, 0);
         let mut rest = frames;
         while !rest.is_empty() {
             let n = rest.len().min(SEND_BATCH);
             // SAFETY: all-zero iovec/mmsghdr are valid (null name, no control data).
-            let mut iov: [libc::iovec; SEND_BATCH] = unsafe { mem::zeroed() };
+            let mut iov: [[libc::iovec; 2]; SEND_BATCH] = unsafe { mem::zeroed() };
             let mut msgs: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
-            for (i, f) in rest[..n].iter().enumerate() {
-                iov[i] =
-                    libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
-                msgs[i].msg_hdr.msg_iov = &mut iov[i];
-                msgs[i].msg_hdr.msg_iovlen = 1;
+            for (i, (head, body)) in rest[..n].iter().enumerate() {
+                iov[i][0] = libc::iovec {
+                    iov_base: head.as_ptr() as *mut libc::c_void,
+                    iov_len: head.len(),
+                };
+                iov[i][1] = libc::iovec {
+                    iov_base: body.as_ptr() as *mut libc::c_void,
+                    iov_len: body.len(),
+                };
+                msgs[i].msg_hdr.msg_iov = iov[i].as_mut_ptr();
+                msgs[i].msg_hdr.msg_iovlen = if body.is_empty() { 1 } else { 2 };
             }
             // SAFETY: `n` initialised headers pointing at live iovecs over live frames; the
             // kernel only reads them (and writes `msg_len`).

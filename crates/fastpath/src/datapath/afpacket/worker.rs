@@ -122,12 +122,10 @@ impl LbWorkers {
             sockets.push(s);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        // Room for the largest frame a worker sends: with virtio headers, a GSO frame of the
-        // largest IP packet (64 kB); without, one frame of the MTU plus an outer header.
-        let tx_len = match cfg.vnet_hdr {
-            true => VnetHeader::LEN + 14 + 65_535,
-            false => 14 + lb.mtu + 40,
-        };
+        // Room for the largest frame a worker writes: one of the MTU plus an outer header, or
+        // an ICMP reply quoting up to 1,280 bytes (with virtio headers, what L2 direct routing
+        // forwards stays in the ring: see `Forwarder::process_vnet_spliced`).
+        let tx_len = VnetHeader::LEN + 14 + 40 + lb.mtu.max(1500);
         let vnet_hdr = cfg.vnet_hdr;
         let mut threads = Vec::new();
         let mut shared = Vec::new();
@@ -212,6 +210,8 @@ fn run(
         while let Some(block) = sock.next_block() {
             bump(&io.rx_blocks, 1);
             let mut n = 0;
+            // The received bytes each frame to send goes on with (empty: all in `tx[i]`).
+            let mut bodies: [&[u8]; SEND_BATCH] = [&[]; SEND_BATCH];
             let frames = match vnet_hdr {
                 true => ring::frames_with_vnet(block.bytes()),
                 false => ring::frames(block.bytes()),
@@ -227,25 +227,30 @@ fn run(
                     continue;
                 }
                 let now = monotonic_nanos();
-                let outcome = match vnet_hdr {
+                let (outcome, spliced) = match vnet_hdr {
                     true => {
                         if f.vnet.is_some_and(|v| v.is_gso()) {
                             bump(&io.rx_gso, 1);
                         }
-                        fwd.process_vnet(f.data, f.vnet, now, &mut tx[n])
+                        fwd.process_vnet_spliced(f.data, f.vnet, now, &mut tx[n])
                     }
-                    false => fwd.process_rx(f.data, f.checksum_partial, now, &mut tx[n]),
+                    false => (fwd.process_rx(f.data, f.checksum_partial, now, &mut tx[n]), None),
                 };
                 if let Outcome::Transmit { len, .. } = outcome {
-                    lens[n] = len;
+                    (lens[n], bodies[n]) = match spliced {
+                        Some(body) => {
+                            (VnetHeader::LEN + 14, f.data.get(14..14 + body).unwrap_or_default())
+                        }
+                        None => (len, &[][..]),
+                    };
                     n += 1;
                     if n == SEND_BATCH {
-                        flush(&sock, &tx, &lens[..n], io);
+                        flush(&sock, &tx, &lens[..n], &bodies[..n], io);
                         n = 0;
                     }
                 }
             }
-            flush(&sock, &tx, &lens[..n], io);
+            flush(&sock, &tx, &lens[..n], &bodies[..n], io);
             drop(block);
         }
         if last_stats.elapsed() >= STATS_EVERY {
@@ -258,13 +263,14 @@ fn run(
     }
 }
 
-fn flush(sock: &PacketSocket, tx: &[Vec<u8>], lens: &[usize], io: &IoCounters) {
+/// Sends frame `i` as `tx[i][..lens[i]]` followed by `bodies[i]`.
+fn flush(sock: &PacketSocket, tx: &[Vec<u8>], lens: &[usize], bodies: &[&[u8]], io: &IoCounters) {
     if lens.is_empty() {
         return;
     }
-    let mut frames: [&[u8]; SEND_BATCH] = [&[]; SEND_BATCH];
-    for (i, &len) in lens.iter().enumerate() {
-        frames[i] = &tx[i][..len];
+    let mut frames: [(&[u8], &[u8]); SEND_BATCH] = [(&[], &[]); SEND_BATCH];
+    for (i, (&len, &body)) in lens.iter().zip(bodies).enumerate() {
+        frames[i] = (&tx[i][..len], body);
     }
     let (sent, failed) = sock.send_batch(&frames[..lens.len()]);
     bump(&io.tx_frames, sent as u64);
