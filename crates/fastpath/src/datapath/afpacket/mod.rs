@@ -60,12 +60,14 @@
 //! virtio header before it, and takes one before each frame sent. With L2 direct routing
 //! a super-packet goes on whole with its header, the kernel segments it (or hands it to
 //! the next veth whole), and no byte is copied per segment; the largest segment must fit
-//! the MTU, else the client gets "too big". IP-in-IP cannot: the header has no GSO type
-//! for a tunnel, so there a GSO frame is dropped and counted (`drops_gso_tunnel`), and the
-//! interface must not coalesce (`ethtool -K IF gro off lro off`, what Katran requires too;
-//! veth pairs hand over their peer's GSO frames whatever GRO says, so a tunnel lab needs
-//! its senders' `tso`/`gso` off). A frame bigger than the 64 kB send buffer is dropped and
-//! counted (`output_too_small`).
+//! the MTU, else the client gets "too big". The worker does not copy the packet either:
+//! it sends the new headers and the frame where it lies in the ring, two iovecs of one
+//! `sendmmsg` message ([`Forwarder::process_vnet_spliced`]); a frame the kernel will not
+//! send (larger than it takes) is counted in `tx_errors`. IP-in-IP cannot do this: the
+//! header has no GSO type for a tunnel, so there a GSO frame is dropped and counted
+//! (`drops_gso_tunnel`), and the interface must not coalesce (`ethtool -K IF gro off lro
+//! off`, what Katran requires too, and `pykp lb` warns about; veth pairs hand over their
+//! peer's GSO frames whatever GRO says, so a tunnel lab needs its senders' `tso`/`gso` off).
 //!
 //! A frame from a local or virtual sender (a veth peer, a tap) may carry a partial L4
 //! checksum (`TP_STATUS_CSUMNOTREADY` / the header's `NEEDS_CSUM`: only the pseudo-header's,
