@@ -163,7 +163,10 @@ def _hold(lab: LoadBalancerLab, source_port: int) -> tuple[object, str]:
     return s, s.recv(100).decode().split()[0]
 
 
-@pytest.mark.parametrize("policy", ["round-robin", "random", "least-conn", None])
+@pytest.mark.parametrize(
+    "policy",
+    ["round-robin", "random", "least-conn", pytest.param(None, id="maglev-by-default")],
+)
 def test_pykp_lb_forwards_by_each_services_policy(
     lab: LoadBalancerLab, echo_servers: None, tmp_path: object, policy: str | None
 ) -> None:
