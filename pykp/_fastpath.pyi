@@ -310,8 +310,8 @@ class NfqueueDatapath:
 @final
 class AfpacketDatapath:
     """The AF_PACKET load balancer: Rust threads reading `interface`'s frames (a TPACKET_V3
-    ring per worker, hash fanout), deciding with `engine`, and sending each VIP packet to
-    its backend in IP-in-IP from `address` (direct server return). Answers ARP/ND for
+    ring per worker with virtio headers, hash fanout), deciding with `engine`, and sending
+    each VIP packet to its backend in IP-in-IP from `address` (direct server return). Answers ARP/ND for
     `vips`; next-hop MACs come from `neighbours` (IP -> MAC), else `gateway_mac`. The
     sockets open in the network namespace of the thread that calls `start()`.
     """
@@ -337,9 +337,10 @@ class AfpacketDatapath:
     @property
     def running(self) -> bool: ...
     def stats(self) -> dict[str, int]:
-        """Every worker's counters added up: rx/tx/ring counters, transmitted frames by kind
-        (tx_forward, tx_arp_reply, tx_neighbor_advert, tx_too_big), ignored_* and drops_* by
-        reason."""
+        """Every worker's counters added up: rx/tx/ring counters (rx_gso: GSO super-packets
+        received), transmitted frames by kind (tx_forward, tx_arp_reply, tx_neighbor_advert,
+        tx_too_big), ignored_* and drops_* by reason (drops_gso_tunnel: a GSO frame that
+        IP-in-IP cannot carry)."""
 
 @final
 class ConntrackFollower:

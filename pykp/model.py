@@ -15,6 +15,8 @@ from typing import Final
 # and the CLI work without the extension.
 POLICIES: Final = ("random", "round-robin", "maglev", "least-conn")
 DEFAULT_POLICY: Final = "random"
+# `pykp lb`'s: the one policy on which every load-balancer node picks the same backend.
+LB_DEFAULT_POLICY: Final = "maglev"
 PROTOCOLS: Final = ("TCP", "UDP", "SCTP")
 HASH_KEYS: Final = ("5-tuple", "source-ip")
 SESSION_AFFINITIES: Final = ("None", "ClientIP")

@@ -809,3 +809,23 @@ def test_a_whole_file_translates_in_order() -> None:
     ]
 
     assert names == ["shop/web:http", "shop/web:metrics", "default/dns"]
+
+
+def test_the_loader_default_policy_applies_only_where_the_file_names_none() -> None:
+    """`pykp lb` loads with Maglev as the default: a service's own policy, then the file's
+    `defaults`, then the loader's."""
+    one = "services:\n  - {name: a, clusterIP: 10.96.0.1, ports: [{port: 80}]}\n"
+    own = "services:\n  - {name: a, clusterIP: 10.96.0.1, policy: least-conn, ports: [{port: 80}]}\n"
+    file_default = "defaults: {policy: round-robin}\n" + one
+
+    def policy(text: str, default: str) -> str:
+        catalog, problems = load_services_text(text, "s.yaml", default_policy=default)
+        assert problems == []
+        return catalog.services[0].policy
+
+    assert policy(one, "maglev") == "maglev"
+    assert policy(one, "random") == "random"
+    assert policy(file_default, "maglev") == "round-robin"
+    assert policy(own, "maglev") == "least-conn"
+    with pytest.raises(ValueError, match="is not one of"):
+        load_services_text(one, default_policy="fastest")

@@ -13,19 +13,28 @@ one runs the same workloads:
 * ``pykp-afpacket``: ``pykp lb`` on each load-balancer node (AF_PACKET, one worker, L2
   direct server return, Maglev with one seed on both nodes).
 
-Workloads: new connections/s (closed loop, `pykp-loadgen`), TCP throughput (iperf3, one
-stream, one backend: iperf3's control and data connections must meet one server) and
-small-packet UDP (iperf3 -u, 64-byte datagrams, as fast as the client sends: datagrams/s
-received and lost). Results are medians over rounds, with every sample kept.
+Workloads: new connections/s (closed loop, `pykp-loadgen`), bulk TCP throughput (iperf3,
+1 and 4 streams, one backend: iperf3's control and data connections must meet one server;
+the 4 streams hash over both load-balancer nodes) with the machine's CPU use over the run
+(and, for pykp, its worker threads'), and small-packet UDP (iperf3 -u, 64-byte datagrams,
+4 MB socket buffers, as fast as the client sends: datagrams/s received and lost, and the
+kernel's drop counters on the way: softnet backlog, veth ends, the backend's socket).
+Results are medians over rounds, with every sample kept.
+
+Bulk TCP through pykp: a veth hands the client's GSO super-packets (up to 64 kB) to the
+ring whole, and `pykp lb` forwards them whole with their virtio headers (PACKET_VNET_HDR,
+see crates/fastpath/src/datapath/afpacket/mod.rs), as the kernel's own paths do.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,6 +51,11 @@ IPERF_PORT: Final = 5201  # the backend's own address: the direct baseline
 # the VIP (an unbound UDP socket would answer from the backend's own address under DSR,
 # and the client's connected socket would not take it).
 IPERF_VIP_PORT: Final = 5202
+# The UDP run's socket buffers (iperf3 -w, both ends). With the default (about 200 kB, some
+# 270 small datagrams at their 768-byte truesize) the backend's socket overflowed behind a
+# batching load balancer while its reader waited for a CPU: a receiver limit, not the load
+# balancer's (RcvbufErrors; benches/README.md).
+UDP_SOCKET_BUFFER: Final = "4M"
 
 
 @dataclass
@@ -185,7 +199,7 @@ def _udp_pps(lab: LoadBalancerLab, host: str, port: int, seconds: float) -> dict
     proc = lab.exec(
         lab.client,
         ["iperf3", "-c", host, "-p", str(port), "-u", "-b", "0", "-l", "64",
-         "-t", f"{seconds}", "-J"],
+         "-w", UDP_SOCKET_BUFFER, "-t", f"{seconds}", "-J"],
         timeout=seconds + 30,
     )  # fmt: skip
     data = json.loads(proc.stdout or "{}")
@@ -198,6 +212,89 @@ def _udp_pps(lab: LoadBalancerLab, host: str, port: int, seconds: float) -> dict
         "lost_percent": total["lost_percent"],
         "sent": total["packets"],
     }
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """The machine's (busy, total) CPU time in clock ticks (`/proc/stat`): namespaces share
+    the CPUs, so this is every hop of the lab, client and servers included."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _lb_worker_seconds(running: Sequence[Any]) -> float:
+    """CPU seconds used so far by `pykp lb`'s worker threads (named ``pykp-lb-N``)."""
+    ticks = 0
+    for proc in running:
+        task_dir = f"/proc/{proc.pid}/task"
+        try:
+            tasks = os.listdir(task_dir)
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"{task_dir}/{task}/comm") as comm:
+                    if not comm.read().startswith("pykp-lb-"):
+                        continue
+                with open(f"{task_dir}/{task}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            except OSError:
+                continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _tcp(
+    lab: LoadBalancerLab,
+    host: str,
+    port: int,
+    seconds: float,
+    streams: int,
+    running: Sequence[Any],
+) -> dict[str, Any]:
+    """A bulk TCP run (iperf3, `streams` streams), with what it cost: the machine's busy
+    CPUs and `pykp lb`'s worker threads (in cores, averaged over the run)."""
+    busy0, total0 = _cpu_jiffies()
+    worker0, start = _lb_worker_seconds(running), time.monotonic()
+    result = iperf3(lab, lab.client, host, port, seconds, streams)
+    busy1, total1 = _cpu_jiffies()
+    elapsed = time.monotonic() - start
+    result["machine_cpus_busy"] = (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+    if running:
+        result["lb_worker_cpus"] = (_lb_worker_seconds(running) - worker0) / elapsed
+    return result
+
+
+def _loss_counters(lab: LoadBalancerLab) -> dict[str, int]:
+    """Where a datagram can be lost between the client and the backend's socket, as the
+    kernel counts it: the per-CPU backlog every veth delivery goes through
+    (`netdev_max_backlog`; /proc/net/softnet_stat, the whole machine's), each veth end on
+    the way (a veth counts a frame its peer's backlog refused as its own TX drop), and the
+    iperf3 backend's UDP socket (a full receive buffer)."""
+    counters: dict[str, int] = {}
+    with open("/proc/net/softnet_stat") as softnet:
+        counters["softnet_backlog_drops"] = sum(int(line.split()[1], 16) for line in softnet)
+
+    def link(host: Host, ifname: str, label: str) -> None:
+        for stat in ("tx_dropped", "rx_dropped"):
+            proc = lab.exec(host, ["cat", f"/sys/class/net/{ifname}/statistics/{stat}"])
+            if proc.returncode == 0:
+                counters[f"{label}_{stat}"] = int(proc.stdout)
+
+    for lb in lab.lb_hosts:
+        link(lb, "eth0", lb.name)
+    backend = lab.backend_hosts[0]
+    link(lab.router, "c0", "router_to_client")
+    link(lab.router, f"p-{backend.name}"[:15], "router_to_backend")
+    link(backend, "eth0", backend.name)
+    snmp = lab.exec(backend, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+    udp = [line.split()[1:] for line in snmp if line.startswith("Udp: ")]
+    if len(udp) == 2:
+        for name in ("InDatagrams", "RcvbufErrors", "InErrors"):
+            if name in udp[0]:
+                counters[f"{backend.name}_udp_{name}"] = int(udp[1][udp[0].index(name)])
+    return counters
 
 
 def _retry(run: Callable[[], dict[str, Any]], attempts: int = 3) -> dict[str, Any]:
@@ -234,28 +331,37 @@ def _turn(
         threads=s.threads,
         workdir=workdir,
     )
-    if contender == "pykp-afpacket":
-        # A veth hands the sender's 64 kB GSO skbs to the ring whole (no real wire carries
-        # them); the datapath does not take GSO frames yet (PACKET_VNET_HDR), so a bulk TCP
-        # stream through it is not measured.
-        tcp: dict[str, Any] = {"bits_per_second": float("nan"), "skipped": "GSO frames"}
-    else:
-        tcp = _retry(lambda: iperf3(lab, lab.client, iperf_host, iperf_port, s.iperf_seconds, 1))
-    counters_before = _lb_counters(lab, workdir) if contender == "pykp-afpacket" else {}
+    pykp = contender == "pykp-afpacket"
+    tcp: dict[int, dict[str, Any]] = {}
+    for streams in (1, 4):
+        before = _lb_counters(lab, workdir) if pykp else {}
+        tcp[streams] = _retry(
+            partial(_tcp, lab, iperf_host, iperf_port, s.iperf_seconds, streams, running)
+        )
+        if pykp:
+            time.sleep(1.5)  # the next counter line (pykp lb prints them every second)
+            tcp[streams]["lb_counters"] = _counter_delta(before, _lb_counters(lab, workdir))
+    counters_before = _lb_counters(lab, workdir) if pykp else {}
+    loss_before = _loss_counters(lab)
     try:
         udp = _retry(lambda: _udp_pps(lab, iperf_host, iperf_port, s.iperf_seconds))
+        # Where the datagrams the backend did not get were lost (the kernel's drop counters).
+        udp["kernel_drops"] = _counter_delta(loss_before, _loss_counters(lab))
     except LoadgenError as error:  # recorded, not fatal: the other workloads stand
         udp = {"error": str(error)}
-    if contender == "pykp-afpacket":
+    if pykp:
         time.sleep(1.5)  # the next counter line (pykp lb prints them every second)
-        after = _lb_counters(lab, workdir)
         # What the UDP run moved on the load balancers: received, sent, dropped and why.
-        udp["lb_counters"] = {
-            k: after.get(k, 0) - counters_before.get(k, 0)
-            for k in sorted(after)
-            if after.get(k, 0) != counters_before.get(k, 0)
-        }
-    return {"conns": conns, "tcp": tcp, "udp": udp}
+        udp["lb_counters"] = _counter_delta(counters_before, _lb_counters(lab, workdir))
+    return {"conns": conns, "tcp": tcp[1], "tcp4": tcp[4], "udp": udp}
+
+
+def _counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in sorted(after)
+        if after.get(k, 0) != before.get(k, 0)
+    }
 
 
 def run_lb_bench(
@@ -290,7 +396,8 @@ def run_lb_bench(
                     f"  round {round_ + 1}/{settings.rounds}, {contender}: "
                     f"{sample['conns']['conns_per_s']:,.0f} conn/s "
                     f"({sample['conns']['failed']} failed), "
-                    f"{sample['tcp']['bits_per_second'] / 1e9:.2f} Gbit/s, "
+                    f"TCP {sample['tcp']['bits_per_second'] / 1e9:.2f} Gbit/s (1 stream) "
+                    f"{sample['tcp4']['bits_per_second'] / 1e9:.2f} Gbit/s (4), "
                     + _udp_text(sample["udp"])
                 )
             order = order[1:] + order[:1]
@@ -326,6 +433,9 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, f
             "connect_p99_ms": median([r["conns"]["connect_us"]["p99"] / 1000 for r in runs]),
             "failed": sum(r["conns"]["failed"] for r in runs),
             "tcp_gbit_s": median([r["tcp"]["bits_per_second"] / 1e9 for r in runs]),
+            "tcp4_gbit_s": median([r["tcp4"]["bits_per_second"] / 1e9 for r in runs]),
+            "tcp_machine_cpus_busy": median([r["tcp"]["machine_cpus_busy"] for r in runs]),
+            "tcp4_machine_cpus_busy": median([r["tcp4"]["machine_cpus_busy"] for r in runs]),
             "udp_datagrams_per_s": median(
                 [r["udp"]["datagrams_per_second"] for r in runs if "error" not in r["udp"]]
             ),
@@ -337,15 +447,31 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, f
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
-    """A plain table of the medians, with ratios to `direct` when it ran."""
-    base = summary.get("direct")
-    lines = ["contender      conn/s  (x direct)  connect p99 ms  failed  TCP Gbit/s  UDP datagrams/s  lost %"]
+    """Plain tables of the medians, with ratios to `direct` and, for bulk TCP, to
+    `kernel-nat` when they ran."""
+    base, nat = summary.get("direct"), summary.get("kernel-nat")
+
+    def ratio(row: dict[str, float], to: dict[str, float] | None, key: str) -> str:
+        return f"{row[key] / to[key]:.2f}" if to and to[key] else "-"
+
+    lines = ["contender      conn/s  (x direct)  connect p99 ms  failed  UDP datagrams/s  lost %"]
     for name, row in summary.items():
-        ratio = f"{row['conn_per_s'] / base['conn_per_s']:.2f}" if base and base["conn_per_s"] else "-"
         lines.append(
-            f"{name:<12} {row['conn_per_s']:>8,.0f}  {ratio:>10}  {row['connect_p99_ms']:>14.3f}  "
-            f"{row['failed']:>6.0f}  {row['tcp_gbit_s']:>10.2f}  "
+            f"{name:<12} {row['conn_per_s']:>8,.0f}  {ratio(row, base, 'conn_per_s'):>10}  "
+            f"{row['connect_p99_ms']:>14.3f}  {row['failed']:>6.0f}  "
             f"{row['udp_datagrams_per_s']:>15,.0f}  {row['udp_lost_percent']:>6.1f}"
         )
+    lines.append("")
+    lines.append(
+        "contender     TCP Gbit/s 1 stream (x direct, x kernel-nat, CPUs busy)"
+        "   4 streams (x direct, x kernel-nat, CPUs busy)"
+    )
+    for name, row in summary.items():
+        cells = [
+            f"{row[f'{k}_gbit_s']:>6.2f} ({ratio(row, base, f'{k}_gbit_s')}, "
+            f"{ratio(row, nat, f'{k}_gbit_s')}, {row[f'{k}_machine_cpus_busy']:.2f})"
+            for k in ("tcp", "tcp4")
+        ]
+        lines.append(f"{name:<12}  {cells[0]:<48}  {cells[1]}")
     return "\n".join(lines)
 

@@ -32,7 +32,14 @@ from pykp.labs.simulate_nodes import (
     simulate_nodes,
 )
 from pykp.labs.simulate_plot import plot_shares
-from pykp.model import POLICIES, Catalog, Problem, family_warnings
+from pykp.model import (
+    DEFAULT_POLICY,
+    LB_DEFAULT_POLICY,
+    POLICIES,
+    Catalog,
+    Problem,
+    family_warnings,
+)
 from pykp.sources.services_file import ServicesFileError, load_bundled_example, load_services_file
 
 if TYPE_CHECKING:
@@ -149,10 +156,15 @@ def _check_schedule(value: str) -> str:
     return value
 
 
-def _load_services(path: Path | None) -> Catalog:
-    """The services file at `path` (the bundled example if None); problems go to stderr."""
+def _load_services(path: Path | None, default_policy: str = DEFAULT_POLICY) -> Catalog:
+    """The services file at `path` (the bundled example if None); problems go to stderr.
+    `default_policy`: of services when neither they nor the file's `defaults` name one."""
     try:
-        services, problems = load_bundled_example() if path is None else load_services_file(path)
+        services, problems = (
+            load_bundled_example()
+            if path is None
+            else load_services_file(path, default_policy=default_policy)
+        )
     except ServicesFileError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
@@ -1313,12 +1325,24 @@ def lb(
             "each in --neighbour: only the MACs change)."
         ),
     ] = "ipip",
+    default_policy: Annotated[
+        str,
+        typer.Option(
+            help="Policy of services when neither they nor the file's defaults name one: "
+            f"{', '.join(POLICIES)}. Only maglev gives a flow the same backend on every "
+            "load-balancer node.",
+            callback=_check_policy,
+        ),
+    ] = LB_DEFAULT_POLICY,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
 ) -> None:
     """Load-balance the services' VIPs arriving on INTERFACE (AF_PACKET, IP-in-IP direct
-    server return; backends need a tunnel device and the VIP on loopback). The node must
-    not forward, and IPv6 VIPs need a blackhole route here (`ip -6 route add blackhole
-    VIP/128`), so that the kernel drops its own copies silently."""
+    server return; backends need a tunnel device and the VIP on loopback). Each service
+    keeps the policy the file gives it (maglev when none): only maglev makes every
+    load-balancer node agree on a flow's backend; with the others a flow keeps its backend
+    only while it stays on its node. The node must not forward, and IPv6 VIPs need a
+    blackhole route here (`ip -6 route add blackhole VIP/128`), so that the kernel drops
+    its own copies silently."""
     from pykp.cli.lb import parse_neighbour, run_load_balancer
 
     _configure_logging(verbose)
@@ -1327,7 +1351,7 @@ def lb(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="'--neighbour'") from None
     every = parse_duration(stats_every)
-    catalog = _load_services(services)
+    catalog = _load_services(services, default_policy)
     require("lb", tools=())
     stop = threading.Event()
     log = logging.getLogger("pykp.lb")

@@ -121,15 +121,20 @@ table netdev pykp_lab_dsr {{
         if proc.returncode != 0:
             raise LabError(f"nft on {self.host(lb).name}: {proc.stderr.strip()}")
 
-    def services_yaml(self, port: int, backends: list[NsRef] | None = None) -> str:
+    def services_yaml(
+        self, port: int, backends: list[NsRef] | None = None, *, policy: str | None = None
+    ) -> str:
         """A services file for `pykp lb`: the VIP at `port`, TCP and UDP, over `backends`
-        (all by default), at the same port (direct server return translates no port)."""
+        (all by default), at the same port (direct server return translates no port), with
+        `policy` (None: none named, `pykp lb`'s default)."""
         hosts = [self.host(b) for b in backends] if backends is not None else self.backend_hosts
         endpoints = ", ".join(f"{{ip: {h.ipv4}}}" for h in hosts)
+        policy_line = f"    policy: {policy}\n" if policy else ""
         return (
             "services:\n"
             f"  - name: vip-{port}\n"
             f"    clusterIP: {self.vip}\n"
+            f"{policy_line}"
             f"    ports: [{{name: tcp, port: {port}, targetPort: {port}}}, "
             f"{{name: udp, port: {port}, targetPort: {port}, protocol: UDP}}]\n"
             f"    endpoints: [{endpoints}]\n"
@@ -152,9 +157,14 @@ table netdev pykp_lab_dsr {{
         """Take a load-balancer node out of the router's multipath route, as a routing
         protocol withdraws a dead node's announcement."""
         gone = self.host(lb)
-        left = [h for h in self.lb_hosts if h.name != gone.name]
+        self.route_via([h for h in self.lb_hosts if h.name != gone.name])
+
+    def route_via(self, lbs: list[NsRef]) -> None:
+        """The router's route to the VIP: through `lbs` only (one multipath route over
+        several); `route_via(lab.lb_hosts)` restores the lab's own."""
+        left = [self.host(lb) for lb in lbs]
         if not left:
-            raise LabError("cannot withdraw the last load-balancer node")
+            raise LabError("the VIP needs at least one load-balancer node")
         with IPRoute(netns=self.router.netns, flags=0) as router:
             bridge = router.link_lookup(ifname=_BRIDGE)[0]
             if len(left) == 1:

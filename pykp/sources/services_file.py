@@ -81,9 +81,13 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_services_file(
-    path: str | os.PathLike[str], cache: ServicesFileCache | None = None
+    path: str | os.PathLike[str],
+    cache: ServicesFileCache | None = None,
+    *,
+    default_policy: str = DEFAULT_POLICY,
 ) -> tuple[Catalog, list[Problem]]:
-    """Load a services file; problems name the file as `path` was given.
+    """Load a services file; problems name the file as `path` was given. `default_policy`:
+    the policy of services when neither they nor the file's `defaults` name one.
 
     Raises `ServicesFileError` when the file is not YAML or not a mapping, and `OSError`
     when it cannot be read.
@@ -95,7 +99,7 @@ def load_services_file(
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ServicesFileError(source, 1, 1, f"not UTF-8 text ({error.reason})") from None
-    return load_services_text(text, source, cache)
+    return load_services_text(text, source, cache, default_policy=default_policy)
 
 
 def load_bundled_example() -> tuple[Catalog, list[Problem]]:
@@ -105,13 +109,22 @@ def load_bundled_example() -> tuple[Catalog, list[Problem]]:
 
 
 def load_services_text(
-    text: str, source_name: str = "<string>", cache: ServicesFileCache | None = None
+    text: str,
+    source_name: str = "<string>",
+    cache: ServicesFileCache | None = None,
+    *,
+    default_policy: str = DEFAULT_POLICY,
 ) -> tuple[Catalog, list[Problem]]:
     """Parse services-file text. Raises `ServicesFileError` only for fatal errors.
 
     With a `cache` (kept from one load of a file to the next), entries whose text did not
-    change are not parsed again and come back as the same `ServiceSpec` objects.
+    change are not parsed again and come back as the same `ServiceSpec` objects; a cache
+    knows only the default `default_policy` (ValueError otherwise).
     """
+    if default_policy not in POLICIES:
+        raise ValueError(f"{default_policy!r} is not one of {', '.join(POLICIES)}")
+    if cache is not None and default_policy != DEFAULT_POLICY:
+        raise ValueError("a services-file cache parses with the default policy only")
     if cache is not None:
         loaded = cache.load(text, source_name)
         if loaded is not None:
@@ -126,7 +139,7 @@ def load_services_text(
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ServicesFileError(source_name, line, column, f"invalid YAML: {message}") from None
     if root is None:  # an empty file: no services, nothing wrong
-        return Catalog(traffic_policies=True), []
+        return Catalog(default_policy=default_policy, traffic_policies=True), []
     if not isinstance(root, MappingNode):
         line, column = _position(root)
         raise ServicesFileError(
@@ -135,7 +148,7 @@ def load_services_text(
             column,
             f"the top level must be a mapping, not {_kind(root)}",
         )
-    parser = _Parser(source_name)
+    parser = _Parser(source_name, default_policy)
     services_file = parser.parse_file(root)
     return services_file, parser.problems
 
@@ -486,8 +499,9 @@ class _Parser:
     problem was recorded while parsing it (counted with `len(self.problems)`).
     """
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, default_policy: str = DEFAULT_POLICY) -> None:
         self.source = source
+        self.default_policy = default_policy  # when the file's `defaults` name none
         self.problems: list[Problem] = []
         self._constructor = SafeConstructor()
         # namespace/name -> the path and line of its first definition
@@ -710,12 +724,14 @@ class _Parser:
     def parse_defaults(self, fields: dict[str, Node]) -> str:
         node = self.optional(fields, "defaults")
         if node is None:
-            return DEFAULT_POLICY
+            return self.default_policy
         try:
             defaults = self.fields(node, "defaults", _DEFAULTS_FIELDS)
         except _Invalid:
-            return DEFAULT_POLICY
-        return self.field(defaults, "policy", "defaults", self.one_of(POLICIES), DEFAULT_POLICY)
+            return self.default_policy
+        return self.field(
+            defaults, "policy", "defaults", self.one_of(POLICIES), self.default_policy
+        )
 
     # -- one service
 

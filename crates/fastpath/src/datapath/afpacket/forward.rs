@@ -31,6 +31,10 @@ use crate::engine::{DropReason as EngineDrop, Engine, PassReason, Verdict};
 use crate::flow::{FlowKey, Nanos};
 use crate::policy::maglev::flow_hash;
 use crate::policy::HashKey;
+use crate::wire::PacketInfo;
+use crate::Protocol;
+
+use super::ring::VnetHeader;
 use crate::wire::arp::{self, ArpPacket, ArpRepr};
 use crate::wire::ethernet::{self, ethertype, EthernetFrame, MacAddr};
 use crate::wire::icmp;
@@ -121,6 +125,16 @@ impl LbConfig {
     }
 }
 
+/// How [`Forwarder::outcome`] treats one received frame beyond its bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct RxHandling {
+    /// 0 for an ordinary frame, else the segment payload size of a GSO one.
+    gso_size: u16,
+    /// An L2-forwarded packet is left in the received frame: only the Ethernet header is
+    /// written out (see [`Forwarder::process_vnet_spliced`]).
+    splice: bool,
+}
+
 /// What a transmitted frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TxKind {
@@ -162,13 +176,16 @@ pub enum DropReason {
     TooBigDfClear,
     /// The caller's transmit buffer is shorter than the frame.
     OutputTooSmall,
+    /// A GSO super-packet (see [`Forwarder::process_vnet`]) to forward by IP-in-IP: the
+    /// virtio header has no GSO type for a tunnel, and we do not segment.
+    GsoTunnel,
 }
 
 pub const IGNORE_REASONS: [&str; 4] =
     ["other_mac", "other_ethertype", "not_a_vip", "unsupported_protocol"];
 
 /// Labels of [`DropReason`], in counter order.
-pub const DROP_REASONS: [&str; 16] = [
+pub const DROP_REASONS: [&str; 17] = [
     "truncated",
     "bad_version",
     "bad_ihl",
@@ -185,6 +202,7 @@ pub const DROP_REASONS: [&str; 16] = [
     "no_source_address",
     "too_big_df_clear",
     "output_too_small",
+    "gso_tunnel",
 ];
 
 pub const TX_KINDS: [&str; 4] = ["forward", "arp_reply", "neighbor_advert", "too_big"];
@@ -222,6 +240,7 @@ impl DropReason {
             DropReason::NoSourceAddress => 13,
             DropReason::TooBigDfClear => 14,
             DropReason::OutputTooSmall => 15,
+            DropReason::GsoTunnel => 16,
         }
     }
 
@@ -330,25 +349,114 @@ impl Forwarder {
         now: Nanos,
         out: &mut [u8],
     ) -> Outcome {
-        let o = self.outcome(frame, now, out);
+        let o = self.outcome(frame, RxHandling::default(), now, out);
         if let (true, Outcome::Transmit { len, kind: TxKind::Forward }) = (checksum_partial, o) {
-            // The client's packet starts after the Ethernet header and any outer IP header.
-            let outer = match self.config.forwarding {
-                Forwarding::IpIp => {
-                    wire::parse_l3(wire::sub(out, ethernet::HEADER_LEN, len)).map(|l| l.l3_len)
-                }
-                Forwarding::L2Dsr => Ok(0),
-            };
-            if let Ok(at) = outer {
-                let _ = wire::fill_checksums(wire::sub_mut(out, ethernet::HEADER_LEN + at, len));
-            }
+            self.complete_checksum(out, len);
         }
         self.counters.count(&o);
         o
     }
 
+    /// [`process`](Self::process) for a socket with `PACKET_VNET_HDR`: `rx` is the frame's
+    /// virtio header (`None`: no offloads), and `out` gets the header of the frame to send,
+    /// then the frame; the length in [`Outcome::Transmit`] counts both.
+    ///
+    /// L2 direct routing passes the offloads on untouched (only the MACs change, so the
+    /// checksum offsets still hold): a GSO super-packet, which a veth or a NIC with GRO/LRO
+    /// hands over whole (up to 64 kB), leaves as one, and the kernel or the device cuts it
+    /// into the segments its sender meant; its largest segment must fit the MTU. IP-in-IP
+    /// cannot: the virtio header has no GSO type for a tunnel, so a GSO frame is dropped
+    /// and counted ([`DropReason::GsoTunnel`]: an interface with GRO and LRO off never hands
+    /// one over), and a partial checksum is completed here as in
+    /// [`process_rx`](Self::process_rx).
     #[inline]
-    fn outcome(&self, frame: &[u8], now: Nanos, out: &mut [u8]) -> Outcome {
+    pub fn process_vnet(
+        &self,
+        frame: &[u8],
+        rx: Option<VnetHeader>,
+        now: Nanos,
+        out: &mut [u8],
+    ) -> Outcome {
+        self.vnet(frame, rx, false, now, out).0
+    }
+
+    /// [`process_vnet`](Self::process_vnet) without copying what L2 direct routing forwards:
+    /// for such a frame `out` gets only the virtio and Ethernet headers, and the second value
+    /// is `Some(n)`: the frame to send is `out[..VnetHeader::LEN + 14]` followed by
+    /// `frame[14..14 + n]` (the received packet, where it lies). Otherwise `None`, and
+    /// `out[..len]` is the whole frame as with `process_vnet`. Saves a copy of every
+    /// forwarded byte (64 kB for a GSO frame).
+    #[inline]
+    pub fn process_vnet_spliced(
+        &self,
+        frame: &[u8],
+        rx: Option<VnetHeader>,
+        now: Nanos,
+        out: &mut [u8],
+    ) -> (Outcome, Option<usize>) {
+        self.vnet(frame, rx, true, now, out)
+    }
+
+    #[inline]
+    fn vnet(
+        &self,
+        frame: &[u8],
+        rx: Option<VnetHeader>,
+        splice: bool,
+        now: Nanos,
+        out: &mut [u8],
+    ) -> (Outcome, Option<usize>) {
+        let rx = rx.unwrap_or_default();
+        let Some((head, body)) = out.split_at_mut_checked(VnetHeader::LEN) else {
+            let o = Outcome::Drop(DropReason::OutputTooSmall);
+            self.counters.count(&o);
+            return (o, None);
+        };
+        let gso_size = if rx.is_gso() { rx.gso_size.max(1) } else { 0 };
+        let splice = splice && self.config.forwarding == Forwarding::L2Dsr;
+        let mut spliced = None;
+        let o = match self.outcome(frame, RxHandling { gso_size, splice }, now, body) {
+            Outcome::Transmit { len, kind } => {
+                let tx = match (kind, self.config.forwarding) {
+                    (TxKind::Forward, Forwarding::L2Dsr) => {
+                        if splice {
+                            spliced = Some(len - ethernet::HEADER_LEN);
+                        }
+                        rx
+                    }
+                    (TxKind::Forward, Forwarding::IpIp) => {
+                        if rx.needs_checksum() {
+                            self.complete_checksum(body, len);
+                        }
+                        VnetHeader::default()
+                    }
+                    _ => VnetHeader::default(),
+                };
+                head.copy_from_slice(&tx.to_bytes());
+                Outcome::Transmit { len: VnetHeader::LEN + len, kind }
+            }
+            o => o,
+        };
+        self.counters.count(&o);
+        (o, spliced)
+    }
+
+    /// Finishes the client packet's partial L4 checksum in a forwarded frame `out[..len]`.
+    fn complete_checksum(&self, out: &mut [u8], len: usize) {
+        // The client's packet starts after the Ethernet header and any outer IP header.
+        let outer = match self.config.forwarding {
+            Forwarding::IpIp => {
+                wire::parse_l3(wire::sub(out, ethernet::HEADER_LEN, len)).map(|l| l.l3_len)
+            }
+            Forwarding::L2Dsr => Ok(0),
+        };
+        if let Ok(at) = outer {
+            let _ = wire::fill_checksums(wire::sub_mut(out, ethernet::HEADER_LEN + at, len));
+        }
+    }
+
+    #[inline]
+    fn outcome(&self, frame: &[u8], rx: RxHandling, now: Nanos, out: &mut [u8]) -> Outcome {
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
             return Outcome::Drop(DropReason::Malformed(WireError::Truncated));
         };
@@ -358,13 +466,20 @@ impl Forwarder {
             return Outcome::Ignore(IgnoreReason::OtherMac);
         }
         match eth.ethertype() {
-            ethertype::IPV4 | ethertype::IPV6 => self.ip(&eth, to_us, now, out),
+            ethertype::IPV4 | ethertype::IPV6 => self.ip(&eth, to_us, rx, now, out),
             ethertype::ARP => self.arp(&eth, out),
             _ => Outcome::Ignore(IgnoreReason::OtherEthertype),
         }
     }
 
-    fn ip(&self, eth: &EthernetFrame<&[u8]>, to_us: bool, now: Nanos, out: &mut [u8]) -> Outcome {
+    fn ip(
+        &self,
+        eth: &EthernetFrame<&[u8]>,
+        to_us: bool,
+        rx: RxHandling,
+        now: Nanos,
+        out: &mut [u8],
+    ) -> Outcome {
         let ip = eth.payload();
         // The version nibble must be the one the EtherType promised.
         let version = if eth.ethertype() == ethertype::IPV4 { 4 } else { 6 };
@@ -397,33 +512,47 @@ impl Forwarder {
             }
         };
         let inner = wire::sub(ip, 0, info.total_len);
-        match self.config.forwarding {
-            Forwarding::IpIp => self.encapsulate(eth, &info.key, inner, backend, out),
-            Forwarding::L2Dsr => self.redirect(eth, inner, backend, out),
+        match (self.config.forwarding, rx.gso_size) {
+            (Forwarding::IpIp, 0) => self.encapsulate(eth, &info.key, inner, backend, out),
+            (Forwarding::IpIp, _) => Outcome::Drop(DropReason::GsoTunnel),
+            (Forwarding::L2Dsr, 0) => {
+                self.redirect(eth, inner, inner.len(), rx.splice, backend, out)
+            }
+            (Forwarding::L2Dsr, size) => {
+                let segment = gso_segment_len(inner, &info, size);
+                self.redirect(eth, inner, segment, rx.splice, backend, out)
+            }
         }
     }
 
-    /// L2 direct routing: the client's packet in a frame to the backend's MAC.
+    /// L2 direct routing: the client's packet in a frame to the backend's MAC. `on_wire`:
+    /// the largest IP packet it is on the wire (its length, or a GSO frame's largest
+    /// segment). With `splice`, only the Ethernet header is written (the packet stays in
+    /// the received frame; the length returned is still the whole frame's).
     #[inline]
     fn redirect(
         &self,
         eth: &EthernetFrame<&[u8]>,
         inner: &[u8],
+        on_wire: usize,
+        splice: bool,
         backend: IpAddr,
         out: &mut [u8],
     ) -> Outcome {
         let Some(mac) = self.config.neighbours.lookup_exact(&backend) else {
             return Outcome::Drop(DropReason::NoNeighbour);
         };
-        if inner.len() > self.config.mtu {
+        if on_wire > self.config.mtu {
             return self.too_big(eth, inner, 0, out);
         }
         let len = ethernet::HEADER_LEN + inner.len();
-        let Some(out) = out.get_mut(..len) else {
+        let Some(out) = out.get_mut(..if splice { ethernet::HEADER_LEN } else { len }) else {
             return Outcome::Drop(DropReason::OutputTooSmall);
         };
         let _ = ethernet::emit_header(out, mac, self.config.mac, eth.ethertype());
-        out[ethernet::HEADER_LEN..].copy_from_slice(inner);
+        if !splice {
+            out[ethernet::HEADER_LEN..].copy_from_slice(inner);
+        }
         Outcome::Transmit { len, kind: TxKind::Forward }
     }
 
@@ -648,6 +777,16 @@ impl Forwarder {
     }
 }
 
+/// The IP length of the largest segment a GSO super-packet becomes: its IP and L4 headers
+/// and one `gso_size` payload (or the whole packet, if that is shorter).
+fn gso_segment_len(ip: &[u8], info: &PacketInfo, gso_size: u16) -> usize {
+    let l4_header = match info.key.proto {
+        Protocol::Tcp => ip.get(info.l4_offset + 12).map_or(20, |b| usize::from(b >> 4) * 4),
+        _ => 8,
+    };
+    (info.l4_offset + l4_header + usize::from(gso_size)).min(info.total_len)
+}
+
 /// The body of the fuzz targets for this path: `data` both as a whole frame and as an IP
 /// packet in a frame to the load balancer's MAC (so IP-packet seeds reach the deep paths),
 /// through a load balancer with a TCP, a UDP and an IPv6 service. Besides "no panic" it
@@ -665,6 +804,15 @@ fn check_frame(data: &[u8]) {
     let mut out = [0u8; 1600];
     let n = data.len() as u64;
     // Odd lengths also take the partial-checksum path (completed on the forwarded copy).
+    // The same bytes behind a virtio header made of their own first bytes (GSO or not).
+    let mut vnet_out = [0u8; 1600 + VnetHeader::LEN];
+    if let Outcome::Transmit { len, .. } =
+        lb.process_vnet(data, VnetHeader::parse(data), n, &mut vnet_out)
+    {
+        assert!((VnetHeader::LEN + ethernet::HEADER_LEN..=vnet_out.len()).contains(&len));
+        // IP-in-IP passes no offload on: the header is all zero.
+        assert_eq!(vnet_out[..VnetHeader::LEN], [0u8; VnetHeader::LEN]);
+    }
     match lb.process_rx(data, n % 2 == 1, n, &mut out) {
         Outcome::Transmit { len, kind } => {
             let frame = EthernetFrame::new_checked(&out[..len]).expect("a short frame");

@@ -456,3 +456,99 @@ fn l2_direct_routing_changes_only_the_macs_and_needs_the_backends_own() {
         Outcome::Drop(DropReason::NoNeighbour)
     );
 }
+
+/// A load balancer by L2 direct routing with a MAC for each test backend.
+fn l2_forwarder() -> Forwarder {
+    let mut cfg = testbed::config();
+    cfg.forwarding = Forwarding::L2Dsr;
+    for (i, ip) in testbed::backends4(3).into_iter().enumerate() {
+        cfg.neighbours.insert(ip, MacAddr([2, 0, 0, 0, 4, i as u8 + 1]));
+    }
+    Forwarder::new(testbed::engine(7), Arc::new(cfg))
+}
+
+/// What the kernel writes before a veth's GSO TCP frame: a super-packet of `gso_size`
+/// segments with the checksum left partial at the TCP header.
+fn gso_header(gso_size: u16) -> VnetHeader {
+    VnetHeader {
+        flags: VnetHeader::F_NEEDS_CSUM,
+        gso_type: VnetHeader::GSO_TCPV4,
+        hdr_len: 66,
+        gso_size,
+        csum_start: 14 + 20,
+        csum_offset: 16,
+    }
+}
+
+#[test]
+fn l2_direct_routing_forwards_a_gso_frame_whole_with_its_virtio_header() {
+    let lb = l2_forwarder();
+    let data = packet(client4(40010), TcpFlags::ACK, 1448 * 40); // 40 segments' worth
+    let mut out = vec![0u8; VnetHeader::LEN + 14 + 65_535];
+    let o = lb.process_vnet(&frame(&data), Some(gso_header(1448)), SEC, &mut out);
+    let len = VnetHeader::LEN + 14 + data.len();
+    assert_eq!(o, Outcome::Transmit { len, kind: TxKind::Forward });
+    // The offloads go on as they came (only the MACs changed, so the offsets hold).
+    assert_eq!(VnetHeader::parse(&out), Some(gso_header(1448)));
+    assert_eq!(&out[VnetHeader::LEN + 14..len], &data[..]);
+    let to = &out[VnetHeader::LEN..VnetHeader::LEN + 6];
+    assert!(to[..5] == [2, 0, 0, 0, 4] && (1..=3).contains(&to[5]), "not a backend's MAC: {to:?}");
+
+    // Spliced: the same headers, and the packet left in the received frame to send after them.
+    let mut head = vec![0u8; 64];
+    let (o, body) = lb.process_vnet_spliced(&frame(&data), Some(gso_header(1448)), SEC, &mut head);
+    assert_eq!((o, body), (Outcome::Transmit { len, kind: TxKind::Forward }, Some(data.len())));
+    assert_eq!(head[..VnetHeader::LEN + 14], out[..VnetHeader::LEN + 14]);
+    // What is made here is never spliced.
+    let (o, body) = lb.process_vnet_spliced(&frame(&data), Some(gso_header(1600)), SEC, &mut out);
+    assert!(matches!((o, body), (Outcome::Transmit { kind: TxKind::TooBig, .. }, None)), "{o:?}");
+
+    // Segments that would not fit the MTU: the client is told, as for one big packet.
+    let o = lb.process_vnet(&frame(&data), Some(gso_header(1600)), SEC, &mut out);
+    assert!(matches!(o, Outcome::Transmit { kind: TxKind::TooBig, .. }), "{o:?}");
+    assert_eq!(VnetHeader::parse(&out), Some(VnetHeader::default()));
+
+    // A frame too big for the caller's buffer is counted and dropped.
+    let mut small = vec![0u8; 2048];
+    let o = lb.process_vnet(&frame(&data), Some(gso_header(1448)), SEC, &mut small);
+    assert_eq!(o, Outcome::Drop(DropReason::OutputTooSmall));
+    assert_eq!(lb.counters().drop_count(DropReason::OutputTooSmall), 1);
+    assert_eq!(
+        lb.process_vnet(&frame(&data), None, SEC, &mut [0u8; 4]),
+        Outcome::Drop(DropReason::OutputTooSmall)
+    );
+}
+
+#[test]
+fn ip_in_ip_refuses_gso_frames_and_completes_partial_checksums() {
+    let lb = testbed::forwarder();
+    let data = packet(client4(40011), TcpFlags::ACK, 1448 * 4);
+    let mut out = vec![0u8; VnetHeader::LEN + 14 + 65_535];
+    let o = lb.process_vnet(&frame(&data), Some(gso_header(1448)), SEC, &mut out);
+    assert_eq!(o, Outcome::Drop(DropReason::GsoTunnel));
+    assert_eq!(lb.counters().drop_count(DropReason::GsoTunnel), 1);
+    // IP-in-IP writes a new header before the packet: it is never spliced.
+    let one = packet(client4(40012), TcpFlags::SYN, 0);
+    let (o, body) = lb.process_vnet_spliced(&frame(&one), None, SEC, &mut out);
+    assert!(matches!((o, body), (Outcome::Transmit { kind: TxKind::Forward, .. }, None)));
+
+    // One segment with a partial checksum: completed here, and no offload passed on.
+    let mut one = packet(client4(40011), TcpFlags::ACK, 100);
+    one[36..38].copy_from_slice(&[0x12, 0x34]);
+    let partial = VnetHeader { gso_type: VnetHeader::GSO_NONE, gso_size: 0, ..gso_header(0) };
+    let o = lb.process_vnet(&frame(&one), Some(partial), SEC, &mut out);
+    let Outcome::Transmit { len, kind: TxKind::Forward } = o else { panic!("{o:?}") };
+    assert_eq!(VnetHeader::parse(&out), Some(VnetHeader::default()));
+    let (_, proto, inner) = unwrap(&out[VnetHeader::LEN..len]);
+    assert_eq!((proto, verify_checksums(&inner)), (PROTO_IPIP, Ok(true)));
+}
+
+#[test]
+fn replies_made_here_carry_an_empty_virtio_header() {
+    let lb = l2_forwarder();
+    let arp = testbed::sample_frames().into_iter().find(|f| f[12..14] == [8, 6]).unwrap();
+    let mut out = vec![0xffu8; 2048];
+    let o = lb.process_vnet(&arp, Some(gso_header(1448)), SEC, &mut out);
+    assert_eq!(o, Outcome::Transmit { len: VnetHeader::LEN + 60, kind: TxKind::ArpReply });
+    assert_eq!(VnetHeader::parse(&out), Some(VnetHeader::default()));
+}

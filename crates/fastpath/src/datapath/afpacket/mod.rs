@@ -50,13 +50,29 @@
 //! route on the load-balancer node (`ip -6 route add blackhole VIP/128`), where the kernel
 //! drops its copy silently (the IPv6 privileged test found this and does so).
 //!
-//! Receive offloads must be off on the interface (`ethtool -K IF gro off lro off`): with
-//! GRO the ring would see coalesced super-packets larger than the MTU. veth pairs do not
-//! coalesce unless told to.
+//! # Offloads: GSO super-packets and partial checksums
+//!
+//! The ring can hold frames far larger than the MTU: a veth hands its peer's GSO
+//! super-packets over whole (up to 64 kB of TCP segments in one frame, to be cut up by
+//! whichever device finally transmits them), and so does a NIC with GRO or LRO on. The
+//! sockets use `PACKET_VNET_HDR` ([`WorkerConfig::vnet_hdr`], on by default): the kernel
+//! writes each frame's offload state (GSO type and segment size, partial checksum) in a
+//! virtio header before it, and takes one before each frame sent. With L2 direct routing
+//! a super-packet goes on whole with its header, the kernel segments it (or hands it to
+//! the next veth whole), and no byte is copied per segment; the largest segment must fit
+//! the MTU, else the client gets "too big". The worker does not copy the packet either:
+//! it sends the new headers and the frame where it lies in the ring, two iovecs of one
+//! `sendmmsg` message ([`Forwarder::process_vnet_spliced`]); a frame the kernel will not
+//! send (larger than it takes) is counted in `tx_errors`. IP-in-IP cannot do this: the
+//! header has no GSO type for a tunnel, so there a GSO frame is dropped and counted
+//! (`drops_gso_tunnel`), and the interface must not coalesce (`ethtool -K IF gro off lro
+//! off`, what Katran requires too, and `pykp lb` warns about; veth pairs hand over their
+//! peer's GSO frames whatever GRO says, so a tunnel lab needs its senders' `tso`/`gso` off).
 //!
 //! A frame from a local or virtual sender (a veth peer, a tap) may carry a partial L4
-//! checksum (`TP_STATUS_CSUMNOTREADY`: only the pseudo-header's, left for the device to
-//! finish); the forwarded copy gets it completed, since no device down the tunnel will.
+//! checksum (`TP_STATUS_CSUMNOTREADY` / the header's `NEEDS_CSUM`: only the pseudo-header's,
+//! left for the device to finish): L2 direct routing passes it on in the header; IP-in-IP
+//! completes it on the forwarded copy, since no device down the tunnel will.
 //!
 //! # Limits (today)
 //!
@@ -83,5 +99,6 @@ pub use forward::{
     fuzz_frame, DropReason, ForwardCounters, Forwarder, Forwarding, IgnoreReason, LbConfig,
     Neighbours, Outcome, TxKind,
 };
+pub use ring::VnetHeader;
 pub use sys::{interface_info, InterfaceInfo, RingConfig};
 pub use worker::{IoCounters, LbWorkers, WorkerConfig};

@@ -41,6 +41,67 @@ fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(off..off + 2)?.try_into().ok()?))
 }
 
+/// `struct virtio_net_hdr` (`linux/virtio_net.h`): what a socket with `PACKET_VNET_HDR`
+/// finds before each received frame and puts before each frame it sends. It carries the
+/// offloads the kernel left undone: a partial L4 checksum and GSO (a super-packet the
+/// device, or the kernel, cuts into `gso_size`-byte segments). Fields in host byte order
+/// (the kernel's `vio_le()`: little-endian on little-endian hosts, which is all we run on).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VnetHeader {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    /// From the start of the Ethernet header.
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHeader {
+    pub const LEN: usize = 10;
+    /// `flags`: the L4 checksum is only the pseudo-header's, to finish at `csum_start`.
+    pub const F_NEEDS_CSUM: u8 = 1;
+    pub const GSO_NONE: u8 = 0;
+    pub const GSO_TCPV4: u8 = 1;
+    pub const GSO_UDP: u8 = 3;
+    pub const GSO_TCPV6: u8 = 4;
+    pub const GSO_UDP_L4: u8 = 5;
+    pub const GSO_ECN: u8 = 0x80;
+
+    pub fn parse(b: &[u8]) -> Option<VnetHeader> {
+        let b: &[u8; Self::LEN] = b.get(..Self::LEN)?.try_into().ok()?;
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Some(VnetHeader {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16_at(2),
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        })
+    }
+
+    pub fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        b
+    }
+
+    /// A GSO super-packet: more than one segment's worth, cut up on the way out.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !Self::GSO_ECN != Self::GSO_NONE
+    }
+
+    pub fn needs_checksum(&self) -> bool {
+        self.flags & Self::F_NEEDS_CSUM != 0
+    }
+}
+
 /// One received frame of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RxFrame<'a> {
@@ -52,6 +113,9 @@ pub struct RxFrame<'a> {
     pub vlan: bool,
     /// The L4 checksum is to be completed by whoever sends the packet on (us).
     pub checksum_partial: bool,
+    /// The frame's virtio header, on a ring of a socket with `PACKET_VNET_HDR` (see
+    /// [`frames_with_vnet`]); `None` without, or if it lies outside the block.
+    pub vnet: Option<VnetHeader>,
 }
 
 /// The status word of a block (`TP_STATUS_USER` when the kernel handed it over).
@@ -64,7 +128,13 @@ pub fn frames(block: &[u8]) -> Frames<'_> {
     let n = u32_at(block, block::NUM_PKTS).unwrap_or(0);
     let first = u32_at(block, block::OFFSET_TO_FIRST_PKT).unwrap_or(0) as usize;
     let len = (u32_at(block, block::BLK_LEN).unwrap_or(0) as usize).min(block.len());
-    Frames { block: &block[..len], next: first, left: n }
+    Frames { block: &block[..len], next: first, left: n, vnet: false }
+}
+
+/// [`frames`] of a socket with `PACKET_VNET_HDR`: the kernel wrote each frame's
+/// [`VnetHeader`] just before its Ethernet header.
+pub fn frames_with_vnet(block: &[u8]) -> Frames<'_> {
+    Frames { vnet: true, ..frames(block) }
 }
 
 /// Iterator over a block's frames; see [`frames`].
@@ -72,6 +142,7 @@ pub struct Frames<'a> {
     block: &'a [u8],
     next: usize,
     left: u32,
+    vnet: bool,
 }
 
 impl<'a> Iterator for Frames<'a> {
@@ -104,11 +175,19 @@ impl<'a> Frames<'a> {
             next => self.next = at.checked_add(next as usize)?,
         }
         let status = u32_at(hdr, pkt::STATUS)?;
+        let vnet = match self.vnet {
+            true => mac
+                .checked_sub(VnetHeader::LEN)
+                .and_then(|at| self.block.get(at..mac))
+                .and_then(VnetHeader::parse),
+            false => None,
+        };
         Some(RxFrame {
             data,
             wire_len: u32_at(hdr, pkt::LEN)? as usize,
             vlan: status & TP_STATUS_VLAN_VALID != 0,
             checksum_partial: status & TP_STATUS_CSUMNOTREADY != 0,
+            vnet,
         })
     }
 }
@@ -119,16 +198,24 @@ mod tests {
 
     /// A block as the kernel lays it out: descriptor, then packets at 16-byte alignment.
     fn block(frames: &[(&[u8], u32)]) -> Vec<u8> {
+        block_at(frames, 50, None)
+    }
+
+    /// `block`, with each frame's data at `mac` from its header and `vnet` just before it.
+    fn block_at(frames: &[(&[u8], u32)], mac: usize, vnet: Option<VnetHeader>) -> Vec<u8> {
         let mut b = vec![0u8; 48];
         let mut at = 48;
         let mut offsets = Vec::new();
         for (data, status) in frames {
-            let mut h = vec![0u8; 48 + 2 + data.len()];
+            let mut h = vec![0u8; mac + data.len()];
             h[pkt::SNAPLEN..pkt::SNAPLEN + 4].copy_from_slice(&(data.len() as u32).to_ne_bytes());
             h[pkt::LEN..pkt::LEN + 4].copy_from_slice(&(data.len() as u32 + 4).to_ne_bytes());
             h[pkt::STATUS..pkt::STATUS + 4].copy_from_slice(&status.to_ne_bytes());
-            h[pkt::MAC..pkt::MAC + 2].copy_from_slice(&50u16.to_ne_bytes());
-            h[50..].copy_from_slice(data);
+            h[pkt::MAC..pkt::MAC + 2].copy_from_slice(&(mac as u16).to_ne_bytes());
+            h[mac..].copy_from_slice(data);
+            if let Some(v) = vnet {
+                h[mac - VnetHeader::LEN..mac].copy_from_slice(&v.to_bytes());
+            }
             h.resize(h.len().div_ceil(16) * 16, 0);
             offsets.push((at, h.len()));
             at += h.len();
@@ -162,6 +249,28 @@ mod tests {
             (got[1].data, got[1].vlan, got[1].checksum_partial),
             (&b"second"[..], true, true)
         );
+    }
+
+    #[test]
+    fn reads_the_virtio_header_before_each_frame() {
+        let gso = VnetHeader {
+            flags: VnetHeader::F_NEEDS_CSUM,
+            gso_type: VnetHeader::GSO_TCPV4,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert_eq!(VnetHeader::parse(&gso.to_bytes()), Some(gso));
+        assert!(gso.is_gso() && gso.needs_checksum());
+        let ecn_only = VnetHeader { gso_type: VnetHeader::GSO_ECN, ..Default::default() };
+        assert!(!ecn_only.is_gso());
+        let b = block_at(&[(b"frame", TP_STATUS_USER), (b"again", TP_STATUS_USER)], 64, Some(gso));
+        let got: Vec<RxFrame> = frames_with_vnet(&b).collect();
+        assert_eq!(got.iter().map(|f| f.vnet).collect::<Vec<_>>(), [Some(gso); 2]);
+        assert_eq!(got[1].data, b"again");
+        // Without the socket option there is no header to read.
+        assert!(frames(&b).all(|f| f.vnet.is_none()));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::forward::{ForwardCounters, Forwarder, LbConfig, Outcome};
-use super::ring;
+use super::ring::{self, VnetHeader};
 use super::sys::{interface_info, InterfaceInfo, PacketSocket, RingConfig, SEND_BATCH};
 use crate::datapath::nfqueue::sys::monotonic_nanos;
 use crate::engine::Engine;
@@ -23,6 +23,11 @@ pub struct WorkerConfig {
     pub fanout_group: u16,
     pub qdisc_bypass: bool,
     pub ring: RingConfig,
+    /// Receive and send with virtio headers (`PACKET_VNET_HDR`), so GSO super-packets are
+    /// forwarded whole and partial checksums left to the device: see
+    /// [`Forwarder::process_vnet`]. Without it, a GSO frame larger than the MTU is answered
+    /// as too big.
+    pub vnet_hdr: bool,
 }
 
 impl WorkerConfig {
@@ -33,6 +38,7 @@ impl WorkerConfig {
             fanout_group: (std::process::id() & 0xffff) as u16,
             qdisc_bypass: true,
             ring: RingConfig::default(),
+            vnet_hdr: true,
         }
     }
 }
@@ -45,6 +51,8 @@ pub struct IoCounters {
     pub rx_vlan: AtomicU64,
     /// Frames longer than the ring's frame size, cut short: not forwarded.
     pub rx_truncated: AtomicU64,
+    /// GSO super-packets received (several segments' worth in one frame, virtio header).
+    pub rx_gso: AtomicU64,
     pub rx_blocks: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_errors: AtomicU64,
@@ -67,6 +75,7 @@ impl IoCounters {
             ("rx_frames", &self.rx_frames),
             ("rx_vlan", &self.rx_vlan),
             ("rx_truncated", &self.rx_truncated),
+            ("rx_gso", &self.rx_gso),
             ("rx_blocks", &self.rx_blocks),
             ("tx_frames", &self.tx_frames),
             ("tx_errors", &self.tx_errors),
@@ -104,7 +113,7 @@ impl LbWorkers {
         let interface = interface_info(&cfg.interface)?;
         let mut sockets = Vec::new();
         for _ in 0..cfg.workers.max(1) {
-            let s = PacketSocket::open(interface.index, &cfg.ring)?;
+            let s = PacketSocket::open(interface.index, &cfg.ring, cfg.vnet_hdr)?;
             s.join_fanout(cfg.fanout_group)?;
             s.set_qdisc_bypass(cfg.qdisc_bypass)?;
             if lb.vips.iter().any(|v| v.is_ipv6()) {
@@ -113,7 +122,11 @@ impl LbWorkers {
             sockets.push(s);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let tx_len = 14 + lb.mtu;
+        // Room for the largest frame a worker writes: one of the MTU plus an outer header, or
+        // an ICMP reply quoting up to 1,280 bytes (with virtio headers, what L2 direct routing
+        // forwards stays in the ring: see `Forwarder::process_vnet_spliced`).
+        let tx_len = VnetHeader::LEN + 14 + 40 + lb.mtu.max(1500);
+        let vnet_hdr = cfg.vnet_hdr;
         let mut threads = Vec::new();
         let mut shared = Vec::new();
         for (i, sock) in sockets.into_iter().enumerate() {
@@ -126,7 +139,7 @@ impl LbWorkers {
             let stop = stop.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pykp-lb-{i}"))
-                .spawn(move || run(sock, fwd, &s.io, &stop, tx_len))?;
+                .spawn(move || run(sock, fwd, &s.io, &stop, tx_len, vnet_hdr))?;
             threads.push(t);
         }
         Ok(LbWorkers { stop, threads, shared, interface })
@@ -178,7 +191,14 @@ impl Drop for LbWorkers {
 const POLL: Duration = Duration::from_millis(50);
 const STATS_EVERY: Duration = Duration::from_millis(200);
 
-fn run(sock: PacketSocket, fwd: Forwarder, io: &IoCounters, stop: &AtomicBool, tx_len: usize) {
+fn run(
+    sock: PacketSocket,
+    fwd: Forwarder,
+    io: &IoCounters,
+    stop: &AtomicBool,
+    tx_len: usize,
+    vnet_hdr: bool,
+) {
     let mut tx: Vec<Vec<u8>> = (0..SEND_BATCH).map(|_| vec![0u8; tx_len]).collect();
     let mut lens = [0usize; SEND_BATCH];
     let mut last_stats = Instant::now();
@@ -190,7 +210,13 @@ fn run(sock: PacketSocket, fwd: Forwarder, io: &IoCounters, stop: &AtomicBool, t
         while let Some(block) = sock.next_block() {
             bump(&io.rx_blocks, 1);
             let mut n = 0;
-            for f in ring::frames(block.bytes()) {
+            // The received bytes each frame to send goes on with (empty: all in `tx[i]`).
+            let mut bodies: [&[u8]; SEND_BATCH] = [&[]; SEND_BATCH];
+            let frames = match vnet_hdr {
+                true => ring::frames_with_vnet(block.bytes()),
+                false => ring::frames(block.bytes()),
+            };
+            for f in frames {
                 bump(&io.rx_frames, 1);
                 if f.vlan {
                     bump(&io.rx_vlan, 1);
@@ -200,18 +226,31 @@ fn run(sock: PacketSocket, fwd: Forwarder, io: &IoCounters, stop: &AtomicBool, t
                     bump(&io.rx_truncated, 1);
                     continue;
                 }
-                if let Outcome::Transmit { len, .. } =
-                    fwd.process_rx(f.data, f.checksum_partial, monotonic_nanos(), &mut tx[n])
-                {
-                    lens[n] = len;
+                let now = monotonic_nanos();
+                let (outcome, spliced) = match vnet_hdr {
+                    true => {
+                        if f.vnet.is_some_and(|v| v.is_gso()) {
+                            bump(&io.rx_gso, 1);
+                        }
+                        fwd.process_vnet_spliced(f.data, f.vnet, now, &mut tx[n])
+                    }
+                    false => (fwd.process_rx(f.data, f.checksum_partial, now, &mut tx[n]), None),
+                };
+                if let Outcome::Transmit { len, .. } = outcome {
+                    (lens[n], bodies[n]) = match spliced {
+                        Some(body) => {
+                            (VnetHeader::LEN + 14, f.data.get(14..14 + body).unwrap_or_default())
+                        }
+                        None => (len, &[][..]),
+                    };
                     n += 1;
                     if n == SEND_BATCH {
-                        flush(&sock, &tx, &lens[..n], io);
+                        flush(&sock, &tx, &lens[..n], &bodies[..n], io);
                         n = 0;
                     }
                 }
             }
-            flush(&sock, &tx, &lens[..n], io);
+            flush(&sock, &tx, &lens[..n], &bodies[..n], io);
             drop(block);
         }
         if last_stats.elapsed() >= STATS_EVERY {
@@ -224,13 +263,14 @@ fn run(sock: PacketSocket, fwd: Forwarder, io: &IoCounters, stop: &AtomicBool, t
     }
 }
 
-fn flush(sock: &PacketSocket, tx: &[Vec<u8>], lens: &[usize], io: &IoCounters) {
+/// Sends frame `i` as `tx[i][..lens[i]]` followed by `bodies[i]`.
+fn flush(sock: &PacketSocket, tx: &[Vec<u8>], lens: &[usize], bodies: &[&[u8]], io: &IoCounters) {
     if lens.is_empty() {
         return;
     }
-    let mut frames: [&[u8]; SEND_BATCH] = [&[]; SEND_BATCH];
-    for (i, &len) in lens.iter().enumerate() {
-        frames[i] = &tx[i][..len];
+    let mut frames: [(&[u8], &[u8]); SEND_BATCH] = [(&[], &[]); SEND_BATCH];
+    for (i, (&len, &body)) in lens.iter().zip(bodies).enumerate() {
+        frames[i] = (&tx[i][..len], body);
     }
     let (sent, failed) = sock.send_batch(&frames[..lens.len()]);
     bump(&io.tx_frames, sent as u64);
