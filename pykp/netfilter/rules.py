@@ -35,7 +35,9 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pykp.netfilter.executor import NftExecutor, make_executor
+from pykp.netfilter import bulk_load
+from pykp.netfilter.executor import LibNftables, NftExecutor, make_executor
+from pykp.netfilter.monitor import as_writer
 from pykp.netfilter.nfnetlink import NetlinkError, NftReader, TableSummary
 from pykp.netfilter.tool import RulesError, ToolResult, run_tool
 
@@ -265,6 +267,11 @@ _CHAINS: dict[str, str] = {
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
 _PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}")
+
+
+@functools.cache
+def _encoders() -> dict[str, bulk_load.Encoder]:
+    return bulk_load.encoders(_SYNCED)
 
 
 def _is_map(type_: str) -> bool:
@@ -591,6 +598,9 @@ class RuleManager:
         self._given_nft = nft
         # What the kernel holds since the last successful sync; None forces a full load.
         self._current: dict[str, dict[str, str]] | None = None
+        # Full loads over netlink (bulk_load) for our own namespace's library; a given
+        # executor (tests' recorders) or another namespace gets nft scripts.
+        self._bulk_load = nft is None and netns is None and isinstance(self.nft, LibNftables)
 
     # rendering (public so tests and `pykp` can show it)
 
@@ -838,12 +848,23 @@ class RuleManager:
         """Replace the content of every synced set and map by `wanted`, in one
         transaction; returns the elements sent."""
         t = self.table
+        self._current = None
+        if self._bulk_load:
+            # Straight to nf_tables, one batch: nft would parse every element (6 us each).
+            encode = _encoders()
+            try:
+                with as_writer():
+                    bulk_load.load_sets(
+                        t, [(n, encode[n], (wanted.get(n) or {}).values()) for n in _SYNCED]
+                    )
+            except OSError as error:  # NetlinkError: the kernel refused it (nothing applied)
+                raise RulesError(["netlink", "full load"], error.errno or 1, str(error)) from None
+            return sum(len(items) for items in wanted.values())
         lines: list[str] = []
         for name in _SYNCED:
             kind = "map" if _is_map(_SYNCED[name]) else "set"
             lines.append(f"flush {kind} inet {t} {name}")
             lines += _element_lines("add", t, name, (wanted.get(name) or {}).values())
-        self._current = None
         script = "\n".join(lines) + "\n"
         run_apart = getattr(self.nft, "run_apart", None)
         if run_apart is not None:  # in a child: its memory does not stay in this process
