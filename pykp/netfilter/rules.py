@@ -289,9 +289,11 @@ def _ip(text: str) -> tuple[int, str]:
     """(4 or 6, canonical text); inet_pton is ~10x faster than ipaddress at 100k ips."""
     for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
         try:
-            return version, socket.inet_ntop(family, socket.inet_pton(family, text))
+            canonical = socket.inet_ntop(family, socket.inet_pton(family, text))
         except OSError:
             continue
+        # The text itself when it is canonical: one string, not two, per address held.
+        return version, text if canonical == text else canonical
     raise ValueError(f"not an IP address: {text!r}")
 
 
