@@ -28,7 +28,7 @@ MAX_WEIGHT: Final = 65535
 # --- the parsed file ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One port of a service. `name` is "" when the service has a single unnamed port."""
 
@@ -39,7 +39,7 @@ class ServicePort:
     node_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     """A port of an endpoint, as an EndpointSlice names it (matched to service ports)."""
 
@@ -48,7 +48,7 @@ class EndpointPort:
     protocol: str = "TCP"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSpec:
     """One endpoint (a pod address) with Kubernetes' endpoint conditions.
 
@@ -79,7 +79,7 @@ class EndpointSpec:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceSpec:
     """A service and its endpoints. Addresses are normalised (`ipaddress` spelling)."""
 

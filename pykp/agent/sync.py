@@ -82,7 +82,7 @@ class NodeContext:
     default_policy: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     """What one service translated to, and from what."""
 
