@@ -25,6 +25,7 @@ import pytest
 from pykp.labs.lab import NETNS_DIR, Lab, in_namespace
 from pykp.netfilter import bulk_load
 from pykp.netfilter import conntrack as kernel_conntrack
+from pykp.netfilter.executor import NftRecorder
 from pykp.netfilter.nfnetlink import NetlinkError
 from pykp.netfilter.rules import (
     _SYNCED,
@@ -778,6 +779,23 @@ def test_bulk_load_refuses_what_it_cannot_encode() -> None:
             bulk_load.batch("pykp", [(name, encoders[name], [text])])
     with pytest.raises(ValueError):
         bulk_load.encoder("ipv4_addr . mark")
+
+
+def test_a_full_load_the_netlink_batch_fails_goes_through_nft(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = NftRecorder()
+    mgr = RuleManager(nft=recorder)
+    mgr._bulk_load = True  # as in the agent's own namespace
+
+    def refused(*_: object) -> None:
+        raise NetlinkError(1, "Operation not permitted")
+
+    monkeypatch.setattr(bulk_load, "load_sets", refused)
+    assert mgr.load_elements({"frontends4": {"10.0.0.1 . tcp . 80": "10.0.0.1 . tcp . 80"}}) == 1
+    [script] = recorder.scripts
+    assert "flush set inet pykp frontends4" in script
+    assert "add element inet pykp frontends4 { 10.0.0.1 . tcp . 80 }" in script
 
 
 # ------------------------------------------------------------------ datapath end to end

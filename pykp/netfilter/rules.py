@@ -29,6 +29,7 @@ import functools
 import ipaddress
 import itertools
 import json
+import logging
 import shlex
 import socket
 import time
@@ -56,6 +57,8 @@ __all__ = [
     "cleanup_all",
     "run_tool",
 ]
+
+_log = logging.getLogger(__name__)
 
 # The conntrack mark bit a service flow's first FIN or RST sets (with --follow-conntrack):
 # pykp's queue bit, here in the conntrack mark's space.
@@ -859,9 +862,12 @@ class RuleManager:
                     bulk_load.load_sets(
                         t, [(n, encode[n], (wanted.get(n) or {}).values()) for n in _SYNCED]
                     )
-            except OSError as error:  # NetlinkError: the kernel refused it (nothing applied)
-                raise RulesError(["netlink", "full load"], error.errno or 1, str(error)) from None
-            return sum(len(items) for items in wanted.values())
+                return sum(len(items) for items in wanted.values())
+            except OSError as error:
+                # Refused by the kernel (nothing of the batch applied) or no such socket
+                # (a buffer we may not size): nft gets the same load, and says why if it
+                # fails too.
+                _log.warning("full load over netlink failed (%s); loading through nft", error)
         lines: list[str] = []
         for name in _SYNCED:
             kind = "map" if _is_map(_SYNCED[name]) else "set"
