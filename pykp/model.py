@@ -30,7 +30,7 @@ MAX_WEIGHT: Final = 65535
 # --- the parsed file ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One port of a service. `name` is "" when the service has a single unnamed port."""
 
@@ -41,7 +41,7 @@ class ServicePort:
     node_port: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     """A port of an endpoint, as an EndpointSlice names it (matched to service ports)."""
 
@@ -50,7 +50,7 @@ class EndpointPort:
     protocol: str = "TCP"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSpec:
     """One endpoint (a pod address) with Kubernetes' endpoint conditions.
 
@@ -81,7 +81,7 @@ class EndpointSpec:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceSpec:
     """A service and its endpoints. Addresses are normalised (`ipaddress` spelling)."""
 

@@ -23,9 +23,13 @@ from typing import Any
 
 import pytest
 
-from pykp.labs.lab import NETNS_DIR, Lab
+from pykp.labs.lab import NETNS_DIR, Lab, in_namespace
+from pykp.netfilter import bulk_load
 from pykp.netfilter import conntrack as kernel_conntrack
+from pykp.netfilter.executor import NftRecorder
+from pykp.netfilter.nfnetlink import NetlinkError
 from pykp.netfilter.rules import (
+    _SYNCED,
     FrontendRule,
     MarkLayout,
     RuleManager,
@@ -706,6 +710,101 @@ def test_large_state_loads_in_one_sync(netns: str) -> None:
         f"\n10,000 frontends + 30,000 backends: full sync {full.seconds:.3f} s, "
         f"one-backend diff sync {diff.seconds:.3f} s, re-install {reinstall:.3f} s"
     )
+
+
+def _every_kind_of_element() -> dict[str, dict[str, str]]:
+    """Elements for every synced set and map, both families, each protocol, the widest
+    marks and ports: what a full load may hold."""
+    wanted: dict[str, dict[str, str]] = {name: {} for name in _SYNCED}
+    for version, ip, backend in ((4, "10.96.0.1", "10.244.0.5"), (6, "fd00::1", "fd01::5")):
+        for i, protocol in enumerate(("tcp", "udp", "sctp")):
+            key = f"{ip} . {protocol} . {80 + i}"
+            for name in (
+                "frontends", "queued", "masq_frontends", "local_frontends", "short_circuit",
+                "no_local_endpoints",
+            ):  # fmt: skip
+                wanted[f"{name}{version}"][key] = key
+            wanted[f"fallback{version}"][key] = f"{key} : goto pick{version}_{i + 1}"
+            for j in range(i + 1):
+                slot = f"{key} . {j}"
+                wanted[f"slots{version}"][slot] = f"{slot} : {backend} . {8080 + j}"
+        wanted[f"service_ips{version}"][ip] = ip
+        wanted[f"hairpin{version}"][f"{backend} . {backend}"] = f"{backend} . {backend}"
+        wanted[f"backends{version}"]["0x00010000"] = f"0x00010000 : {backend} . 65535"
+        wanted[f"backends{version}"]["0xfffe0000"] = f"0xfffe0000 : {backend} . 1"
+    return wanted
+
+
+def _listings(ns: str) -> dict[str, str]:
+    return {
+        name: sh(ns, "nft", "list", "map" if ":" in type_ else "set", "inet", "pykp", name)
+        for name, type_ in _SYNCED.items()
+    }
+
+
+@privileged
+@needs_root
+def test_bulk_load_matches_nft(netns: str) -> None:
+    """The full load over netlink writes exactly what nft writes for the same text: nft
+    decodes both back (byte order, padding, verdicts), and the listings agree."""
+    wanted = _every_kind_of_element()
+    mgr = RuleManager(netns=netns)
+    mgr.install()
+    mgr.load_elements(wanted)  # nft: another namespace's manager runs `nft -f -`
+    by_nft = _listings(netns)
+    assert "0xfffe0000 : 10.244.0.5 . 1" in by_nft["backends4"]
+    for name, type_ in _SYNCED.items():
+        sh(netns, "nft", "flush", "map" if ":" in type_ else "set", "inet", "pykp", name)
+    assert all("elements" not in text for text in _listings(netns).values())
+    encoders = bulk_load.encoders(_SYNCED)
+    with in_namespace(netns):
+        # Over stale content too: the batch flushes every set first.
+        bulk_load.load_sets("pykp", [("frontends4", encoders["frontends4"], ["10.0.0.9 . tcp . 1"])])
+        bulk_load.load_sets(
+            "pykp", [(name, encoders[name], wanted[name].values()) for name in _SYNCED]
+        )
+    assert _listings(netns) == by_nft
+    # A refused batch (no such set) raises and applies nothing.
+    with in_namespace(netns), pytest.raises(NetlinkError):
+        bulk_load.load_sets(
+            "pykp",
+            [
+                ("frontends4", encoders["frontends4"], []),
+                ("nosuch", encoders["frontends4"], ["10.0.0.9 . tcp . 1"]),
+            ],
+        )
+    assert _listings(netns) == by_nft
+
+
+def test_bulk_load_refuses_what_it_cannot_encode() -> None:
+    encoders = bulk_load.encoders(_SYNCED)
+    for name, text in (
+        ("frontends4", "10.0.0.1 . icmp . 1"),
+        ("frontends4", "10.0.0.1 . tcp . 70000"),
+        ("backends4", "0x10000 : 10.0.0.300 . 80"),
+        ("fallback4", "10.0.0.1 . tcp . 1 : jump pick4_1"),
+    ):
+        with pytest.raises((ValueError, KeyError, OSError)):
+            bulk_load.batch("pykp", [(name, encoders[name], [text])])
+    with pytest.raises(ValueError):
+        bulk_load.encoder("ipv4_addr . mark")
+
+
+def test_a_full_load_the_netlink_batch_fails_goes_through_nft(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = NftRecorder()
+    mgr = RuleManager(nft=recorder)
+    mgr._bulk_load = True  # as in the agent's own namespace
+
+    def refused(*_: object) -> None:
+        raise NetlinkError(1, "Operation not permitted")
+
+    monkeypatch.setattr(bulk_load, "load_sets", refused)
+    assert mgr.load_elements({"frontends4": {"10.0.0.1 . tcp . 80": "10.0.0.1 . tcp . 80"}}) == 1
+    [script] = recorder.scripts
+    assert "flush set inet pykp frontends4" in script
+    assert "add element inet pykp frontends4 { 10.0.0.1 . tcp . 80 }" in script
 
 
 # ------------------------------------------------------------------ datapath end to end

@@ -316,6 +316,7 @@ class Agent:
         self._status_written = float("-inf")
         self._rules_damaged = False
         self._frozen = False
+        self._gc_held_since: float | None = None  # since when the start holds the GC
         self._trim_heap = False  # a full load (or a big listing) left freed C heap behind
         self._undecided = 0  # the kernel path's undecided counter, as last read
         self._element_check_off_logged = False
@@ -372,6 +373,7 @@ class Agent:
             self._spawn("pykp-housekeeping", self._housekeeping)
             # A first sync is expected: /healthz turns unhealthy if it never succeeds.
             self.health.queued_update()
+            self._hold_start_gc()
             self.source.start(self._on_change)
             self._rules_touched = True  # started: the rules are this agent's to remove
         except BaseException:
@@ -412,6 +414,9 @@ class Agent:
                 _log.exception("stopping %s failed", name)
         self._threads.clear()
         self._servers.clear()
+        with self._sync_lock:
+            if self._release_start_gc():
+                gc.enable()
         if self._running:
             _log.info("pykp agent stopped")
         self._running = False
@@ -513,6 +518,13 @@ class Agent:
                 return
             self._check_now.clear()
             now = self.deps.monotonic()
+            held = self._gc_held_since
+            if held is not None and now - held >= 60 and self._sync_lock.acquire(blocking=False):
+                try:  # no first sync yet (an unreachable API server): collect again
+                    if self._release_start_gc():
+                        gc.enable()
+                finally:
+                    self._sync_lock.release()
             if not asked:
                 try:
                     self.engine.expire()
@@ -564,20 +576,39 @@ class Agent:
         # 10,000 services). The state is acyclic: reference counting frees it.
         collecting = gc.isenabled()
         gc.disable()
+        synced = False
         try:
             synced = self._sync_changes()
         finally:
+            if synced and not self._frozen:
+                # What the first sync built lives as long as the agent: out of the
+                # collector's sight from now on, and before it is switched back on (its
+                # first pass would walk all of it: 0.25 s at 10,000 services, 0.7 s at
+                # 30,000, just after the commit).
+                gc.freeze()
+                self._frozen = True
+                collecting = collecting or self._release_start_gc()
             if collecting:
                 gc.enable()
         if synced and self._trim_heap:
             self._trim_heap = False
             trim_heap()
-        if synced and not self._frozen:
-            # What the first sync built lives as long as the agent: out of the collector's
-            # sight from now on.
-            gc.freeze()
-            self._frozen = True
         return synced
+
+    def _hold_start_gc(self) -> None:
+        """No cyclic GC from the start to the first sync: the lists and their translation
+        allocate millions of objects, acyclic (freed by reference counting), and the
+        collector's passes over them cost ~0.15 s at 10,000 services."""
+        if gc.isenabled() and not self._frozen:
+            gc.disable()
+            self._gc_held_since = self.deps.monotonic()
+
+    def _release_start_gc(self) -> bool:
+        """End `_hold_start_gc` (True when it held the GC). Called by the first sync, by
+        `stop()`, and by the housekeeping when no sync came within a minute."""
+        held = self._gc_held_since is not None
+        self._gc_held_since = None
+        return held
 
     def _sync_changes(self) -> bool:
         # The change time first: if the source changes again in between, the newer state

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # --- translation to the engine ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EngineBackend:
     """A backend as `pykp._fastpath.Backend` takes it."""
 
@@ -31,7 +31,7 @@ class EngineBackend:
     local: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EngineService:
     """One engine service: what `Engine.upsert_service` takes, as plain data."""
 

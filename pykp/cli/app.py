@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from pykp import __version__
+import pykp
 from pykp.labs.simulate import render_simulation, simulate_connections
 from pykp.labs.simulate_nodes import (
     MAX_NODES,
@@ -71,7 +71,7 @@ def _console() -> Console:
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"pykp {__version__}")
+        typer.echo(f"pykp {pykp.__version__}")
         raise typer.Exit()
 
 

@@ -111,15 +111,17 @@ class ElementDelta:
         return added, sum(map(len, self.removed.values()))
 
 
-# One contribution as the tracker keeps it: (set or map, key, element text) triples.
-_Held = tuple[tuple[str, str, str], ...]
+# One contribution as the tracker keeps it: (set or map, key, element text) flattened,
+# three items per element (a tuple per element would cost 64 bytes each).
+_Held = tuple[str, ...]
 
 
 class ElementTracker:
     """The elements wanted, with who wants them, and what changed since `take_delta()`.
 
     Held compactly (at 100,000 services this is most of the agent's Python state): each
-    owner's elements as one tuple of triples, each element once with its owner count.
+    owner's elements as one flat tuple, each element once as its text (a set's text is
+    its key: the same string), and a count only for the few elements several owners hold.
     """
 
     def __init__(self, *, loading: bool = False) -> None:
@@ -128,8 +130,10 @@ class ElementTracker:
         `loaded()` is called (a fifth of a full sync's time at 10,000 services)."""
         self._loading = loading
         self._owners: dict[str, _Held] = {}
-        # name -> key -> (element text, owners holding it)
-        self._elements: dict[str, dict[str, tuple[str, int]]] = {name: {} for name in _SYNCED}
+        # name -> key -> element text
+        self._elements: dict[str, dict[str, str]] = {name: {} for name in _SYNCED}
+        # (name, key) -> owners past the first, for elements held by more than one
+        self._extra: dict[tuple[str, str], int] = {}
         # (name, key) -> the element text the kernel held at the last take (None: absent)
         self._touched: dict[tuple[str, str], str | None] = {}
         self.generation = 0  # bumped by every change of the elements wanted
@@ -141,19 +145,27 @@ class ElementTracker:
         """Make `owner` contribute exactly `contribution` (None or empty: nothing)."""
         old = self._owners.pop(owner, ())
         new: _Held = tuple(
-            (name, key, text)
+            part
             for name, items in (contribution or {}).items()
             for key, text in items.items()
+            for part in (name, key, text)
         )
         if old == new:
             if new:
                 self._owners[owner] = old
             return
-        kept = set(new) & set(old) if old and new else set()
-        for triple in old:
+        if not old:  # a new owner (every owner of a full load): nothing to compare
+            for i in range(0, len(new), 3):
+                self._hold(new[i], new[i + 1], new[i + 2])
+            self._owners[owner] = new
+            return
+        old_triples = list(zip(old[0::3], old[1::3], old[2::3], strict=True))
+        new_triples = list(zip(new[0::3], new[1::3], new[2::3], strict=True))
+        kept = set(old_triples).intersection(new_triples) if new else set()
+        for triple in old_triples:
             if triple not in kept:
                 self._release(triple[0], triple[1])
-        for triple in new:
+        for triple in new_triples:
             if triple not in kept:
                 self._hold(*triple)
         if new:
@@ -164,17 +176,13 @@ class ElementTracker:
 
     def wanted(self) -> dict[str, dict[str, str]]:
         """Every element wanted now, per set or map (for a full load)."""
-        return {
-            name: {key: entry[0] for key, entry in items.items()}
-            for name, items in self._elements.items()
-        }
+        return {name: dict(items) for name, items in self._elements.items()}
 
     def take_delta(self) -> ElementDelta:
         """What changed since the last call (or since `forget_kernel`)."""
         delta = ElementDelta()
         for (name, key), before in self._touched.items():
-            entry = self._elements[name].get(key)
-            now = None if entry is None else entry[0]
+            now = self._elements[name].get(key)
             if now == before:
                 continue
             if now is None:
@@ -199,25 +207,32 @@ class ElementTracker:
         """Elements wanted per set or map."""
         return {name: len(items) for name, items in self._elements.items()}
 
-    def _touch(self, name: str, key: str) -> tuple[str, int] | None:
+    def _touch(self, name: str, key: str, text: str | None) -> None:
         self.generation += 1
-        entry = self._elements[name].get(key)
         if not self._loading and (name, key) not in self._touched:
-            self._touched[(name, key)] = None if entry is None else entry[0]
-        return entry
+            self._touched[(name, key)] = text
 
     def _hold(self, name: str, key: str, text: str) -> None:
-        entry = self._touch(name, key)
+        items = self._elements[name]
+        entry = items.get(key)
+        self._touch(name, key, entry)
         # Two owners of one key agree on its value (service IPs, hairpin pairs); if they
         # ever did not, the first one's stays.
-        self._elements[name][key] = (text, 1) if entry is None else (entry[0], entry[1] + 1)
+        if entry is None:
+            items[key] = text
+        else:
+            self._extra[(name, key)] = self._extra.get((name, key), 0) + 1
 
     def _release(self, name: str, key: str) -> None:
-        entry = self._elements[name].get(key)
+        items = self._elements[name]
+        entry = items.get(key)
         if entry is None:
             return
-        self._touch(name, key)
-        if entry[1] <= 1:
-            del self._elements[name][key]
+        self._touch(name, key, entry)
+        extra = self._extra.get((name, key), 0)
+        if extra > 1:
+            self._extra[(name, key)] = extra - 1
+        elif extra == 1:
+            del self._extra[(name, key)]
         else:
-            self._elements[name][key] = (entry[0], entry[1] - 1)
+            del items[key]

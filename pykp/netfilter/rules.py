@@ -29,13 +29,16 @@ import functools
 import ipaddress
 import itertools
 import json
+import logging
 import shlex
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pykp.netfilter.executor import NftExecutor, make_executor
+from pykp.netfilter import bulk_load
+from pykp.netfilter.executor import LibNftables, NftExecutor, make_executor
+from pykp.netfilter.monitor import as_writer
 from pykp.netfilter.nfnetlink import NetlinkError, NftReader, TableSummary
 from pykp.netfilter.tool import RulesError, ToolResult, run_tool
 
@@ -54,6 +57,8 @@ __all__ = [
     "cleanup_all",
     "run_tool",
 ]
+
+_log = logging.getLogger(__name__)
 
 # The conntrack mark bit a service flow's first FIN or RST sets (with --follow-conntrack):
 # pykp's queue bit, here in the conntrack mark's space.
@@ -278,6 +283,11 @@ _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
 _PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}")
 
 
+@functools.cache
+def _encoders() -> dict[str, bulk_load.Encoder]:
+    return bulk_load.encoders(_SYNCED)
+
+
 def _is_map(type_: str) -> bool:
     return ":" in type_
 
@@ -293,9 +303,11 @@ def _ip(text: str) -> tuple[int, str]:
     """(4 or 6, canonical text); inet_pton is ~10x faster than ipaddress at 100k ips."""
     for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
         try:
-            return version, socket.inet_ntop(family, socket.inet_pton(family, text))
+            canonical = socket.inet_ntop(family, socket.inet_pton(family, text))
         except OSError:
             continue
+        # The text itself when it is canonical: one string, not two, per address held.
+        return version, text if canonical == text else canonical
     raise ValueError(f"not an IP address: {text!r}")
 
 
@@ -631,6 +643,9 @@ class RuleManager:
         self._given_nft = nft
         # What the kernel holds since the last successful sync; None forces a full load.
         self._current: dict[str, dict[str, str]] | None = None
+        # Full loads over netlink (bulk_load) for our own namespace's library; a given
+        # executor (tests' recorders) or another namespace gets nft scripts.
+        self._bulk_load = nft is None and netns is None and isinstance(self.nft, LibNftables)
 
     # rendering (public so tests and `pykp` can show it)
 
@@ -878,12 +893,26 @@ class RuleManager:
         """Replace the content of every synced set and map by `wanted`, in one
         transaction; returns the elements sent."""
         t = self.table
+        self._current = None
+        if self._bulk_load:
+            # Straight to nf_tables, one batch: nft would parse every element (~4 us each).
+            encode = _encoders()
+            try:
+                with as_writer():
+                    bulk_load.load_sets(
+                        t, [(n, encode[n], (wanted.get(n) or {}).values()) for n in _SYNCED]
+                    )
+                return sum(len(items) for items in wanted.values())
+            except OSError as error:
+                # Refused by the kernel (nothing of the batch applied) or no such socket
+                # (a buffer we may not size): nft gets the same load, and says why if it
+                # fails too.
+                _log.warning("full load over netlink failed (%s); loading through nft", error)
         lines: list[str] = []
         for name in _SYNCED:
             kind = "map" if _is_map(_SYNCED[name]) else "set"
             lines.append(f"flush {kind} inet {t} {name}")
             lines += _element_lines("add", t, name, (wanted.get(name) or {}).values())
-        self._current = None
         script = "\n".join(lines) + "\n"
         run_apart = getattr(self.nft, "run_apart", None)
         if run_apart is not None:  # in a child: its memory does not stay in this process

@@ -83,7 +83,7 @@ class KubeProblem(Problem):
         return f"{self.path}: {self.message}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedService:
     """A Service that kube-proxy would program, without its endpoints yet."""
 
@@ -95,7 +95,7 @@ class ParsedService:
         return self.spec.key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SliceEndpoint:
     """One endpoint of an EndpointSlice, with kube-proxy's defaults filled in."""
 
@@ -109,7 +109,7 @@ class SliceEndpoint:
     node_hints: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedSlice:
     """An EndpointSlice of addressType IPv4 or IPv6 that names its Service."""
 
