@@ -30,6 +30,7 @@ from pykp.netfilter.executor import NftRecorder
 from pykp.netfilter.nfnetlink import NetlinkError
 from pykp.netfilter.rules import (
     _SYNCED,
+    MAX_SLOTS,
     FrontendRule,
     MarkLayout,
     RuleManager,
@@ -728,6 +729,11 @@ def _every_kind_of_element() -> dict[str, dict[str, str]]:
             for j in range(i + 1):
                 slot = f"{key} . {j}"
                 wanted[f"slots{version}"][slot] = f"{slot} : {backend} . {8080 + j}"
+            # The short-circuit's slots, after the frontend's own (MAX_SLOTS on).
+            wanted[f"fallback_sc{version}"][key] = f"{key} : goto pick_sc{version}_{i + 1}"
+            for j in range(MAX_SLOTS, MAX_SLOTS + i + 1):
+                slot = f"{key} . {j}"
+                wanted[f"slots{version}"][slot] = f"{slot} : {backend} . {9080 + j}"
         wanted[f"service_ips{version}"][ip] = ip
         wanted[f"hairpin{version}"][f"{backend} . {backend}"] = f"{backend} . {backend}"
         wanted[f"backends{version}"]["0x00010000"] = f"0x00010000 : {backend} . 65535"
