@@ -26,18 +26,19 @@ def test_the_report_line_names_only_counters_that_moved() -> None:
     assert nonzero({"frames": 0}) == "no frames yet"
 
 
+WEB = """
+services:
+  - name: web
+    clusterIPs: [10.96.0.10]
+    ports: [{name: http, port: 8080}]
+    endpoints: [{ip: 10.0.0.3}]
+"""
+
+
 def test_a_bad_neighbour_is_refused_before_anything_runs(
     write_services: Callable[[str], Path],
 ) -> None:
-    path = write_services(
-        """
-        services:
-          - name: web
-            clusterIPs: [10.96.0.10]
-            ports: [{name: http, port: 8080}]
-            endpoints: [{ip: 10.0.0.3}]
-        """
-    )
+    path = write_services(WEB)
     args = ["lb", str(path), "--interface", "eth0", "--address", "10.0.0.1", "--neighbour", "x"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
@@ -47,15 +48,7 @@ def test_a_bad_neighbour_is_refused_before_anything_runs(
 def test_an_unknown_default_policy_is_refused_before_anything_runs(
     write_services: Callable[[str], Path],
 ) -> None:
-    path = write_services(
-        """
-        services:
-          - name: web
-            clusterIPs: [10.96.0.10]
-            ports: [{name: http, port: 8080}]
-            endpoints: [{ip: 10.0.0.3}]
-        """
-    )
+    path = write_services(WEB)
     args = ["lb", str(path), "--interface", "eth0", "--address", "10.0.0.1"]
     result = CliRunner().invoke(app, [*args, "--default-policy", "fastest"])
     assert result.exit_code == 2
