@@ -288,8 +288,9 @@ class ServiceSync:
             return plan
 
         # A short-circuited external service's kernel-path slots hold its internal
-        # service's backends: it is rendered again when only the internal one changed.
-        for name in list(render):
+        # service's backends: it is rendered again when only the internal one changed (a
+        # full load renders every service anyway).
+        for name in [] if full_load else list(render):
             sibling = plan_of(_key_of(name)).engine_services.get(name + EXTERNAL_SUFFIX)
             if (
                 sibling is not None

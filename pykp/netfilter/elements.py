@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 from pykp.netfilter.rules import (
     _SYNCED,
-    MAX_SLOTS,
     FrontendRule,
     MarkLayout,
     _backend_elements,
     _frontend_key,
     _ip,
+    slot_elements,
 )
 
 __all__ = [
@@ -60,19 +60,12 @@ def frontend_contribution(
             put(f"no_local_endpoints{version}", key, key)
         if f.short_circuit:
             put(f"short_circuit{version}", key, key)
-        chosen = tuple(slots.get((f.ip, f.port, f.protocol), ()))[:MAX_SLOTS]
-        if chosen:
-            put(f"fallback{version}", key, f"{key} : goto pick{version}_{len(chosen)}")
-            for index, (backend_ip, backend_port) in enumerate(chosen):
-                slot = f"{key} . {index}"
-                put(f"slots{version}", slot, f"{slot} : {_ip(backend_ip)[1]} . {backend_port}")
-        cluster = tuple((short_circuit_slots or {}).get((f.ip, f.port, f.protocol), ()))
-        if f.short_circuit and cluster:
-            cluster = cluster[:MAX_SLOTS]
-            put(f"fallback_sc{version}", key, f"{key} : goto pick_sc{version}_{len(cluster)}")
-            for index, (backend_ip, backend_port) in enumerate(cluster, start=MAX_SLOTS):
-                slot = f"{key} . {index}"
-                put(f"slots{version}", slot, f"{slot} : {_ip(backend_ip)[1]} . {backend_port}")
+        frontend = (f.ip, f.port, f.protocol)
+        kernel_path = slot_elements(version, key, slots.get(frontend, ()))
+        if f.short_circuit and short_circuit_slots:
+            kernel_path += slot_elements(version, key, short_circuit_slots.get(frontend, ()), True)
+        for name, element_key, text in kernel_path:
+            put(name, element_key, text)
     for text in service_ips:
         version, ip = _ip(text)
         put(f"service_ips{version}", ip, ip)

@@ -316,6 +316,27 @@ def _frontend_key(f: FrontendRule) -> tuple[int, str]:
     return version, f"{ip} . {_PROTOCOLS[f.protocol]} . {f.port}"
 
 
+def slot_elements(
+    version: int, key: str, backends: Sequence[tuple[str, int]], short_circuit: bool = False
+) -> list[tuple[str, str, str]]:
+    """The kernel path's elements of the frontend `key`, as (set or map, key, text): its
+    verdict-map entry and its slots over `backends` (at most MAX_SLOTS). Its own slots
+    count from 0; a short-circuit's (pods and the node, every endpoint) from MAX_SLOTS, in
+    the same `slots` map, picked by the `pick_sc` chains."""
+    chosen = tuple(backends)[:MAX_SLOTS]
+    if not chosen:
+        return []
+    if short_circuit:
+        fallback, pick, start = "fallback_sc", "pick_sc", MAX_SLOTS
+    else:
+        fallback, pick, start = "fallback", "pick", 0
+    out = [(f"{fallback}{version}", key, f"{key} : goto {pick}{version}_{len(chosen)}")]
+    for index, (backend_ip, backend_port) in enumerate(chosen, start=start):
+        slot = f"{key} . {index}"
+        out.append((f"slots{version}", slot, f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"))
+    return out
+
+
 def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]:
     """Per set/map: element key -> full element text (``key : value`` for maps)."""
     out: dict[str, dict[str, str]] = {name: {} for name in _SYNCED}
@@ -330,25 +351,14 @@ def _elements(state: RuleState, layout: MarkLayout) -> dict[str, dict[str, str]]
             out[f"no_local_endpoints{version}"][key] = key
         if f.short_circuit:
             out[f"short_circuit{version}"][key] = key
-    for (ip, port, protocol), slots in state.fallback.items():
-        if not slots:
-            continue
-        version, key = _frontend_key(FrontendRule(ip, port, protocol))
-        slots = slots[:MAX_SLOTS]
-        out[f"fallback{version}"][key] = f"{key} : goto pick{version}_{len(slots)}"
-        for index, (backend_ip, backend_port) in enumerate(slots):
-            slot = f"{key} . {index}"
-            out[f"slots{version}"][slot] = f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"
     short_circuited = {(f.ip, f.port, f.protocol) for f in state.frontends if f.short_circuit}
-    for (ip, port, protocol), slots in state.short_circuit_fallback.items():
-        if not slots or (ip, port, protocol) not in short_circuited:
-            continue
-        version, key = _frontend_key(FrontendRule(ip, port, protocol))
-        slots = slots[:MAX_SLOTS]
-        out[f"fallback_sc{version}"][key] = f"{key} : goto pick_sc{version}_{len(slots)}"
-        for index, (backend_ip, backend_port) in enumerate(slots, start=MAX_SLOTS):
-            slot = f"{key} . {index}"
-            out[f"slots{version}"][slot] = f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"
+    for fallback, short_circuit in ((state.fallback, False), (state.short_circuit_fallback, True)):
+        for frontend, slots in fallback.items():
+            if short_circuit and frontend not in short_circuited:
+                continue
+            version, key = _frontend_key(FrontendRule(*frontend))
+            for name, element_key, text in slot_elements(version, key, slots, short_circuit):
+                out[name][element_key] = text
     for text in state.service_ips:
         version, ip = _ip(text)
         out[f"service_ips{version}"][ip] = ip
