@@ -203,18 +203,21 @@ impl Lab {
     }
 }
 
-/// The backend's IP-in-IP "device": see the module docs. Stops when `stop` is set.
-fn decapsulate(stop: Arc<AtomicBool>) -> io::Result<std::thread::JoinHandle<u64>> {
+/// The backend's tunnel "device" (see the module docs): raw sockets take the IP-in-IP
+/// (IPv4, protocol 4) or IPv6-in-IPv6 (next header 41) packets and send the inner packet on
+/// to its destination. Stops when `stop` is set; returns how many it passed on.
+fn decapsulate(v6: bool, stop: Arc<AtomicBool>) -> io::Result<std::thread::JoinHandle<u64>> {
+    let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
     let open = |proto| {
         // SAFETY: plain syscall with constant arguments.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+        let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    let rx = open(libc::IPPROTO_IPIP)?;
+    let rx = open(if v6 { libc::IPPROTO_IPV6 } else { libc::IPPROTO_IPIP })?;
     let tx = open(libc::IPPROTO_RAW)?;
     let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
     // SAFETY: `tv` is a valid timeval of the given size.
@@ -236,32 +239,48 @@ fn decapsulate(stop: Arc<AtomicBool>) -> io::Result<std::thread::JoinHandle<u64>
             if n <= 0 {
                 continue;
             }
-            let outer = &buf[..n as usize];
-            let inner = &outer[usize::from(outer[0] & 0x0f) * 4..];
-            if inner.len() < 20 || inner[0] >> 4 != 4 {
+            let got = &buf[..n as usize];
+            // Raw IPv4 sockets hand over the outer header too; raw IPv6 ones its payload,
+            // which is the inner packet.
+            let inner = if v6 { got } else { &got[usize::from(got[0] & 0x0f) * 4..] };
+            let (header, version) = if v6 { (40, 6) } else { (20, 4) };
+            if inner.len() < header || inner[0] >> 4 != version {
                 continue;
             }
-            // SAFETY: all-zero is a valid sockaddr_in.
-            let mut to: libc::sockaddr_in = unsafe { mem::zeroed() };
-            to.sin_family = libc::AF_INET as libc::sa_family_t;
-            to.sin_addr.s_addr = u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]);
-            // SAFETY: `inner` and `to` are valid for reads of their lengths.
-            let r = unsafe {
-                libc::sendto(
-                    tx.as_raw_fd(),
-                    inner.as_ptr().cast(),
-                    inner.len(),
-                    0,
-                    (&to as *const libc::sockaddr_in).cast(),
-                    mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            if r > 0 {
+            if send_inner(&tx, inner, v6) > 0 {
                 n_inner += 1;
             }
         }
         n_inner
     }))
+}
+
+/// Sends `inner` (an IPv4 or IPv6 packet) on the raw socket `tx` to its destination.
+fn send_inner(tx: &OwnedFd, inner: &[u8], v6: bool) -> isize {
+    // SAFETY: all-zero is a valid sockaddr_in.
+    let mut to4: libc::sockaddr_in = unsafe { mem::zeroed() };
+    // SAFETY: all-zero is a valid sockaddr_in6.
+    let mut to6: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+    let (to, len): (*const libc::sockaddr, usize) = if v6 {
+        to6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        to6.sin6_addr.s6_addr.copy_from_slice(&inner[24..40]);
+        ((&to6 as *const libc::sockaddr_in6).cast(), mem::size_of::<libc::sockaddr_in6>())
+    } else {
+        to4.sin_family = libc::AF_INET as libc::sa_family_t;
+        to4.sin_addr.s_addr = u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]);
+        ((&to4 as *const libc::sockaddr_in).cast(), mem::size_of::<libc::sockaddr_in>())
+    };
+    // SAFETY: `inner` and `to` are valid for reads of their lengths.
+    unsafe {
+        libc::sendto(
+            tx.as_raw_fd(),
+            inner.as_ptr().cast(),
+            inner.len(),
+            0,
+            to,
+            len as libc::socklen_t,
+        )
+    }
 }
 
 fn service() -> ServiceSpec {
@@ -293,7 +312,7 @@ fn a_tcp_connection_to_the_vip_is_served_by_the_backend_with_direct_return() {
 
     // The backend: the decapsulator and a server that counts what it got and says so.
     let stop2 = stop.clone();
-    let decap = lab.backend.within(move || decapsulate(stop2)).expect("raw sockets");
+    let decap = lab.backend.within(move || decapsulate(false, stop2)).expect("raw sockets");
     let listener = lab
         .backend
         .within(|| TcpListener::bind(SocketAddrV4::new(VIP, PORT)))
@@ -394,7 +413,7 @@ fn start_backend(ns: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<V
     ns.sysctl("net.ipv4.conf.default.rp_filter", "0");
     ns.run("ip", &["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
     let stop2 = stop.clone();
-    let decap = ns.within(move || decapsulate(stop2)).expect("raw sockets");
+    let decap = ns.within(move || decapsulate(false, stop2)).expect("raw sockets");
     let listener = ns.within(|| TcpListener::bind(SocketAddrV4::new(VIP, PORT))).unwrap();
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -552,65 +571,6 @@ fn established_connections_survive_the_loss_of_their_load_balancer() {
     eprintln!("failover: {report}");
 }
 
-/// The IPv6 decapsulator (IPv6 in IPv6, next header 41), as [`decapsulate`] for IPv4: raw
-/// IPv6 sockets hand over the payload without the outer header, which is the inner packet.
-fn decapsulate6(stop: Arc<AtomicBool>) -> io::Result<std::thread::JoinHandle<u64>> {
-    let open = |proto| {
-        // SAFETY: plain syscall with constant arguments.
-        let fd =
-            unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    };
-    let rx = open(libc::IPPROTO_IPV6)?;
-    let tx = open(libc::IPPROTO_RAW)?;
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
-    // SAFETY: `tv` is a valid timeval of the given size.
-    unsafe {
-        libc::setsockopt(
-            rx.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    Ok(std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65_536];
-        let mut n_inner = 0;
-        while !stop.load(Ordering::Relaxed) {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n = unsafe { libc::recv(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 40 || buf[0] >> 4 != 6 {
-                continue;
-            }
-            let inner = &buf[..n as usize];
-            // SAFETY: all-zero is a valid sockaddr_in6.
-            let mut to: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-            to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            to.sin6_addr.s6_addr.copy_from_slice(&inner[24..40]);
-            // SAFETY: `inner` and `to` are valid for reads of their lengths.
-            let r = unsafe {
-                libc::sendto(
-                    tx.as_raw_fd(),
-                    inner.as_ptr().cast(),
-                    inner.len(),
-                    0,
-                    (&to as *const libc::sockaddr_in6).cast(),
-                    mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            };
-            if r > 0 {
-                n_inner += 1;
-            }
-        }
-        n_inner
-    }))
-}
-
 /// The first test over IPv6: neighbour discovery for the VIP, IPv6 in IPv6, "packet too
 /// big" for the client's full-size segments, direct return.
 #[test]
@@ -656,7 +616,7 @@ fn a_tcp_connection_to_an_ipv6_vip_is_served_with_direct_return() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let decap = backend.within(move || decapsulate6(stop2)).expect("raw sockets");
+    let decap = backend.within(move || decapsulate(true, stop2)).expect("raw sockets");
     let listener = backend
         .within(move || TcpListener::bind(SocketAddr::new(vip6.into(), PORT)))
         .expect("bind the VIP");
