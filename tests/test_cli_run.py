@@ -49,6 +49,8 @@ RUN_FLAGS = [
     "--queue-max-len",
     "--kernel-random",
     "--no-kernel-random",
+    "--kernel-round-robin",
+    "--no-kernel-round-robin",
     "--conntrack-capacity",
     "--maglev-table-size",
     "--maglev-seed",

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
 from pykp._fastpath import Engine
 from pykp.agent.sync import NodeContext, ServiceSync
 from pykp.netfilter.executor import NftRecorder
-from pykp.netfilter.rules import MarkLayout, RuleManager
+from pykp.netfilter.rules import MarkLayout, RuleManager, rr_chain_name
 from pykp.sources.services_file import load_services_text
 
 NODE = "192.168.77.1"
@@ -33,7 +34,9 @@ def elements(script: str, verb: str = "add") -> dict[str, set[str]]:
     return out
 
 
-def synced(text: str, *, kernel_random: bool = True) -> tuple[ServiceSync, NftRecorder]:
+def synced(
+    text: str, *, kernel_random: bool = True, kernel_round_robin: bool = False
+) -> tuple[ServiceSync, NftRecorder]:
     recorder = NftRecorder()
     rules = RuleManager(MarkLayout(), nft=recorder, ipv6=False)
     sync = ServiceSync(
@@ -41,6 +44,7 @@ def synced(text: str, *, kernel_random: bool = True) -> tuple[ServiceSync, NftRe
         rules,
         MarkLayout(),
         kernel_random=kernel_random,
+        kernel_round_robin=kernel_round_robin,
         allow_node_address_service_ips=False,
     )
     catalog, problems = load_services_text(textwrap.dedent(text))
@@ -184,3 +188,76 @@ def test_a_failed_transaction_leaves_the_engine_as_it_was_and_the_next_sync_relo
     [reload] = recorder.scripts
     assert "flush set inet pykp frontends4" in reload
     assert "0x00030000 : 10.244.3.10 . 8080" in reload
+
+
+# --- round-robin rotated in the kernel (--kernel-round-robin)
+
+RR_CHAIN = rr_chain_name(4, "default/web")
+
+
+def test_a_kernel_round_robin_service_gets_its_chain_before_the_verdicts_that_name_it() -> None:
+    weighted = WEB.format(policy="round-robin", etp="Cluster").replace(
+        "{ip: 10.244.1.10, nodeName: node-a}", "{ip: 10.244.1.10, nodeName: node-a, weight: 2}"
+    )
+    _, recorder = synced(weighted, kernel_round_robin=True)
+
+    [load] = recorder.scripts  # one transaction, the chain first
+    assert load.splitlines()[:3] == [
+        f"add chain inet pykp {RR_CHAIN}",
+        f"flush chain inet pykp {RR_CHAIN}",
+        f"add rule inet pykp {RR_CHAIN} numgen inc mod 3 vmap @rr_at4",
+    ]
+    loaded = elements(load)
+    assert "queued4" not in loaded  # no first packet goes to pykp's reader
+    assert loaded["fallback4"] == {
+        f"{FRONTEND} : goto {RR_CHAIN}",
+        f"{NODE_PORT} : goto {RR_CHAIN}",
+    }
+    # The slots in the rotation's order, the weight spread out: a b a, not a a b.
+    assert {slot for slot in loaded["slots4"] if slot.startswith(FRONTEND)} == {
+        f"{FRONTEND} . 0 : 10.244.1.10 . 8080",
+        f"{FRONTEND} . 1 : 10.244.2.10 . 8080",
+        f"{FRONTEND} . 2 : 10.244.1.10 . 8080",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "rewritten"),
+    [
+        # Same number of backends: new slot values, the rotation keeps its place.
+        (lambda text: text.replace("10.244.2.10", "10.244.3.10"), False),
+        # One more: the chain's rule is rewritten (mod 3), before the new slot is used.
+        (lambda text: text + "      - {ip: 10.244.3.10, nodeName: node-c}\n", True),
+    ],
+    ids=["moved", "grown"],
+)
+def test_a_kernel_round_robin_change_rewrites_its_chain_only_for_a_new_count(
+    change: Callable[[str], str], rewritten: bool
+) -> None:
+    text = WEB.format(policy="round-robin", etp="Cluster")
+    sync, recorder = synced(text, kernel_round_robin=True)
+    catalog, _ = load_services_text(textwrap.dedent(change(text)))
+    recorder.scripts.clear()
+
+    sync.sync(catalog, {"default/web"}, CONTEXT)
+
+    first = recorder.scripts[0].splitlines()
+    rule = f"add rule inet pykp {RR_CHAIN} numgen inc mod 3 vmap @rr_at4"
+    assert (rule in first) is rewritten
+    if rewritten:
+        assert first.index(rule) < min(i for i, line in enumerate(first) if "element" in line)
+
+
+def test_a_removed_kernel_round_robin_service_deletes_its_chain_after_its_verdicts() -> None:
+    sync, recorder = synced(
+        WEB.format(policy="round-robin", etp="Cluster"), kernel_round_robin=True
+    )
+    catalog, _ = load_services_text("services: []\n")
+    recorder.scripts.clear()
+
+    sync.sync(catalog, {"default/web"}, CONTEXT)
+
+    [removal] = recorder.scripts
+    lines = removal.splitlines()
+    assert lines[-1] == f"delete chain inet pykp {RR_CHAIN}"
+    assert any(line.startswith("delete element inet pykp fallback4") for line in lines[:-1])

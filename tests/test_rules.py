@@ -203,6 +203,11 @@ SMALL_EXPECTED = {
     "backends6": {"0x00030000 : fd00:10:244::11 . 53"},
     "cluster_cidrs4": {"10.244.0.0/16"},
     "cluster_cidrs6": {"fd00:10:244::/56"},
+    # Static: a rotation's slot index -> the chain that DNATs to that slot.
+    **{
+        f"rr_at{v}": {f"{i:#010x} : goto pick_at{v}_{i}" for i in range(MAX_SLOTS)}
+        for v in (4, 6)
+    },
 }
 
 
@@ -409,7 +414,9 @@ def test_install_and_sync_load_the_elements(netns: str) -> None:
     stats = mgr.sync(SMALL)
     assert stats.full
     assert stats.removed == 0
-    expected_synced = {k: v for k, v in SMALL_EXPECTED.items() if not k.startswith("cluster")}
+    expected_synced = {
+        k: v for k, v in SMALL_EXPECTED.items() if not k.startswith(("cluster", "rr_at"))
+    }
     assert stats.added == sum(len(v) for v in expected_synced.values())
     assert table_elements(netns) == SMALL_EXPECTED
     rules = sh(netns, "iptables-save", "-t", "mangle")
@@ -782,6 +789,61 @@ def test_bulk_load_matches_nft(netns: str) -> None:
     assert _listings(netns) == by_nft
 
 
+@privileged
+@needs_root
+def test_changes_over_netlink_match_nft(netns: str) -> None:
+    """Element changes and round-robin chains over netlink (the agent's own namespace)
+    write what nft writes for the same text; deletes by key leave nothing behind."""
+    wanted = _every_kind_of_element()
+    for v in (4, 6):  # the kernel path's rotation: a verdict to a round-robin chain
+        key = next(iter(wanted[f"fallback{v}"]))
+        wanted[f"fallback{v}"][key] = f"{key} : goto rr{v}_00000000000000a{v}"
+    chains = {"rr_chains4": ["rr4_00000000000000a4 3"], "rr_chains6": ["rr6_00000000000000a6 1"]}
+
+    def rr_chains() -> str:
+        return "\n".join(
+            sh(netns, "nft", "list", "chain", "inet", "pykp", chain.split()[0])
+            for names in chains.values()
+            for chain in names
+        )
+
+    by_nft = RuleManager(netns=netns)  # another namespace's manager: nft scripts
+    by_nft.install()
+    by_nft.add_elements({**{n: list(e.values()) for n, e in wanted.items()}, **chains})
+    listings, chain_listing = _listings(netns), rr_chains()
+    assert "numgen inc mod 3 vmap @rr_at4" in chain_listing
+    by_nft.cleanup()
+
+    with in_namespace(netns):
+        mgr = RuleManager()
+        assert mgr._bulk_load
+        mgr.install()
+        mgr.add_elements({**{n: list(e.values()) for n, e in wanted.items()}, **chains})
+        assert _listings(netns) == listings
+        assert rr_chains() == chain_listing
+        # A changed slot count rewrites the chain; a replaced value is one transaction.
+        mgr.add_elements(
+            {},
+            {
+                "rr_chains4": [("rr4_00000000000000a4", "rr4_00000000000000a4 2")],
+                "backends4": [("0x00010000", "0x00010000 : 10.244.0.9 . 80")],
+            },
+        )
+        assert "numgen inc mod 2 vmap @rr_at4" in rr_chains()
+        assert "0x00010000 : 10.244.0.9 . 80" in _listings(netns)["backends4"]
+        # Deleted by key, the chains after the verdicts naming them.
+        mgr.remove_elements(
+            {
+                **{n: list(e) for n, e in wanted.items()},
+                "rr_chains4": ["rr4_00000000000000a4"],
+                "rr_chains6": ["rr6_00000000000000a6"],
+            }
+        )
+        assert all("elements" not in text for text in _listings(netns).values())
+        assert mgr._rr_chains_held() == {}
+        assert mgr.installed()
+
+
 def test_bulk_load_refuses_what_it_cannot_encode() -> None:
     encoders = bulk_load.encoders(_SYNCED)
     for name, text in (
@@ -806,11 +868,24 @@ def test_a_full_load_the_netlink_batch_fails_goes_through_nft(
     def refused(*_: object) -> None:
         raise NetlinkError(1, "Operation not permitted")
 
-    monkeypatch.setattr(bulk_load, "load_sets", refused)
+    monkeypatch.setattr(bulk_load, "_send", refused)
     assert mgr.load_elements({"frontends4": {"10.0.0.1 . tcp . 80": "10.0.0.1 . tcp . 80"}}) == 1
     [script] = recorder.scripts
     assert "flush set inet pykp frontends4" in script
     assert "add element inet pykp frontends4 { 10.0.0.1 . tcp . 80 }" in script
+    # A change too: the same transaction, through nft.
+    recorder.scripts.clear()
+    mgr.add_elements(
+        {"rr_chains4": ["rr4_0123456789abcdef 2"]},
+        {"backends4": [("0x00010000", "0x00010000 : 10.0.0.2 . 80")]},
+    )
+    assert recorder.scripts == [
+        "add chain inet pykp rr4_0123456789abcdef\n"
+        "flush chain inet pykp rr4_0123456789abcdef\n"
+        "add rule inet pykp rr4_0123456789abcdef numgen inc mod 2 vmap @rr_at4\n"
+        "delete element inet pykp backends4 { 0x00010000 }\n"
+        "add element inet pykp backends4 { 0x00010000 : 10.0.0.2 . 80 }\n"
+    ]
 
 
 # ------------------------------------------------------------------ datapath end to end

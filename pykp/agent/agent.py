@@ -306,6 +306,7 @@ class Agent:
             self.rules,
             MarkLayout(backend_mask=config.mark_mask),
             kernel_random=config.kernel_random,
+            kernel_round_robin=config.kernel_round_robin,
             allow_node_address_service_ips=config.allow_node_address_service_ips,
         )
         self._context: NodeContext | None = None

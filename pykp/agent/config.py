@@ -70,6 +70,11 @@ class AgentConfig:
     # Random services without session affinity are decided in the kernel (numgen random,
     # as kube-proxy's nftables mode) instead of by pykp's reader: no user-space hop.
     kernel_random: bool = True
+    # Round-robin services (without session affinity) rotate in the kernel (one `numgen
+    # inc` counter per service and family) instead of in pykp's reader. The rotation
+    # restarts at the first slot when the service's slot count changes or the agent
+    # restarts, where pykp's reader keeps its place.
+    kernel_round_robin: bool = False
     # Someone else's changes to pykp's rules are found as they commit (nf_tables'
     # notifications) and repaired at once; off, or where the notifications cannot be read,
     # the periodic check (every half --sync-period) finds them.

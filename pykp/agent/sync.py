@@ -39,7 +39,7 @@ from pykp.netfilter.elements import (
     backend_contribution,
     frontend_contribution,
 )
-from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout
+from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout, rr_chain_name
 
 if TYPE_CHECKING:
     from pykp._fastpath import Engine
@@ -124,11 +124,13 @@ class ServiceSync:
         *,
         kernel_random: bool,
         allow_node_address_service_ips: bool,
+        kernel_round_robin: bool = False,
     ) -> None:
         self.engine = engine
         self.rules = rules
         self.layout = layout
         self.kernel_random = kernel_random
+        self.kernel_round_robin = kernel_round_robin
         self.allow_node_address_service_ips = allow_node_address_service_ips
         # What the engine holds, by engine service name: kept across `reset()`.
         self._applied: dict[str, EngineService] = {}
@@ -446,14 +448,13 @@ class ServiceSync:
     ) -> dict[str, dict[str, str]]:
         cluster_ips, service_ips, masquerade = plan.rule_info[service.name]
         v4_pool, v6_pool = pools
-        # The kernel path holds at most MAX_SLOTS backends per frontend: a bigger random
-        # service keeps pykp's reader, which picks among all of them.
-        queued = not (
-            self.kernel_random
-            and service.policy == "random"
-            and service.affinity_timeout is None
-            and max(len(v4_pool), len(v6_pool)) <= MAX_SLOTS
-        )
+        # The kernel path holds at most MAX_SLOTS backends per frontend: a bigger service
+        # keeps pykp's reader, which picks among all of them.
+        fits = service.affinity_timeout is None and max(len(v4_pool), len(v6_pool)) <= MAX_SLOTS
+        rotates = fits and self.kernel_round_robin and service.policy == "round-robin"
+        picks = fits and self.kernel_random and service.policy == "random"
+        queued = not (picks or rotates)
+        slots_of = rotation_slots if rotates else fallback_slots
         rules = []
         slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
         short_circuit_slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
@@ -480,11 +481,12 @@ class ServiceSync:
             if ip in service_ips:
                 used_ips.add(ip)
             pool = v4_pool if ":" not in ip else v6_pool
-            slots[(ip, port, protocol)] = fallback_slots(pool, backends)
+            slots[(ip, port, protocol)] = slots_of(pool, backends)
             if short_circuit_pools is not None and ip not in cluster_ips:
                 cluster_pool = short_circuit_pools[1 if ":" in ip else 0]
                 short_circuit_slots[(ip, port, protocol)] = fallback_slots(cluster_pool, backends)
-        return frontend_contribution(rules, slots, used_ips, short_circuit_slots)
+        rr_chains = {v: rr_chain_name(v, service.name) for v in (4, 6)} if rotates else None
+        return frontend_contribution(rules, slots, used_ips, short_circuit_slots, rr_chains)
 
 
 def _key_of(engine_service_name: str) -> str:
@@ -562,6 +564,31 @@ def fallback_slots(
         for (backend_id, _), share in zip(live, shares, strict=True)
         for _ in range(share)
     )[:MAX_SLOTS]
+
+
+def rotation_slots(
+    pool: Sequence[tuple[int, int]], backends: Mapping[int, tuple[str, int]]
+) -> tuple[tuple[str, int], ...]:
+    """A round-robin frontend's slots on the kernel path, in the order its rotation
+    visits them: each backend as often as `fallback_slots` repeats it, spread out by
+    smooth weighted round-robin (weights 3:1 give a a b a, not a a a b); equal weights
+    keep the pool's order."""
+    slots = fallback_slots(pool, backends)
+    shares: dict[tuple[str, int], int] = {}
+    for backend in slots:
+        shares[backend] = shares.get(backend, 0) + 1
+    if len(shares) == len(slots):
+        return slots
+    total = len(slots)
+    current = dict.fromkeys(shares, 0)
+    order: list[tuple[str, int]] = []
+    for _ in range(total):
+        for backend, share in shares.items():
+            current[backend] += share
+        chosen = max(current, key=current.__getitem__)  # the first of equals: pool order
+        current[chosen] -= total
+        order.append(chosen)
+    return tuple(order)
 
 
 def _usable(backend: EngineBackend) -> bool:

@@ -816,8 +816,8 @@ def make_contender(name: str, binary: str) -> Contender:
     if name.startswith("pykp/kube-"):
         return PykpKubeContender(_policy(name, name.removeprefix("pykp/kube-")))
     if name.startswith("pykp/"):
-        # pykp/<policy>[:<switch>...]: the agent with some of its features off, to measure
-        # what they cost (e.g. pykp/least-conn:no-follow-conntrack).
+        # pykp/<policy>[:<switch>...]: the agent with some of its features switched, to
+        # measure what they cost (e.g. pykp/least-conn:no-follow-conntrack).
         policy, *switches = name.split("/", 1)[1].split(":")
         unknown = [switch for switch in switches if switch not in _SWITCHES]
         if unknown:
@@ -830,8 +830,10 @@ def make_contender(name: str, binary: str) -> Contender:
     raise ValueError(f"unknown contender {name!r}")
 
 
-# `pykp run` flags a pykp contender's name may turn on (each turns a feature off).
-_SWITCHES = frozenset({"no-follow-conntrack", "no-kernel-random", "no-watch-rules"})
+# `pykp run` flags a pykp contender's name may add.
+_SWITCHES = frozenset(
+    {"no-follow-conntrack", "no-kernel-random", "no-watch-rules", "kernel-round-robin"}
+)
 
 
 def _policy(name: str, policy: str) -> str:

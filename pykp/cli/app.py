@@ -514,6 +514,16 @@ def run(
             "their first packets to pykp like the other policies.",
         ),
     ] = True,
+    kernel_round_robin: Annotated[
+        bool,
+        typer.Option(
+            "--kernel-round-robin/--no-kernel-round-robin",
+            help="Rotate round-robin services (without session affinity) in the kernel: "
+            "one numgen counter per service, no user-space hop. The rotation restarts at "
+            "the first backend when the number of backends changes or the agent restarts "
+            "(pykp's reader keeps its place).",
+        ),
+    ] = False,
     watch_rules: Annotated[
         bool,
         typer.Option(
@@ -687,6 +697,7 @@ def run(
         fail_open=fail_open,
         queue_max_len=queue_max_len,
         kernel_random=kernel_random,
+        kernel_round_robin=kernel_round_robin,
         watch_rules=watch_rules,
         follow_conntrack=follow_conntrack,
         flow_metrics_limit=flow_metrics_limit,

@@ -32,7 +32,6 @@ from pykp.netfilter.nfnetlink import (
     NFPROTO_INET,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
-    NFTA_SET_ELEM_LIST_TABLE,
     NLA_HDR,
     NLM_F_ACK,
     NLM_F_REQUEST,
@@ -42,9 +41,17 @@ from pykp.netfilter.nfnetlink import (
     messages,
 )
 
-__all__ = ["encoder", "load_sets"]
+__all__ = ["Batch", "encoder", "key_encoder", "load_sets"]
 
-DELSETELEM = 14
+NEWCHAIN, DELCHAIN, NEWRULE, DELRULE, DELSETELEM = 3, 5, 6, 8, 14
+NLM_F_APPEND = 0x800
+NFTA_CHAIN_NAME = 3
+NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 2, 4
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+NFTA_NG_DREG, NFTA_NG_MODULUS, NFTA_NG_TYPE = 1, 2, 3
+NFT_NG_INCREMENTAL = 0
+NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_LOOKUP_DREG = 1, 2, 3
+NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NLM_F_CREATE = 0x400
@@ -66,6 +73,7 @@ _MAX_LIST = 60000
 
 _HOST = "<" if sys.byteorder == "little" else ">"
 _U32_HOST = struct.Struct(_HOST + "I")
+_BE32 = struct.Struct(">I")
 _PROTOCOL = {"tcp": 6, "udp": 17, "sctp": 132}
 
 # One element's attribute, from the set's text of it.
@@ -79,6 +87,10 @@ def _attr(type_: int, value: bytes) -> bytes:
 
 def _nested(type_: int, value: bytes) -> bytes:
     return _attr(type_ | NLA_F_NESTED, value)
+
+
+def _z(name: str) -> bytes:
+    return name.encode() + b"\0"
 
 
 _addresses: dict[str, bytes] = {}
@@ -205,18 +217,118 @@ def encoder(type_: str) -> Encoder:
     raise ValueError(f"no netlink encoding for set type {type_!r}")
 
 
+def key_encoder(type_: str) -> Encoder:
+    """The encoder of one element's key alone (what a delete names), from the key's text,
+    for a set or map of type `type_`."""
+    if not _is_map_type(type_):
+        return encoder(type_)
+    if type_.startswith(("ipv4_addr . inet_proto", "ipv6_addr . inet_proto")):
+        return lambda text: _element(_frontend(text))
+    if type_.startswith("typeof ") and "numgen random" in type_:
+
+        def slot(text: str) -> bytes:
+            ip, proto, port, index = text.split(" . ")
+            return _element(_address(ip) + _proto(proto) + _port(port) + _U32_HOST.pack(int(index)))
+
+        return slot
+    if type_.startswith("mark : "):
+        return lambda text: _element(_U32_HOST.pack(int(text, 0)))
+    raise ValueError(f"no netlink encoding for the keys of {type_!r}")
+
+
+def _is_map_type(type_: str) -> bool:
+    return ":" in type_
+
+
 def _message(type_: int, flags: int, seq: int, body: bytes, res_id: int = 0) -> bytes:
     payload = NFGENMSG.pack(NFPROTO_INET, 0, res_id) + body
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(payload), type_, flags, seq, 0) + payload
 
 
-def _set_message(
-    verb: int, flags: int, seq: int, table: bytes, name: bytes, elements: bytes
-) -> bytes:
-    body = _attr(NFTA_SET_ELEM_LIST_TABLE, table) + _attr(NFTA_SET_ELEM_LIST_SET, name)
-    if elements:
-        body += _nested(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
-    return _message((NFNL_SUBSYS_NFTABLES << 8) | verb, flags, seq, body)
+class Batch:
+    """One nf_tables transaction for pykp's table, built message by message, sent whole
+    by `send()`: sets flushed, elements added or deleted, the round-robin chains created,
+    flushed, given their rule or deleted, in the order the calls came."""
+
+    def __init__(self, table: str) -> None:
+        self._table = _attr(1, table.encode() + b"\0")  # NFTA_*_TABLE is 1 for all
+        self._res_id = socket.htons(NFNL_SUBSYS_NFTABLES)
+        self._parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, b"", self._res_id)]
+        self.last = 0  # the last message's sequence number (0: nothing in it)
+
+    def _add(self, verb: int, flags: int, body: bytes) -> None:
+        self.last += 1
+        message_type = (NFNL_SUBSYS_NFTABLES << 8) | verb
+        self._parts.append(
+            _message(message_type, NLM_F_REQUEST | NLM_F_ACK | flags, self.last, body)
+        )
+
+    def _elements(self, verb: int, flags: int, name: str, elements: Iterable[bytes]) -> None:
+        head = self._table + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+        chunk: list[bytes] = []
+        size = 0
+        for element in elements:
+            if chunk and size + len(element) > _MAX_LIST:
+                self._add(verb, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk)))
+                chunk, size = [], 0
+            chunk.append(element)
+            size += len(element)
+        if chunk:
+            self._add(verb, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk)))
+
+    def flush_set(self, name: str) -> None:
+        self._add(DELSETELEM, 0, self._table + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+
+    def add_elements(self, name: str, elements: Iterable[bytes]) -> None:
+        self._elements(NEWSETELEM, NLM_F_CREATE, name, elements)
+
+    def delete_elements(self, name: str, keys: Iterable[bytes]) -> None:
+        self._elements(DELSETELEM, 0, name, keys)
+
+    def add_chain(self, name: str) -> None:
+        """A regular chain (kept as it is when it exists)."""
+        self._add(NEWCHAIN, NLM_F_CREATE, self._table + _attr(NFTA_CHAIN_NAME, _z(name)))
+
+    def flush_chain(self, name: str) -> None:
+        self._add(DELRULE, 0, self._table + _attr(NFTA_RULE_CHAIN, _z(name)))
+
+    def delete_chain(self, name: str) -> None:
+        self._add(DELCHAIN, 0, self._table + _attr(NFTA_CHAIN_NAME, _z(name)))
+
+    def add_rotation_rule(self, chain: str, slots: int, verdict_map: str) -> None:
+        """`numgen inc mod <slots> vmap @<verdict_map>`: the counter is this rule's."""
+        if not 1 <= slots <= 0xFFFFFFFF:
+            raise ValueError(f"slots out of range: {slots}")
+        numgen = _attr(NFTA_EXPR_NAME, b"numgen\0") + _nested(
+            NFTA_EXPR_DATA,
+            _attr(NFTA_NG_DREG, _BE32.pack(NFT_REG_1))
+            + _attr(NFTA_NG_MODULUS, _BE32.pack(slots))
+            + _attr(NFTA_NG_TYPE, _BE32.pack(NFT_NG_INCREMENTAL)),
+        )
+        lookup = _attr(NFTA_EXPR_NAME, b"lookup\0") + _nested(
+            NFTA_EXPR_DATA,
+            _attr(NFTA_LOOKUP_SET, _z(verdict_map))
+            + _attr(NFTA_LOOKUP_SREG, _BE32.pack(NFT_REG_1))
+            + _attr(NFTA_LOOKUP_DREG, _BE32.pack(NFT_REG_VERDICT)),
+        )
+        expressions = _nested(NFTA_LIST_ELEM, numgen) + _nested(NFTA_LIST_ELEM, lookup)
+        self._add(
+            NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            self._table
+            + _attr(NFTA_RULE_CHAIN, _z(chain))
+            + _nested(NFTA_RULE_EXPRESSIONS, expressions),
+        )
+
+    def data(self) -> bytes:
+        end = _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.last + 1, b"", self._res_id)
+        return b"".join([*self._parts, end])
+
+    def send(self) -> None:
+        """Send the transaction; NetlinkError when the kernel refuses it (nothing of it is
+        applied then). Nothing to send: nothing sent."""
+        if self.last:
+            _send(self.data(), self.last)
 
 
 def batch(
@@ -224,35 +336,11 @@ def batch(
     sets: Iterable[tuple[str, Encoder, Iterable[str]]],
 ) -> tuple[bytes, int]:
     """(the batch, its last sequence number): per set, a flush and its elements added."""
-    seq = 0
-    parts: list[bytes] = []
-    res_id = socket.htons(NFNL_SUBSYS_NFTABLES)
-    parts.append(_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, b"", res_id))
-    table_name = table.encode() + b"\0"
-    add = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK
+    out = Batch(table)
     for name, encode, elements in sets:
-        set_name = name.encode() + b"\0"
-        seq += 1
-        parts.append(
-            _set_message(DELSETELEM, NLM_F_REQUEST | NLM_F_ACK, seq, table_name, set_name, b"")
-        )
-        chunk: list[bytes] = []
-        size = 0
-        for text in elements:
-            element = encode(text)
-            if size + len(element) > _MAX_LIST:
-                seq += 1
-                parts.append(
-                    _set_message(NEWSETELEM, add, seq, table_name, set_name, b"".join(chunk))
-                )
-                chunk, size = [], 0
-            chunk.append(element)
-            size += len(element)
-        if chunk:
-            seq += 1
-            parts.append(_set_message(NEWSETELEM, add, seq, table_name, set_name, b"".join(chunk)))
-    parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 1, b"", res_id))
-    return b"".join(parts), seq
+        out.flush_set(name)
+        out.add_elements(name, map(encode, elements))
+    return out.data(), out.last
 
 
 def load_sets(table: str, sets: Iterable[tuple[str, Encoder, Iterable[str]]]) -> None:
@@ -260,7 +348,10 @@ def load_sets(table: str, sets: Iterable[tuple[str, Encoder, Iterable[str]]]) ->
     set (name, encoder, element texts). Raises ValueError for an element it cannot
     encode (before anything is sent), NetlinkError when the kernel refuses the batch
     (nothing of it is applied then)."""
-    data, last = batch(table, sets)
+    _send(*batch(table, sets))
+
+
+def _send(data: bytes, last: int) -> None:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pykp.netfilter.rules import (
     _SYNCED,
+    RR_CHAIN_SETS,
     FrontendRule,
     MarkLayout,
     _backend_elements,
@@ -38,12 +39,14 @@ def frontend_contribution(
     slots: Mapping[tuple[str, int, str], Sequence[tuple[str, int]]],
     service_ips: Iterable[str],
     short_circuit_slots: Mapping[tuple[str, int, str], Sequence[tuple[str, int]]] | None = None,
+    rr_chains: Mapping[int, str] | None = None,
 ) -> dict[str, dict[str, str]]:
     """The elements of one engine service: its frontends (and their kind), the kernel
     path's slots of each (`slots`: frontend -> backends, repeated by weight), the slots a
     short-circuited frontend gives pods and the node on the kernel path (its service's
     cluster-wide backends, after the offset `MAX_SLOTS`), and the service addresses its
-    frontends use."""
+    frontends use. `rr_chains` (family -> chain): the service rotates on the kernel path,
+    through that chain, over slots in rotation order."""
     out: dict[str, dict[str, str]] = {}
 
     def put(name: str, key: str, text: str) -> None:
@@ -61,7 +64,9 @@ def frontend_contribution(
         if f.short_circuit:
             put(f"short_circuit{version}", key, key)
         frontend = (f.ip, f.port, f.protocol)
-        kernel_path = slot_elements(version, key, slots.get(frontend, ()))
+        kernel_path = slot_elements(
+            version, key, slots.get(frontend, ()), rr_chain=(rr_chains or {}).get(version)
+        )
         if f.short_circuit and short_circuit_slots:
             kernel_path += slot_elements(version, key, short_circuit_slots.get(frontend, ()), True)
         for name, element_key, text in kernel_path:
@@ -124,7 +129,9 @@ class ElementTracker:
         self._loading = loading
         self._owners: dict[str, _Held] = {}
         # name -> key -> element text
-        self._elements: dict[str, dict[str, str]] = {name: {} for name in _SYNCED}
+        self._elements: dict[str, dict[str, str]] = {
+            name: {} for name in (*_SYNCED, *RR_CHAIN_SETS)
+        }
         # (name, key) -> owners past the first, for elements held by more than one
         self._extra: dict[tuple[str, str], int] = {}
         # (name, key) -> the element text the kernel held at the last take (None: absent)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -35,6 +36,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pykp.netfilter import bulk_load
 from pykp.netfilter.executor import LibNftables, NftExecutor, make_executor
@@ -58,6 +60,7 @@ __all__ = [
     "run_tool",
 ]
 
+_T = TypeVar("_T")
 _log = logging.getLogger(__name__)
 
 # The conntrack mark bit a service flow's first FIN or RST sets (with --follow-conntrack):
@@ -271,6 +274,7 @@ _CHAINS: dict[str, str] = {
     "nat_masq": "",
     **{f"pick{v}_{n}": "" for v in (4, 6) for n in range(1, MAX_SLOTS + 1)},
     **{f"pick_sc{v}_{n}": "" for v in (4, 6) for n in range(1, MAX_SLOTS + 1)},
+    **{f"pick_at{v}_{i}": "" for v in (4, 6) for i in range(MAX_SLOTS)},
     "nat_post": "type nat hook postrouting priority 100; policy accept;",
     "reject_in": "type filter hook input priority 0; policy accept;",
     "reject_fwd": "type filter hook forward priority 0; policy accept;",
@@ -280,12 +284,39 @@ _CHAINS: dict[str, str] = {
 
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
-_PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}")
+_PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}", f"pick_at6_{MAX_SLOTS - 1}")
+# Round-robin on the kernel path (--kernel-round-robin): each engine service has a chain
+# `rr<family>_<id>` of one rule, `numgen inc mod <slots> vmap @rr_at<family>`, whose
+# counter is that service's rotation (numgen keeps its counter per rule); `rr_at` maps a
+# slot index to the `pick_at` chain that DNATs to that slot. The `rr` chains come and go
+# with their services, tracked as the pseudo-sets `rr_chains<family>` (key: the chain,
+# text: "<chain> <slots>"); their rule names no `slots` map, which nft 1.0.6 could not add
+# to a table the kernel already holds (see `_update_script`).
+RR_CHAIN_SETS = ("rr_chains4", "rr_chains6")
+_RR_AT: dict[str, str] = {
+    f"rr_at{v}": f"typeof numgen inc mod {MAX_SLOTS} : verdict" for v in (4, 6)
+}
+
+
+def rr_chain_name(version: int, engine_service: str) -> str:
+    """The kernel-path round-robin chain of one engine service, per family: a name of
+    fixed length (service names may hold any character nft would need quoted)."""
+    digest = hashlib.blake2b(engine_service.encode(), digest_size=8).hexdigest()
+    return f"rr{version}_{digest}"
+
+
+def is_rr_chain(name: str) -> bool:
+    return name.startswith(("rr4_", "rr6_"))
 
 
 @functools.cache
 def _encoders() -> dict[str, bulk_load.Encoder]:
     return bulk_load.encoders(_SYNCED)
+
+
+@functools.cache
+def _key_encoders() -> dict[str, bulk_load.Encoder]:
+    return {name: bulk_load.key_encoder(type_) for name, type_ in _SYNCED.items()}
 
 
 def _is_map(type_: str) -> bool:
@@ -317,12 +348,18 @@ def _frontend_key(f: FrontendRule) -> tuple[int, str]:
 
 
 def slot_elements(
-    version: int, key: str, backends: Sequence[tuple[str, int]], short_circuit: bool = False
+    version: int,
+    key: str,
+    backends: Sequence[tuple[str, int]],
+    short_circuit: bool = False,
+    rr_chain: str | None = None,
 ) -> list[tuple[str, str, str]]:
     """The kernel path's elements of the frontend `key`, as (set or map, key, text): its
     verdict-map entry and its slots over `backends` (at most MAX_SLOTS). Its own slots
     count from 0; a short-circuit's (pods and the node, every endpoint) from MAX_SLOTS, in
-    the same `slots` map, picked by the `pick_sc` chains."""
+    the same `slots` map, picked by the `pick_sc` chains. With `rr_chain` the verdict goes
+    to that round-robin chain (and the chain is an element of `rr_chains`), not to the
+    random `pick` chain."""
     chosen = tuple(backends)[:MAX_SLOTS]
     if not chosen:
         return []
@@ -330,7 +367,13 @@ def slot_elements(
         fallback, pick, start = "fallback_sc", "pick_sc", MAX_SLOTS
     else:
         fallback, pick, start = "fallback", "pick", 0
-    out = [(f"{fallback}{version}", key, f"{key} : goto {pick}{version}_{len(chosen)}")]
+    if rr_chain is not None and not short_circuit:
+        out = [
+            (f"fallback{version}", key, f"{key} : goto {rr_chain}"),
+            (f"rr_chains{version}", rr_chain, f"{rr_chain} {len(chosen)}"),
+        ]
+    else:
+        out = [(f"{fallback}{version}", key, f"{key} : goto {pick}{version}_{len(chosen)}")]
     for index, (backend_ip, backend_port) in enumerate(chosen, start=start):
         slot = f"{key} . {index}"
         out.append((f"slots{version}", slot, f"{slot} : {_ip(backend_ip)[1]} . {backend_port}"))
@@ -391,6 +434,38 @@ def _element_lines(verb: str, table: str, name: str, items: Iterable[str]) -> li
         f"{verb} element inet {table} {name} {{ {', '.join(items[i : i + _CHUNK])} }}"
         for i in range(0, len(items), _CHUNK)
     ]
+
+
+def _rr_chain_lines(table: str, texts: Iterable[str]) -> list[str]:
+    """Create (or rewrite) round-robin chains from their `rr_chains` element texts
+    ("<chain> <slots>"). Rewriting restarts the chain's rotation: only when its slot
+    count changed (a new `mod`), or at a full load."""
+    lines: list[str] = []
+    for text in texts:
+        chain, slots = text.split(" ")
+        lines += [
+            f"add chain inet {table} {chain}",
+            f"flush chain inet {table} {chain}",
+            f"add rule inet {table} {chain} numgen inc mod {slots} vmap @rr_at{chain[2]}",
+        ]
+    return lines
+
+
+def _rr_chain_ops(batch: bulk_load.Batch, texts: Iterable[str]) -> None:
+    """`_rr_chain_lines` as netlink messages."""
+    for text in texts:
+        chain, slots = text.split(" ")
+        batch.add_chain(chain)
+        batch.flush_chain(chain)
+        batch.add_rotation_rule(chain, int(slots), f"rr_at{chain[2]}")
+
+
+def _split_rr(
+    elements: Mapping[str, _T],
+) -> tuple[dict[str, _T], list[_T]]:
+    """(the sets' and maps' part, the round-robin chains' part) of per-name contents."""
+    sets = {name: items for name, items in elements.items() if name not in RR_CHAIN_SETS}
+    return sets, [elements[name] for name in RR_CHAIN_SETS if name in elements]
 
 
 def _chain_rules(
@@ -503,6 +578,16 @@ def _chain_rules(
             ]
             for p, v in fams
             for n in range(1, MAX_SLOTS + 1)
+        }
+    )
+    picks.update(
+        {
+            f"pick_at{v}_{i}": [
+                f"dnat {p} to {p} daddr . meta l4proto . th dport . numgen random mod 1 "
+                f"offset {i} map @slots{v}"
+            ]
+            for p, v in fams
+            for i in range(MAX_SLOTS)
         }
     )
     # Reached only when the map lacks the id (sync lagging behind the engine): refuse,
@@ -668,7 +753,7 @@ class RuleManager:
         """The complete table, rules included, as installed on an empty kernel."""
         rules = self._rules()
         lines = [f"table inet {self.table} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
-        lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC}.items()]
+        lines += [_set_decl(n, t) for n, t in {**_SYNCED, **_STATIC, **_RR_AT}.items()]
         for name, spec in _CHAINS.items():
             lines.append(f"\tchain {name} {{")
             if spec:
@@ -684,10 +769,20 @@ class RuleManager:
             out += _element_lines("add", self.table, f"cluster_cidrs{v}", self.cluster_cidrs[v])
         return out
 
+    def _rr_at_lines(self) -> list[str]:
+        """The static elements of the `rr_at` maps: slot index -> its `pick_at` chain."""
+        return [
+            f"add element inet {self.table} {name} {{ "
+            + ", ".join(f"{i} : goto pick_at{name[-1]}_{i}" for i in range(MAX_SLOTS))
+            + " }"
+            for name in _RR_AT
+        ]
+
     def _replace_script(self) -> str:
         t = self.table
         head = [f"table inet {t}", f"delete table inet {t}"]
-        return "\n".join([*head, self.render_table().rstrip("\n"), *self._cidr_lines()]) + "\n"
+        body = self.render_table().rstrip("\n")
+        return "\n".join([*head, body, *self._cidr_lines(), *self._rr_at_lines()]) + "\n"
 
     def _update_script(
         self,
@@ -830,12 +925,19 @@ class RuleManager:
         A table of another shape (another pykp version) is replaced whole.
         """
         objects = self._table_objects()
-        if objects is None or not _PICKS <= objects["chain"] or not self._picks_whole():
+        if (
+            objects is None
+            or not _PICKS <= objects["chain"]
+            or not _RR_AT.keys() <= objects["map"]
+            or not self._picks_whole()
+        ):
             self._nft(self._replace_script())
         else:
-            known = _SYNCED.keys() | _STATIC.keys()
+            known = _SYNCED.keys() | _STATIC.keys() | _RR_AT.keys()
+            # The round-robin chains stay with the verdicts that name them (a restarting
+            # agent keeps serving); its first full load rewrites them.
             script = self._update_script(
-                sorted(objects["chain"] - _CHAINS.keys()),
+                sorted(n for n in objects["chain"] - _CHAINS.keys() if not is_rr_chain(n)),
                 [("set", n) for n in sorted(objects["set"] - known)]
                 + [("map", n) for n in sorted(objects["map"] - known)],
                 (objects["set"] | objects["map"]) & known,
@@ -901,35 +1003,55 @@ class RuleManager:
 
     def load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int:
         """Replace the content of every synced set and map by `wanted`, in one
-        transaction; returns the elements sent."""
+        transaction; returns the elements sent. The round-robin chains `wanted` names
+        (`rr_chains*`) are written in it first, and the others deleted in it last."""
         t = self.table
         self._current = None
+        sets, chain_parts = _split_rr(wanted)
+        chains = {text.split(" ")[0]: text for part in chain_parts for text in part.values()}
+        stale = [c for c in self._rr_chains_held() if c not in chains]
+        sent = sum(len(items) for items in sets.values()) + len(chains)
         if self._bulk_load:
             # Straight to nf_tables, one batch: nft would parse every element (~4 us each).
-            encode = _encoders()
             try:
+                batch = bulk_load.Batch(t)
+                _rr_chain_ops(batch, chains.values())
+                encode = _encoders()
+                for name in _SYNCED:
+                    batch.flush_set(name)
+                    batch.add_elements(name, map(encode[name], (sets.get(name) or {}).values()))
+                for chain in stale:
+                    batch.delete_chain(chain)
                 with as_writer():
-                    bulk_load.load_sets(
-                        t, [(n, encode[n], (wanted.get(n) or {}).values()) for n in _SYNCED]
-                    )
-                return sum(len(items) for items in wanted.values())
+                    batch.send()
+                return sent
             except OSError as error:
                 # Refused by the kernel (nothing of the batch applied) or no such socket
                 # (a buffer we may not size): nft gets the same load, and says why if it
                 # fails too.
                 _log.warning("full load over netlink failed (%s); loading through nft", error)
-        lines: list[str] = []
+        lines = _rr_chain_lines(t, chains.values())
         for name in _SYNCED:
             kind = "map" if _is_map(_SYNCED[name]) else "set"
             lines.append(f"flush {kind} inet {t} {name}")
-            lines += _element_lines("add", t, name, (wanted.get(name) or {}).values())
+            lines += _element_lines("add", t, name, (sets.get(name) or {}).values())
+        lines += [f"delete chain inet {t} {chain}" for chain in stale]
         script = "\n".join(lines) + "\n"
         run_apart = getattr(self.nft, "run_apart", None)
         if run_apart is not None:  # in a child: its memory does not stay in this process
             run_apart(script)
         else:
             self._nft(script)
-        return sum(len(items) for items in wanted.values())
+        return sent
+
+    def _rr_chains_held(self) -> dict[str, int]:
+        """The round-robin chains the kernel's table holds, with their rule counts."""
+        try:
+            summary = self._summary()
+        except LookupError:
+            summary = self._listed_summary()
+        chains = summary.chains if summary is not None else {}
+        return {name: rules for name, rules in chains.items() if is_rr_chain(name)}
 
     def add_elements(
         self,
@@ -937,27 +1059,63 @@ class RuleManager:
         replaced: Mapping[str, Sequence[tuple[str, str]]] = {},  # noqa: B006 - read only
     ) -> None:
         """New elements, and new values of map keys, in one transaction (a replaced key
-        is deleted and added in it: atomic for packets)."""
+        is deleted and added in it: atomic for packets). New round-robin chains, and
+        those whose slot count changed, are written in it first: its verdicts name them."""
+        self._change(added, replaced, {})
+
+    def remove_elements(self, removed: Mapping[str, Sequence[str]]) -> None:
+        """Delete elements by key, in one transaction; then the round-robin chains
+        removed, whose verdicts it deleted."""
+        self._change({}, {}, removed)
+
+    def _change(
+        self,
+        added: Mapping[str, Sequence[str]],
+        replaced: Mapping[str, Sequence[tuple[str, str]]],
+        removed: Mapping[str, Sequence[str]],
+    ) -> None:
+        if not (added or replaced or removed):
+            return
+        self._current = None
+        added, new_chains = _split_rr(added)
+        replaced, changed_chains = _split_rr(replaced)
+        removed, gone_chains = _split_rr(removed)
+        chains = [text for part in new_chains for text in part]
+        chains += [text for part in changed_chains for _, text in part]
+        gone = [chain for part in gone_chains for chain in part]
+        if self._bulk_load:
+            # Straight to nf_tables: libnftables would first load a cache of the table's
+            # chains (~1 ms per 1,000 round-robin chains) for every change.
+            try:
+                batch = bulk_load.Batch(self.table)
+                _rr_chain_ops(batch, chains)
+                encode, keys = _encoders(), _key_encoders()
+                for name, pairs in replaced.items():
+                    batch.delete_elements(name, [keys[name](key) for key, _ in pairs])
+                    batch.add_elements(name, [encode[name](element) for _, element in pairs])
+                for name, elements in added.items():
+                    batch.add_elements(name, map(encode[name], elements))
+                for name, dropped in removed.items():
+                    batch.delete_elements(name, map(keys[name], dropped))
+                for chain in gone:
+                    batch.delete_chain(chain)
+                with as_writer():
+                    batch.send()
+                return
+            except OSError as error:
+                _log.warning("change over netlink failed (%s); sending it through nft", error)
         t = self.table
-        lines: list[str] = []
+        lines = _rr_chain_lines(t, chains)
         for name, pairs in replaced.items():
             lines += _element_lines("delete", t, name, [key for key, _ in pairs])
         for name, pairs in replaced.items():
             lines += _element_lines("add", t, name, [element for _, element in pairs])
         for name, elements in added.items():
             lines += _element_lines("add", t, name, elements)
+        for name, keys_ in removed.items():
+            lines += _element_lines("delete", t, name, keys_)
+        lines += [f"delete chain inet {t} {chain}" for chain in gone]
         if lines:
-            self._current = None
-            self._nft("\n".join(lines) + "\n")
-
-    def remove_elements(self, removed: Mapping[str, Sequence[str]]) -> None:
-        """Delete elements by key, in one transaction."""
-        t = self.table
-        lines: list[str] = []
-        for name, keys in removed.items():
-            lines += _element_lines("delete", t, name, keys)
-        if lines:
-            self._current = None
             self._nft("\n".join(lines) + "\n")
 
     def cleanup(self) -> None:
@@ -981,7 +1139,10 @@ class RuleManager:
 
     def element_counts(self) -> dict[str, int]:
         """How many elements each synced set and map holds in the kernel (-1: missing)."""
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {name: 0 for name in RR_CHAIN_SETS}
+        for chain, rules in self._rr_chains_held().items():
+            if rules == 1:
+                counts[f"rr_chains{chain[2]}"] += 1
         kernel = self._kernel_reader()
         if kernel is not None:
             with kernel:
@@ -1045,7 +1206,7 @@ class RuleManager:
         chains, sets, maps = summary.chains, summary.sets, summary.maps
         if not (
             {n for n, t in _SYNCED.items() if not _is_map(t)} | _STATIC.keys() <= sets
-            and {n for n, t in _SYNCED.items() if _is_map(t)} <= maps
+            and {n for n, t in _SYNCED.items() if _is_map(t)} | _RR_AT.keys() <= maps
         ):
             return False
         rules = self._rules()

@@ -461,7 +461,8 @@ def _decision_why(x: Explanation) -> str:
         return (
             f"round-robin: the next connection takes position {position} of its "
             f"{x.round_robin_cycle}-connection cycle (ticket {x.round_robin_ticket}); another "
-            "new connection to this service on this node first would take it instead"
+            "new connection to this service on this node first would take it instead (with "
+            "`pykp run --kernel-round-robin` the kernel rotates, on a counter of its own)"
         )
     if x.policy == "maglev":
         return f"maglev: slot {x.maglev_slot} of {x.maglev_table_size} is this backend's"
