@@ -205,7 +205,7 @@ def test_a_kernel_round_robin_service_gets_its_chain_before_the_verdicts_that_na
     assert load.splitlines()[:3] == [
         f"add chain inet pykp {RR_CHAIN}",
         f"flush chain inet pykp {RR_CHAIN}",
-        f"add rule inet pykp {RR_CHAIN} numgen inc mod 3 vmap @rr_at4",
+        f"add rule inet pykp {RR_CHAIN} numgen inc mod 3 vmap @rr_at4_3",
     ]
     loaded = elements(load)
     assert "queued4" not in loaded  # no first packet goes to pykp's reader
@@ -242,7 +242,7 @@ def test_a_kernel_round_robin_change_rewrites_its_chain_only_for_a_new_count(
     sync.sync(catalog, {"default/web"}, CONTEXT)
 
     first = recorder.scripts[0].splitlines()
-    rule = f"add rule inet pykp {RR_CHAIN} numgen inc mod 3 vmap @rr_at4"
+    rule = f"add rule inet pykp {RR_CHAIN} numgen inc mod 3 vmap @rr_at4_3"
     assert (rule in first) is rewritten
     if rewritten:
         assert first.index(rule) < min(i for i, line in enumerate(first) if "element" in line)

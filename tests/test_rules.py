@@ -203,10 +203,11 @@ SMALL_EXPECTED = {
     "backends6": {"0x00030000 : fd00:10:244::11 . 53"},
     "cluster_cidrs4": {"10.244.0.0/16"},
     "cluster_cidrs6": {"fd00:10:244::/56"},
-    # Static: a rotation's slot index -> the chain that DNATs to that slot.
+    # Static: a rotation's slot index -> the chain that DNATs to that slot, per slot count.
     **{
-        f"rr_at{v}": {f"{i:#010x} : goto pick_at{v}_{i}" for i in range(MAX_SLOTS)}
+        f"rr_at{v}_{n}": {f"{i:#010x} : goto pick_at{v}_{i}" for i in range(n)}
         for v in (4, 6)
+        for n in range(1, MAX_SLOTS + 1)
     },
 }
 
@@ -811,7 +812,7 @@ def test_changes_over_netlink_match_nft(netns: str) -> None:
     by_nft.install()
     by_nft.add_elements({**{n: list(e.values()) for n, e in wanted.items()}, **chains})
     listings, chain_listing = _listings(netns), rr_chains()
-    assert "numgen inc mod 3 vmap @rr_at4" in chain_listing
+    assert "numgen inc mod 3 vmap @rr_at4_3" in chain_listing
     by_nft.cleanup()
 
     with in_namespace(netns):
@@ -829,7 +830,7 @@ def test_changes_over_netlink_match_nft(netns: str) -> None:
                 "backends4": [("0x00010000", "0x00010000 : 10.244.0.9 . 80")],
             },
         )
-        assert "numgen inc mod 2 vmap @rr_at4" in rr_chains()
+        assert "numgen inc mod 2 vmap @rr_at4_2" in rr_chains()
         assert "0x00010000 : 10.244.0.9 . 80" in _listings(netns)["backends4"]
         # Deleted by key, the chains after the verdicts naming them.
         mgr.remove_elements(
@@ -882,7 +883,7 @@ def test_a_full_load_the_netlink_batch_fails_goes_through_nft(
     assert recorder.scripts == [
         "add chain inet pykp rr4_0123456789abcdef\n"
         "flush chain inet pykp rr4_0123456789abcdef\n"
-        "add rule inet pykp rr4_0123456789abcdef numgen inc mod 2 vmap @rr_at4\n"
+        "add rule inet pykp rr4_0123456789abcdef numgen inc mod 2 vmap @rr_at4_2\n"
         "delete element inet pykp backends4 { 0x00010000 }\n"
         "add element inet pykp backends4 { 0x00010000 : 10.0.0.2 . 80 }\n"
     ]

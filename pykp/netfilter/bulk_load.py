@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 
 from pykp.netfilter.nfnetlink import (
@@ -91,6 +92,16 @@ def _nested(type_: int, value: bytes) -> bytes:
 
 def _z(name: str) -> bytes:
     return name.encode() + b"\0"
+
+
+def _expression(name: str, *attributes: tuple[int, int | bytes]) -> bytes:
+    """One NFTA_LIST_ELEM of a rule: the expression `name` with its attributes (an int is
+    a big-endian u32, as registers and nf_tables' numbers are)."""
+    data = b"".join(
+        _attr(type_, _BE32.pack(value) if isinstance(value, int) else value)
+        for type_, value in attributes
+    )
+    return _nested(NFTA_LIST_ELEM, _attr(NFTA_EXPR_NAME, _z(name)) + _nested(NFTA_EXPR_DATA, data))
 
 
 _addresses: dict[str, bytes] = {}
@@ -253,15 +264,12 @@ class Batch:
     def __init__(self, table: str) -> None:
         self._table = _attr(1, table.encode() + b"\0")  # NFTA_*_TABLE is 1 for all
         self._res_id = socket.htons(NFNL_SUBSYS_NFTABLES)
-        self._parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, b"", self._res_id)]
+        self._messages: list[tuple[int, int, bytes]] = []  # (type, flags, body)
         self.last = 0  # the last message's sequence number (0: nothing in it)
 
     def _add(self, verb: int, flags: int, body: bytes) -> None:
         self.last += 1
-        message_type = (NFNL_SUBSYS_NFTABLES << 8) | verb
-        self._parts.append(
-            _message(message_type, NLM_F_REQUEST | NLM_F_ACK | flags, self.last, body)
-        )
+        self._messages.append(((NFNL_SUBSYS_NFTABLES << 8) | verb, flags, body))
 
     def _elements(self, verb: int, flags: int, name: str, elements: Iterable[bytes]) -> None:
         head = self._table + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
@@ -296,22 +304,21 @@ class Batch:
         self._add(DELCHAIN, 0, self._table + _attr(NFTA_CHAIN_NAME, _z(name)))
 
     def add_rotation_rule(self, chain: str, slots: int, verdict_map: str) -> None:
-        """`numgen inc mod <slots> vmap @<verdict_map>`: the counter is this rule's."""
+        """`numgen inc mod <slots> vmap @<verdict_map>`: the rotation's counter is this
+        rule's (nft's own expressions for it, `nft --debug=netlink`)."""
         if not 1 <= slots <= 0xFFFFFFFF:
             raise ValueError(f"slots out of range: {slots}")
-        numgen = _attr(NFTA_EXPR_NAME, b"numgen\0") + _nested(
-            NFTA_EXPR_DATA,
-            _attr(NFTA_NG_DREG, _BE32.pack(NFT_REG_1))
-            + _attr(NFTA_NG_MODULUS, _BE32.pack(slots))
-            + _attr(NFTA_NG_TYPE, _BE32.pack(NFT_NG_INCREMENTAL)),
+        expressions = _expression(
+            "numgen",
+            (NFTA_NG_DREG, NFT_REG_1),
+            (NFTA_NG_MODULUS, slots),
+            (NFTA_NG_TYPE, NFT_NG_INCREMENTAL),
+        ) + _expression(
+            "lookup",
+            (NFTA_LOOKUP_SET, _z(verdict_map)),
+            (NFTA_LOOKUP_SREG, NFT_REG_1),
+            (NFTA_LOOKUP_DREG, NFT_REG_VERDICT),
         )
-        lookup = _attr(NFTA_EXPR_NAME, b"lookup\0") + _nested(
-            NFTA_EXPR_DATA,
-            _attr(NFTA_LOOKUP_SET, _z(verdict_map))
-            + _attr(NFTA_LOOKUP_SREG, _BE32.pack(NFT_REG_1))
-            + _attr(NFTA_LOOKUP_DREG, _BE32.pack(NFT_REG_VERDICT)),
-        )
-        expressions = _nested(NFTA_LIST_ELEM, numgen) + _nested(NFTA_LIST_ELEM, lookup)
         self._add(
             NEWRULE,
             NLM_F_CREATE | NLM_F_APPEND,
@@ -321,8 +328,18 @@ class Batch:
         )
 
     def data(self) -> bytes:
+        """The batch; only its last message asks for an ack (the kernel reports every
+        failed one anyway): an ack per message overflows the socket's receive buffer
+        (ENOBUFS) past a few thousand, as 10,000 round-robin chains make."""
+        begin = _message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, b"", self._res_id)
         end = _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self.last + 1, b"", self._res_id)
-        return b"".join([*self._parts, end])
+        body = [
+            _message(
+                type_, NLM_F_REQUEST | flags | (NLM_F_ACK if seq == self.last else 0), seq, data
+            )
+            for seq, (type_, flags, data) in enumerate(self._messages, start=1)
+        ]
+        return b"".join([begin, *body, end])
 
     def send(self) -> None:
         """Send the transaction; NetlinkError when the kernel refuses it (nothing of it is
@@ -351,27 +368,45 @@ def load_sets(table: str, sets: Iterable[tuple[str, Encoder, Iterable[str]]]) ->
     _send(*batch(table, sets))
 
 
+# One socket per network namespace, kept open: closing a nf_tables socket waits for the
+# release of the last commit's objects (an RCU grace period, 5-17 ms here), which would
+# otherwise add to every change. Used by one thread at a time.
+_sockets: dict[int, socket.socket] = {}
+_sockets_lock = threading.Lock()
+
+
 def _send(data: bytes, last: int) -> None:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    try:
-        sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without our message
-        # The batch goes in one send (one skb: one transaction).
-        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+    namespace = os.stat("/proc/thread-self/ns/net").st_ino
+    with _sockets_lock:
+        sock = _sockets.pop(namespace, None)
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            try:
+                sock.bind((0, 0))
+                sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without our message
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+                sock.settimeout(60)
+            except OSError:
+                sock.close()
+                raise
+        try:
+            # The batch goes in one send (one skb: one transaction).
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
+            sent = sock.send(data)
+            if sent != len(data):
+                raise NetlinkError(errno.EMSGSIZE, f"sent {sent} of {len(data)} bytes")
+            _acks(sock, last)
+        except BaseException:
+            sock.close()  # what it may still hold answers this batch: never reused
+            raise
         sock.settimeout(60)
-        sent = sock.send(data)
-        if sent != len(data):
-            raise NetlinkError(errno.EMSGSIZE, f"sent {sent} of {len(data)} bytes")
-        _acks(sock, last)
-    finally:
-        sock.close()
+        _sockets[namespace] = sock
 
 
 def _acks(sock: socket.socket, last: int) -> None:
-    """Wait for the acks of messages 1..`last`; raise on the first error (after the kernel
-    reported the rest: the batch is then aborted as a whole)."""
-    pending = set(range(1, last + 1))
+    """Wait for the ack of message `last` (the one that asks for it); raise on the first
+    error (after the kernel reported the rest: the batch is then aborted as a whole)."""
+    pending = {last}
     failure: NetlinkError | None = None
     buffer = bytearray(1 << 20)
     while pending:
@@ -389,7 +424,9 @@ def _acks(sock: socket.socket, last: int) -> None:
             pending.discard(seq)
             code = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else errno.EIO
             if code != 0 and failure is None:
-                failure = NetlinkError(code, f"set elements (message {seq}): {os.strerror(code)}")
+                failure = NetlinkError(
+                    code, f"nf_tables batch (message {seq}): {os.strerror(code)}"
+                )
                 sock.settimeout(0.2)
     if failure is not None:
         raise failure

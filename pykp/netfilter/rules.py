@@ -286,15 +286,20 @@ _CHAINS: dict[str, str] = {
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
 _PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}", f"pick_at6_{MAX_SLOTS - 1}")
 # Round-robin on the kernel path (--kernel-round-robin): each engine service has a chain
-# `rr<family>_<id>` of one rule, `numgen inc mod <slots> vmap @rr_at<family>`, whose
-# counter is that service's rotation (numgen keeps its counter per rule); `rr_at` maps a
-# slot index to the `pick_at` chain that DNATs to that slot. The `rr` chains come and go
-# with their services, tracked as the pseudo-sets `rr_chains<family>` (key: the chain,
-# text: "<chain> <slots>"); their rule names no `slots` map, which nft 1.0.6 could not add
-# to a table the kernel already holds (see `_update_script`).
+# `rr<family>_<id>` of one rule, `numgen inc mod <n> vmap @rr_at<family>_<n>` for its n
+# slots, whose counter is that service's rotation (numgen keeps its counter per rule).
+# `rr_at<family>_<n>` maps 0..n-1 to the `pick_at` chains that DNAT to that slot: one map
+# per n, so that the kernel's validation of a commit visits n chains per rotation, not
+# MAX_SLOTS. (A rule DNATing from the `slots` map itself would make every element added to
+# that map, and every rule bound to it, walk the other: quadratic in the services, and nft
+# 1.0.6 cannot add it to a table the kernel holds, see `_update_script`.) The `rr` chains
+# come and go with their services, tracked as the pseudo-sets `rr_chains<family>` (key:
+# the chain, text: "<chain> <slots>").
 RR_CHAIN_SETS = ("rr_chains4", "rr_chains6")
 _RR_AT: dict[str, str] = {
-    f"rr_at{v}": f"typeof numgen inc mod {MAX_SLOTS} : verdict" for v in (4, 6)
+    f"rr_at{v}_{n}": f"typeof numgen inc mod {n} : verdict"
+    for v in (4, 6)
+    for n in range(1, MAX_SLOTS + 1)
 }
 
 
@@ -446,7 +451,7 @@ def _rr_chain_lines(table: str, texts: Iterable[str]) -> list[str]:
         lines += [
             f"add chain inet {table} {chain}",
             f"flush chain inet {table} {chain}",
-            f"add rule inet {table} {chain} numgen inc mod {slots} vmap @rr_at{chain[2]}",
+            f"add rule inet {table} {chain} numgen inc mod {slots} vmap @rr_at{chain[2]}_{slots}",
         ]
     return lines
 
@@ -457,7 +462,7 @@ def _rr_chain_ops(batch: bulk_load.Batch, texts: Iterable[str]) -> None:
         chain, slots = text.split(" ")
         batch.add_chain(chain)
         batch.flush_chain(chain)
-        batch.add_rotation_rule(chain, int(slots), f"rr_at{chain[2]}")
+        batch.add_rotation_rule(chain, int(slots), f"rr_at{chain[2]}_{slots}")
 
 
 def _split_rr(
@@ -771,12 +776,12 @@ class RuleManager:
 
     def _rr_at_lines(self) -> list[str]:
         """The static elements of the `rr_at` maps: slot index -> its `pick_at` chain."""
-        return [
-            f"add element inet {self.table} {name} {{ "
-            + ", ".join(f"{i} : goto pick_at{name[-1]}_{i}" for i in range(MAX_SLOTS))
-            + " }"
-            for name in _RR_AT
-        ]
+        lines = []
+        for name in _RR_AT:
+            version, slots = name.removeprefix("rr_at").split("_")
+            verdicts = (f"{i} : goto pick_at{version}_{i}" for i in range(int(slots)))
+            lines.append(f"add element inet {self.table} {name} {{ {', '.join(verdicts)} }}")
+        return lines
 
     def _replace_script(self) -> str:
         t = self.table
