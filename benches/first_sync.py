@@ -5,6 +5,8 @@ Run as root from the repository root with the venv of `bash scripts/install.sh -
 
     .venv/bin/python benches/first_sync.py 10000 30000
     .venv/bin/python benches/first_sync.py --memory 10000     # bytes held per service
+    .venv/bin/python benches/first_sync.py 10000 --policy round-robin --kernel-round-robin \
+        --changes 6                                           # then one service changed
 
 Per N, in a network namespace of its own (removed afterwards): N Services and N
 EndpointSlices (3 endpoints each, the objects of `control_plane_scale.py`, decoded from
@@ -13,7 +15,9 @@ JSON as the API client hands them over) are translated (`parse_service`,
 then one full `ServiceSync.sync` with pykp's real rules: "sync" is all of it, "load" the
 part that puts the elements into the kernel (`RuleManager.load_elements`). GC off, as in
 the agent. `--memory` traces the Python allocations instead (slower): bytes per service
-held by the source's objects and specs, and by the sync's state.
+held by the source's objects and specs, and by the sync's state. `--changes K` then times
+K syncs of one changed service (its endpoints 3 -> 1 -> 3 ...: with the kernel's
+round-robin its chain is rewritten each time), the engine and the kernel's commits included.
 """
 
 from __future__ import annotations
@@ -56,7 +60,13 @@ def _rss_mib() -> int:
     return 0
 
 
-def inner(count: int, memory: bool) -> dict[str, Any]:
+def inner(
+    count: int,
+    memory: bool,
+    policy: str = "random",
+    kernel_round_robin: bool = False,
+    changes: int = 0,
+) -> dict[str, Any]:
     from pykp._fastpath import Engine
     from pykp.agent.sync import NodeContext, ServiceSync
     from pykp.model import Catalog
@@ -74,7 +84,7 @@ def inner(count: int, memory: bool) -> dict[str, Any]:
     started = time.perf_counter()
     parsed = {}
     for obj in service_objects:
-        service, _ = parse_service(obj, "random")
+        service, _ = parse_service(obj, policy)
         assert service is not None
         parsed[service.key] = service
     slices_of: dict[str, dict[str, Any]] = {}
@@ -114,14 +124,30 @@ def inner(count: int, memory: bool) -> dict[str, Any]:
         return sent
 
     rules.load_elements = timed_load  # type: ignore[method-assign]
-    engine = Engine(default_policy="random", max_backend_id=layout.max_backend_id)
+    engine = Engine(default_policy=policy, max_backend_id=layout.max_backend_id)
     sync = ServiceSync(
-        engine, rules, layout, kernel_random=True, allow_node_address_service_ips=False
+        engine,
+        rules,
+        layout,
+        kernel_random=True,
+        kernel_round_robin=kernel_round_robin,
+        allow_node_address_service_ips=False,
     )
     context = NodeContext("node", ("192.0.2.1",), frozenset({"192.0.2.1"}), True, None, "random")
     begun = time.perf_counter()
     result = sync.sync(catalog, None, context)
     synced = time.perf_counter()
+    change_ms: list[float] = []
+    key = next(iter(specs))
+    whole = specs[key]
+    for i in range(changes):
+        specs[key] = replace(
+            whole, endpoints=whole.endpoints[:1] if i % 2 == 0 else whole.endpoints
+        )
+        changed = replace(catalog, services=tuple(specs.values()), by_key=dict(specs))
+        begun_change = time.perf_counter()
+        sync.sync(changed, {key}, context)
+        change_ms.append(round((time.perf_counter() - begun_change) * 1000, 2))
     try:
         if memory:
             held_sync = tracemalloc.get_traced_memory()[0]
@@ -140,6 +166,7 @@ def inner(count: int, memory: bool) -> dict[str, Any]:
             "load_s": round(loads[0], 3) if loads else None,
             "elements": result.elements_added,
             "rss_mib": _rss_mib(),
+            **({"change_ms": change_ms} if changes else {}),
         }
     finally:
         rules.cleanup()
@@ -149,10 +176,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("counts", nargs="+", type=int)
     parser.add_argument("--memory", action="store_true", help="bytes held per service")
+    parser.add_argument("--policy", default="random", help="the services' policy")
+    parser.add_argument(
+        "--kernel-round-robin", action="store_true", help="round-robin rotated in the kernel"
+    )
+    parser.add_argument("--changes", type=int, default=0, help="then time K one-service syncs")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        print(json.dumps(inner(args.counts[0], args.memory)), flush=True)
+        result = inner(
+            args.counts[0], args.memory, args.policy, args.kernel_round_robin, args.changes
+        )
+        print(json.dumps(result), flush=True)
         return
     if os.geteuid() != 0:
         sys.exit("needs root (a network namespace)")
@@ -163,6 +198,9 @@ def main() -> None:
             command = [sys.executable, __file__, "--inner", str(count)]
             if args.memory:
                 command.append("--memory")
+            command += ["--policy", args.policy, "--changes", str(args.changes)]
+            if args.kernel_round_robin:
+                command.append("--kernel-round-robin")
             subprocess.run(["ip", "netns", "exec", NAMESPACE, *command], check=True)
         finally:
             subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)
