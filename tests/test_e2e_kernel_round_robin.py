@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ services:
                 {ip: "fd00:10:244::11"}, {ip: "fd00:10:244::12"}]
 """
 ALL = {"backend-0", "backend-1", "backend-2"}
+SYNC_PERIOD = 2.0  # the rules and their element counts are checked every half period
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,13 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def agent(lab: Lab, write_services: Callable[[str], Path], tmp_path: Path) -> Iterator[LabAgent]:
-    node = LabAgent(lab, write_services(SERVICES), "--kernel-round-robin", workdir=tmp_path)
+    node = LabAgent(
+        lab,
+        write_services(SERVICES),
+        "--kernel-round-robin",
+        "--sync-period", f"{SYNC_PERIOD}s",
+        workdir=tmp_path,
+    )  # fmt: skip
     node.start()
     try:
         yield node
@@ -132,5 +140,35 @@ def test_a_changed_pool_rotates_over_its_new_backends_and_a_removed_service_leav
     assert wait_for(lambda: len(rr_chains(lab)) == 1, timeout=10, step=0.2)
     assert set(rr_chains(lab)) < set(before)
     assert periodic(answers(lab, "10.96.0.10", 4), 2)
-    # All of it pykp's own writes: nothing taken for someone else's change to repair.
+    # All of it pykp's own writes: neither the change notifications nor the periodic check
+    # of chains and element counts (round-robin chains included) took any for damage.
+    time.sleep(SYNC_PERIOD)
     assert agent.metric("pykp_rules_repairs_total") == 0
+    assert agent.metric("pykp_rules_foreign_changes_total") == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ["flush", "map", "inet", "pykp", "rr_at4_3"],  # every rotation over 3 slots
+        ["flush", "chain", "inet", "pykp", "pick_at4_1"],  # slot 1 of every rotation
+        ["flush", "chain", "inet", "pykp", "{rr}"],  # one service's rotation
+    ],
+    ids=["rr_at-map", "pick_at-chain", "rr-chain"],
+)
+def test_a_damaged_rotation_is_repaired(lab: Lab, agent: LabAgent, damage: list[str]) -> None:
+    assert periodic(answers(lab, "10.96.0.10", 6), 3)
+    chain = next(c for c in rr_chains(lab) if c.startswith("rr4_"))
+    command = [part.replace("{rr}", chain) for part in damage]
+    subprocess.run(["ip", "netns", "exec", lab.node.netns, "nft", *command], check=True)
+
+    def rotates() -> bool:
+        try:
+            sequence = answers(lab, "10.96.0.10", 6)
+        except OSError:
+            return False
+        return set(sequence[:3]) == ALL and periodic(sequence, 3)
+
+    assert wait_for(lambda: agent.metric("pykp_rules_repairs_total") >= 1, timeout=3 * SYNC_PERIOD)
+    assert wait_for(rotates, timeout=SYNC_PERIOD, step=0.2)
+    assert agent.healthy()

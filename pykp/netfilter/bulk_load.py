@@ -175,7 +175,7 @@ def _frontend(text: str) -> bytes:
     return _address(ip) + _proto(proto) + _port(port)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1 << 14)  # the pick chains, and round-robin chains that come and go
 def _verdict_goto(chain: str) -> bytes:
     return _nested(
         NFTA_DATA_VERDICT,
@@ -200,6 +200,16 @@ def encoder(type_: str) -> Encoder:
             return _element(_frontend(key), _verdict_goto(chain), verdict=True)
 
         return fallback
+    if type_.startswith("typeof numgen inc") and type_.endswith(": verdict"):
+
+        def rotation_slot(text: str) -> bytes:
+            index, verdict = text.split(" : ")
+            word, chain = verdict.split()
+            if word != "goto":
+                raise ValueError(f"not a goto verdict: {verdict!r}")
+            return _element(_U32_HOST.pack(int(index)), _verdict_goto(chain), verdict=True)
+
+        return rotation_slot
     if type_.startswith("typeof ") and "numgen random" in type_:
 
         def slot(text: str) -> bytes:

@@ -284,7 +284,6 @@ _CHAINS: dict[str, str] = {
 
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
-_PICK_CANARIES = ("pick4_1", f"pick6_{MAX_SLOTS}", f"pick_at6_{MAX_SLOTS - 1}")
 # Round-robin on the kernel path (--kernel-round-robin): each engine service has a chain
 # `rr<family>_<id>` of one rule, `numgen inc mod <n> vmap @rr_at<family>_<n>` for its n
 # slots, whose counter is that service's rotation (numgen keeps its counter per rule).
@@ -308,6 +307,12 @@ def rr_chain_name(version: int, engine_service: str) -> str:
     fixed length (service names may hold any character nft would need quoted)."""
     digest = hashlib.blake2b(engine_service.encode(), digest_size=8).hexdigest()
     return f"rr{version}_{digest}"
+
+
+def _rr_at_elements(name: str) -> list[str]:
+    """The elements of the map `rr_at<family>_<n>`: 0..n-1 -> goto its `pick_at` chain."""
+    version, slots = name.removeprefix("rr_at").split("_")
+    return [f"{i} : goto pick_at{version}_{i}" for i in range(int(slots))]
 
 
 def is_rr_chain(name: str) -> bool:
@@ -776,12 +781,10 @@ class RuleManager:
 
     def _rr_at_lines(self) -> list[str]:
         """The static elements of the `rr_at` maps: slot index -> its `pick_at` chain."""
-        lines = []
-        for name in _RR_AT:
-            version, slots = name.removeprefix("rr_at").split("_")
-            verdicts = (f"{i} : goto pick_at{version}_{i}" for i in range(int(slots)))
-            lines.append(f"add element inet {self.table} {name} {{ {', '.join(verdicts)} }}")
-        return lines
+        return [
+            f"add element inet {self.table} {name} {{ {', '.join(_rr_at_elements(name))} }}"
+            for name in _RR_AT
+        ]
 
     def _replace_script(self) -> str:
         t = self.table
@@ -1025,6 +1028,12 @@ class RuleManager:
                 for name in _SYNCED:
                     batch.flush_set(name)
                     batch.add_elements(name, map(encode[name], (sets.get(name) or {}).values()))
+                # Static, but a repair's full load restores them too (someone may have
+                # flushed one: the rotations over that many slots would miss).
+                encode_rr_at = bulk_load.encoder(_RR_AT["rr_at4_1"])
+                for name in _RR_AT:
+                    batch.flush_set(name)
+                    batch.add_elements(name, map(encode_rr_at, _rr_at_elements(name)))
                 for chain in stale:
                     batch.delete_chain(chain)
                 with as_writer():
@@ -1040,6 +1049,9 @@ class RuleManager:
             kind = "map" if _is_map(_SYNCED[name]) else "set"
             lines.append(f"flush {kind} inet {t} {name}")
             lines += _element_lines("add", t, name, (sets.get(name) or {}).values())
+        for name in _RR_AT:
+            lines.append(f"flush map inet {t} {name}")
+            lines += _element_lines("add", t, name, _rr_at_elements(name))
         lines += [f"delete chain inet {t} {chain}" for chain in stale]
         script = "\n".join(lines) + "\n"
         run_apart = getattr(self.nft, "run_apart", None)
@@ -1128,20 +1140,6 @@ class RuleManager:
         cleanup_all(self.table, self.chain, netns=self.netns, ipv6=self.ipv6)
         self._current = None
 
-    def _rule_count(self, chain: str) -> int:
-        try:
-            summary = self._summary()
-        except LookupError:
-            pass
-        else:
-            return -1 if summary is None else summary.chains.get(chain, -1)
-        try:
-            with self._reader() as reader:
-                listing = reader.list_json(f"list chain inet {self.table} {chain}")
-        except RulesError:
-            return -1
-        return sum("rule" in item for item in json.loads(listing)["nftables"])
-
     def element_counts(self) -> dict[str, int]:
         """How many elements each synced set and map holds in the kernel (-1: missing)."""
         counts: dict[str, int] = {name: 0 for name in RR_CHAIN_SETS}
@@ -1169,9 +1167,14 @@ class RuleManager:
         return counts
 
     def _picks_whole(self) -> bool:
-        """The first and last `pick*` chains hold their rule (a flush of the table empties
-        them all); `install` cannot rewrite them in place (see `_update_script`)."""
-        return all(self._rule_count(chain) == 1 for chain in _PICK_CANARIES)
+        """Every `pick*` chain holds its rule (a flush of the table empties them all, a flush
+        of one chain one of them: `installed()` sees either); `install` cannot rewrite
+        them in place (see `_update_script`), so it replaces the table then."""
+        try:
+            summary = self._summary()
+        except LookupError:
+            summary = self._listed_summary()
+        return summary is not None and all(summary.chains.get(c) == 1 for c in _PICKS)
 
     def undecided_connections(self) -> int:
         """Connections to queued frontends that the kernel path served since the table was
@@ -1217,11 +1220,28 @@ class RuleManager:
         rules = self._rules()
         if any(chains.get(chain, -1) != len(chain_rules) for chain, chain_rules in rules.items()):
             return False
+        if not self._rr_at_whole():
+            return False
         for save, _ in _iptables_families(self.ipv6):
             current = _read_mangle(save, self.chain, self.netns)
             if not current.queue_rule or any(not current.jumps.get(h) for h in _HOOKS):
                 return False
         return True
+
+    def _rr_at_whole(self) -> bool:
+        """Every `rr_at` map holds its n elements (where the kernel can be asked directly:
+        256 small dumps; elsewhere the maps' presence is what is checked)."""
+        kernel = self._kernel_reader()
+        if kernel is None:
+            return True
+        with kernel:
+            try:
+                return all(
+                    kernel.element_count(self.table, name) == int(name.rsplit("_", 1)[1])
+                    for name in _RR_AT
+                )
+            except NetlinkError:
+                return False
 
     def _listed_summary(self) -> TableSummary | None:
         """`_summary` through nft's terse listing (another namespace, a given executor)."""
