@@ -1,13 +1,16 @@
-"""Shared fixtures: services files on disk, and the Rust extension for tests that need it."""
+"""Shared fixtures: services files on disk, the Rust extension for tests that need it, and
+the end-to-end tests' usual lab (a module overrides `lab` when it needs another)."""
 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from pykp.labs.lab import Lab
 
 
 @pytest.fixture
@@ -30,3 +33,12 @@ def fastpath() -> ModuleType:
     except ModuleNotFoundError as error:
         pytest.fail(f"pykp._fastpath is not built (run `maturin develop`): {error}")
     return fastpath
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """A node, three backend pods answering HTTP on port 8080 with their name, one client
+    pod: built once per test module, removed after it (privileged: namespaces)."""
+    with Lab(backends=3, clients=1) as lab:
+        lab.start_http_servers(port=8080)
+        yield lab

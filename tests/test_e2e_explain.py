@@ -63,13 +63,6 @@ services:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(backends=3, clients=1) as lab:
-        lab.start_http_servers(port=8080)
-        yield lab
-
-
-@pytest.fixture(scope="module")
 def node(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     path = tmp_path_factory.mktemp("explain") / "services.yaml"
     path.write_text(ROUND_ROBIN)

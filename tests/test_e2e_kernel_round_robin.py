@@ -47,13 +47,6 @@ ALL = {"backend-0", "backend-1", "backend-2"}
 SYNC_PERIOD = 2.0  # the rules and their element counts are checked every half period
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(backends=3, clients=1) as lab:
-        lab.start_http_servers(port=8080)
-        yield lab
-
-
 @pytest.fixture
 def agent(lab: Lab, write_services: Callable[[str], Path], tmp_path: Path) -> Iterator[LabAgent]:
     node = LabAgent(

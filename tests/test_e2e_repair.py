@@ -40,13 +40,6 @@ SYNC_PERIOD = 2.0
 ALL = {"backend-0", "backend-1", "backend-2"}
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(backends=3, clients=1) as lab:
-        lab.start_http_servers(port=8080)
-        yield lab
-
-
 @pytest.fixture
 def node(lab: Lab, write_services: Callable[[str], Path], tmp_path: Path) -> Iterator[LabAgent]:
     # A fresh agent per test: its install and first (full) sync undo what a test broke.
