@@ -180,7 +180,7 @@ def _verdict_goto(chain: str) -> bytes:
     return _nested(
         NFTA_DATA_VERDICT,
         _attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO))
-        + _attr(NFTA_VERDICT_CHAIN, chain.encode() + b"\0"),
+        + _attr(NFTA_VERDICT_CHAIN, _z(chain)),
     )
 
 
@@ -214,12 +214,8 @@ def encoder(type_: str) -> Encoder:
 
         def slot(text: str) -> bytes:
             key, value = text.split(" : ")
-            ip, proto, port, index = key.split(" . ")
             backend, backend_port = value.split(" . ")
-            return _element(
-                _address(ip) + _proto(proto) + _port(port) + _U32_HOST.pack(int(index)),
-                _address(backend) + _port(backend_port),
-            )
+            return _element(_slot_key(key), _address(backend) + _port(backend_port))
 
         return slot
     if type_ in ("ipv4_addr", "ipv6_addr"):
@@ -245,24 +241,21 @@ def encoder(type_: str) -> Encoder:
 def key_encoder(type_: str) -> Encoder:
     """The encoder of one element's key alone (what a delete names), from the key's text,
     for a set or map of type `type_`."""
-    if not _is_map_type(type_):
+    if ":" not in type_:  # a set: its element is its key
         return encoder(type_)
     if type_.startswith(("ipv4_addr . inet_proto", "ipv6_addr . inet_proto")):
         return lambda text: _element(_frontend(text))
     if type_.startswith("typeof ") and "numgen random" in type_:
-
-        def slot(text: str) -> bytes:
-            ip, proto, port, index = text.split(" . ")
-            return _element(_address(ip) + _proto(proto) + _port(port) + _U32_HOST.pack(int(index)))
-
-        return slot
+        return lambda text: _element(_slot_key(text))
     if type_.startswith("mark : "):
         return lambda text: _element(_U32_HOST.pack(int(text, 0)))
     raise ValueError(f"no netlink encoding for the keys of {type_!r}")
 
 
-def _is_map_type(type_: str) -> bool:
-    return ":" in type_
+def _slot_key(text: str) -> bytes:
+    """A `slots` map's key: frontend . slot index."""
+    ip, proto, port, index = text.split(" . ")
+    return _address(ip) + _proto(proto) + _port(port) + _U32_HOST.pack(int(index))
 
 
 def _message(type_: int, flags: int, seq: int, body: bytes, res_id: int = 0) -> bytes:
@@ -276,7 +269,7 @@ class Batch:
     flushed, given their rule or deleted, in the order the calls came."""
 
     def __init__(self, table: str) -> None:
-        self._table = _attr(1, table.encode() + b"\0")  # NFTA_*_TABLE is 1 for all
+        self._table = _attr(1, _z(table))  # NFTA_*_TABLE is 1 for all
         self._res_id = socket.htons(NFNL_SUBSYS_NFTABLES)
         self._messages: list[tuple[int, int, bytes]] = []  # (type, flags, body)
         self.last = 0  # the last message's sequence number (0: nothing in it)
@@ -286,7 +279,7 @@ class Batch:
         self._messages.append(((NFNL_SUBSYS_NFTABLES << 8) | verb, flags, body))
 
     def _elements(self, verb: int, flags: int, name: str, elements: Iterable[bytes]) -> None:
-        head = self._table + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+        head = self._table + _attr(NFTA_SET_ELEM_LIST_SET, _z(name))
         chunk: list[bytes] = []
         size = 0
         for element in elements:
@@ -299,7 +292,7 @@ class Batch:
             self._add(verb, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk)))
 
     def flush_set(self, name: str) -> None:
-        self._add(DELSETELEM, 0, self._table + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+        self._add(DELSETELEM, 0, self._table + _attr(NFTA_SET_ELEM_LIST_SET, _z(name)))
 
     def add_elements(self, name: str, elements: Iterable[bytes]) -> None:
         self._elements(NEWSETELEM, NLM_F_CREATE, name, elements)
@@ -413,7 +406,6 @@ def _send(data: bytes, last: int) -> None:
         except BaseException:
             sock.close()  # what it may still hold answers this batch: never reused
             raise
-        sock.settimeout(60)
         _sockets[namespace] = sock
 
 

@@ -1049,9 +1049,8 @@ class RuleManager:
             kind = "map" if _is_map(_SYNCED[name]) else "set"
             lines.append(f"flush {kind} inet {t} {name}")
             lines += _element_lines("add", t, name, (sets.get(name) or {}).values())
-        for name in _RR_AT:
-            lines.append(f"flush map inet {t} {name}")
-            lines += _element_lines("add", t, name, _rr_at_elements(name))
+        lines += [f"flush map inet {t} {name}" for name in _RR_AT]
+        lines += self._rr_at_lines()
         lines += [f"delete chain inet {t} {chain}" for chain in stale]
         script = "\n".join(lines) + "\n"
         run_apart = getattr(self.nft, "run_apart", None)
@@ -1063,10 +1062,7 @@ class RuleManager:
 
     def _rr_chains_held(self) -> dict[str, int]:
         """The round-robin chains the kernel's table holds, with their rule counts."""
-        try:
-            summary = self._summary()
-        except LookupError:
-            summary = self._listed_summary()
+        summary = self._any_summary()
         chains = summary.chains if summary is not None else {}
         return {name: rules for name, rules in chains.items() if is_rr_chain(name)}
 
@@ -1170,10 +1166,7 @@ class RuleManager:
         """Every `pick*` chain holds its rule (a flush of the table empties them all, a flush
         of one chain one of them: `installed()` sees either); `install` cannot rewrite
         them in place (see `_update_script`), so it replaces the table then."""
-        try:
-            summary = self._summary()
-        except LookupError:
-            summary = self._listed_summary()
+        summary = self._any_summary()
         return summary is not None and all(summary.chains.get(c) == 1 for c in _PICKS)
 
     def undecided_connections(self) -> int:
@@ -1205,10 +1198,7 @@ class RuleManager:
         any of them, breaks. One listing of the table (it costs what the kernel's element
         dump costs: run it off the sync path), or, in the agent's own namespace, three
         requests to the kernel that read no element."""
-        try:
-            summary = self._summary()
-        except LookupError:
-            summary = self._listed_summary()
+        summary = self._any_summary()
         if summary is None:
             return False
         chains, sets, maps = summary.chains, summary.sets, summary.maps
@@ -1242,6 +1232,13 @@ class RuleManager:
                 )
             except NetlinkError:
                 return False
+
+    def _any_summary(self) -> TableSummary | None:
+        """`_summary` from the kernel where it can be asked, else through nft."""
+        try:
+            return self._summary()
+        except LookupError:
+            return self._listed_summary()
 
     def _listed_summary(self) -> TableSummary | None:
         """`_summary` through nft's terse listing (another namespace, a given executor)."""
