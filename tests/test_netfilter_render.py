@@ -190,6 +190,47 @@ def test_a_failed_transaction_leaves_the_engine_as_it_was_and_the_next_sync_relo
     assert "0x00030000 : 10.244.3.10 . 8080" in reload
 
 
+TWO_PORTS = """\
+services:
+  - name: pod
+    clusterIP: 10.96.0.20
+    ports: [{{name: a, port: 80, targetPort: 8080}}{more}]
+    endpoints: [{{ip: {ip}}}]
+"""
+
+
+def test_the_backends_of_one_pod_share_its_hairpin_pair_until_the_last_goes() -> None:
+    both = TWO_PORTS.format(more=", {name: b, port: 90, targetPort: 9090}", ip="10.244.1.10")
+    sync, recorder = synced(both)
+    loaded = elements(recorder.scripts[0])
+    assert loaded["backends4"] == {
+        "0x00010000 : 10.244.1.10 . 8080",
+        "0x00020000 : 10.244.1.10 . 9090",
+    }
+    assert loaded["hairpin4"] == {"10.244.1.10 . 10.244.1.10"}
+    counts = sync.element_counts()
+    assert counts is not None and (counts[1]["backends4"], counts[1]["hairpin4"]) == (2, 1)
+
+    def change(text: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+        catalog, _ = load_services_text(textwrap.dedent(text))
+        recorder.scripts.clear()
+        sync.sync(catalog, {"default/pod"}, CONTEXT)
+        script = "\n".join(recorder.scripts)
+        return elements(script), elements(script, "delete")
+
+    # One of its two ids goes: the pair stays (the other id still uses it).
+    added, deleted = change(TWO_PORTS.format(more="", ip="10.244.1.10"))
+    assert deleted.get("backends4") == {"0x00020000"}
+    assert "hairpin4" not in deleted and "hairpin4" not in added
+    # The pod moves: its old pair goes with its last id, the new one comes with the new id.
+    added, deleted = change(TWO_PORTS.format(more="", ip="10.244.1.11"))
+    assert added["hairpin4"] == {"10.244.1.11 . 10.244.1.11"}
+    assert deleted["hairpin4"] == {"10.244.1.10 . 10.244.1.10"}
+    counts = sync.element_counts()
+    assert counts is not None and (counts[1]["backends4"], counts[1]["hairpin4"]) == (1, 1)
+    assert sync.elements()["hairpin4"] == {"10.244.1.11 . 10.244.1.11": "10.244.1.11 . 10.244.1.11"}
+
+
 # --- round-robin rotated in the kernel (--kernel-round-robin)
 
 RR_CHAIN = rr_chain_name(4, "default/web")

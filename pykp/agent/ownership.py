@@ -23,9 +23,9 @@ Claim = tuple[str, int, str]  # (address or NODE_PORT, port, protocol)
 _Rank = tuple[str, str]  # (created, key): the smaller is the older
 
 
-def claims_of(spec: ServiceSpec, node_addresses: Collection[str] = ()) -> frozenset[Claim]:
-    """Every frontend `spec` asks for. An address of the node is claimed as a nodePort
-    is: both are the node's port, whoever asks for it."""
+def claims_of(spec: ServiceSpec, node_addresses: Collection[str] = ()) -> tuple[Claim, ...]:
+    """Every frontend `spec` asks for, sorted. An address of the node is claimed as a
+    nodePort is: both are the node's port, whoever asks for it."""
     addresses = (*spec.cluster_ips, *spec.external_ips, *spec.load_balancer_ips)
     claims = {
         (NODE_PORT if address in node_addresses else address, port.port, port.protocol)
@@ -37,7 +37,7 @@ def claims_of(spec: ServiceSpec, node_addresses: Collection[str] = ()) -> frozen
         for port in spec.ports
         if port.node_port is not None
     )
-    return frozenset(claims)
+    return tuple(sorted(claims))
 
 
 def claim_text(claim: Claim) -> str:
@@ -49,39 +49,42 @@ def claim_text(claim: Claim) -> str:
 
 
 class FrontendOwners:
-    """The claimants of every claim, and so its holder."""
+    """The claimants of every claim, and so its holder.
+
+    Held per service (100,000 of them in a large cluster), so compactly: a claim's
+    claimant is its key alone, a tuple of keys only for the few contested claims, and each
+    service's claims one sorted tuple (a dict or frozenset of one item costs 200+ bytes).
+    """
 
     def __init__(self) -> None:
-        self._claimants: dict[Claim, dict[str, _Rank]] = {}
-        self._claims: dict[str, tuple[_Rank, frozenset[Claim]]] = {}
+        self._claimants: dict[Claim, str | tuple[str, ...]] = {}
+        self._claims: dict[str, tuple[_Rank, tuple[Claim, ...]]] = {}
 
     def update(
         self, key: str, spec: ServiceSpec | None, node_addresses: Collection[str] = ()
     ) -> set[str]:
         """Record what `key` claims now (None: it is gone); return the other services
         whose holdings changed."""
-        before = self._claims.pop(key, None)
+        before = self._claims.get(key)
         rank: _Rank = ("", key)
-        claims: frozenset[Claim] = frozenset()
+        claims: tuple[Claim, ...] = ()
         if spec is not None:
             rank, claims = (spec.created, key), claims_of(spec, node_addresses)
         if before is not None and before == (rank, claims):
-            self._claims[key] = before
             return set()
         touched = set(claims)
         if before is not None:
-            touched |= before[1]
+            touched.update(before[1])
+        # Who held each claim before (with `key` at its old rank, if it had one).
         holders = {claim: self.holder(claim) for claim in touched}
         if before is not None:
             for claim in before[1]:
-                claimants = self._claimants[claim]
-                del claimants[key]
-                if not claimants:
-                    del self._claimants[claim]
-        for claim in claims:
-            self._claimants.setdefault(claim, {})[key] = rank
+                self._drop(claim, key)
+            del self._claims[key]
         if spec is not None:
             self._claims[key] = (rank, claims)
+            for claim in claims:
+                self._add(claim, key)
         affected: set[str] = set()
         for claim, holder in holders.items():
             now = self.holder(claim)
@@ -92,9 +95,9 @@ class FrontendOwners:
 
     def holder(self, claim: Claim) -> str | None:
         claimants = self._claimants.get(claim)
-        if not claimants:
-            return None
-        return min(claimants.items(), key=lambda item: item[1])[0]
+        if claimants is None or isinstance(claimants, str):
+            return claimants
+        return min(claimants, key=lambda key: self._claims[key][0])
 
     def lost(self, key: str) -> dict[Claim, str]:
         """The claims of `key` another service holds, with that service."""
@@ -110,3 +113,20 @@ class FrontendOwners:
 
     def keys(self) -> Iterable[str]:
         return self._claims.keys()
+
+    def _add(self, claim: Claim, key: str) -> None:
+        claimants = self._claimants.get(claim)
+        if claimants is None:
+            self._claimants[claim] = key
+        elif isinstance(claimants, str):
+            self._claimants[claim] = (claimants, key)
+        else:
+            self._claimants[claim] = (*claimants, key)
+
+    def _drop(self, claim: Claim, key: str) -> None:
+        claimants = self._claimants[claim]
+        if isinstance(claimants, str):
+            del self._claimants[claim]
+            return
+        rest = tuple(k for k in claimants if k != key)
+        self._claimants[claim] = rest[0] if len(rest) == 1 else rest

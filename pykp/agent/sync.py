@@ -22,6 +22,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
 from pykp.agent.ownership import NODE_PORT, FrontendOwners, claim_text
@@ -34,9 +35,9 @@ from pykp.agent.plan import (
 )
 from pykp.model import Catalog, ServiceSpec
 from pykp.netfilter.elements import (
+    BackendElements,
     ElementDelta,
     ElementTracker,
-    backend_contribution,
     frontend_contribution,
 )
 from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout, rr_chain_name
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 Pool = list[tuple[int, int]]  # (backend id, weight)
+_NONE: Mapping[str, str] = MappingProxyType({})
 
 
 class RulesLike(Protocol):
@@ -88,10 +90,14 @@ class _Plan:
 
     spec: ServiceSpec
     context: NodeContext
-    lost: Mapping[tuple[str, int, str], str]
     engine_services: dict[str, EngineService]
-    rule_info: dict[str, tuple[frozenset[str], frozenset[str], bool]]
-    refused: dict[str, str]
+    # What rendering needs besides the engine service, the same for each of them: the
+    # service's ClusterIPs, its addresses that are not the node's, whether it masquerades.
+    # Tuples: a frozenset of one address costs 216 bytes, and this is held per service.
+    cluster_ips: tuple[str, ...]
+    service_ips: tuple[str, ...]
+    masquerade: bool
+    refused: Mapping[str, str]
 
 
 @dataclass
@@ -143,6 +149,7 @@ class ServiceSync:
         self._owners = FrontendOwners()
         self._elements = ElementTracker()
         self._backends: dict[int, tuple[str, int]] = {}
+        self._backend_elements = BackendElements(self.layout)
         self._full_load = True
         self._refused: dict[str, str] = {}
         # Services with an engine service the engine refused, retried by the sync after
@@ -171,14 +178,15 @@ class ServiceSync:
         return self._backends
 
     def elements(self) -> dict[str, dict[str, str]]:
-        return self._elements.wanted()
+        return {**self._elements.wanted(), **BackendElements(self.layout).load(self._backends)}
 
     def element_counts(self) -> tuple[int, dict[str, int]] | None:
         """(generation, elements wanted per set) as the kernel should hold them now; None
         while a change is not fully committed (a full load is pending)."""
         if self._full_load:
             return None
-        return self._elements.generation, self._elements.counts()
+        generation = self._elements.generation + self._backend_elements.generation
+        return generation, {**self._elements.counts(), **self._backend_elements.counts()}
 
     # -- the sync
 
@@ -265,18 +273,16 @@ class ServiceSync:
             backends.pop(backend_id, None)
         if full_load:
             self._elements = ElementTracker(loading=True)
-            added_ids: Iterable[int] = backends
+            backend_elements = self._backend_elements.load(backends)
+            backend_delta = ElementDelta()
         else:
-            added_ids = staged.backends_added
-        for backend_id in added_ids:
-            ip, port = backends[backend_id]
-            self._elements.set(
-                f"backend:{backend_id}", backend_contribution(backend_id, ip, port, self.layout)
+            backend_delta = self._backend_elements.change(
+                staged.backends_added, staged.backends_removed
             )
         refused_now = dict(staged.refused)
         gone = set(removals) | set(staged.removed)
         for name in gone:
-            self._elements.set(f"service:{name}", None)
+            self._elements.set(name, None)
         render = {name: s for name, s in upserts.items() if name not in refused_now}
         pools = dict(staged.pools)
         if full_load:
@@ -311,13 +317,13 @@ class ServiceSync:
             pools.update(self.engine.pools(sorted(wanted_pools)))
 
         for name in refused_now:
-            self._elements.set(f"service:{name}", None)
+            self._elements.set(name, None)
         for name, service in render.items():
             short_circuit_pools = (
                 pools.get(service.short_circuit) if service.short_circuit else None
             )
             self._elements.set(
-                f"service:{name}",
+                name,
                 self._contribution(
                     service,
                     plan_of(_key_of(name)),
@@ -326,14 +332,15 @@ class ServiceSync:
                     short_circuit_pools,
                 ),
             )
-        if not full_load:
-            for backend_id in staged.backends_removed:
-                self._elements.set(f"backend:{backend_id}", None)
         delta = ElementDelta() if full_load else self._elements.take_delta()
+        # The backends' sets and maps are theirs alone: their changes join the delta.
+        delta.added.update(backend_delta.added)
+        delta.removed.update(backend_delta.removed)
 
         # (d) commit: additions, the engine, removals.
         if full_load:
-            self.rules.load_elements(self._elements.wanted())
+            self.rules.load_elements({**self._elements.wanted(), **backend_elements})
+            del backend_elements
             self._elements.loaded()
         else:
             self.rules.add_elements(delta.added, delta.replaced)
@@ -375,7 +382,11 @@ class ServiceSync:
             services=len(new_plans),
             upserted=len(upserts),
             removed=len(gone),
-            elements_added=len(self._elements) if full_load else added,
+            elements_added=(
+                len(self._elements) + sum(self._backend_elements.counts().values())
+                if full_load
+                else added
+            ),
             elements_removed=0 if full_load else removed,
             full_load=full_load,
             stale_udp=stale,
@@ -394,7 +405,7 @@ class ServiceSync:
         return spec is not plan.spec or (context is not plan.context and context != plan.context)
 
     def _plan(self, spec: ServiceSpec, context: NodeContext) -> _Plan:
-        refused: dict[str, str] = {}
+        refused: dict[str, str] = {}  # usually none: then the plan holds the shared _NONE
         served = spec
         if not self.allow_node_address_service_ips:
             served, message = without_node_address_ips(spec, context.interface_addresses)
@@ -410,13 +421,14 @@ class ServiceSync:
                 + " not served: the older service keeps a contested frontend"
             )
         engine_services: dict[str, EngineService] = {}
-        rule_info: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
         nodes = set(context.node_addresses)
-        cluster_ips = frozenset(served.cluster_ips)
-        addresses = frozenset(
-            {*served.cluster_ips, *served.external_ips, *served.load_balancer_ips}
+        service_ips = tuple(
+            dict.fromkeys(
+                ip
+                for ip in (*served.cluster_ips, *served.external_ips, *served.load_balancer_ips)
+                if ip not in nodes
+            )
         )
-        masquerade = served.external_traffic_policy == "Cluster"
         for service in service_ports_to_engine(
             served,
             context.node_addresses,
@@ -435,8 +447,15 @@ class ServiceSync:
             if frontends != service.frontends:
                 service = dataclasses.replace(service, frontends=frontends)
             engine_services[service.name] = service
-            rule_info[service.name] = (cluster_ips, addresses - nodes, masquerade)
-        return _Plan(spec, context, lost, engine_services, rule_info, refused)
+        return _Plan(
+            spec,
+            context,
+            engine_services,
+            served.cluster_ips,
+            service_ips,
+            served.external_traffic_policy == "Cluster",
+            refused or _NONE,
+        )
 
     def _contribution(
         self,
@@ -446,7 +465,7 @@ class ServiceSync:
         backends: Mapping[int, tuple[str, int]],
         short_circuit_pools: tuple[Pool, Pool] | None = None,
     ) -> dict[str, dict[str, str]]:
-        cluster_ips, service_ips, masquerade = plan.rule_info[service.name]
+        cluster_ips, service_ips, masquerade = plan.cluster_ips, plan.service_ips, plan.masquerade
         v4_pool, v6_pool = pools
         # The kernel path holds at most MAX_SLOTS backends per frontend: a bigger service
         # keeps pykp's reader, which picks among all of them.

@@ -123,6 +123,12 @@ def _address(text: str) -> bytes:
 _ports: dict[str, bytes] = {}
 
 
+def drop_caches() -> None:
+    """Forget the packed addresses a full load cached: one per address of the cluster,
+    worth keeping while 100,000s of elements are packed, not between two small changes."""
+    _addresses.clear()
+
+
 def _port(text: str) -> bytes:
     packed = _ports.get(text)
     if packed is None:

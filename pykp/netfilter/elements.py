@@ -1,9 +1,11 @@
 """The elements pykp's nftables sets and maps should hold, tracked owner by owner.
 
-Each owner (an engine service, a backend) contributes elements; an element several owners
-contribute (a service IP shared by two services, a hairpin pair of two backends on one pod)
-stays while any of them does. `take_delta()` says what changed since it was last called:
-what a sync sends to the kernel, and nothing else, whatever the number of services.
+Each owner (an engine service) contributes elements; an element several owners contribute
+(a service IP shared by two services) stays while any of them does. `take_delta()` says
+what changed since it was last called: what a sync sends to the kernel, and nothing else,
+whatever the number of services. The backend ids' elements (`BackendElements`) are rendered
+from the engine's id table instead of held: a hairpin pair stays while any id is on its
+address.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from pykp.netfilter.rules import (
 )
 
 __all__ = [
+    "BackendElements",
     "Contribution",
     "ElementDelta",
     "ElementTracker",
-    "backend_contribution",
     "frontend_contribution",
 ]
 
 # set or map name -> element key -> element text (``key : value`` for a map)
 Contribution = Mapping[str, Mapping[str, str]]
+
+# Each name as one string object: an owner's elements name their set with it, and a name
+# formatted per owner (f"slots{version}") would be held once per owner.
+_NAMES: dict[str, str] = {name: name for name in (*_SYNCED, *RR_CHAIN_SETS)}
 
 
 def frontend_contribution(
@@ -77,17 +83,6 @@ def frontend_contribution(
     return out
 
 
-def backend_contribution(
-    backend_id: int, ip: str, port: int, layout: MarkLayout
-) -> dict[str, dict[str, str]]:
-    """The elements of one backend id: its mark -> address map entry and its hairpin pair."""
-    v6, mark, element, pair = _backend_elements(
-        backend_id, ip, port, layout.shift, layout.max_backend_id
-    )
-    family = 6 if v6 else 4
-    return {f"backends{family}": {mark: element}, f"hairpin{family}": {pair: pair}}
-
-
 @dataclass
 class ElementDelta:
     """What to change in the kernel, per set or map, in the order a sync applies it."""
@@ -110,8 +105,21 @@ class ElementDelta:
 
 
 # One contribution as the tracker keeps it: (set or map, key, element text) flattened,
-# three items per element (a tuple per element would cost 64 bytes each).
+# three items per element (a tuple per element would cost 64 bytes each). A grouped set's
+# elements are one item: (name, "", their texts joined by newlines).
 _Held = tuple[str, ...]
+
+# The kernel path's slots: three or so per frontend, each owned by its frontend's service
+# alone (a frontend has one owner), so held as one text per owner and set, not as a key,
+# a text and an index entry per slot (~500 bytes per service less).
+_GROUPED = frozenset({"slots4", "slots6"})
+
+
+def _lines(text: str | None) -> dict[str, str]:
+    """A group's elements by key (a slot's key is its text up to " : ")."""
+    if not text:
+        return {}
+    return {line.split(" : ", 1)[0]: line for line in text.split("\n")}
 
 
 class ElementTracker:
@@ -119,7 +127,8 @@ class ElementTracker:
 
     Held compactly (at 100,000 services this is most of the agent's Python state): each
     owner's elements as one flat tuple, each element once as its text (a set's text is
-    its key: the same string), and a count only for the few elements several owners hold.
+    its key: the same string), a count only for the few elements several owners hold, and
+    the slots of an owner as one text.
     """
 
     def __init__(self, *, loading: bool = False) -> None:
@@ -128,35 +137,42 @@ class ElementTracker:
         `loaded()` is called (a fifth of a full sync's time at 10,000 services)."""
         self._loading = loading
         self._owners: dict[str, _Held] = {}
-        # name -> key -> element text
+        # name -> key -> element text (grouped sets: empty, their elements are the owners')
         self._elements: dict[str, dict[str, str]] = {
             name: {} for name in (*_SYNCED, *RR_CHAIN_SETS)
         }
+        self._grouped_counts = dict.fromkeys(_GROUPED, 0)
         # (name, key) -> owners past the first, for elements held by more than one
         self._extra: dict[tuple[str, str], int] = {}
         # (name, key) -> the element text the kernel held at the last take (None: absent)
         self._touched: dict[tuple[str, str], str | None] = {}
+        # (owner, grouped set) -> the owner's group at the last take (None: absent)
+        self._touched_groups: dict[tuple[str, str], str | None] = {}
         self.generation = 0  # bumped by every change of the elements wanted
 
     def __len__(self) -> int:
-        return sum(map(len, self._elements.values()))
+        return sum(self.counts().values())
 
     def set(self, owner: str, contribution: Contribution | None) -> None:
         """Make `owner` contribute exactly `contribution` (None or empty: nothing)."""
         old = self._owners.pop(owner, ())
-        new: _Held = tuple(
-            part
-            for name, items in (contribution or {}).items()
-            for key, text in items.items()
-            for part in (name, key, text)
-        )
+        parts: list[str] = []
+        for name, items in (contribution or {}).items():
+            name = _NAMES[name]
+            if name in _GROUPED:
+                if items:
+                    parts += (name, "", "\n".join(items.values()))
+            else:
+                for key, text in items.items():
+                    parts += (name, key, text)
+        new: _Held = tuple(parts)
         if old == new:
             if new:
                 self._owners[owner] = old
             return
         if not old:  # a new owner (every owner of a full load): nothing to compare
             for i in range(0, len(new), 3):
-                self._hold(new[i], new[i + 1], new[i + 2])
+                self._hold(owner, new[i], new[i + 1], new[i + 2])
             self._owners[owner] = new
             return
         old_triples = list(zip(old[0::3], old[1::3], old[2::3], strict=True))
@@ -164,10 +180,10 @@ class ElementTracker:
         kept = set(old_triples).intersection(new_triples) if new else set()
         for triple in old_triples:
             if triple not in kept:
-                self._release(triple[0], triple[1])
+                self._release(owner, *triple)
         for triple in new_triples:
             if triple not in kept:
-                self._hold(*triple)
+                self._hold(owner, *triple)
         if new:
             self._owners[owner] = new
 
@@ -176,7 +192,12 @@ class ElementTracker:
 
     def wanted(self) -> dict[str, dict[str, str]]:
         """Every element wanted now, per set or map (for a full load)."""
-        return {name: dict(items) for name, items in self._elements.items()}
+        wanted = {name: dict(items) for name, items in self._elements.items()}
+        for held in self._owners.values():
+            for i in range(0, len(held), 3):
+                if held[i] in _GROUPED:
+                    wanted[held[i]].update(_lines(held[i + 2]))
+        return wanted
 
     def take_delta(self) -> ElementDelta:
         """What changed since the last call (or since `forget_kernel`)."""
@@ -192,27 +213,63 @@ class ElementTracker:
             else:
                 delta.replaced.setdefault(name, []).append((key, now))
         self._touched.clear()
+        # Grouped elements, over every group touched at once: a slot that moved from one
+        # owner's group to another's (a frontend changing hands) is replaced, not removed.
+        before_of: dict[tuple[str, str], str] = {}
+        now_of: dict[tuple[str, str], str] = {}
+        for (owner, name), before in self._touched_groups.items():
+            now = self._group(owner, name)
+            if now == before:
+                continue
+            before_of.update(((name, key), line) for key, line in _lines(before).items())
+            now_of.update(((name, key), line) for key, line in _lines(now).items())
+        self._touched_groups.clear()
+        for (name, key), line in now_of.items():
+            was = before_of.get((name, key))
+            if was is None:
+                delta.added.setdefault(name, []).append(line)
+            elif was != line:
+                delta.replaced.setdefault(name, []).append((key, line))
+        for name, key in before_of.keys() - now_of.keys():
+            delta.removed.setdefault(name, []).append(key)
         return delta
 
     def loaded(self) -> None:
         """The full load is in: changes from now on are recorded for `take_delta()`."""
         self._loading = False
         self._touched.clear()
+        self._touched_groups.clear()
 
     def forget_kernel(self) -> None:
         """The kernel's content is unknown (a full load follows): nothing is pending."""
         self._touched.clear()
+        self._touched_groups.clear()
 
     def counts(self) -> dict[str, int]:
         """Elements wanted per set or map."""
-        return {name: len(items) for name, items in self._elements.items()}
+        counts = {name: len(items) for name, items in self._elements.items()}
+        counts.update(self._grouped_counts)
+        return counts
+
+    def _group(self, owner: str, name: str) -> str | None:
+        held = self._owners.get(owner, ())
+        for i in range(0, len(held), 3):
+            if held[i] == name:
+                return held[i + 2]
+        return None
 
     def _touch(self, name: str, key: str, text: str | None) -> None:
         self.generation += 1
         if not self._loading and (name, key) not in self._touched:
             self._touched[(name, key)] = text
 
-    def _hold(self, name: str, key: str, text: str) -> None:
+    def _hold(self, owner: str, name: str, key: str, text: str) -> None:
+        if name in _GROUPED:
+            self.generation += 1
+            if not self._loading:
+                self._touched_groups.setdefault((owner, name), None)
+            self._grouped_counts[name] += text.count("\n") + 1
+            return
         items = self._elements[name]
         entry = items.get(key)
         self._touch(name, key, entry)
@@ -223,7 +280,13 @@ class ElementTracker:
         else:
             self._extra[(name, key)] = self._extra.get((name, key), 0) + 1
 
-    def _release(self, name: str, key: str) -> None:
+    def _release(self, owner: str, name: str, key: str, text: str) -> None:
+        if name in _GROUPED:
+            self.generation += 1
+            if not self._loading:
+                self._touched_groups.setdefault((owner, name), text)
+            self._grouped_counts[name] -= text.count("\n") + 1
+            return
         items = self._elements[name]
         entry = items.get(key)
         if entry is None:
@@ -236,3 +299,113 @@ class ElementTracker:
             del self._extra[(name, key)]
         else:
             del items[key]
+
+
+class BackendElements:
+    """The elements of the backend ids: each id's mark -> address entry in `backends<v>`,
+    and each backend address's hairpin pair in `hairpin<v>` (one pair per address,
+    whatever the number of ids on it).
+
+    Rendered from the id table when a load or a change needs them, not held as text: at
+    three backends per service that text was a fifth of the agent's Python state. What is
+    held is a count of ids per address (the pair goes with the last of them) and the
+    counts per set.
+    """
+
+    def __init__(self, layout: MarkLayout) -> None:
+        self._layout = layout
+        self._ids_on: dict[str, int] = {}  # backend address -> backend ids on it
+        self._counts = dict.fromkeys(_BACKEND_SETS, 0)
+        self.generation = 0  # bumped by every change of the elements wanted
+
+    def load(self, backends: Mapping[int, tuple[str, int]]) -> dict[str, dict[str, str]]:
+        """Every element of `backends`, the whole id table (a full load)."""
+        self._ids_on.clear()
+        self._counts = dict.fromkeys(_BACKEND_SETS, 0)
+        self.generation += 1
+        wanted: dict[str, dict[str, str]] = {name: {} for name in _BACKEND_SETS}
+        for backend_id, (ip, port) in backends.items():
+            v6, mark, element, address = self._render(backend_id, ip, port)
+            wanted[_MAPS[v6]][mark] = element
+            self._counts[_MAPS[v6]] += 1
+            if self._hold(address, v6):
+                pair = _pair(address)
+                wanted[_PAIRS[v6]][pair] = pair
+        return wanted
+
+    def change(
+        self,
+        added: Mapping[int, tuple[str, int]],
+        removed: Mapping[int, tuple[str, int]],
+    ) -> ElementDelta:
+        """What the kernel must add and remove for ids `added` and `removed` (the engine
+        frees an id only after the batch that allocated: no id is in both)."""
+        delta = ElementDelta()
+        if not (added or removed):
+            return delta
+        self.generation += 1
+        # Pairs counted over the whole change: an address moving from one id to another
+        # keeps its pair, never removed and added again.
+        before: dict[str, int] = {}
+        family: dict[str, bool] = {}
+        for ids, step in ((added, 1), (removed, -1)):
+            for backend_id, (ip, port) in ids.items():
+                v6, mark, element, address = self._render(backend_id, ip, port)
+                if step > 0:
+                    delta.added.setdefault(_MAPS[v6], []).append(element)
+                else:
+                    delta.removed.setdefault(_MAPS[v6], []).append(mark)
+                self._counts[_MAPS[v6]] += step
+                before.setdefault(address, self._ids_on.get(address, 0))
+                family[address] = v6
+                if step > 0:
+                    self._hold(address, v6)
+                else:
+                    self._release(address, v6)
+        for address, count in before.items():
+            now = self._ids_on.get(address, 0)
+            if count == 0 and now:
+                delta.added.setdefault(_PAIRS[family[address]], []).append(_pair(address))
+            elif count and not now:
+                delta.removed.setdefault(_PAIRS[family[address]], []).append(_pair(address))
+        return delta
+
+    def counts(self) -> dict[str, int]:
+        """Elements wanted per set or map."""
+        return dict(self._counts)
+
+    def _render(self, backend_id: int, ip: str, port: int) -> tuple[bool, str, str, str]:
+        """(is IPv6, mark, map element, the address counted for the pair). Raises for an
+        id or a port out of range: before anything is committed."""
+        v6, mark, element, _ = _backend_elements(
+            backend_id, ip, port, self._layout.shift, self._layout.max_backend_id
+        )
+        # The address itself counts its ids: the id table's string (canonical), not a
+        # pair's text held once more per address.
+        return v6, mark, element, _ip(ip)[1]
+
+    def _hold(self, address: str, v6: bool) -> bool:
+        """Count one more id on `address`; True if it is the first (its pair comes)."""
+        count = self._ids_on.get(address, 0)
+        self._ids_on[address] = count + 1
+        if count == 0:
+            self._counts[_PAIRS[v6]] += 1
+        return count == 0
+
+    def _release(self, address: str, v6: bool) -> None:
+        count = self._ids_on.get(address, 0)
+        if count > 1:
+            self._ids_on[address] = count - 1
+        elif count == 1:
+            del self._ids_on[address]
+            self._counts[_PAIRS[v6]] -= 1
+
+
+def _pair(address: str) -> str:
+    """The hairpin pair of a backend address (a pod reaching itself through a service)."""
+    return f"{address} . {address}"
+
+
+_MAPS = {False: "backends4", True: "backends6"}  # by "is IPv6"
+_PAIRS = {False: "hairpin4", True: "hairpin6"}
+_BACKEND_SETS = (*_MAPS.values(), *_PAIRS.values())

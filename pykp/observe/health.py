@@ -261,13 +261,18 @@ class HttpServer:
                     response = Response(500, b"internal error\n", "text/plain")
                 if response is None:
                     response = Response(404, b"not found\n", "text/plain")
-                self.send_response(response.code)
-                self.send_header("Content-Type", response.content_type)
-                self.send_header("Content-Length", str(len(response.body)))
-                for name, value in response.headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(response.body)
+                try:
+                    self.send_response(response.code)
+                    self.send_header("Content-Type", response.content_type)
+                    self.send_header("Content-Length", str(len(response.body)))
+                    for name, value in response.headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(response.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The client gave up (a scraper's timeout): nothing to answer, and not
+                    # the agent's error (socketserver would print its traceback).
+                    _log.debug("%s: GET %s: the client left before the answer", owner.name, path)
 
             def log_message(self, format: str, *args: object) -> None:
                 _log.debug("%s: %s", owner.name, format % args)

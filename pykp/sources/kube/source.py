@@ -92,7 +92,8 @@ class KubeSource:
         # What the API holds, translated object by object (under _lock).
         self._parsed_services: dict[str, ParsedService] = {}
         self._slices: dict[str, ParsedSlice] = {}
-        self._slices_of: dict[str, dict[str, ParsedSlice]] = {}  # service key -> its slices
+        # service key -> its slices' keys (a tuple: a dict of one slice costs 232 bytes)
+        self._slices_of: dict[str, tuple[str, ...]] = {}
         self._node: NodeInfo | None = None
         self._object_problems: dict[tuple[str, str], list[KubeProblem]] = {}
         self._invalid_objects_total = 0
@@ -222,14 +223,18 @@ class KubeSource:
         self._set_problems(("EndpointSlice", key), problems)
         old = self._slices.pop(key, None)
         if old is not None:
-            siblings = self._slices_of.get(old.service_key, {})
-            siblings.pop(key, None)
-            if not siblings:
+            siblings = tuple(k for k in self._slices_of.get(old.service_key, ()) if k != key)
+            if siblings:
+                self._slices_of[old.service_key] = siblings
+            else:
                 self._slices_of.pop(old.service_key, None)
             self._stale.add(old.service_key)
         if parsed is not None:
             self._slices[key] = parsed
-            self._slices_of.setdefault(parsed.service_key, {})[key] = parsed
+            self._slices_of[parsed.service_key] = (
+                *self._slices_of.get(parsed.service_key, ()),
+                key,
+            )
             self._stale.add(parsed.service_key)
 
     def _node_changed(self, key: str, obj: JSON | None) -> None:
@@ -266,7 +271,7 @@ class KubeSource:
                 if self._specs.pop(key, None) is not None:
                     changed.append(key)
                 continue
-            slices = self._slices_of.get(key, {}).values()
+            slices = [self._slices[k] for k in self._slices_of.get(key, ())]
             spec = replace(
                 parsed.spec,
                 endpoints=service_endpoints(parsed.spec, slices),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -96,20 +97,6 @@ class ParsedService:
 
 
 @dataclass(frozen=True, slots=True)
-class SliceEndpoint:
-    """One endpoint of an EndpointSlice, with kube-proxy's defaults filled in."""
-
-    ip: str
-    ready: bool
-    serving: bool
-    terminating: bool
-    node_name: str | None
-    zone: str | None
-    zone_hints: tuple[str, ...]
-    node_hints: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class ParsedSlice:
     """An EndpointSlice of addressType IPv4 or IPv6 that names its Service."""
 
@@ -118,7 +105,9 @@ class ParsedSlice:
     service_name: str
     family: int  # 4 or 6
     ports: tuple[EndpointPort, ...]
-    endpoints: tuple[SliceEndpoint, ...]
+    # Each with the slice's ports (one tuple for all): a service's spec takes them as they
+    # are when it uses every port, as it usually does, instead of a copy per endpoint.
+    endpoints: tuple[EndpointSpec, ...]
 
     @property
     def service_key(self) -> str:
@@ -188,7 +177,8 @@ def _one_of(value: object, path: str, choices: tuple[str, ...], default: str) ->
     text = _string(value, path)
     if text not in choices:
         raise _Invalid(f"{path}: {text!r} is not one of {', '.join(choices)}")
-    return text
+    # The choice's own string, not the decoded JSON's: held per port and per service.
+    return choices[choices.index(text)]
 
 
 def _ip(value: object, path: str) -> str:
@@ -227,6 +217,11 @@ def _ip_version(value: object, path: str) -> tuple[int, str]:
 
 
 _inet_pton, _inet_ntop = socket.inet_pton, socket.inet_ntop
+# One string object per distinct value for what repeats across objects (namespaces, node
+# names, zones, port names, creation times): each decoded JSON string is its own object,
+# held per endpoint or per port. Names and addresses, mostly unique (a pod is usually in
+# one service), are not: interning costs a table entry (~45 bytes) per string.
+_intern = sys.intern
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 
 
@@ -286,7 +281,7 @@ def _metadata(obj: object, kind: str) -> tuple[JSON, str, str]:
     root = _mapping(obj, kind, required=True)
     metadata = _mapping(root.get("metadata"), "metadata", required=True)
     name = _string(metadata.get("name"), "metadata.name")
-    namespace = _string(metadata.get("namespace"), "metadata.namespace", default="")
+    namespace = _intern(_string(metadata.get("namespace"), "metadata.namespace", default=""))
     return metadata, namespace, name
 
 
@@ -449,7 +444,7 @@ def _service(obj: object, default_policy: str, problem: _Report) -> ParsedServic
             internal_traffic_policy=internal_policy,
             health_check_node_port=health_check_node_port,
         ),
-        created=created if isinstance(created, str) else "",
+        created=_intern(created) if isinstance(created, str) else "",
     )
 
 
@@ -460,7 +455,7 @@ def _service_ports(value: object, service_type: str) -> tuple[ServicePort, ...]:
         entry = _mapping(item, path)
         port = _integer(entry.get("port"), f"{path}.port", 1, 65535)
         protocol = _one_of(entry.get("protocol"), f"{path}.protocol", PROTOCOLS, "TCP")
-        name = _string(entry.get("name"), f"{path}.name", default="")
+        name = _intern(_string(entry.get("name"), f"{path}.name", default=""))
         raw_target = entry.get("targetPort")
         if raw_target is None or isinstance(raw_target, str):
             # A named targetPort is resolved per pod: the EndpointSlice carries the number.
@@ -531,16 +526,17 @@ def _endpoint_slice(obj: object, problem: _Report) -> ParsedSlice | None:
             continue  # kube-proxy ignores ports without a name or a number
         ports.append(
             EndpointPort(
-                name=_string(entry.get("name"), f"{path}.name"),
+                name=_intern(_string(entry.get("name"), f"{path}.name")),
                 port=_integer(entry.get("port"), f"{path}.port", 1, 65535),
                 protocol=_one_of(entry.get("protocol"), f"{path}.protocol", PROTOCOLS, "TCP"),
             )
         )
 
-    endpoints: list[SliceEndpoint] = []
+    slice_ports = tuple(ports)
+    endpoints: list[EndpointSpec] = []
     for index, item in enumerate(_list(root.get("endpoints"), "endpoints")):
         try:
-            endpoints.append(_slice_endpoint(item, f"endpoints[{index}]", family))
+            endpoints.append(_slice_endpoint(item, f"endpoints[{index}]", family, slice_ports))
         except _Invalid as error:
             problem(f"endpoint skipped: {error}")
     return ParsedSlice(
@@ -548,12 +544,14 @@ def _endpoint_slice(obj: object, problem: _Report) -> ParsedSlice | None:
         name=name,
         service_name=service_name,
         family=family,
-        ports=tuple(ports),
+        ports=slice_ports,
         endpoints=tuple(endpoints),
     )
 
 
-def _slice_endpoint(item: object, path: str, family: int) -> SliceEndpoint:
+def _slice_endpoint(
+    item: object, path: str, family: int, ports: tuple[EndpointPort, ...]
+) -> EndpointSpec:
     # The paths of the checks are spelt only when one fails: this runs for every endpoint.
     entry = _mapping(item, path)
     addresses = entry.get("addresses")
@@ -588,23 +586,24 @@ def _slice_endpoint(item: object, path: str, family: int) -> SliceEndpoint:
     if hints is not None:
         hints = _mapping(hints, f"{path}.hints")
     node_name = entry.get("nodeName")
-    if node_name is not None and type(node_name) is not str:
-        _string(node_name, f"{path}.nodeName")
+    if node_name is not None:
+        node_name = _intern(_string(node_name, f"{path}.nodeName"))
     zone = entry.get("zone")
-    if zone is not None and type(zone) is not str:
-        _string(zone, f"{path}.zone")
+    if zone is not None:
+        zone = _intern(_string(zone, f"{path}.zone"))
     zone_hints: tuple[str, ...] = ()
     node_hints: tuple[str, ...] = ()
     if hints is not None:
         zone_hints = _hint_names(hints.get("forZones"), f"{path}.hints.forZones")
         node_hints = _hint_names(hints.get("forNodes"), f"{path}.hints.forNodes")
-    return SliceEndpoint(
+    return EndpointSpec(
         ip=ip,
         ready=ready,
         serving=serving,
         terminating=terminating,
         node_name=node_name,
         zone=zone,
+        ports=ports,
         zone_hints=zone_hints,
         node_hints=node_hints,
     )
@@ -664,19 +663,30 @@ def service_endpoints(
     seen: set[tuple[str, str, str, int]] = set()
     # One EndpointSpec serves each port name once; an address with two numbers for one
     # name (pods resolving a named targetPort differently) becomes two EndpointSpecs.
-    records: list[tuple[SliceEndpoint, list[EndpointPort]]] = []
-    records_of: dict[SliceEndpoint, list[int]] = {}  # an endpoint's records, by index
+    records: list[tuple[EndpointSpec, list[EndpointPort]]] = []
+    records_of: dict[tuple[object, ...], list[int]] = {}  # an endpoint's records, by index
     for parsed in sorted(slices, key=lambda item: item.name):
         if parsed.family not in families:
             continue
         ports = [port for port in parsed.ports if (port.name, port.protocol) in wanted]
         for endpoint in parsed.endpoints:
+            # The same endpoint in two slices (their ports aside) is one record.
+            same = (
+                endpoint.ip,
+                endpoint.ready,
+                endpoint.serving,
+                endpoint.terminating,
+                endpoint.node_name,
+                endpoint.zone,
+                endpoint.zone_hints,
+                endpoint.node_hints,
+            )
             for port in ports:
                 identity = (port.name, port.protocol, endpoint.ip, port.port)
                 if identity in seen:
                     continue
                 seen.add(identity)
-                for index in records_of.setdefault(endpoint, []):
+                for index in records_of.setdefault(same, []):
                     record_ports = records[index][1]
                     if all(
                         (other.name, other.protocol) != (port.name, port.protocol)
@@ -685,20 +695,10 @@ def service_endpoints(
                         record_ports.append(port)
                         break
                 else:
-                    records_of[endpoint].append(len(records))
+                    records_of[same].append(len(records))
                     records.append((endpoint, [port]))
     endpoints = [
-        EndpointSpec(
-            ip=endpoint.ip,
-            ready=endpoint.ready,
-            serving=endpoint.serving,
-            terminating=endpoint.terminating,
-            node_name=endpoint.node_name,
-            zone=endpoint.zone,
-            ports=tuple(ports),
-            zone_hints=endpoint.zone_hints,
-            node_hints=endpoint.node_hints,
-        )
+        endpoint if endpoint.ports == tuple(ports) else replace(endpoint, ports=tuple(ports))
         for endpoint, ports in records
     ]
     endpoints.sort(key=lambda endpoint: _address_order(endpoint.ip))
