@@ -359,7 +359,8 @@ def ext(ip: str, port: int, protocol: str = "TCP", masquerade: bool = True) -> F
 
 
 def test_a_sync_renders_every_frontend_with_its_kind_and_masquerade(tmp_path: Path) -> None:
-    h, _ = agent_with(SERVICES, tmp_path, kernel_random=False)  # every frontend queued
+    # Every frontend queued: random and round-robin decided by pykp's reader too.
+    h, _ = agent_with(SERVICES, tmp_path, kernel_random=False, kernel_round_robin=False)
 
     h.agent.sync()
 
@@ -1715,7 +1716,7 @@ def test_the_kernel_path_holds_each_frontends_eligible_backends_and_serves_rando
         "10.96.0.40": False,  # random: the kernel decides
         "fd00:96::40": False,
         "10.96.0.41": True,  # session affinity needs pykp's table
-        "10.96.0.42": True,  # round-robin is per service: pykp's reader
+        "10.96.0.42": False,  # round-robin: the kernel rotates (one counter per service)
     }
     # Ready backends only while there are some, by weight (2:4 is 1:2); per family.
     assert sorted(state.fallback[("10.96.0.40", 80, "TCP")]) == [

@@ -17,7 +17,13 @@ import pytest
 from typer.testing import CliRunner
 
 from pykp.bench import rulegen
-from pykp.bench.contenders import CLUSTER_CIDR, SERVICE_CIDR, ServiceSet
+from pykp.bench.contenders import (
+    CLUSTER_CIDR,
+    SERVICE_CIDR,
+    PykpContender,
+    ServiceSet,
+    make_contender,
+)
 from pykp.bench.report import METRICS, served_failures, summarize
 from pykp.bench.runner import DEFAULT_CONTENDERS, SCHEMA
 from pykp.cli.app import app
@@ -205,6 +211,17 @@ def test_kube_objects_match_the_services_file() -> None:
     assert [e["addresses"] for e in eps["endpoints"]] == [[BACKENDS[3]]]
     assert eps["ports"][0]["port"] == 10002
     assert len(services.kube_slice(0)["endpoints"]) == 3
+
+
+def test_a_pykp_contender_name_adds_pykp_run_switches() -> None:
+    # pykp/round-robin rotates in the kernel (the default); this one measures the reader.
+    queued = make_contender("pykp/round-robin:no-kernel-round-robin", "")
+    assert isinstance(queued, PykpContender)
+    assert queued.name == "pykp/round-robin:no-kernel-round-robin"
+    assert queued.policy == "round-robin"
+    assert queued.extra_args == ["--no-kernel-round-robin"]
+    with pytest.raises(ValueError, match="no-kernel-round-robin"):
+        make_contender("pykp/round-robin:queued", "")
 
 
 # --- end to end -------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """End to end: `pykp explain` against running agents, checked by real connections.
 
-A one-node `Lab` with a round-robin service: explain names the backend the next
-connection gets, then a client pod connects and reaches exactly that backend, again and
-again. A three-node `ClusterLab` with a Maglev service: for a given 5-tuple, explain on
-every node names the same backend, and a connection with exactly that client address and
-source port reaches it through every node.
+A one-node `Lab` with a round-robin service: with `--no-kernel-round-robin` explain names
+the backend the next connection gets (pykp's reader rotates), then a client pod connects
+and reaches exactly that backend, again and again; by default the kernel rotates, and
+explain shows that rotation, which the connections then follow. A three-node `ClusterLab`
+with a Maglev service: for a given 5-tuple, explain on every node names the same backend,
+and a connection with exactly that client address and source port reaches it through
+every node.
 
 Runs as root (CI runs as root). `pykp explain` runs as a command inside each node's
 namespace and asks that node's agent, as an operator on the node would.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +64,28 @@ services:
 """
 
 
-@pytest.fixture(scope="module")
-def node(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    path = tmp_path_factory.mktemp("explain") / "services.yaml"
-    path.write_text(ROUND_ROBIN)
-    agent = Node(lab, path)
-    agent.start()
-    try:
-        yield agent
-    finally:
+@pytest.fixture
+def start_node(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start `pykp run` on the lab's node with extra flags; stopped after the test."""
+    agents: list[Node] = []
+
+    def start(*flags: str) -> Node:
+        path = tmp_path / "services.yaml"
+        path.write_text(ROUND_ROBIN)
+        agent = Node(lab, path, *flags, workdir=tmp_path / "node")
+        agents.append(agent)
+        agent.start()
+        return agent
+
+    yield start
+    for agent in agents:
         agent.stop()
 
 
 def test_round_robin_the_next_connection_gets_the_backend_explain_names(
-    lab: Lab, node: Node
+    lab: Lab, start_node: Callable[..., Node]
 ) -> None:
+    start_node("--no-kernel-round-robin")
     names = {f"{pod.ipv4}:8080": pod.name for pod in lab.backend_pods}
     client = lab.host("client-0")
     reached = []
@@ -93,6 +102,29 @@ def test_round_robin_the_next_connection_gets_the_backend_explain_names(
     text = explain(lab, "node", "default/web-rr", "--client", client.ipv4, as_json=False)
     assert "round-robin: 7 connections handed out" in text
     assert "the next connection from 10.244.0." in text
+
+
+def test_round_robin_in_the_kernel_connections_follow_the_rotation_explain_shows(
+    lab: Lab, start_node: Callable[..., Node]
+) -> None:
+    node = start_node()  # `pykp run`'s default: the kernel rotates
+    names = {f"{pod.ipv4}:8080": pod.name for pod in lab.backend_pods}
+    client = lab.host("client-0").ipv4
+    (service,) = explain(lab, "node", "default/web-rr:http", "--client", client)["services"]
+    assert service["decision"]["decidedBy"] == "kernel"
+    assert service["decision"]["backend"] is None  # where the kernel's counter stands is its own
+    rotation = [names[slot] for slot in service["state"]["kernelRoundRobin"]["rotation"]]
+    assert sorted(rotation) == sorted(names.values())
+
+    queued = node.metric("pykp_queue_packets_total")
+    reached = [http_get(lab, "client-0", "10.96.0.10") for _ in range(7)]
+    # The rotation explain showed, from wherever the counter stood.
+    start = rotation.index(reached[0])
+    assert reached == [rotation[(start + i) % 3] for i in range(7)], (rotation, reached)
+    assert node.metric("pykp_queue_packets_total") == queued  # no first packet queued
+    text = explain(lab, "node", "10.96.0.10:80", as_json=False)
+    assert "round-robin in the kernel over 3 slots" in text
+    assert "gets the next slot of the kernel's rotation" in text
 
 
 # --- three nodes, Maglev --------------------------------------------------------------------

@@ -2,10 +2,10 @@
 restarted, stopped or overloaded, and its rules come back after someone flushes them.
 
 A steady load of new connections (pykp-loadgen, 200/s, a connect timeout) runs from a
-client pod to a round-robin service (its first packets go to pykp's reader) while the
-agent is disrupted; the kernel path (--queue-bypass, fail-open, numgen over the last
-synced slots) must serve every connection the reader cannot. Privileged: a namespace lab,
-real netfilter rules, real sockets.
+client pod to a round-robin service (its first packets go to pykp's reader: the agent
+runs with --no-kernel-round-robin) while the agent is disrupted; the kernel path
+(--queue-bypass, fail-open, numgen over the last synced slots) must serve every connection
+the reader cannot. Privileged: a namespace lab, real netfilter rules, real sockets.
 """
 
 from __future__ import annotations
@@ -65,7 +65,14 @@ def services(write_services: Callable[[str], Path]) -> Path:
 
 
 def agent(lab: Lab, services: Path, workdir: Path) -> LabAgent:
-    return LabAgent(lab, services, "--sync-period", f"{SYNC_PERIOD}s", workdir=workdir)
+    # The reader is what is disrupted here: round-robin goes through the queue.
+    return LabAgent(
+        lab,
+        services,
+        "--no-kernel-round-robin",
+        "--sync-period", f"{SYNC_PERIOD}s",
+        workdir=workdir,
+    )  # fmt: skip
 
 
 def load(lab: Lab, seconds: float, timeout_ms: int = 1000) -> Future[dict[str, Any]]:

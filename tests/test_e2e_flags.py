@@ -73,7 +73,15 @@ def start(
     agents: list[LabAgent] = []
 
     def start_agent(*flags: str) -> LabAgent:
-        agent = LabAgent(lab, services, *flags, workdir=tmp_path / f"node-{len(agents)}")
+        # The round-robin services stand for any policy pykp's reader decides: these flags
+        # are about its queues, its verdicts' marks and its flow table.
+        agent = LabAgent(
+            lab,
+            services,
+            "--no-kernel-round-robin",
+            *flags,
+            workdir=tmp_path / f"node-{len(agents)}",
+        )
         agents.append(agent)
         agent.start()
         return agent

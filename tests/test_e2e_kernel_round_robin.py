@@ -1,7 +1,8 @@
-"""Round-robin rotated in the kernel (`pykp run --kernel-round-robin`): each service's
-rotation is one `numgen inc` counter in its own chain, so no first packet goes to pykp's
-reader, the order is exact, weights interleave, and the rotation goes on while the agent
-is away. Privileged: a namespace lab, real netfilter rules, real sockets.
+"""Round-robin rotated in the kernel (`pykp run`'s default): each service's rotation is
+one `numgen inc` counter in its own chain, so no first packet goes to pykp's reader, the
+order is exact, weights interleave, and the rotation goes on while the agent is away. With
+--no-kernel-round-robin pykp's reader rotates instead, each first packet through the
+queue. Privileged: a namespace lab, real netfilter rules, real sockets.
 """
 
 from __future__ import annotations
@@ -50,12 +51,8 @@ SYNC_PERIOD = 2.0  # the rules and their element counts are checked every half p
 @pytest.fixture
 def agent(lab: Lab, write_services: Callable[[str], Path], tmp_path: Path) -> Iterator[LabAgent]:
     node = LabAgent(
-        lab,
-        write_services(SERVICES),
-        "--kernel-round-robin",
-        "--sync-period", f"{SYNC_PERIOD}s",
-        workdir=tmp_path,
-    )  # fmt: skip
+        lab, write_services(SERVICES), "--sync-period", f"{SYNC_PERIOD}s", workdir=tmp_path
+    )
     node.start()
     try:
         yield node
@@ -138,6 +135,24 @@ def test_a_changed_pool_rotates_over_its_new_backends_and_a_removed_service_leav
     time.sleep(SYNC_PERIOD)
     assert agent.metric("pykp_rules_repairs_total") == 0
     assert agent.metric("pykp_rules_foreign_changes_total") == 0
+
+
+def test_with_no_kernel_round_robin_the_reader_rotates_each_first_packet_queued(
+    lab: Lab, write_services: Callable[[str], Path], tmp_path: Path
+) -> None:
+    node = LabAgent(lab, write_services(SERVICES), "--no-kernel-round-robin", workdir=tmp_path)
+    node.start()
+    try:
+        assert rr_chains(lab) == []
+        queued = node.metric("pykp_queue_packets_total")
+        sequence = answers(lab, "10.96.0.10", 9)
+        assert set(sequence[:3]) == ALL and periodic(sequence, 3), sequence
+        weighted = answers(lab, "10.96.0.11", 6)
+        assert periodic(weighted, 3) and Counter(weighted[:3]) == {"backend-0": 2, "backend-1": 1}
+        assert node.metric("pykp_queue_packets_total") == queued + 15  # one per connection
+        assert node.metric("pykp_kernel_path_undecided_connections_total") == 0
+    finally:
+        node.stop()
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """End to end: the real agent repairs rules someone else removed behind its back.
 
-`pykp run` with a short --sync-period on a lab node; another tool (nft, iptables) removes
-pykp's table, a jump rule, a set's or a map's elements, a chain's rules; then real
-connections from a client pod (and from the node itself) must work again, decided by
-pykp's reader, without anyone touching the agent. About every half sync period the agent
+`pykp run --no-kernel-round-robin` with a short --sync-period on a lab node; another tool
+(nft, iptables) removes pykp's table, a jump rule, a set's or a map's elements, a chain's
+rules; then real connections from a client pod (and from the node itself) must work again,
+decided by pykp's reader, without anyone touching the agent. About every half sync period the agent
 checks that every chain holds its rules (`installed()`, in the sync thread) and that every
 set and map holds as many elements as it programmed (the housekeeping thread); either
 damage makes the next sync reinstall or reload everything. The last tests: the same damage
@@ -44,9 +44,12 @@ ALL = {"backend-0", "backend-1", "backend-2"}
 def node(lab: Lab, write_services: Callable[[str], Path], tmp_path: Path) -> Iterator[LabAgent]:
     # A fresh agent per test: its install and first (full) sync undo what a test broke.
     # The periodic check alone: the notifications would repair before a test sees damage.
+    # Round-robin through the queue: the repaired path is the reader's (the kernel's
+    # rotation has its own repair tests, test_e2e_kernel_round_robin.py).
     agent = LabAgent(
         lab,
         write_services(SERVICES),
+        "--no-kernel-round-robin",
         "--sync-period", f"{SYNC_PERIOD}s",
         "--no-watch-rules",
         workdir=tmp_path / "node",
@@ -168,6 +171,7 @@ def watched_node(
     agent = LabAgent(
         lab,
         write_services(SERVICES),
+        "--no-kernel-round-robin",
         "--sync-period", f"{WATCHED_SYNC_PERIOD}s",
         workdir=tmp_path / "node",
     )  # fmt: skip

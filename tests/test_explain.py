@@ -116,7 +116,12 @@ def offline_engine(path: Path, seed: int = 0) -> Any:
 def test_round_robin_names_the_first_backend_and_why_the_others_are_not_next(
     services_file: Path,
 ) -> None:
-    service = only(explain_json(services_file, "default/web-rr:http", "--node", "node-a"))
+    # pykp's reader rotates: its position is the engine's, and so is the backend named.
+    service = only(
+        explain_json(
+            services_file, "default/web-rr:http", "--node", "node-a", "--no-kernel-round-robin"
+        )
+    )
     reasons = {b["address"]: (b["eligible"], b["reason"], b["local"]) for b in service["backends"]}
     assert reasons == {
         "10.244.0.10:8080": (True, "ready", True),
@@ -134,6 +139,48 @@ def test_round_robin_names_the_first_backend_and_why_the_others_are_not_next(
     decided = engine.decide("10.244.0.101", 40000, "10.96.0.10", 80).backend
     assert service["decision"]["backend"] == f"{decided[0]}:{decided[1]}"
     assert service["decision"]["decidedBy"] == "policy"
+
+
+def test_round_robin_in_the_kernel_shows_the_rotation_and_names_no_backend(
+    services_file: Path,
+) -> None:
+    """`pykp run`'s default: the kernel rotates, over the slots the rules hold, on a
+    counter pykp cannot read; session affinity keeps the reader, which names its pick."""
+    service = only(explain_json(services_file, "default/web-rr:http", "--node", "node-a"))
+    assert service["state"] == {
+        "kernelRoundRobin": {"rotation": ["10.244.0.10:8080", "10.244.0.11:8080"]}
+    }
+    assert service["decision"]["backend"] is None
+    assert service["decision"]["decidedBy"] == "kernel"
+    assert "--no-kernel-round-robin" in service["decision"]["why"]
+    text = runner.invoke(app, ["explain", "-f", str(services_file), "default/web-rr"]).stdout
+    assert "round-robin in the kernel over 2 slots" in text
+    assert "the next connection from a new client gets the next slot of the kernel's" in text
+
+    sticky = only(explain_json(services_file, "default/sticky", "--client", "10.1.0.7"))
+    assert sticky["decision"]["decidedBy"] == "policy"
+    assert sticky["decision"]["backend"] == sticky["state"]["roundRobin"]["next"]
+
+
+def test_the_kernel_rotation_interleaves_weights_in_the_rules_order(tmp_path: Path) -> None:
+    from pykp.agent.sync import rotation_slots
+
+    path = tmp_path / "weighted.yaml"
+    path.write_text(
+        "services:\n"
+        "  - name: weighted\n"
+        "    clusterIP: 10.96.0.30\n"
+        "    policy: round-robin\n"
+        "    ports: [{port: 80, targetPort: 8080}]\n"
+        "    endpoints: [{ip: 10.244.0.10, weight: 2}, {ip: 10.244.0.11}]\n"
+    )
+    service = only(explain_json(path, "default/weighted"))
+    rotation = service["state"]["kernelRoundRobin"]["rotation"]
+    assert rotation == ["10.244.0.10:8080", "10.244.0.11:8080", "10.244.0.10:8080"]
+    # What the sync writes into the service's slots, in the order its counter visits them.
+    engine = offline_engine(path)
+    (pool, _), ids = engine.pools()["default/weighted"], engine.backend_ids()
+    assert [f"{ip}:{port}" for ip, port in rotation_slots(pool, ids)] == rotation
 
 
 def test_a_name_without_a_port_explains_every_port_and_without_namespace_is_default(
@@ -318,7 +365,8 @@ def test_topology_hints_leave_other_zones_endpoints_out_with_why() -> None:
 
 @pytest.fixture
 def agent_server(tmp_path: Path) -> Iterator[tuple[Harness, str]]:
-    harness = Harness(StaticSource(SERVICES), tmp_path)
+    # pykp's reader rotates round-robin (what explain names is what the engine decides).
+    harness = Harness(StaticSource(SERVICES), tmp_path, config={"kernel_round_robin": False})
     harness.agent.sync()
     server = MetricsServer(
         "127.0.0.1:0", harness.agent.registry.render, explain=harness.agent.explain
@@ -355,6 +403,22 @@ def test_the_agent_names_what_the_next_connections_get_and_explain_moves_nothing
         ip, backend_port = decide(port) or ("", 0)
         assert first["decision"]["backend"] == f"{ip}:{backend_port}"
     assert only(agent_explain(address, "web-rr"))["state"]["roundRobin"]["ticket"] == 5
+
+
+def test_the_agent_says_where_its_kernel_rotates_round_robin(tmp_path: Path) -> None:
+    """The agent's own switch decides the answer: by default the kernel rotates; with
+    --no-kernel-round-robin the reader does, and explain names its next backend."""
+    for kernel_round_robin, decided_by in ((True, "kernel"), (False, "policy")):
+        harness = Harness(
+            StaticSource(SERVICES),
+            tmp_path / str(kernel_round_robin),
+            config={"kernel_round_robin": kernel_round_robin},
+        )
+        harness.agent.sync()
+        service = only(harness.agent.explain("default/web-rr:http", "10.244.0.101"))
+        assert service["decision"]["decidedBy"] == decided_by
+        assert ("kernelRoundRobin" in service["state"]) is kernel_round_robin
+        assert (service["decision"]["backend"] is None) is kernel_round_robin
 
 
 def test_the_agent_shows_a_clients_affinity_and_its_flow(

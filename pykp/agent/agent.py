@@ -919,7 +919,16 @@ class Agent:
             )
         # A copy in one C call: atomic against the sync thread.
         built = dict(self.service_sync.applied)
-        return explain_report(self.engine, built, self.service_sync.spec, node, service, client)
+        return explain_report(
+            self.engine,
+            built,
+            self.service_sync.spec,
+            node,
+            service,
+            client,
+            kernel_random=self.config.kernel_random,
+            kernel_round_robin=self.config.kernel_round_robin,
+        )
 
     def _flush_status(self) -> None:
         if self._status_dirty:

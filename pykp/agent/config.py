@@ -71,10 +71,11 @@ class AgentConfig:
     # as kube-proxy's nftables mode) instead of by pykp's reader: no user-space hop.
     kernel_random: bool = True
     # Round-robin services (without session affinity) rotate in the kernel (one `numgen
-    # inc` counter per service and family) instead of in pykp's reader. The rotation
-    # restarts at the first slot when the service's slot count changes or the agent
-    # restarts, where pykp's reader keeps its place.
-    kernel_round_robin: bool = False
+    # inc` counter per service and family) instead of in pykp's reader: no user-space hop,
+    # and the rotation goes on while the agent is stopped. It restarts at the first slot
+    # when the service's slot count changes or the agent restarts; False keeps pykp's
+    # reader deciding, which keeps its place.
+    kernel_round_robin: bool = True
     # Someone else's changes to pykp's rules are found as they commit (nf_tables'
     # notifications) and repaired at once; off, or where the notifications cannot be read,
     # the periodic check (every half --sync-period) finds them.

@@ -830,9 +830,16 @@ def make_contender(name: str, binary: str) -> Contender:
     raise ValueError(f"unknown contender {name!r}")
 
 
-# `pykp run` flags a pykp contender's name may add.
+# `pykp run` flags a pykp contender's name may add. pykp/round-robin rotates in the kernel
+# (the default); pykp/round-robin:no-kernel-round-robin goes through pykp's reader.
 _SWITCHES = frozenset(
-    {"no-follow-conntrack", "no-kernel-random", "no-watch-rules", "kernel-round-robin"}
+    {
+        "no-follow-conntrack",
+        "no-kernel-random",
+        "no-watch-rules",
+        "no-kernel-round-robin",
+        "kernel-round-robin",
+    }
 )
 
 

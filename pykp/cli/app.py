@@ -518,12 +518,14 @@ def run(
         bool,
         typer.Option(
             "--kernel-round-robin/--no-kernel-round-robin",
-            help="Rotate round-robin services (without session affinity) in the kernel: "
-            "one numgen counter per service, no user-space hop. The rotation restarts at "
-            "the first backend when the number of backends changes or the agent restarts "
-            "(pykp's reader keeps its place).",
+            help="Rotate round-robin services (without session affinity, at most 128 "
+            "backends) in the kernel: one numgen counter per service, no user-space hop, "
+            "and the rotation goes on while the agent is away. It restarts at the first "
+            "backend when the number of backends changes or the agent restarts. "
+            "--no-kernel-round-robin sends their first packets to pykp's reader, which "
+            "keeps its place across those changes.",
         ),
-    ] = False,
+    ] = True,
     watch_rules: Annotated[
         bool,
         typer.Option(
@@ -964,12 +966,28 @@ def explain(
         int, typer.Option(help="Offline: as `pykp run --maglev-table-size`.")
     ] = 65537,
     maglev_seed: Annotated[int, typer.Option(help="Offline: as `pykp run --maglev-seed`.")] = 0,
+    kernel_random: Annotated[
+        bool,
+        typer.Option(
+            "--kernel-random/--no-kernel-random",
+            help="Offline: as `pykp run --no-kernel-random` (pykp's reader draws).",
+        ),
+    ] = True,
+    kernel_round_robin: Annotated[
+        bool,
+        typer.Option(
+            "--kernel-round-robin/--no-kernel-round-robin",
+            help="Offline: as `pykp run --no-kernel-round-robin` (pykp's reader rotates, "
+            "and its next backend is named).",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Show which backend a new connection to a service gets on this node, and why: every
-    endpoint's eligibility, the policy's live state (round-robin position, Maglev slot,
-    least-conn counts, affinity). Asks the running agent, or --services FILE offline.
-    Changes nothing: the answer is what the next connection gets."""
+    endpoint's eligibility, the policy's live state (round-robin position, or the kernel's
+    rotation where the kernel rotates; Maglev slot, least-conn counts, affinity). Asks the
+    running agent, or --services FILE offline. Changes nothing: the answer is what the
+    next connection gets."""
     from pykp.observe.explain import (
         ExplainError,
         NodeView,
@@ -993,6 +1011,8 @@ def explain(
                 node=view,
                 maglev_table_size=maglev_table_size,
                 maglev_seed=maglev_seed,
+                kernel_random=kernel_random,
+                kernel_round_robin=kernel_round_robin,
             )
     except ExplainError as error:
         typer.echo(f"pykp explain: {error}", err=True)
@@ -1084,7 +1104,9 @@ def bench(
         typer.Option(
             help="Comma-separated: direct, loopback, iptables, iptables-legacy, nftables, "
             "pykp/random, pykp/random-nfqueue, pykp/round-robin, pykp/maglev, pykp/least-conn "
-            "(fed a services file), pykp/kube-random (or pykp/kube-<policy>: fed through the "
+            "(fed a services file; pykp/<policy>:<switch>... adds `pykp run --<switch>`, e.g. "
+            "pykp/round-robin:no-kernel-round-robin, round-robin through pykp's reader "
+            "instead of the kernel), pykp/kube-random (or pykp/kube-<policy>: fed through the "
             "Kubernetes source by a stand-in API server; measures agent start to all services "
             "programmed, its RSS, EndpointSlice change and new Service to first connection, "
             "against iptables' and nftables' file-based figures) "

@@ -110,7 +110,7 @@ def render_demo(result: DemoResult, console: Console) -> None:
     total = result.connections * len(result.by_service)
     console.print(
         f"{total} connections in {result.seconds:.1f} s; {result.queued_packets:.0f} first "
-        "packets went to user space (one per round-robin, Maglev and least-conn connection; "
-        "random ones are decided in the kernel, as kube-proxy's nftables mode does); the "
-        "kernel carried every other packet"
+        "packets went to user space (one per Maglev and least-conn connection; random ones "
+        "are decided in the kernel, as kube-proxy's nftables mode does, and round-robin "
+        "ones rotate there); the kernel carried every other packet"
     )

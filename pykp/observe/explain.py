@@ -10,6 +10,11 @@ A service is named `namespace/name` (every port), `namespace/name:port` (one por
 `IP:port[/protocol]` (the service at that frontend). A name without a namespace is in
 `default`. A client is `IP` or `IP:port`; without one, the report is for any client that
 has no affinity entry (Maglev, which hashes the client, then says what it needs).
+
+Where the kernel decides (random, and round-robin rotated by `numgen inc`, with `pykp
+run`'s defaults) the report says so, and names a backend only when every slot holds it:
+the engine's dry run is what pykp's reader would do, and the kernel's counter cannot be
+read.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from pykp.agent.plan import (
     service_ports_to_engine,
     services_file_to_engine,
 )
+from pykp.agent.sync import rotation_slots
 from pykp.model import PROTOCOLS, Catalog, ServiceSpec
+from pykp.netfilter.rules import MAX_SLOTS
 from pykp.observe.health import parse_bind_address
 
 if TYPE_CHECKING:
@@ -176,13 +183,17 @@ def explain_report(
     client: str | None = None,
     *,
     now: float | None = None,
+    kernel_random: bool = True,
+    kernel_round_robin: bool = True,
 ) -> dict[str, Any]:
     """The report for `query` (a service name or frontend) and `client` (IP or IP:port).
 
     `services`: the engine's services by name, as they were built from the model;
     `spec_of` gives a service's model by `namespace/name`, for the endpoints left out
-    before the engine (topology, traffic policy, address family). Raises ExplainError
-    (status 404 for an unknown service).
+    before the engine (topology, traffic policy, address family). `kernel_random` and
+    `kernel_round_robin`: the agent's `pykp run` switches, which say where the kernel
+    decides instead of pykp's reader. Raises ExplainError (status 404 for an unknown
+    service).
     """
     from pykp._fastpath import explain
 
@@ -220,13 +231,25 @@ def explain_report(
         raise ExplainError(f"{error.args[0]} on this node", status=404) from None
     except ValueError as error:
         raise ExplainError(str(error)) from None
+    pools = engine.pools(sorted({x.service for x in explanations}))
+
+    def kernel_slots(x: Explanation) -> tuple[str, ...] | None:
+        return _kernel_slots(
+            x,
+            pools.get(x.service, ([], [])),
+            kernel_random=kernel_random,
+            kernel_round_robin=kernel_round_robin,
+        )
+
     return {
         "schema": SCHEMA_VERSION,
         "query": query,
         "client": None if client_ip is None else _client_text(client_ip, client_port),
         "node": node.node_name,
         "services": [
-            _service_report(x, services.get(x.service), spec_of(_key_of(x.service)), node)
+            _service_report(
+                x, services.get(x.service), spec_of(_key_of(x.service)), node, kernel_slots(x)
+            )
             for x in explanations
         ],
     }
@@ -241,8 +264,40 @@ def _frontend_text(frontend: Sequence[Any]) -> str:
     return f"{_address(ip, port)}/{protocol}"
 
 
+def _kernel_slots(
+    x: Explanation,
+    pools: tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]],
+    *,
+    kernel_random: bool,
+    kernel_round_robin: bool,
+) -> tuple[str, ...] | None:
+    """The slots the kernel picks from for a new connection to `x`'s frontend (for
+    round-robin in the order its counter visits them), or None where pykp's reader
+    decides. The rule the sync programs (`ServiceSync._contribution`): random or
+    round-robin without session affinity, at most MAX_SLOTS backends per family, its
+    switch on. A short-circuited connection (a pod or the node to an
+    externalTrafficPolicy Local frontend) is queued whatever the policy."""
+    if x.short_circuited_from is not None or x.affinity_timeout is not None:
+        return None
+    if max(len(pools[0]), len(pools[1])) > MAX_SLOTS:
+        return None
+    if not (
+        (x.policy == "random" and kernel_random)
+        or (x.policy == "round-robin" and kernel_round_robin)
+    ):
+        return None
+    frontend = x.frontend or (x.frontends[0] if x.frontends else None)
+    v6 = frontend is not None and ipaddress.ip_address(frontend[0]).version == 6
+    backends = {b.id: (b.ip, b.port) for b in x.backends}
+    return tuple(_address(*slot) for slot in rotation_slots(pools[1 if v6 else 0], backends))
+
+
 def _service_report(
-    x: Explanation, built: EngineService | None, spec: ServiceSpec | None, node: NodeView
+    x: Explanation,
+    built: EngineService | None,
+    spec: ServiceSpec | None,
+    node: NodeView,
+    kernel_slots: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     endpoints = _endpoints_by_address(spec)
     backends = []
@@ -278,7 +333,7 @@ def _service_report(
         "backends": backends,
         "excluded": _excluded(x, spec, node),
         "fallback": x.fallback,
-        "state": _policy_state(x),
+        "state": _policy_state(x, kernel_slots),
         "policyChoice": _maybe_address(x.policy_choice),
         "affinity": None
         if x.affinity is None
@@ -295,7 +350,7 @@ def _service_report(
             "expiresIn": round(x.flow.expires_in, 3),
             "kept": x.flow.kept,
         },
-        "decision": _decision(x, built, spec),
+        "decision": _decision(x, built, spec, kernel_slots),
     }
 
 
@@ -386,9 +441,13 @@ def _excluded(x: Explanation, spec: ServiceSpec | None, node: NodeView) -> list[
     return excluded
 
 
-def _policy_state(x: Explanation) -> dict[str, Any]:
+def _policy_state(x: Explanation, kernel_slots: tuple[str, ...] | None) -> dict[str, Any]:
     state: dict[str, Any] = {}
-    if x.round_robin_ticket is not None and x.round_robin_cycle:
+    if x.policy == "round-robin" and kernel_slots is not None:
+        # The reader's ticket does not move for these connections: the kernel's counter
+        # is the rotation, and where it stands cannot be read.
+        state["kernelRoundRobin"] = {"rotation": list(kernel_slots)}
+    elif x.round_robin_ticket is not None and x.round_robin_cycle:
         state["roundRobin"] = {
             "ticket": x.round_robin_ticket,
             "cycle": x.round_robin_cycle,
@@ -408,10 +467,14 @@ def _policy_state(x: Explanation) -> dict[str, Any]:
 
 
 def _decision(
-    x: Explanation, built: EngineService | None, spec: ServiceSpec | None
+    x: Explanation,
+    built: EngineService | None,
+    spec: ServiceSpec | None,
+    kernel_slots: tuple[str, ...] | None,
 ) -> dict[str, Any]:
     """The backend and why. A random choice is not named: each connection is a fresh
-    draw (by the kernel, with the agent's default --kernel-random)."""
+    draw. Nor is round-robin's where the kernel rotates (`kernel_slots` not None) over
+    more than one backend: its counter is not readable."""
     family = ipaddress.ip_address(x.frontend[0]).version if x.frontend else None
     if x.decided_by == "reject" and built is not None and family in built.no_local_endpoints:
         # The rules drop these before the engine sees them (kube-proxy's "has no local
@@ -434,9 +497,21 @@ def _decision(
             f"{_address(b.ip, b.port)} {100.0 * b.weight / total:.0f}%" for b in eligible
         )
         why = f"random: each new connection is an independent draw ({shares})"
-        if x.affinity_timeout is None:
-            why += "; with `pykp run --kernel-random` (the default) the kernel draws"
+        why += "; pykp's reader draws" if kernel_slots is None else "; the kernel draws"
         return {"backend": None, "decidedBy": "random", "why": why}
+    if x.policy == "round-robin" and x.decided_by == "policy" and kernel_slots is not None:
+        # One backend in every slot: whatever the counter says, the next one gets it.
+        only = set(kernel_slots)
+        return {
+            "backend": only.pop() if len(only) == 1 else None,
+            "decidedBy": "kernel",
+            "why": (
+                "round-robin in the kernel: each new connection to this frontend on this "
+                "node takes the next slot of the service's rotation, on a counter of the "
+                "kernel's that pykp cannot read (with `pykp run --no-kernel-round-robin` "
+                "pykp's reader rotates, and explain names the next backend)"
+            ),
+        }
     return {
         "backend": _maybe_address(x.backend),
         "decidedBy": x.decided_by,
@@ -461,8 +536,7 @@ def _decision_why(x: Explanation) -> str:
         return (
             f"round-robin: the next connection takes position {position} of its "
             f"{x.round_robin_cycle}-connection cycle (ticket {x.round_robin_ticket}); another "
-            "new connection to this service on this node first would take it instead (with "
-            "`pykp run --kernel-round-robin` the kernel rotates, on a counter of its own)"
+            "new connection to this service on this node first would take it instead"
         )
     if x.policy == "maglev":
         return f"maglev: slot {x.maglev_slot} of {x.maglev_table_size} is this backend's"
@@ -477,11 +551,14 @@ def explain_services_file(
     node: NodeView | None = None,
     maglev_table_size: int = 65537,
     maglev_seed: int = 0,
+    kernel_random: bool = True,
+    kernel_round_robin: bool = True,
 ) -> dict[str, Any]:
     """The report from a fresh engine loaded with a services file, as `pykp run` would
     load it on `node` (no flows yet: round-robin at its start, no affinity, no counts).
     Maglev's answer is every node's with the same table size and seed (the agent's
-    defaults here)."""
+    defaults here); the kernel decides where `pykp run` with these switches would have it
+    decide."""
     from pykp._fastpath import Engine
 
     node = node or NodeView()
@@ -504,7 +581,16 @@ def explain_services_file(
     except ValueError as error:  # the others are applied; the refused one is unknown
         raise ExplainError(f"the engine refused part of the file: {error}") from None
     built = {service.name: service for service in services}
-    return explain_report(engine, built, catalog.get, node, query, client)
+    return explain_report(
+        engine,
+        built,
+        catalog.get,
+        node,
+        query,
+        client,
+        kernel_random=kernel_random,
+        kernel_round_robin=kernel_round_robin,
+    )
 
 
 # --- fetching from the agent ----------------------------------------------------------------
@@ -640,6 +726,15 @@ def _render_service(
         )
 
     state = service["state"]
+    if "kernelRoundRobin" in state:
+        rotation = state["kernelRoundRobin"]["rotation"]
+        console.print(
+            Text(
+                f"round-robin in the kernel over {len(rotation)} "
+                f"slot{'' if len(rotation) == 1 else 's'}, in this order: "
+                f"{', '.join(rotation) or 'none'} (where its counter stands is the kernel's)"
+            )
+        )
     if "roundRobin" in state:
         rr = state["roundRobin"]
         console.print(
@@ -684,6 +779,11 @@ def _render_service(
         head = Text(f"the next connection {who}{where} is dropped", style="bold red")
     elif decision["decidedBy"] == "random":
         head = Text(f"the next connection {who}{where} gets a random endpoint", style="bold")
+    elif decision["decidedBy"] == "kernel":
+        head = Text(
+            f"the next connection {who}{where} gets the next slot of the kernel's rotation",
+            style="bold",
+        )
     else:
         head = Text(f"the next connection {who}{where}: undetermined", style="bold yellow")
     console.print(head)
