@@ -5,7 +5,7 @@ Run as root from the repository root with the venv of `bash scripts/install.sh -
 
     .venv/bin/python benches/first_sync.py 10000 30000
     .venv/bin/python benches/first_sync.py --memory 10000     # bytes held per service
-    .venv/bin/python benches/first_sync.py 10000 --policy round-robin --kernel-round-robin \
+    .venv/bin/python benches/first_sync.py 10000 --policy round-robin [--no-kernel-round-robin] \
         --changes 6                                           # then one service changed
 
 Per N, in a network namespace of its own (removed afterwards): N Services and N
@@ -64,7 +64,7 @@ def inner(
     count: int,
     memory: bool,
     policy: str = "random",
-    kernel_round_robin: bool = False,
+    kernel_round_robin: bool = True,
     changes: int = 0,
 ) -> dict[str, Any]:
     from pykp._fastpath import Engine
@@ -178,7 +178,10 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="bytes held per service")
     parser.add_argument("--policy", default="random", help="the services' policy")
     parser.add_argument(
-        "--kernel-round-robin", action="store_true", help="round-robin rotated in the kernel"
+        "--kernel-round-robin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="round-robin rotated in the kernel (pykp run's default) or queued to the reader",
     )
     parser.add_argument("--changes", type=int, default=0, help="then time K one-service syncs")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -199,8 +202,8 @@ def main() -> None:
             if args.memory:
                 command.append("--memory")
             command += ["--policy", args.policy, "--changes", str(args.changes)]
-            if args.kernel_round_robin:
-                command.append("--kernel-round-robin")
+            if not args.kernel_round_robin:
+                command.append("--no-kernel-round-robin")
             subprocess.run(["ip", "netns", "exec", NAMESPACE, *command], check=True)
         finally:
             subprocess.run(["ip", "netns", "del", NAMESPACE], check=False)

@@ -35,7 +35,9 @@ services:
 def first(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabAgent]:
     path = tmp_path_factory.mktemp("first") / "services.yaml"
     path.write_text(SERVICES)
-    agent = LabAgent(lab, path)
+    # The reader decides (not the kernel's rotation): "the first keeps serving" then
+    # proves its queue binding survived the second agent, not only the kernel path.
+    agent = LabAgent(lab, path, "--no-kernel-round-robin")
     agent.start()
     try:
         yield agent

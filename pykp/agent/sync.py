@@ -51,6 +51,7 @@ __all__ = [
     "ServiceSync",
     "SyncResult",
     "fallback_slots",
+    "kernel_decider",
     "newly_served_udp_frontends",
     "stale_udp_flows",
     "without_node_address_ips",
@@ -130,7 +131,7 @@ class ServiceSync:
         *,
         kernel_random: bool,
         allow_node_address_service_ips: bool,
-        kernel_round_robin: bool = False,
+        kernel_round_robin: bool = True,
     ) -> None:
         self.engine = engine
         self.rules = rules
@@ -467,12 +468,15 @@ class ServiceSync:
     ) -> dict[str, dict[str, str]]:
         cluster_ips, service_ips, masquerade = plan.cluster_ips, plan.service_ips, plan.masquerade
         v4_pool, v6_pool = pools
-        # The kernel path holds at most MAX_SLOTS backends per frontend: a bigger service
-        # keeps pykp's reader, which picks among all of them.
-        fits = service.affinity_timeout is None and max(len(v4_pool), len(v6_pool)) <= MAX_SLOTS
-        rotates = fits and self.kernel_round_robin and service.policy == "round-robin"
-        picks = fits and self.kernel_random and service.policy == "random"
-        queued = not (picks or rotates)
+        decider = kernel_decider(
+            service.policy,
+            service.affinity_timeout,
+            (len(v4_pool), len(v6_pool)),
+            kernel_random=self.kernel_random,
+            kernel_round_robin=self.kernel_round_robin,
+        )
+        rotates = decider == "rotation"
+        queued = decider is None
         slots_of = rotation_slots if rotates else fallback_slots
         rules = []
         slots: dict[tuple[str, int, str], tuple[tuple[str, int], ...]] = {}
@@ -506,6 +510,28 @@ class ServiceSync:
                 short_circuit_slots[(ip, port, protocol)] = fallback_slots(cluster_pool, backends)
         rr_chains = {v: rr_chain_name(v, service.name) for v in (4, 6)} if rotates else None
         return frontend_contribution(rules, slots, used_ips, short_circuit_slots, rr_chains)
+
+
+def kernel_decider(
+    policy: str,
+    affinity_timeout: object,
+    pool_sizes: tuple[int, int],
+    *,
+    kernel_random: bool,
+    kernel_round_robin: bool,
+) -> str | None:
+    """Who decides a new connection to an engine service, as the sync programs it:
+    "random" (the kernel draws a slot), "rotation" (the kernel's per-service counter), or
+    None (the first packet is queued to pykp's reader). The kernel path holds at most
+    MAX_SLOTS backends per family and no session affinity: a bigger service, or one with
+    affinity, keeps the reader, which picks among all of them."""
+    if affinity_timeout is not None or max(pool_sizes) > MAX_SLOTS:
+        return None
+    if policy == "random" and kernel_random:
+        return "random"
+    if policy == "round-robin" and kernel_round_robin:
+        return "rotation"
+    return None
 
 
 def _key_of(engine_service_name: str) -> str:

@@ -284,9 +284,10 @@ _CHAINS: dict[str, str] = {
 
 
 _PICKS = frozenset(n for n in _CHAINS if n.startswith("pick"))
-# Round-robin on the kernel path (--kernel-round-robin): each engine service has a chain
-# `rr<family>_<id>` of one rule, `numgen inc mod <n> vmap @rr_at<family>_<n>` for its n
-# slots, whose counter is that service's rotation (numgen keeps its counter per rule).
+# Round-robin on the kernel path (pykp run's default; --no-kernel-round-robin queues it):
+# each engine service has a chain `rr<family>_<id>` of one rule, `numgen inc mod <n> vmap
+# @rr_at<family>_<n>` for its n slots, whose counter is that service's rotation (numgen
+# keeps its counter per rule).
 # `rr_at<family>_<n>` maps 0..n-1 to the `pick_at` chains that DNAT to that slot: one map
 # per n, so that the kernel's validation of a commit visits n chains per rotation, not
 # MAX_SLOTS. (A rule DNATing from the `slots` map itself would make every element added to

@@ -40,9 +40,8 @@ from pykp.agent.plan import (
     service_ports_to_engine,
     services_file_to_engine,
 )
-from pykp.agent.sync import rotation_slots
+from pykp.agent.sync import kernel_decider, rotation_slots
 from pykp.model import PROTOCOLS, Catalog, ServiceSpec
-from pykp.netfilter.rules import MAX_SLOTS
 from pykp.observe.health import parse_bind_address
 
 if TYPE_CHECKING:
@@ -273,18 +272,19 @@ def _kernel_slots(
 ) -> tuple[str, ...] | None:
     """The slots the kernel picks from for a new connection to `x`'s frontend (for
     round-robin in the order its counter visits them), or None where pykp's reader
-    decides. The rule the sync programs (`ServiceSync._contribution`): random or
-    round-robin without session affinity, at most MAX_SLOTS backends per family, its
-    switch on. A short-circuited connection (a pod or the node to an
-    externalTrafficPolicy Local frontend) is queued whatever the policy."""
-    if x.short_circuited_from is not None or x.affinity_timeout is not None:
+    decides, by the rule the sync programs (`kernel_decider`). A short-circuited
+    connection (a pod or the node to an externalTrafficPolicy Local frontend) is queued
+    whatever the policy."""
+    if x.short_circuited_from is not None:
         return None
-    if max(len(pools[0]), len(pools[1])) > MAX_SLOTS:
-        return None
-    if not (
-        (x.policy == "random" and kernel_random)
-        or (x.policy == "round-robin" and kernel_round_robin)
-    ):
+    decider = kernel_decider(
+        x.policy,
+        x.affinity_timeout,
+        (len(pools[0]), len(pools[1])),
+        kernel_random=kernel_random,
+        kernel_round_robin=kernel_round_robin,
+    )
+    if decider is None:
         return None
     frontend = x.frontend or (x.frontends[0] if x.frontends else None)
     v6 = frontend is not None and ipaddress.ip_address(frontend[0]).version == 6
