@@ -32,7 +32,6 @@ from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client, raw_lis
 from pykp.sources.kube.translate import (
     KubeProblem,
     NodeInfo,
-    ParsedService,
     ParsedSlice,
     parse_endpoint_slice,
     parse_node,
@@ -90,7 +89,9 @@ class KubeSource:
         self._notify: Callable[[], None] | None = None
         self._last_change: float | None = None
         # What the API holds, translated object by object (under _lock).
-        self._parsed_services: dict[str, ParsedService] = {}
+        # key -> the Service as parsed (its endpoints: those of the last rebuild, replaced
+        # at the next): the rebuild's spec takes its place, one ServiceSpec per service.
+        self._parsed_services: dict[str, ServiceSpec] = {}
         self._slices: dict[str, ParsedSlice] = {}
         # service key -> its slices' keys (a tuple: a dict of one slice costs 232 bytes)
         self._slices_of: dict[str, tuple[str, ...]] = {}
@@ -214,7 +215,7 @@ class KubeSource:
         if parsed is None:
             self._parsed_services.pop(key, None)
         else:
-            self._parsed_services[key] = parsed
+            self._parsed_services[key] = replace(parsed.spec, created=parsed.created)
             key = parsed.key  # the same, spelled by the object itself
         self._stale.add(key)
 
@@ -272,14 +273,11 @@ class KubeSource:
                     changed.append(key)
                 continue
             slices = [self._slices[k] for k in self._slices_of.get(key, ())]
-            spec = replace(
-                parsed.spec,
-                endpoints=service_endpoints(parsed.spec, slices),
-                created=parsed.created,
-            )
+            spec = replace(parsed, endpoints=service_endpoints(parsed, slices))
             if spec != old:
                 self._specs[key] = spec
                 changed.append(key)
+            self._parsed_services[key] = self._specs[key]
         self._stale.clear()
         if changed or self._catalog is None:
             self._changes.add(changed)
