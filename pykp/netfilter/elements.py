@@ -110,8 +110,11 @@ class ElementDelta:
 _Held = tuple[str, ...]
 
 # The kernel path's slots: three or so per frontend, each owned by its frontend's service
-# alone (a frontend has one owner), so held as one text per owner and set, not as a key,
-# a text and an index entry per slot (~500 bytes per service less).
+# alone, so held as one text per owner and set, not as a key, a text and an index entry
+# per slot (~500 bytes per service less). What makes them one owner's: the engine refuses
+# a second service on a frontend (FrontendTaken), refused services contribute nothing, and
+# a slot's key starts with its frontend's. Two owners of one slot key would be counted
+# twice (a count the kernel never shows: a repair at every check), so that must hold.
 _GROUPED = frozenset({"slots4", "slots6"})
 
 
