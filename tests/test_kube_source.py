@@ -18,7 +18,7 @@ from pykp.model import Catalog
 from pykp.sources.base import ServiceSource
 from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
 from pykp.sources.kube.source import KubeSource
-from pykp.sources.kube.watch import Backoff
+from pykp.sources.kube.watch import Backoff, Reflector
 
 FAST = Timeouts(connect=2.0, list=5.0, silence=5.0, watch_min=30, watch_max=60)
 
@@ -333,6 +333,45 @@ def test_a_list_in_pages_is_one_list(apiserver: KubeApiServer, tmp_path: Path) -
 
     assert len(items) == 5 and version == str(apiserver.resource_version)
     assert [r.query.get("continue") for r in apiserver.requests] == [None, "6:2", "6:4"]
+
+
+def test_a_list_is_handed_over_page_by_page(apiserver: KubeApiServer, tmp_path: Path) -> None:
+    """The reflector hands each page over before it reads the next (so that a list of
+    100,000 objects is never held whole), and a relist still deletes what vanished."""
+    for index in range(5):
+        apiserver.create("services", service(f"s{index}", f"10.96.1.{index + 1}"))
+    client = api_client(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig")))
+    services = ApiListWatch(
+        "services",
+        kubernetes.client.CoreV1Api(client).list_service_for_all_namespaces,
+        page_size=2,
+        timeouts=FAST,
+    )
+    handed: list[tuple[int, dict[str, bool]]] = []  # (list requests so far, keys: deleted?)
+
+    def on_change(objects: Any) -> None:
+        lists = sum(1 for r in apiserver.requests if "watch" not in r.query)
+        handed.append((lists, {key: obj is None for key, obj in objects.items()}))
+
+    reflector = Reflector(services, on_change)
+    reflector._list()
+
+    assert [(lists, sorted(keys)) for lists, keys in handed] == [
+        (1, ["default/s0", "default/s1"]),
+        (2, ["default/s2", "default/s3"]),
+        (3, ["default/s4"]),
+        (3, []),  # the first list is in (called even with nothing left to hand over)
+    ]
+    assert sorted(reflector.keys()) == [f"default/s{index}" for index in range(5)]
+
+    handed.clear()
+    apiserver.delete("services", "default", "s1")
+    apiserver.apply("services", service("s3", "10.96.1.9"))
+    reflector._list()
+
+    changed = {key: deleted for _, keys in handed for key, deleted in keys.items()}
+    assert changed == {"default/s1": True, "default/s3": False}
+    assert sorted(reflector.keys()) == ["default/s0", "default/s2", "default/s3", "default/s4"]
 
 
 def test_a_node_that_may_not_read_nodes_still_proxies(

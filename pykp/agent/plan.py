@@ -31,6 +31,11 @@ class EngineBackend:
     local: bool = False
 
 
+# One shared empty set: `frozenset()` allocates a new one (216 bytes) on every call, and
+# nearly every engine service holds one.
+_NO_FAMILIES: Final[frozenset[int]] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class EngineService:
     """One engine service: what `Engine.upsert_service` takes, as plain data."""
@@ -45,7 +50,7 @@ class EngineService:
     # usable endpoint while the service has some elsewhere: kube-proxy drops connections
     # to those frontends ("has no local endpoints") instead of refusing them (refused: no
     # endpoint of the family at all). Per family, as kube-proxy runs one proxier per family.
-    no_local_endpoints: frozenset[int] = frozenset()
+    no_local_endpoints: frozenset[int] = _NO_FAMILIES
     # externalTrafficPolicy Local, split from a cluster-wide internal service: pods and the
     # node reach every endpoint through the external frontends, decided as that service
     # (kube-proxy's short-circuit).
@@ -151,7 +156,7 @@ def service_ports_to_engine(
                     affinity_timeout=affinity_timeout,
                     hash_key=spec.hash_key,
                     no_local_endpoints=(
-                        _no_local_endpoints(families, backends, every) if narrowed else frozenset()
+                        _no_local_endpoints(families, backends, every) if narrowed else _NO_FAMILIES
                     ),
                     short_circuit=short_circuit.get(group_name),
                 )
@@ -167,7 +172,7 @@ def _no_local_endpoints(
     """The families with a usable endpoint somewhere but none among `local`."""
     usable = {_family(backend.ip) for backend in every if _usable(backend)}
     served = {_family(backend.ip) for backend in local if _usable(backend)}
-    return frozenset(families & usable - served)
+    return frozenset(families & usable - served) or _NO_FAMILIES
 
 
 def _usable(backend: EngineBackend) -> bool:

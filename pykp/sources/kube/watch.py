@@ -37,7 +37,7 @@ class ListWatch(Protocol):
 
     name: str
 
-    def list(self) -> tuple[list[JSON], str]: ...
+    def pages(self) -> Iterator[tuple[list[JSON], str]]: ...
     def watch(self, resource_version: str) -> EventStream: ...
 
 
@@ -94,7 +94,8 @@ class Reflector:
 
     `on_change(objects)` is called (from the reflector's thread, no lock held) after every
     change with the objects that changed, by key (None: deleted), and once when the first
-    list is in even if it is empty. The reflector keeps only each object's resourceVersion,
+    list is in even if it is empty. A list's changes come a page at a time, its deletions
+    last. The reflector keeps only each object's resourceVersion,
     not the object: the consumer translates what it is handed (one copy of the state).
     """
 
@@ -198,29 +199,37 @@ class Reflector:
 
     def _list(self) -> None:
         self.stats.lists += 1
-        items, version = self._list_watch.list()
-        fresh: dict[str, JSON] = {}
-        for item in items:
-            key = object_key(item)
-            if key is not None:
-                fresh[key] = item
-        with self._lock:
-            # Diff against what we knew: what is gone from the list was deleted meanwhile.
-            old = self._versions
-            changed: dict[str, JSON | None] = dict.fromkeys(old.keys() - fresh.keys())
-            for key, obj in fresh.items():
-                seen = _version(obj)
+        old = self._versions  # only this thread writes it
+        fresh: dict[str, str | None] = {}
+        version = ""
+        # Page by page: a page's objects are handed over (translated, then freed) before
+        # the next page is read, so a list of 100,000 objects is never held whole.
+        for page, page_version in self._list_watch.pages():
+            version = page_version
+            changed: dict[str, JSON | None] = {}
+            for item in page:
+                key = object_key(item)
+                if key is None:
+                    continue
+                seen = fresh[key] = _version(item)
                 if key not in old or seen != old[key] or seen is None:
-                    changed[key] = obj
-            self._versions = {key: _version(obj) for key, obj in fresh.items()}
+                    changed[key] = item
+            del page
+            if changed:
+                self._on_change(changed)
+            del changed
+        # What is gone from the list was deleted meanwhile.
+        deleted: dict[str, JSON | None] = dict.fromkeys(old.keys() - fresh.keys())
+        with self._lock:
+            self._versions = fresh
             self._version = version
             first = not self._synced.is_set()
         self._backoff.reset()
         self.stats.last_error = None
         log.debug("%s: listed %d objects at version %s", self.name, len(fresh), version)
         self._synced.set()
-        if changed or first:
-            self._on_change(changed)
+        if deleted or first:
+            self._on_change(deleted)
 
     def _watch(self) -> None:
         self.stats.watches += 1
