@@ -33,6 +33,7 @@ from pykp.agent.config import (
     check_mark_mask,
 )
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
+from pykp.agent.plan import EngineService
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
 from pykp.agent.sync_runner import BoundedFrequencyRunner
 from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
@@ -876,12 +877,7 @@ class Agent:
             node_addresses=list(context.node_addresses) if context else [],
             # The first --status-services by name: at 100,000 services a full listing
             # costs seconds of the interpreter, every time the file is written.
-            services=heapq.nsmallest(
-                self.config.status_services,
-                # A copy in one C call: atomic against the sync thread.
-                list(self.service_sync.applied.values()),
-                key=_engine_service_name,
-            ),
+            services=_first_services(self.service_sync.applied, self.config.status_services),
             services_total=len(self.service_sync.applied),
             refused=self._refused,
             problems=self.source.problems(),
@@ -917,11 +913,9 @@ class Agent:
                 context.zone,
                 tuple(self.config.cluster_cidrs),
             )
-        # A copy in one C call: atomic against the sync thread.
-        built = dict(self.service_sync.applied)
         return explain_report(
             self.engine,
-            built,
+            self.service_sync.applied,
             self.service_sync.spec,
             node,
             service,
@@ -1046,8 +1040,16 @@ class Agent:
         ]
 
 
-def _engine_service_name(service: Any) -> str:
-    return str(service.name)
+def _first_services(applied: Mapping[str, EngineService], count: int) -> list[EngineService]:
+    """The first `count` engine services by name (each is built when read: a few of them,
+    not every one)."""
+    services = []
+    for name in heapq.nsmallest(count, applied):  # the names are copied in one call
+        try:
+            services.append(applied[name])
+        except KeyError:  # removed by a sync meanwhile
+            continue
+    return services
 
 
 def _codes(counts: Mapping[tuple[str, int], int], path: str) -> dict[str, float]:

@@ -20,12 +20,12 @@ import dataclasses
 import functools
 import ipaddress
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
-from pykp.agent.ownership import NODE_PORT, FrontendOwners, claim_text
+from pykp.agent.ownership import NODE_PORT, Claim, FrontendOwners, claim_text
 from pykp.agent.plan import (
     EXTERNAL_SUFFIX,
     EngineBackend,
@@ -59,6 +59,7 @@ __all__ = [
 
 Pool = list[tuple[int, int]]  # (backend id, weight)
 _NONE: Mapping[str, str] = MappingProxyType({})
+_NO_CLAIMS: Mapping[Claim, str] = MappingProxyType({})
 
 
 class RulesLike(Protocol):
@@ -87,11 +88,18 @@ class NodeContext:
 
 @dataclass(slots=True)
 class _Plan:
-    """What one service translated to, and from what."""
+    """What one service translated to, and from what.
+
+    Its engine services are not held: `ServiceSync._built` builds them again from the
+    plan (a pure function of `spec`, `context` and `lost`), for the few services a change
+    touches. Held, they cost ~600 bytes per service (60 MB at 100,000 services) for what
+    the engine holds anyway.
+    """
 
     spec: ServiceSpec
     context: NodeContext
-    engine_services: dict[str, EngineService]
+    names: tuple[str, ...]  # its engine services' names
+    lost: Mapping[Claim, str]  # the frontends older services held when it was planned
     # What rendering needs besides the engine service, the same for each of them: the
     # service's ClusterIPs, its addresses that are not the node's, whether it masquerades.
     # Tuples: a frozenset of one address costs 216 bytes, and this is held per service.
@@ -139,14 +147,19 @@ class ServiceSync:
         self.kernel_random = kernel_random
         self.kernel_round_robin = kernel_round_robin
         self.allow_node_address_service_ips = allow_node_address_service_ips
-        # What the engine holds, by engine service name: kept across `reset()`.
-        self._applied: dict[str, EngineService] = {}
+        # The engine services the engine holds, by name (each as its plan builds it): kept
+        # across `reset()`, with the plans they were built from (`_before_reset`) until a
+        # full sync has planned every service again.
+        self._applied: set[str] = set()
+        self._plans: dict[str, _Plan] = {}
+        self._before_reset: dict[str, _Plan] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget everything but what the engine holds: the next sync re-derives every
         service and reloads every element."""
-        self._plans: dict[str, _Plan] = {}
+        self._before_reset = {**self._before_reset, **self._plans}
+        self._plans = {}
         self._owners = FrontendOwners()
         self._elements = ElementTracker()
         self._backends: dict[int, tuple[str, int]] = {}
@@ -163,7 +176,8 @@ class ServiceSync:
 
     @property
     def applied(self) -> Mapping[str, EngineService]:
-        return self._applied
+        """The engine services the engine holds, by name (each built on access)."""
+        return _Applied(self)
 
     @property
     def refused(self) -> Mapping[str, str]:
@@ -234,6 +248,9 @@ class ServiceSync:
                     pending.append(other)
         service_changes = endpoint_changes = 0
         new_plans: dict[str, _Plan | None] = {}
+        # The engine services of the services planned now, and of the others this sync
+        # reads (built again from their plans): only for this sync.
+        built: dict[str, dict[str, EngineService]] = {}
         for key in seen:
             spec = specs[key]
             old = self._plans.get(key)
@@ -241,23 +258,42 @@ class ServiceSync:
                 s, e = _count_change(old.spec if old else None, spec)
                 service_changes += s
                 endpoint_changes += e
-            new_plans[key] = None if spec is None else self._plan(spec, context)
+            if spec is None:
+                new_plans[key] = None
+            else:
+                new_plans[key], built[key] = self._plan(spec, context)
 
-        # (b) the engine services that differ.
+        def services_of(key: str) -> dict[str, EngineService]:
+            """A service's engine services: planned now, else as the engine holds them."""
+            if key not in built:
+                plan = self._plans.get(key) or self._before_reset.get(key)
+                built[key] = self._built(plan) if plan is not None else {}
+            return built[key]
+
+        # (b) the engine services that differ from what the engine holds.
         upserts: dict[str, EngineService] = {}
         removals: list[str] = []
-        for key, plan in new_plans.items():
-            old = self._plans.get(key)
-            before = set(old.engine_services) if old else set()
-            if old is None:
+        previous_of: dict[str, dict[str, EngineService]] = {}
+        for key in new_plans:
+            old = self._plans.get(key) or self._before_reset.get(key)
+            before = set(old.names) if old else set()
+            if key not in self._plans:
                 before |= self._orphans.get(key, set())
-            after = plan.engine_services if plan else {}
+            after = built.get(key, {})
+            # What the engine holds for this key, built again from the plan it came from.
+            held = (
+                self._built(old)
+                if old is not None and any(n in self._applied for n in (*before, *after))
+                else {}
+            )
             for name in before - after.keys():
                 if name in self._applied:
                     removals.append(name)
             for name, service in after.items():
-                if self._applied.get(name) != service:
+                if name not in self._applied or held.get(name) != service:
                     upserts[name] = service
+            if held:
+                previous_of[key] = held
         # The oldest service first: the engine's own frontend check then agrees with
         # ownership, and ids run out for the newest services first.
         order = {key: (p.spec.created, key) for key, p in new_plans.items() if p is not None}
@@ -289,7 +325,7 @@ class ServiceSync:
         if full_load:
             kept = [n for n in self._applied if n not in gone and n not in upserts]
             pools.update(self.engine.pools(kept))
-            render.update((name, self._applied[name]) for name in kept)
+            render.update((name, services_of(_key_of(name))[name]) for name in kept)
 
         def plan_of(key: str) -> _Plan:
             plan = new_plans.get(key) or self._plans.get(key)
@@ -300,12 +336,12 @@ class ServiceSync:
         # service's backends: it is rendered again when only the internal one changed (a
         # full load renders every service anyway).
         for name in [] if full_load else list(render):
-            sibling = plan_of(_key_of(name)).engine_services.get(name + EXTERNAL_SUFFIX)
+            sibling = services_of(_key_of(name)).get(name + EXTERNAL_SUFFIX)
             if (
                 sibling is not None
                 and sibling.short_circuit == name
-                and sibling.name not in render
-                and self._applied.get(sibling.name) == sibling
+                and sibling.name not in upserts  # else rendered, or refused
+                and sibling.name in self._applied
             ):
                 render[sibling.name] = sibling
         wanted_pools = {n for n in render if n not in pools}
@@ -347,11 +383,23 @@ class ServiceSync:
             self.rules.add_elements(delta.added, delta.replaced)
         self.engine.commit(staged)
         previous = {
-            name: self._applied[name] for name in gone | upserts.keys() if name in self._applied
+            name: service
+            for key in {_key_of(name) for name in gone | upserts.keys()}
+            for name, service in previous_of.get(key, {}).items()
+            if name in self._applied and (name in gone or name in upserts)
         }
         for name in gone | refused_now.keys():
-            self._applied.pop(name, None)
+            self._applied.discard(name)
         self._applied.update(render)
+        # The plans with what the engine now holds (a failure past here is followed by a
+        # reset, which builds every service again from these).
+        for key, plan in new_plans.items():
+            if plan is None:
+                self._plans.pop(key, None)
+            else:
+                self._plans[key] = plan
+        if full_load:
+            self._before_reset = {}
         self._backends = backends
         self._full_load = True  # until the removals are in too
         if not full_load:
@@ -366,11 +414,8 @@ class ServiceSync:
         # service: a first sync with thousands refused was quadratic), their plans' come.
         for name in [n for n in self._refused if _key_of(n.split(" (", 1)[0]) in new_plans]:
             del self._refused[name]
-        for key, plan in new_plans.items():
-            if plan is None:
-                self._plans.pop(key, None)
-            else:
-                self._plans[key] = plan
+        for plan in new_plans.values():
+            if plan is not None:
                 self._refused.update(plan.refused)
         for name, message in refused_now.items():
             self._refused[name] = message
@@ -405,13 +450,14 @@ class ServiceSync:
             return spec is not None or key in self._orphans
         return spec is not plan.spec or (context is not plan.context and context != plan.context)
 
-    def _plan(self, spec: ServiceSpec, context: NodeContext) -> _Plan:
+    def _plan(
+        self, spec: ServiceSpec, context: NodeContext
+    ) -> tuple[_Plan, dict[str, EngineService]]:
+        """The plan of `spec` and its engine services, with ownership as it is now."""
         refused: dict[str, str] = {}  # usually none: then the plan holds the shared _NONE
-        served = spec
-        if not self.allow_node_address_service_ips:
-            served, message = without_node_address_ips(spec, context.interface_addresses)
-            if message:
-                refused[f"{spec.key} (node address)"] = message
+        served, message = self._served(spec, context)
+        if message:
+            refused[f"{spec.key} (node address)"] = message
         lost = self._owners.lost(spec.key)
         if lost:
             refused[f"{spec.key} (frontend taken)"] = (
@@ -421,7 +467,7 @@ class ServiceSync:
                 )
                 + " not served: the older service keeps a contested frontend"
             )
-        engine_services: dict[str, EngineService] = {}
+        engine_services = _engine_services(served, context, lost)
         nodes = set(context.node_addresses)
         service_ips = tuple(
             dict.fromkeys(
@@ -430,33 +476,28 @@ class ServiceSync:
                 if ip not in nodes
             )
         )
-        for service in service_ports_to_engine(
-            served,
-            context.node_addresses,
-            context.node_name,
-            traffic_policies=context.traffic_policies,
-            zone=context.zone,
-        ):
-            frontends = tuple(
-                f
-                for f in service.frontends
-                if (f[0], f[1], f[2]) not in lost
-                and not (f[0] in nodes and (NODE_PORT, f[1], f[2]) in lost)
-            )
-            if not frontends:
-                continue
-            if frontends != service.frontends:
-                service = dataclasses.replace(service, frontends=frontends)
-            engine_services[service.name] = service
-        return _Plan(
+        plan = _Plan(
             spec,
             context,
-            engine_services,
+            tuple(engine_services),
+            lost or _NO_CLAIMS,
             served.cluster_ips,
             service_ips,
             served.external_traffic_policy == "Cluster",
             refused or _NONE,
         )
+        return plan, engine_services
+
+    def _built(self, plan: _Plan) -> dict[str, EngineService]:
+        """The engine services `plan` was made with, built again (the same ones: what it
+        holds is all they depend on)."""
+        served, _ = self._served(plan.spec, plan.context)
+        return _engine_services(served, plan.context, plan.lost)
+
+    def _served(self, spec: ServiceSpec, context: NodeContext) -> tuple[ServiceSpec, str | None]:
+        if self.allow_node_address_service_ips:
+            return spec, None
+        return without_node_address_ips(spec, context.interface_addresses)
 
     def _contribution(
         self,
@@ -510,6 +551,62 @@ class ServiceSync:
                 short_circuit_slots[(ip, port, protocol)] = fallback_slots(cluster_pool, backends)
         rr_chains = {v: rr_chain_name(v, service.name) for v in (4, 6)} if rotates else None
         return frontend_contribution(rules, slots, used_ips, short_circuit_slots, rr_chains)
+
+
+def _engine_services(
+    served: ServiceSpec, context: NodeContext, lost: Mapping[Claim, str]
+) -> dict[str, EngineService]:
+    """A service's engine services by name, without the frontends older services hold."""
+    engine_services: dict[str, EngineService] = {}
+    nodes = set(context.node_addresses)
+    for service in service_ports_to_engine(
+        served,
+        context.node_addresses,
+        context.node_name,
+        traffic_policies=context.traffic_policies,
+        zone=context.zone,
+    ):
+        frontends = tuple(
+            f
+            for f in service.frontends
+            if (f[0], f[1], f[2]) not in lost
+            and not (f[0] in nodes and (NODE_PORT, f[1], f[2]) in lost)
+        )
+        if not frontends:
+            continue
+        if frontends != service.frontends:
+            service = dataclasses.replace(service, frontends=frontends)
+        engine_services[service.name] = service
+    return engine_services
+
+
+class _Applied(Mapping[str, EngineService]):
+    """`ServiceSync.applied`: the engine services the engine holds, each built from its
+    plan when read (for status and explain: a few at a time). Safe to read from another
+    thread than the sync's: names are copied in one call, and a plan is never changed in
+    place."""
+
+    def __init__(self, sync: ServiceSync) -> None:
+        self._sync = sync
+
+    def __getitem__(self, name: str) -> EngineService:
+        sync = self._sync
+        if name not in sync._applied:
+            raise KeyError(name)
+        key = _key_of(name)
+        plan = sync._plans.get(key) or sync._before_reset.get(key)
+        if plan is None:
+            raise KeyError(name)
+        return sync._built(plan)[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sync._applied
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._sync._applied))
+
+    def __len__(self) -> int:
+        return len(self._sync._applied)
 
 
 def kernel_decider(
