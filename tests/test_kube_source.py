@@ -319,15 +319,20 @@ def test_the_nodes_zone_drives_topology_hints(
     wait_for(lambda: (c := source.current()) is not None and c.zone == "zone-b")
 
 
-def test_a_list_in_pages_is_one_list(apiserver: KubeApiServer, tmp_path: Path) -> None:
+def five_services_in_pages_of_two(apiserver: KubeApiServer, tmp_path: Path) -> ApiListWatch:
     for index in range(5):
         apiserver.create("services", service(f"s{index}", f"10.96.1.{index + 1}"))
     client = api_client(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig")))
-    services = ApiListWatch(
+    return ApiListWatch(
         "services",
         kubernetes.client.CoreV1Api(client).list_service_for_all_namespaces,
         page_size=2,
+        timeouts=FAST,
     )
+
+
+def test_a_list_in_pages_is_one_list(apiserver: KubeApiServer, tmp_path: Path) -> None:
+    services = five_services_in_pages_of_two(apiserver, tmp_path)
 
     items, version = services.list()
 
@@ -338,15 +343,7 @@ def test_a_list_in_pages_is_one_list(apiserver: KubeApiServer, tmp_path: Path) -
 def test_a_list_is_handed_over_page_by_page(apiserver: KubeApiServer, tmp_path: Path) -> None:
     """The reflector hands each page over before it reads the next (so that a list of
     100,000 objects is never held whole), and a relist still deletes what vanished."""
-    for index in range(5):
-        apiserver.create("services", service(f"s{index}", f"10.96.1.{index + 1}"))
-    client = api_client(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig")))
-    services = ApiListWatch(
-        "services",
-        kubernetes.client.CoreV1Api(client).list_service_for_all_namespaces,
-        page_size=2,
-        timeouts=FAST,
-    )
+    services = five_services_in_pages_of_two(apiserver, tmp_path)
     handed: list[tuple[int, dict[str, bool]]] = []  # (list requests so far, keys: deleted?)
 
     def on_change(objects: Any) -> None:
