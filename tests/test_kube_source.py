@@ -334,9 +334,10 @@ def five_services_in_pages_of_two(apiserver: KubeApiServer, tmp_path: Path) -> A
 def test_a_list_in_pages_is_one_list(apiserver: KubeApiServer, tmp_path: Path) -> None:
     services = five_services_in_pages_of_two(apiserver, tmp_path)
 
-    items, version = services.list()
+    pages = list(services.pages())
 
-    assert len(items) == 5 and version == str(apiserver.resource_version)
+    assert [len(items) for items, _ in pages] == [2, 2, 1]
+    assert {version for _, version in pages} == {str(apiserver.resource_version)}
     assert [r.query.get("continue") for r in apiserver.requests] == [None, "6:2", "6:4"]
 
 

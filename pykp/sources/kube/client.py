@@ -222,15 +222,6 @@ class ApiListWatch:
             if token is None:
                 return
 
-    def list(self) -> tuple[list[JSON], str]:
-        """Every object and the list's resource version (`pages()` joined)."""
-        items: list[JSON] = []
-        version = ""
-        for page, page_version in self.pages():
-            items += page
-            version = page_version
-        return items, version
-
     def watch(self, resource_version: str) -> WatchStream:
         """A watch from `resource_version`, with bookmarks."""
         timeouts = self._timeouts

@@ -95,8 +95,8 @@ class Reflector:
     `on_change(objects)` is called (from the reflector's thread, no lock held) after every
     change with the objects that changed, by key (None: deleted), and once when the first
     list is in even if it is empty. A list's changes come a page at a time, its deletions
-    last. The reflector keeps only each object's resourceVersion,
-    not the object: the consumer translates what it is handed (one copy of the state).
+    last. The reflector keeps only each object's resourceVersion, not the object: the
+    consumer translates what it is handed (one copy of the state).
     """
 
     # A stream that ends this soon without an event counts as a failure (a proxy that
