@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pykp.model import (
     DEFAULT_AFFINITY_TIMEOUT_SECONDS,
@@ -51,6 +51,7 @@ SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 _NODE_PORT_TYPES: Final = ("NodePort", "LoadBalancer")
 
 JSON = Mapping[str, Any]
+_Port = TypeVar("_Port", ServicePort, EndpointPort)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,23 @@ _inet_pton, _inet_ntop = socket.inet_pton, socket.inet_ntop
 # one service), are not: interning costs a table entry (~45 bytes) per string.
 _intern = sys.intern
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+
+
+# Ports repeat across objects: most Services of a cluster have the same few (80 -> 8080
+# "http"), and so do their slices. One tuple of them, shared, instead of the port objects
+# and their tuple per Service and per EndpointSlice (~220 bytes per service). Bounded:
+# ports with a nodePort are unique, so the table starts again when it is full.
+_SHARED_PORTS: dict[tuple[object, ...], tuple[object, ...]] = {}
+_SHARED_PORTS_MAX = 4096
+
+
+def _shared_ports(ports: tuple[_Port, ...]) -> tuple[_Port, ...]:
+    shared = _SHARED_PORTS.get(ports)
+    if shared is None:
+        if len(_SHARED_PORTS) >= _SHARED_PORTS_MAX:
+            _SHARED_PORTS.clear()
+        _SHARED_PORTS[ports] = shared = ports
+    return shared  # type: ignore[return-value]  # equal to `ports`, so of its type
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -474,7 +492,7 @@ def _service_ports(value: object, service_type: str) -> tuple[ServicePort, ...]:
                 port=port, target_port=target, protocol=protocol, name=name, node_port=node_port
             )
         )
-    return tuple(ports)
+    return _shared_ports(tuple(ports))
 
 
 def _unique(addresses: Iterable[str]) -> tuple[str, ...]:
@@ -532,7 +550,7 @@ def _endpoint_slice(obj: object, problem: _Report) -> ParsedSlice | None:
             )
         )
 
-    slice_ports = tuple(ports)
+    slice_ports = _shared_ports(tuple(ports))
     endpoints: list[EndpointSpec] = []
     for index, item in enumerate(_list(root.get("endpoints"), "endpoints")):
         try:
@@ -665,7 +683,8 @@ def service_endpoints(
     # name (pods resolving a named targetPort differently) becomes two EndpointSpecs.
     records: list[tuple[EndpointSpec, list[EndpointPort]]] = []
     records_of: dict[tuple[object, ...], list[int]] = {}  # an endpoint's records, by index
-    for parsed in sorted(slices, key=lambda item: item.name):
+    ordered = sorted(slices, key=lambda item: item.name)
+    for parsed in ordered:
         if parsed.family not in families:
             continue
         ports = [port for port in parsed.ports if (port.name, port.protocol) in wanted]
@@ -698,11 +717,20 @@ def service_endpoints(
                     records_of[same].append(len(records))
                     records.append((endpoint, [port]))
     endpoints = [
-        endpoint if endpoint.ports == tuple(ports) else replace(endpoint, ports=tuple(ports))
+        (
+            endpoint
+            if endpoint.ports == tuple(ports)
+            else replace(endpoint, ports=_shared_ports(tuple(ports)))
+        )
         for endpoint, ports in records
     ]
     endpoints.sort(key=lambda endpoint: _address_order(endpoint.ip))
-    return tuple(endpoints)
+    merged = tuple(endpoints)
+    # Usually one slice, its endpoints kept as they are: its tuple, not an equal copy.
+    for parsed in ordered:
+        if parsed.endpoints == merged:
+            return parsed.endpoints
+    return merged
 
 
 def build_services_file(

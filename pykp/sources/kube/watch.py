@@ -83,10 +83,22 @@ def object_key(obj: JSON) -> str | None:
     return f"{namespace}/{name}" if isinstance(namespace, str) and namespace else name
 
 
-def _version(obj: JSON) -> str | None:
+# An object's resourceVersion as the reflector keeps it (one per object: 200,000 at
+# 100,000 Services): an int when it is one in decimal, as etcd's are (32 bytes instead of a
+# 55-byte string); only compared for equality, so any other text is kept as it is.
+_Version = str | int | None
+
+
+def _version(obj: JSON) -> _Version:
     metadata = obj.get("metadata")
     version = metadata.get("resourceVersion") if isinstance(metadata, Mapping) else None
-    return version if isinstance(version, str) else None
+    return _compact(version) if isinstance(version, str) else None
+
+
+def _compact(version: str) -> str | int:
+    if version.isascii() and version.isdigit() and (version == "0" or version[0] != "0"):
+        return int(version)
+    return version
 
 
 class Reflector:
@@ -116,7 +128,7 @@ class Reflector:
         self._on_change = on_change
         self._backoff = backoff or Backoff()
         self._lock = threading.Lock()
-        self._versions: dict[str, str | None] = {}  # key -> resourceVersion
+        self._versions: dict[str, _Version] = {}  # key -> resourceVersion
         self._version = ""
         self._synced = threading.Event()
         self._stopping = threading.Event()
@@ -200,7 +212,7 @@ class Reflector:
     def _list(self) -> None:
         self.stats.lists += 1
         old = self._versions  # only this thread writes it
-        fresh: dict[str, str | None] = {}
+        fresh: dict[str, _Version] = {}
         version = ""
         # Page by page: a page's objects are handed over (translated, then freed) before
         # the next page is read, so a list of 100,000 objects is never held whole.
@@ -272,7 +284,11 @@ class Reflector:
                 self._versions.pop(key, None)
             else:
                 old = self._versions.get(key, "")
-                changed = old == "" or old is None or old != event.resource_version
+                changed = (
+                    old == ""
+                    or old is None
+                    or old != _compact(event.resource_version or "")
+                )
                 self._versions[key] = _version(event.object)
             if event.resource_version:
                 self._version = event.resource_version
