@@ -20,7 +20,9 @@ __all__ = ["NODE_PORT", "Claim", "FrontendOwners", "claim_text", "claims_of"]
 NODE_PORT = "nodePort"
 
 Claim = tuple[str, int, str]  # (address or NODE_PORT, port, protocol)
-_Rank = tuple[str, str]  # (created, key): the smaller is the older
+# What a service claims, as held: (its creationTimestamp, *its claims sorted), one tuple
+# per service (a rank and a claims tuple beside it cost 112 bytes more each).
+_Entry = tuple[object, ...]
 
 
 def claims_of(spec: ServiceSpec, node_addresses: Collection[str] = ()) -> tuple[Claim, ...]:
@@ -53,12 +55,13 @@ class FrontendOwners:
 
     Held per service (100,000 of them in a large cluster), so compactly: a claim's
     claimant is its key alone, a tuple of keys only for the few contested claims, and each
-    service's claims one sorted tuple (a dict or frozenset of one item costs 200+ bytes).
+    service's claims one tuple with its creation time (a dict or frozenset of one item
+    costs 200+ bytes). Of two claimants the older holds: (created, key) the smaller.
     """
 
     def __init__(self) -> None:
         self._claimants: dict[Claim, str | tuple[str, ...]] = {}
-        self._claims: dict[str, tuple[_Rank, tuple[Claim, ...]]] = {}
+        self._claims: dict[str, _Entry] = {}
 
     def update(
         self, key: str, spec: ServiceSpec | None, node_addresses: Collection[str] = ()
@@ -66,23 +69,20 @@ class FrontendOwners:
         """Record what `key` claims now (None: it is gone); return the other services
         whose holdings changed."""
         before = self._claims.get(key)
-        rank: _Rank = ("", key)
-        claims: tuple[Claim, ...] = ()
-        if spec is not None:
-            rank, claims = (spec.created, key), claims_of(spec, node_addresses)
-        if before is not None and before == (rank, claims):
+        entry = None if spec is None else (spec.created, *claims_of(spec, node_addresses))
+        if before is not None and before == entry:
             return set()
+        claims = _claims(entry)
         touched = set(claims)
-        if before is not None:
-            touched.update(before[1])
+        touched.update(_claims(before))
         # Who held each claim before (with `key` at its old rank, if it had one).
         holders = {claim: self.holder(claim) for claim in touched}
         if before is not None:
-            for claim in before[1]:
+            for claim in _claims(before):
                 self._drop(claim, key)
             del self._claims[key]
-        if spec is not None:
-            self._claims[key] = (rank, claims)
+        if entry is not None:
+            self._claims[key] = entry
             for claim in claims:
                 self._add(claim, key)
         affected: set[str] = set()
@@ -97,15 +97,12 @@ class FrontendOwners:
         claimants = self._claimants.get(claim)
         if claimants is None or isinstance(claimants, str):
             return claimants
-        return min(claimants, key=lambda key: self._claims[key][0])
+        return min(claimants, key=lambda key: (self._claims[key][0], key))
 
     def lost(self, key: str) -> dict[Claim, str]:
         """The claims of `key` another service holds, with that service."""
-        entry = self._claims.get(key)
-        if entry is None:
-            return {}
         lost: dict[Claim, str] = {}
-        for claim in entry[1]:
+        for claim in _claims(self._claims.get(key)):
             holder = self.holder(claim)
             if holder is not None and holder != key:
                 lost[claim] = holder
@@ -130,3 +127,7 @@ class FrontendOwners:
             return
         rest = tuple(k for k in claimants if k != key)
         self._claimants[claim] = rest[0] if len(rest) == 1 else rest
+
+
+def _claims(entry: _Entry | None) -> tuple[Claim, ...]:
+    return entry[1:] if entry is not None else ()  # type: ignore[return-value]
