@@ -128,6 +128,9 @@ class StagedChange:
     @property
     def pools(self) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
         """The accepted upserts' pools, as `Engine.pools()` will give them."""
+    def pool(self, name: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+        """One accepted upsert's pools (None if `name` is not one): `pools` without
+        making them all at once."""
     @property
     def removed(self) -> list[str]:
         """Services that no longer exist after the commit: removals that existed and

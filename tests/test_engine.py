@@ -679,6 +679,9 @@ def test_a_staged_batch_is_invisible_until_committed_then_whole() -> None:
     assert (owner(engine, VIP), owner(engine, VIP_B)) == ("b", "a")
     assert engine.pools(["a", "b"]) == staged.pools
     assert set(staged.backends_added) <= set(engine.backend_ids())
+    # One upsert's pools read alone are the same; a name not upserted has none.
+    assert {name: staged.pool(name) for name in ("a", "b")} == staged.pools
+    assert staged.pool("c") is None
 
 
 def test_a_frontend_conflict_is_refused_in_order_and_drops_the_refused_service() -> None:
@@ -706,6 +709,7 @@ def test_a_frontend_conflict_is_refused_in_order_and_drops_the_refused_service()
     assert change.removed == ["late"]
     assert change.backends_removed == {late_id: ("10.244.2.10", TARGET_PORT)}
     assert set(change.pools) == {"old"}
+    assert change.pool("late") is None  # refused: no pools
     assert (owner(engine, VIP), owner(engine, VIP_B)) == ("old", None)
     assert engine.services() == ["old"]
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 
@@ -23,11 +23,15 @@ pub(super) fn pool_pairs(s: &ServiceState) -> PoolPairs {
 pub struct StagedChange {
     report: BatchReport,
     pub(super) staged: Mutex<Option<Staged>>,
+    // The accepted upserts by name, for `pool` (rendering reads them one at a time).
+    accepted: HashMap<Arc<str>, usize>,
 }
 
 impl StagedChange {
     pub(super) fn new(report: BatchReport, staged: Option<Staged>) -> Self {
-        StagedChange { report, staged: Mutex::new(staged) }
+        let accepted =
+            report.accepted.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        StagedChange { report, staged: Mutex::new(staged), accepted }
     }
 
     fn ids(list: &[(BackendId, SocketAddr)]) -> HashMap<u32, (String, u16)> {
@@ -52,6 +56,11 @@ impl StagedChange {
     #[getter]
     fn pools(&self) -> HashMap<String, PoolPairs> {
         self.report.accepted.iter().map(|s| (s.name.to_string(), pool_pairs(s))).collect()
+    }
+    /// One accepted upsert's pools (None if `name` is not one): `pools` without making
+    /// them all at once.
+    fn pool(&self, name: &str) -> Option<PoolPairs> {
+        self.accepted.get(name).map(|&i| pool_pairs(&self.report.accepted[i]))
     }
     #[getter]
     fn removed(&self) -> Vec<String> {
