@@ -157,3 +157,26 @@ def test_a_change_stages_only_the_changed_service() -> None:
     sync.sync(changed, {"default/late", "default/web"}, CONTEXT)  # web: named, unchanged
 
     assert engine.batches[-1] == (["default/late"], [])
+
+
+def test_a_first_load_hands_the_engine_every_backend_and_names_the_udp_frontends_served() -> None:
+    # The first load hands each engine service over as it is planned and keeps it without
+    # its backends: the engine must still get them, and the UDP frontends with a serving
+    # backend are still the ones whose stale conntrack entries are cleared.
+    text = SERVICES + (
+        "  - name: quiet\n"
+        "    clusterIP: 10.96.0.54\n"
+        "    ports: [{port: 53, targetPort: 5353, protocol: UDP}]\n"
+        "    endpoints: [{ip: 10.244.1.54, ready: false}]\n"
+    )
+    sync, engine, _ = service_sync()
+    result = sync.sync(catalog(text), None, CONTEXT)
+
+    assert result.newly_served_udp == [("10.96.0.53", 53)]  # quiet: none serving
+    addresses = engine.backend_ids()
+    [(v4_pool, _)] = engine.pools(["default/dns"]).values()
+    assert sorted(addresses[backend_id] for backend_id, _ in v4_pool) == [
+        ("10.244.1.53", 5353),
+        ("10.244.2.53", 5353),
+    ]
+    assert [b.ip for b in sync.applied["default/web"].backends] == ["10.244.1.10", "10.244.2.10"]

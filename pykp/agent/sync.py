@@ -43,7 +43,7 @@ from pykp.netfilter.elements import (
 from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout, rr_chain_name
 
 if TYPE_CHECKING:
-    from pykp._fastpath import Engine
+    from pykp._fastpath import Engine, ServiceUpdate
 
 __all__ = [
     "NodeContext",
@@ -248,9 +248,21 @@ class ServiceSync:
                     pending.append(other)
         service_changes = endpoint_changes = 0
         new_plans: dict[str, _Plan | None] = {}
+        # A load into an empty engine (the first sync) upserts every engine service, with
+        # nothing to compare it to: each is handed to the engine's types as it is made and
+        # kept without its backends (rendering does not read them). Held whole until the
+        # commit, 100,000 services' backends left ~55 MB of the interpreter's blocks free
+        # but never returned, among the plans made beside them.
+        first_load = self._full_load and not self._applied
+        updates: dict[str, ServiceUpdate] = {}
+        udp_served: dict[str, tuple[tuple[str, int], ...]] = {}
         # The engine services of the services planned now, and of the others this sync
         # reads (built again from their plans): only for this sync.
         built: dict[str, dict[str, EngineService]] = {}
+        # What the engine must change: on a first load, every engine service, as planned.
+        upserts: dict[str, EngineService] = {}
+        removals: list[str] = []
+        previous_of: dict[str, dict[str, EngineService]] = {}
         for key in seen:
             spec = specs[key]
             old = self._plans.get(key)
@@ -261,7 +273,11 @@ class ServiceSync:
             if spec is None:
                 new_plans[key] = None
             else:
-                new_plans[key], built[key] = self._plan(spec, context)
+                new_plans[key], services = self._plan(spec, context)
+                if first_load:
+                    _hand_over(services, upserts, updates, udp_served)
+                else:
+                    built[key] = services
 
         def services_of(key: str) -> dict[str, EngineService]:
             """A service's engine services: planned now, else as the engine holds them."""
@@ -271,10 +287,7 @@ class ServiceSync:
             return built[key]
 
         # (b) the engine services that differ from what the engine holds.
-        upserts: dict[str, EngineService] = {}
-        removals: list[str] = []
-        previous_of: dict[str, dict[str, EngineService]] = {}
-        for key in new_plans:
+        for key in () if first_load else new_plans:
             old = self._plans.get(key) or self._before_reset.get(key)
             before = set(old.names) if old else set()
             if key not in self._plans:
@@ -296,9 +309,12 @@ class ServiceSync:
                 previous_of[key] = held
         # The oldest service first: the engine's own frontend check then agrees with
         # ownership, and ids run out for the newest services first.
-        order = {key: (p.spec.created, key) for key, p in new_plans.items() if p is not None}
-        upserts = dict(sorted(upserts.items(), key=lambda item: order[_key_of(item[0])]))
-        staged = self.engine.stage([engine_update(s) for s in upserts.values()], removals)
+        upserts = _oldest_first(upserts, new_plans)
+        staged = self.engine.stage(
+            [updates.pop(name) if first_load else engine_update(s) for name, s in upserts.items()],
+            removals,
+        )
+        updates.clear()
 
         # (c) render: backends first (slots name their addresses), then each service.
         full_load = self._full_load
@@ -310,7 +326,6 @@ class ServiceSync:
             backends.pop(backend_id, None)
         if full_load:
             self._elements = ElementTracker(loading=True)
-            backend_elements = self._backend_elements.load(backends)
             backend_delta = ElementDelta()
         else:
             backend_delta = self._backend_elements.change(
@@ -321,7 +336,18 @@ class ServiceSync:
         for name in gone:
             self._elements.set(name, None)
         render = {name: s for name, s in upserts.items() if name not in refused_now}
-        pools = dict(staged.pools)
+        # The pools rendering reads: a staged upsert's from the staged change as it is
+        # rendered (all of them at once, a first load of 100,000 services held ~60 MB of
+        # them through the render), the others' from the engine, here.
+        pools: dict[str, tuple[Pool, Pool]] = {}
+
+        def pool_of(name: str) -> tuple[Pool, Pool] | None:
+            pool = pools.get(name)
+            return pool if pool is not None else staged.pool(name)
+
+        def staged_pool(name: str) -> bool:
+            return name in upserts and name not in refused_now
+
         if full_load:
             kept = [n for n in self._applied if n not in gone and n not in upserts]
             pools.update(self.engine.pools(kept))
@@ -344,11 +370,11 @@ class ServiceSync:
                 and sibling.name in self._applied
             ):
                 render[sibling.name] = sibling
-        wanted_pools = {n for n in render if n not in pools}
+        wanted_pools = {n for n in render if n not in pools and not staged_pool(n)}
         wanted_pools |= {
             s.short_circuit
             for s in render.values()
-            if s.short_circuit and s.short_circuit not in pools
+            if s.short_circuit and s.short_circuit not in pools and not staged_pool(s.short_circuit)
         }
         if wanted_pools:
             pools.update(self.engine.pools(sorted(wanted_pools)))
@@ -356,15 +382,13 @@ class ServiceSync:
         for name in refused_now:
             self._elements.set(name, None)
         for name, service in render.items():
-            short_circuit_pools = (
-                pools.get(service.short_circuit) if service.short_circuit else None
-            )
+            short_circuit_pools = pool_of(service.short_circuit) if service.short_circuit else None
             self._elements.set(
                 name,
                 self._contribution(
                     service,
                     plan_of(_key_of(name)),
-                    pools.get(name, ([], [])),
+                    pool_of(name) or ([], []),
                     backends,
                     short_circuit_pools,
                 ),
@@ -376,6 +400,9 @@ class ServiceSync:
 
         # (d) commit: additions, the engine, removals.
         if full_load:
+            # The backends' elements made last, once rendering has made what it keeps:
+            # dropped after the load, they leave no holes among it.
+            backend_elements = self._backend_elements.load(backends)
             self.rules.load_elements({**self._elements.wanted(), **backend_elements})
             del backend_elements
             self._elements.loaded()
@@ -409,7 +436,10 @@ class ServiceSync:
         # (e) record.
         changed = {name: s for name, s in upserts.items() if name not in refused_now}
         stale = stale_udp_flows(previous, changed)
-        newly_served = newly_served_udp_frontends(previous, changed)
+        if first_load:  # nothing before: every UDP frontend served now (its backends gone)
+            newly_served = sorted({f for name in changed for f in udp_served.get(name, ())})
+        else:
+            newly_served = newly_served_udp_frontends(previous, changed)
         # The refusals of the services synced go (once over the refusals, not once per
         # service: a first sync with thousands refused was quadratic), their plans' come.
         for name in [n for n in self._refused if _key_of(n.split(" (", 1)[0]) in new_plans]:
@@ -578,6 +608,32 @@ def _engine_services(
             service = dataclasses.replace(service, frontends=frontends)
         engine_services[service.name] = service
     return engine_services
+
+
+def _oldest_first(
+    upserts: dict[str, EngineService], plans: Mapping[str, _Plan | None]
+) -> dict[str, EngineService]:
+    """`upserts` ordered by their services' age (creationTimestamp, then key)."""
+    order = {key: (plan.spec.created, key) for key, plan in plans.items() if plan is not None}
+    return dict(sorted(upserts.items(), key=lambda item: order[_key_of(item[0])]))
+
+
+def _hand_over(
+    services: dict[str, EngineService],
+    upserts: dict[str, EngineService],
+    updates: dict[str, ServiceUpdate],
+    udp_served: dict[str, tuple[tuple[str, int], ...]],
+) -> None:
+    """`services` for a first load: each in `updates` as the engine takes it, its UDP
+    frontends in `udp_served` when it has a usable backend (what
+    `newly_served_udp_frontends` reads), and in `upserts` without its backends."""
+    for name, service in services.items():
+        updates[name] = engine_update(service)
+        if any(_usable(backend) for backend in service.backends):
+            udp = tuple((ip, port) for ip, port, protocol in service.frontends if protocol == "UDP")
+            if udp:
+                udp_served[name] = udp
+        upserts[name] = dataclasses.replace(service, backends=())
 
 
 class _Applied(Mapping[str, EngineService]):

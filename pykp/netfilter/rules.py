@@ -340,9 +340,22 @@ def _set_decl(name: str, type_: str) -> str:
     return f"\t{kind} {name} {{ {spec}; }}"
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def _ip(text: str) -> tuple[int, str]:
-    """(4 or 6, canonical text); inet_pton is ~10x faster than ipaddress at 100k ips."""
+    """(4 or 6, canonical text); inet_pton is ~10x faster than ipaddress at 100k ips.
+
+    Not cached: a cache of every address a full render meets (~30 MB at 100,000
+    services) is made among what the render keeps, and emptied, it left that much of the
+    interpreter's memory in holes. An IPv4 address costs one inet_pton (~0.2 us).
+    """
+    if ":" not in text:
+        try:
+            # glibc's inet_pton takes exactly the canonical IPv4 spelling (four decimal
+            # parts, no leading zeros): what it takes is the text itself.
+            socket.inet_pton(socket.AF_INET, text)
+        except OSError:
+            pass
+        else:
+            return 4, text
     for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
         try:
             canonical = socket.inet_ntop(family, socket.inet_pton(family, text))
@@ -1017,9 +1030,8 @@ class RuleManager:
         try:
             return self._load_elements(wanted)
         finally:
-            # The address caches filled by the full render and this load hold every
-            # address of the cluster (~50 MB at 100,000 services); changes are small.
-            _ip.cache_clear()
+            # The address cache filled by this load holds every address of the cluster;
+            # changes are small.
             bulk_load.drop_caches()
 
     def _load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int:
