@@ -126,6 +126,35 @@ def test_adds_modifications_and_deletions_reach_current(
     assert notes.count >= 4  # the first list, then each change
 
 
+def test_a_services_slices_are_merged_as_they_come_and_go(
+    apiserver: KubeApiServer, make_source: Callable[..., tuple[KubeSource, Notes]]
+) -> None:
+    source, _ = make_source()
+    apiserver.create("services", service("web", "10.96.0.10"))
+    apiserver.create("services", service("api", "10.96.0.11"))
+    apiserver.create("endpointslices", endpoint_slice("web-1", "web", ["10.244.0.1"]))
+    apiserver.create("endpointslices", endpoint_slice("web-2", "web", ["10.244.0.2"]))
+    apiserver.create("endpointslices", endpoint_slice("web-3", "web", ["10.244.0.3"]))
+
+    def endpoints() -> dict[str, list[str]]:
+        current = source.current()
+        if current is None:
+            return {}
+        return {s.key: [e.ip for e in s.endpoints] for s in current.services}
+
+    everything = ["10.244.0.1", "10.244.0.2", "10.244.0.3"]
+    wait_for(lambda: endpoints() == {"default/web": everything, "default/api": []})
+    apiserver.delete("endpointslices", "default", "web-1")
+    wait_for(lambda: endpoints()["default/web"] == ["10.244.0.2", "10.244.0.3"])
+    apiserver.delete("endpointslices", "default", "web-3")
+    wait_for(lambda: endpoints()["default/web"] == ["10.244.0.2"])
+    # A slice relabelled to another Service leaves the first one.
+    apiserver.update("endpointslices", endpoint_slice("web-2", "api", ["10.244.0.2"]))
+    wait_for(lambda: endpoints() == {"default/web": [], "default/api": ["10.244.0.2"]})
+    apiserver.create("endpointslices", endpoint_slice("web-1", "web", ["10.244.0.1"]))
+    wait_for(lambda: endpoints() == {"default/web": ["10.244.0.1"], "default/api": ["10.244.0.2"]})
+
+
 def _endpoints(source: KubeSource) -> list[str]:
     current = source.current()
     if current is None or not current.services:

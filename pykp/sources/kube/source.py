@@ -90,17 +90,19 @@ class KubeSource:
         self._last_change: float | None = None
         # What the API holds, translated object by object (under _lock).
         # key -> the Service as parsed (its endpoints: those of the last rebuild, replaced
-        # at the next): the rebuild's spec takes its place, one ServiceSpec per service.
+        # at the next): the rebuild's spec takes its place, one ServiceSpec per service,
+        # and a catalog's `by_key` is a copy of this table.
         self._parsed_services: dict[str, ServiceSpec] = {}
         self._slices: dict[str, ParsedSlice] = {}
-        # service key -> its slices' keys (a tuple: a dict of one slice costs 232 bytes)
-        self._slices_of: dict[str, tuple[str, ...]] = {}
+        # service key -> its slices' keys: the key itself when it is the only one (as most
+        # are: a tuple of one costs 48 bytes more, a dict of one 232)
+        self._slices_of: dict[str, str | tuple[str, ...]] = {}
         self._node: NodeInfo | None = None
         self._object_problems: dict[tuple[str, str], list[KubeProblem]] = {}
         self._invalid_objects_total = 0
-        # Services whose spec must be rebuilt, and the specs built so far.
+        # Services whose spec must be rebuilt, and the specs of the last catalog.
         self._stale: set[str] = set()
-        self._specs: dict[str, ServiceSpec] = {}
+        self._built: Mapping[str, ServiceSpec] = {}
         self._catalog: Catalog | None = None
         self._changes = ChangeLog()
 
@@ -216,7 +218,9 @@ class KubeSource:
             self._parsed_services.pop(key, None)
         else:
             self._parsed_services[key] = replace(parsed.spec, created=parsed.created)
-            key = parsed.key  # the same, spelled by the object itself
+            if parsed.key != key:
+                key = parsed.key  # as the object itself spells it
+        # The reflector's string, not a copy: the key of every table of this service.
         self._stale.add(key)
 
     def _slice_changed(self, key: str, obj: JSON | None) -> None:
@@ -224,18 +228,16 @@ class KubeSource:
         self._set_problems(("EndpointSlice", key), problems)
         old = self._slices.pop(key, None)
         if old is not None:
-            siblings = tuple(k for k in self._slices_of.get(old.service_key, ()) if k != key)
+            siblings = tuple(k for k in self._slice_keys(old.service_key) if k != key)
             if siblings:
-                self._slices_of[old.service_key] = siblings
+                self._slices_of[old.service_key] = siblings[0] if len(siblings) == 1 else siblings
             else:
                 self._slices_of.pop(old.service_key, None)
             self._stale.add(old.service_key)
         if parsed is not None:
             self._slices[key] = parsed
-            self._slices_of[parsed.service_key] = (
-                *self._slices_of.get(parsed.service_key, ()),
-                key,
-            )
+            others = self._slice_keys(parsed.service_key)
+            self._slices_of[parsed.service_key] = (*others, key) if others else key
             self._stale.add(parsed.service_key)
 
     def _node_changed(self, key: str, obj: JSON | None) -> None:
@@ -262,31 +264,37 @@ class KubeSource:
         else:
             self._object_problems.pop(where, None)
 
+    def _slice_keys(self, service_key: str) -> tuple[str, ...]:
+        keys = self._slices_of.get(service_key, ())
+        return (keys,) if isinstance(keys, str) else keys
+
     def _rebuild(self) -> Catalog:
         """The catalog, with the specs of the services whose objects changed rebuilt."""
         changed: list[str] = []
         for key in self._stale:
             parsed = self._parsed_services.get(key)
-            old = self._specs.get(key)
+            old = self._built.get(key)
             if parsed is None:
-                if self._specs.pop(key, None) is not None:
+                if old is not None:
                     changed.append(key)
                 continue
-            slices = [self._slices[k] for k in self._slices_of.get(key, ())]
+            slices = [self._slices[k] for k in self._slice_keys(key)]
             spec = replace(parsed, endpoints=service_endpoints(parsed, slices))
             if spec != old:
-                self._specs[key] = spec
                 changed.append(key)
-            self._parsed_services[key] = self._specs[key]
+            self._parsed_services[key] = spec if old is None or spec != old else old
         self._stale.clear()
         if changed or self._catalog is None:
             self._changes.add(changed)
+            # Every service parsed is built now: the table is the specs, copied for the
+            # catalog (a snapshot: the source goes on changing its own).
+            self._built = by_key = dict(self._parsed_services)
             self._catalog = Catalog(
-                services=tuple(self._specs.values()),
+                services=tuple(by_key.values()),
                 default_policy=self.default_policy,
                 traffic_policies=True,
                 zone=self._node.zone if self._node is not None else None,
-                by_key=dict(self._specs),
+                by_key=by_key,
             )
         return self._catalog
 

@@ -103,16 +103,14 @@ class ParsedSlice:
 
     namespace: str
     name: str
-    service_name: str
+    # Its Service's `namespace/name`: one string, held here and as the key of the
+    # source's index of slices by service (a property made a new one at every call).
+    service_key: str
     family: int  # 4 or 6
     ports: tuple[EndpointPort, ...]
     # Each with the slice's ports (one tuple for all): a service's spec takes them as they
     # are when it uses every port, as it usually does, instead of a copy per endpoint.
     endpoints: tuple[EndpointSpec, ...]
-
-    @property
-    def service_key(self) -> str:
-        return f"{self.namespace}/{self.service_name}"
 
 
 _Report = Callable[[str], None]  # records a problem about the object being parsed
@@ -560,7 +558,7 @@ def _endpoint_slice(obj: object, problem: _Report) -> ParsedSlice | None:
     return ParsedSlice(
         namespace=namespace,
         name=name,
-        service_name=service_name,
+        service_key=f"{namespace}/{service_name}",
         family=family,
         ports=slice_ports,
         endpoints=tuple(endpoints),
