@@ -506,6 +506,8 @@ class ServiceSync:
                 if ip not in nodes
             )
         )
+        if service_ips == served.cluster_ips:
+            service_ips = served.cluster_ips  # the spec's tuple, not a copy (most services)
         plan = _Plan(
             spec,
             context,
