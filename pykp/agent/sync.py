@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
+from pykp.agent.backend_table import BackendTable
 from pykp.agent.ownership import NODE_PORT, Claim, FrontendOwners, claim_text
 from pykp.agent.plan import (
     EXTERNAL_SUFFIX,
@@ -162,7 +163,7 @@ class ServiceSync:
         self._plans = {}
         self._owners = FrontendOwners()
         self._elements = ElementTracker()
-        self._backends: dict[int, tuple[str, int]] = {}
+        self._backends = BackendTable()
         self._backend_elements = BackendElements(self.layout)
         self._full_load = True
         self._refused: dict[str, str] = {}
@@ -320,7 +321,7 @@ class ServiceSync:
         full_load = self._full_load
         # Updated in place on a change (a copy would cost O(backends) per change: 5 ms at
         # 100,000 services); a failed sync is followed by reset() and a full load anyway.
-        backends = dict(self.engine.backend_ids()) if full_load else self._backends
+        backends = BackendTable(self.engine.backend_ids()) if full_load else self._backends
         backends.update(staged.backends_added)
         for backend_id in staged.backends_removed:
             backends.pop(backend_id, None)
