@@ -220,7 +220,7 @@ class KubeSource:
             self._parsed_services[key] = replace(parsed.spec, created=parsed.created)
             if parsed.key != key:
                 key = parsed.key  # as the object itself spells it
-        # The reflector's string, not a copy: the key of every table of this service.
+        # The reflector's string, not a copy of it (one string per service key).
         self._stale.add(key)
 
     def _slice_changed(self, key: str, obj: JSON | None) -> None:
@@ -280,9 +280,11 @@ class KubeSource:
                 continue
             slices = [self._slices[k] for k in self._slice_keys(key)]
             spec = replace(parsed, endpoints=service_endpoints(parsed, slices))
-            if spec != old:
+            if old is not None and spec == old:
+                self._parsed_services[key] = old  # the same object: no change to sync
+            else:
+                self._parsed_services[key] = spec
                 changed.append(key)
-            self._parsed_services[key] = spec if old is None or spec != old else old
         self._stale.clear()
         if changed or self._catalog is None:
             self._changes.add(changed)
