@@ -99,7 +99,9 @@ class _Plan:
 
     spec: ServiceSpec
     context: NodeContext
-    names: tuple[str, ...]  # its engine services' names
+    # Its engine services' names: the name alone when there is one, as for most services
+    # (a tuple of one costs 48 bytes more); read through `_names`.
+    names: str | tuple[str, ...]
     lost: Mapping[Claim, str]  # the frontends older services held when it was planned
     # What rendering needs besides the engine service, the same for each of them: the
     # service's ClusterIPs, its addresses that are not the node's, whether it masquerades.
@@ -290,7 +292,7 @@ class ServiceSync:
         # (b) the engine services that differ from what the engine holds.
         for key in () if first_load else new_plans:
             old = self._plans.get(key) or self._before_reset.get(key)
-            before = set(old.names) if old else set()
+            before = set(_names(old)) if old else set()
             if key not in self._plans:
                 before |= self._orphans.get(key, set())
             after = built.get(key, {})
@@ -512,7 +514,7 @@ class ServiceSync:
         plan = _Plan(
             spec,
             context,
-            tuple(engine_services),
+            next(iter(engine_services)) if len(engine_services) == 1 else tuple(engine_services),
             lost or _NO_CLAIMS,
             served.cluster_ips,
             service_ips,
@@ -611,6 +613,10 @@ def _engine_services(
             service = dataclasses.replace(service, frontends=frontends)
         engine_services[service.name] = service
     return engine_services
+
+
+def _names(plan: _Plan) -> tuple[str, ...]:
+    return (plan.names,) if isinstance(plan.names, str) else plan.names
 
 
 def _oldest_first(
