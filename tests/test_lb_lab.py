@@ -157,6 +157,8 @@ def _hold(lab: LoadBalancerLab, source_port: int) -> tuple[object, str]:
     with lab.in_namespace(lab.client):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(3)
+    # As `connect_from` does: a port an earlier case left in TIME_WAIT is not "in use".
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((lab.client.ipv4, source_port))
     s.connect((lab.vip, ECHO_PORT))
     s.sendall(b"hello\n")
