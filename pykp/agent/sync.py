@@ -340,8 +340,8 @@ class ServiceSync:
             self._elements.set(name, None)
         render = {name: s for name, s in upserts.items() if name not in refused_now}
         # The pools rendering reads: a staged upsert's from the staged change as it is
-        # rendered (all of them at once, a first load of 100,000 services held ~60 MB of
-        # them through the render), the others' from the engine, here.
+        # rendered (read all at once, a first load held 100,000 of them through the
+        # render), the others' from the engine, here.
         pools: dict[str, tuple[Pool, Pool]] = {}
 
         def pool_of(name: str) -> tuple[Pool, Pool] | None:
