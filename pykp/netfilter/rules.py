@@ -343,9 +343,9 @@ def _set_decl(name: str, type_: str) -> str:
 def _ip(text: str) -> tuple[int, str]:
     """(4 or 6, canonical text); inet_pton is ~10x faster than ipaddress at 100k ips.
 
-    Not cached: a cache of every address a full render meets (~30 MB at 100,000
-    services) is made among what the render keeps, and emptied, it left that much of the
-    interpreter's memory in holes. An IPv4 address costs one inet_pton (~0.2 us).
+    Not cached: a cache of every address a full render meets was made among what the
+    render keeps and emptied after the load, leaving its memory in holes among it. An
+    IPv4 address costs one inet_pton.
     """
     if ":" not in text:
         try:

@@ -274,7 +274,8 @@ def _family(address: str) -> int:
 
 def _address_order(address: str) -> tuple[int, int]:
     """(family, integer value): numeric address order. Not cached: a cache as large as a
-    cluster's endpoints held ~15 MB at 100,000 services to save ~0.1 s of a first sync."""
+    cluster's endpoints held ~10 MB at 100,000 services (tracemalloc) to save ~0.1 s of a
+    first sync (~0.45 us per address, timeit)."""
     if ":" in address:
         return 6, int.from_bytes(_inet_pton(_AF_INET6, address), "big")
     return 4, int.from_bytes(_inet_pton(_AF_INET, address), "big")
