@@ -7,7 +7,7 @@ Run from the repository root with the venv of `bash scripts/install.sh --test`:
 
 The server runs in a child process so that its CPU time is its own. Measured, per count:
 the time the server takes to accept the objects (`create_many`, or `create` per object with
---per-object), the time the official client (through pykp's `ApiListWatch`: pages of 500,
+--per-object), the time pykp's client (`ApiListWatch` over its connection: pages of 500,
 raw JSON) takes to list each resource and to receive every Service from a watch from "0",
 the time a `KubeSource` takes from `start()` to its first `current()` (most of it pykp's
 translation), and the server's CPU seconds for the creation and for all of the serving.
@@ -67,9 +67,8 @@ def _serve(count: int, per_object: bool, directory: str, pipe: Connection) -> No
 
 def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
     """One measurement at `count` services (and as many slices); seconds, by what."""
-    import kubernetes.client
-
-    from pykp.sources.kube.client import ApiListWatch, api_client
+    from pykp.sources.kube.client import ApiListWatch, raw_list_function
+    from pykp.sources.kube.connection import connect
     from pykp.sources.kube.source import KubeSource
 
     results: dict[str, float] = {"count": count}
@@ -84,12 +83,14 @@ def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
             ours.send("cpu")
             server_cpu = ours.recv()
 
-            client = api_client(kubeconfig)
-            core = kubernetes.client.CoreV1Api(client)
-            discovery = kubernetes.client.DiscoveryV1Api(client)
+            connection = connect(kubeconfig)
+            services = raw_list_function(connection, "/api/v1/services")
             for name, function in (
-                ("services", core.list_service_for_all_namespaces),
-                ("endpointslices", discovery.list_endpoint_slice_for_all_namespaces),
+                ("services", services),
+                (
+                    "endpointslices",
+                    raw_list_function(connection, "/apis/discovery.k8s.io/v1/endpointslices"),
+                ),
             ):
                 started = time.perf_counter()
                 listed = sum(len(page) for page, _ in ApiListWatch(name, function).pages())
@@ -97,7 +98,7 @@ def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
                 assert listed == count, (name, listed)
             # A watch from "0" starts with an ADDED event for every object.
             started = time.perf_counter()
-            stream = ApiListWatch("services", core.list_service_for_all_namespaces).watch("0")
+            stream = ApiListWatch("services", services).watch("0")
             added = 0
             for _event in stream:
                 added += 1
@@ -105,7 +106,7 @@ def measure(count: int, *, per_object: bool = False) -> dict[str, float]:
                     break
             stream.close()
             results["watch_from_0_services_s"] = time.perf_counter() - started
-            client.close()  # type: ignore[no-untyped-call]
+            connection.close()
 
             started = time.perf_counter()
             source = KubeSource(kubeconfig=kubeconfig)

@@ -2,6 +2,7 @@
 # Installs what pykp needs on a fresh machine, then pykp itself (a real, non-editable install
 # of this source tree) into a virtual environment, .venv/ beside this script's tree:
 #   system commands (Debian/Ubuntu packages): nft, iptables, conntrack, ip, iperf3, curl
+#   (and openssl with --test)
 #   Python: a venv with pykp and its extras (default: bench; `--test`: test and bench)
 # Run as root from anywhere: `bash scripts/install.sh [--test]`. Builds the Rust extension,
 # so it needs cargo (rustc >= 1.87, e.g. from rustup). Safe to run again.
@@ -27,6 +28,8 @@ declare -A package=(
     [nft]=nftables [iptables]=iptables [ip6tables]=iptables [conntrack]=conntrack
     [ip]=iproute2 [iperf3]=iperf3 [curl]=curl
 )
+# The tests make TLS certificates for the stand-in API server with it.
+[ "$extras" = bench ] || package[openssl]=openssl
 missing=()
 for tool in "${!package[@]}"; do
     command -v "$tool" >/dev/null || missing+=("${package[$tool]}")

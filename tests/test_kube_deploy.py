@@ -16,22 +16,20 @@ is on PATH, a test checks that both render the same objects.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import shutil
-import types
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes.client
-import kubernetes.config.incluster_config as incluster_config
 import pytest
 import yaml
 
 from pykp.agent.agent import DEFAULT_STATE_DIR
 from pykp.observe.health import ProxierHealth
-from pykp.sources.kube.client import api_client
+from pykp.sources.kube.connection import connect
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUSTOMIZATION = DEPLOY / "kustomization.yaml"
@@ -343,66 +341,24 @@ def test_the_api_server_address_comes_from_the_configmap_not_the_cluster_ip() ->
     assert not host.startswith("10.96.") and not host.startswith("kubernetes.default")
 
 
-def test_pykps_client_in_the_pod_goes_to_the_configured_address_with_fresh_tokens(
+def test_pykps_client_in_the_pod_goes_to_the_configured_address(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The environment the DaemonSet gives, through pykp.sources.kube.client as `pykp run` uses it."""
+    """The environment the DaemonSet gives, through pykp.sources.kube.connection as `pykp
+    run` uses it (its token rotation, over real requests: tests/test_kube_connection.py)."""
     host, port = api_server_address()
-    token, ca = tmp_path / "token", tmp_path / "ca.crt"
-    token.write_text("first-token")
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
-    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    (tmp_path / "token").write_text("first-token")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=ca", "-days", "2"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
-    later = dt.timedelta()
 
-    class Clock(dt.datetime):
-        @classmethod
-        def now(cls, tz: dt.tzinfo | None = None) -> Clock:  # type: ignore[override]
-            return super().now(tz) + later
+    connection = connect(service_account=tmp_path)  # what KubeSource makes without flags
 
-    monkeypatch.setattr(
-        incluster_config, "datetime", types.SimpleNamespace(datetime=Clock, timedelta=dt.timedelta)
-    )
-
-    configuration = api_client().configuration  # what KubeSource builds without flags
-
-    assert configuration.host == f"https://{host}:{port}"
-    assert configuration.ssl_ca_cert == str(ca)
-    assert configuration.auth_settings()["BearerToken"]["value"] == "bearer first-token"
-    token.write_text("rotated-token")  # the kubelet rotates the projected token
-    later = dt.timedelta(minutes=2)
-    assert configuration.auth_settings()["BearerToken"]["value"] == "bearer rotated-token"
-
-
-def test_a_kubeconfig_token_file_is_read_once_which_is_why_deploy_uses_no_kubeconfig(
-    tmp_path: Path,
-) -> None:
-    """kube-proxy's kubeadm kubeconfig (tokenFile: the projected token) would work with
-    client-go, which re-reads the file; the Python client reads it once. When this fails,
-    the client re-reads it: deploy/ could then give pykp a kubeconfig like kube-proxy's."""
-    token = tmp_path / "token"
-    token.write_text("first-token")
-    kubeconfig = tmp_path / "kubeconfig.conf"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": "https://192.0.2.1:6443"}}],
-                "users": [{"name": "u", "user": {"tokenFile": str(token)}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    configuration = api_client(str(kubeconfig)).configuration
-    assert configuration.auth_settings()["BearerToken"]["value"] == "Bearer first-token"
-
-    token.write_text("rotated-token")
-
-    assert configuration.auth_settings()["BearerToken"]["value"] == "Bearer first-token"
+    assert connection.url == f"https://{host}:{port}"
 
 
 def test_probes_ask_the_healthz_server_what_it_answers() -> None:

@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes.client
 import pytest
 
 from pykp.agent.plan import services_file_to_engine
 from pykp.labs.kube_apiserver import KubeApiServer, endpoint_slice, node, service
 from pykp.model import Catalog
 from pykp.sources.base import ServiceSource
-from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client
+from pykp.sources.kube.client import ApiListWatch, Timeouts, raw_list_function
+from pykp.sources.kube.connection import connect
 from pykp.sources.kube.source import KubeSource
 from pykp.sources.kube.watch import Backoff, Reflector
 
@@ -351,10 +351,10 @@ def test_the_nodes_zone_drives_topology_hints(
 def five_services_in_pages_of_two(apiserver: KubeApiServer, tmp_path: Path) -> ApiListWatch:
     for index in range(5):
         apiserver.create("services", service(f"s{index}", f"10.96.1.{index + 1}"))
-    client = api_client(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig")))
+    connection = connect(str(apiserver.write_kubeconfig(tmp_path / "kubeconfig")))
     return ApiListWatch(
         "services",
-        kubernetes.client.CoreV1Api(client).list_service_for_all_namespaces,
+        raw_list_function(connection, "/api/v1/services"),
         page_size=2,
         timeouts=FAST,
     )
@@ -508,8 +508,14 @@ def test_410_gone_twice_in_a_row_relists_each_time_and_ends_consistent(
     wait_for(has(source, ["default/new", "default/stays"]))  # consistent: "goes" is gone
     # Every Gone led to one relist (the first list aside), the last of which succeeded.
     wait_for(lambda: source.stats()["services"].last_error is None)
-    assert apiserver.count("services", watch=False) - 1 == source.stats()["services"].relists_after_gone
+    assert (
+        apiserver.count("services", watch=False) - 1
+        == source.stats()["services"].relists_after_gone
+    )
     # And the reflector watches on from the relist's version: a later change arrives.
     apiserver.create("services", service("after", "10.96.0.4"))
     wait_for(has(source, ["default/after", "default/new", "default/stays"]))
-    assert apiserver.count("services", watch=False) - 1 == source.stats()["services"].relists_after_gone
+    assert (
+        apiserver.count("services", watch=False) - 1
+        == source.stats()["services"].relists_after_gone
+    )

@@ -727,7 +727,7 @@ def run(
     if cleanup:
         _do_cleanup()
         return
-    from pykp.sources.kube.client import KubeConfigError
+    from pykp.sources.kube.connection import KubeConfigError
 
     try:
         agent = make_agent(config)

@@ -21,7 +21,8 @@ efficient detection of changes, watch bookmarks, resource versions):
 - `fieldSelector` (metadata.name, metadata.namespace) and simple `labelSelector`s
   (`k`, `!k`, `k=v`, `k!=v`); a watch sees objects entering and leaving the selection as
   ADDED and DELETED, as with the real server.
-- Bearer-token authentication (401 otherwise).
+- Bearer-token authentication (401 otherwise); with `tls` (a server SSLContext), HTTPS,
+  where a client certificate the context verifies authenticates too.
 
 Built to keep up with 100,000s of objects: each object's JSON is encoded once when it is
 written (a stored version never changes), a list joins those bytes, a watch event wraps them,
@@ -42,6 +43,7 @@ import json
 import queue
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -253,12 +255,16 @@ class KubeApiServer:
         token: str = TOKEN,
         address: str = "127.0.0.1",
         netns: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         # Where it listens: loopback of this namespace by default; a lab's network with
         # `netns` and an address there.
         self.address = address
         self.netns = netns
         self.token = token
+        # HTTPS with this server context; a client certificate it verifies authenticates
+        # its requests, as a bearer token does (the real server's x509 authenticator).
+        self.tls = tls
         self.bookmark_interval = bookmark_interval
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -308,7 +314,7 @@ class KubeApiServer:
     @property
     def url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self._port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self._port}"
 
     def write_kubeconfig(self, path: Path, token: str | None = None) -> Path:
         """A kubeconfig for this server (bearer token, plain HTTP on loopback)."""
@@ -338,6 +344,8 @@ class KubeApiServer:
         # namespace's network while this thread (and the server's) stay where they are.
         with in_namespace(self.netns) if self.netns else nullcontext():
             httpd = Server((self.address, self._port), Handler)
+        if self.tls is not None:  # the handshake happens at accept; a failed one drops the client
+            httpd.socket = self.tls.wrap_socket(httpd.socket, server_side=True)
         httpd.daemon_threads = True
         self._port = httpd.server_address[1]
         self._httpd = httpd
@@ -698,7 +706,8 @@ class _Handler(BaseHTTPRequestHandler):
         plural = match["plural"] if match else None
         is_watch = query.get("watch") in ("1", "true")
         self.apiserver._log(Request("GET", url.path, query, plural, is_watch))
-        if self.headers.get("Authorization") != f"Bearer {self.apiserver.token}":
+        certified = isinstance(self.connection, ssl.SSLSocket) and self.connection.getpeercert()
+        if not certified and self.headers.get("Authorization") != f"Bearer {self.apiserver.token}":
             self._send_json(401, _status(401, "Unauthorized", "Unauthorized"))
             return
         if match is None or plural not in RESOURCES:

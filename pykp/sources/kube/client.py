@@ -1,8 +1,7 @@
-"""The official `kubernetes` client, reduced to what the watcher needs: list and watch.
+"""List and watch one resource type, over a `connection.Connection`.
 
-The client builds requests, authenticates (kubeconfig, in-cluster service account with
-token refresh) and speaks TLS; responses are read raw (`_preload_content=False`) and
-decoded here as plain JSON, because:
+Responses are read raw and decoded here as plain JSON, not into the official client's
+models or through its `Watch`, because:
 
 - the client's models validate strictly (pydantic since client 37): one odd object would
   fail a whole list or watch stream, where pykp rejects just that object;
@@ -14,16 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-import kubernetes.client
-import kubernetes.config
 import urllib3
-from kubernetes.client.exceptions import ApiException
+
+from pykp.sources.kube.connection import Connection, HttpStatusError
 
 JSON = Mapping[str, Any]
 
@@ -43,67 +41,6 @@ class WatchEvent:
     type: str  # ADDED, MODIFIED, DELETED or BOOKMARK (ERROR becomes an exception)
     object: JSON
     resource_version: str | None  # the object's metadata.resourceVersion
-
-
-class KubeConfigError(Exception):
-    """No usable way to the API server: no source given, a missing or unreadable kubeconfig."""
-
-
-def api_client(
-    kubeconfig: str | None = None,
-    master: str | None = None,
-    context: str | None = None,
-) -> kubernetes.client.ApiClient:
-    """An API client configured like kube-proxy's flags.
-
-    `kubeconfig` is loaded when given; otherwise `master` alone is used when given;
-    otherwise the in-cluster service account (when KUBERNETES_SERVICE_HOST is set) or the
-    default kubeconfig ($KUBECONFIG, ~/.kube/config). `master` overrides the kubeconfig's
-    server. Each client has its own configuration: the library's global one is not touched.
-    Raises KubeConfigError, with one line saying what to give, when none of them works.
-    """
-    configuration = kubernetes.client.Configuration()
-    default_path = os.path.expanduser(os.environ.get("KUBECONFIG", "~/.kube/config"))
-    if kubeconfig is not None:
-        where = f"--kubeconfig {kubeconfig}"
-        if not os.path.isfile(kubeconfig):
-            raise KubeConfigError(f"{where}: no such file")
-    elif master is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        where = "in-cluster credentials"
-    elif master is None:
-        if not os.path.exists(default_path):
-            raise KubeConfigError(
-                "no source of services: give --services FILE, --kubeconfig FILE or --master "
-                f"URL ({default_path} does not exist and this is not a pod with in-cluster "
-                "credentials)"
-            )
-        where = default_path
-    else:
-        where = f"--master {master}"
-    try:
-        if kubeconfig is not None:
-            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig,
-                context=context,
-                client_configuration=configuration,
-                persist_config=False,
-            )
-        elif master is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration
-            )
-        elif master is None:
-            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-                context=context, client_configuration=configuration, persist_config=False
-            )
-    except Exception as error:  # noqa: BLE001 - the library raises anything from a bad file
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KubeConfigError(f"{where}: not a usable kubeconfig: {detail}") from error
-    if master is not None:
-        configuration.host = master.rstrip("/")
-    # No urllib3 retries: the reflector's backoff (with jitter) is the one retry policy.
-    configuration.retries = False
-    return kubernetes.client.ApiClient(configuration)
 
 
 @dataclass(frozen=True)
@@ -136,40 +73,33 @@ _QUERY: Final = {
 }
 
 
-def raw_list_function(client: kubernetes.client.ApiClient, path: str) -> Callable[..., object]:
+def raw_list_function(connection: Connection, path: str) -> Callable[..., object]:
     """A list function for the collection at `path` (e.g. "/api/v1/services"), called as
-    the generated ones are with `_preload_content=False`: the same request through the
-    client (its configuration, auth and TLS), the raw urllib3 response, ApiException for
-    a status other than 2xx. Why not `CoreV1Api(client).list_...`: importing CoreV1Api
-    costs half a second (pydantic checks each of its hundreds of methods), which is a
-    quarter of the agent's start budget at 10,000 services."""
+    the official client's generated ones are (their keyword arguments, with
+    `_preload_content=False`): the raw urllib3 response, HttpStatusError for a status
+    other than 2xx."""
 
     def list_function(
-        *, _request_timeout: Any = None, _preload_content: bool = False, **params: Any
+        *, _request_timeout: tuple[float, float], _preload_content: bool = False, **params: Any
     ) -> object:
-        query = [(_QUERY[name], value) for name, value in params.items() if value is not None]
-        request = client.param_serialize(
-            method="GET",
-            resource_path=path,
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        response = client.call_api(*request, _request_timeout=_request_timeout)
-        if not 200 <= response.status <= 299:
-            response.read()  # type: ignore[no-untyped-call]
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.response
+        query = [
+            (_QUERY[name], _text(value)) for name, value in params.items() if value is not None
+        ]
+        return connection.get(path, query, _request_timeout)
 
     return list_function
+
+
+def _text(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 class ApiListWatch:
     """List and watch one resource type through one of the client's list functions.
 
-    `list_function` is `raw_list_function(client, path)` or one of the generated ones
-    (e.g. `CoreV1Api(client).list_service_for_all_namespaces`); it is called with their
-    documented keyword arguments only.
+    `list_function` is `raw_list_function(connection, path)` or one of the official
+    client's generated ones (e.g. `CoreV1Api(client).list_service_for_all_namespaces`, in
+    tests); it is called with their documented keyword arguments only.
     """
 
     def __init__(
@@ -237,14 +167,29 @@ class ApiListWatch:
     def _request(self, **kwargs: Any) -> urllib3.BaseHTTPResponse:
         try:
             response = self._list_function(**self._selector, **kwargs, _preload_content=False)
-        except ApiException as error:
-            if error.status == HTTP_GONE:
-                raise Gone(f"{self.name}: {error.reason}") from None
-            raise ApiError(f"{self.name}: HTTP {error.status} {error.reason}") from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise ApiError(f"{self.name}: {error}") from None
+        except Exception as error:
+            # HttpStatusError, or the official client's ApiException from a generated list
+            # function: both carry the status and its reason.
+            status = _http_status(error)
+            if status is None:
+                raise
+            if status[0] == HTTP_GONE:
+                raise Gone(f"{self.name}: {status[1]}") from None
+            raise ApiError(f"{self.name}: HTTP {status[0]} {status[1]}") from None
         # With _preload_content=False the client returns the raw urllib3 response.
         return cast(urllib3.BaseHTTPResponse, response)
+
+
+def _http_status(error: Exception) -> tuple[int, str] | None:
+    if isinstance(error, HttpStatusError):
+        return error.status, error.reason
+    # Only when the official client is loaded already: it is never imported for this.
+    exceptions = sys.modules.get("kubernetes.client.exceptions")
+    if exceptions is not None and isinstance(error, exceptions.ApiException):
+        return int(error.status or 0), str(error.reason)
+    return None
 
 
 class WatchStream:

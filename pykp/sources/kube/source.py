@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import kubernetes.client
-
 from pykp.model import DEFAULT_POLICY, Catalog, Problem, ServiceSpec
 from pykp.sources.base import ChangeLog, Changes, SourceStatus
-from pykp.sources.kube.client import ApiListWatch, Timeouts, api_client, raw_list_function
+from pykp.sources.kube.client import ApiListWatch, Timeouts, raw_list_function
+from pykp.sources.kube.connection import Connection, connect
 from pykp.sources.kube.translate import (
     KubeProblem,
     NodeInfo,
@@ -51,7 +50,7 @@ class KubeSource:
     """Services from the Kubernetes API, for `pykp run` (see the module docstring).
 
     `list_watches` replaces the API client (tests); otherwise one is made from
-    `kubeconfig`/`master`/`context` as `client.api_client` does. `node_name` is this
+    `kubeconfig`/`master`/`context` as `connection.connect` does. `node_name` is this
     node's name (kube-proxy's --hostname-override): it selects the Node read for the
     zone, and must be the node name the agent passes to `services_file_to_engine`.
     """
@@ -73,10 +72,10 @@ class KubeSource:
         self.default_policy = default_policy
         default = "in-cluster" if "KUBERNETES_SERVICE_HOST" in os.environ else "~/.kube/config"
         self.name = f"kubernetes:{kubeconfig or master or default}"
-        self._client: kubernetes.client.ApiClient | None = None
+        self._connection: Connection | None = None
         if list_watches is None:
-            self._client = api_client(kubeconfig, master, context)
-            list_watches = _api_list_watches(self._client, node_name, timeouts or Timeouts())
+            self._connection = connect(kubeconfig, master, context)
+            list_watches = _api_list_watches(self._connection, node_name, timeouts or Timeouts())
         self._reflectors = {
             name: Reflector(
                 list_watch,
@@ -117,8 +116,8 @@ class KubeSource:
     def stop(self) -> None:
         for reflector in self._reflectors.values():
             reflector.stop()
-        if self._client is not None:
-            self._client.close()  # type: ignore[no-untyped-call]  # the connection pool
+        if self._connection is not None:
+            self._connection.close()
 
     def current(self) -> Catalog | None:
         """None until every first list is in; then the services the API describes."""
@@ -302,22 +301,22 @@ class KubeSource:
 
 
 def _api_list_watches(
-    client: kubernetes.client.ApiClient, node_name: str | None, timeouts: Timeouts
+    connection: Connection, node_name: str | None, timeouts: Timeouts
 ) -> dict[str, ListWatch]:
     list_watches: dict[str, ListWatch] = {
         "services": ApiListWatch(
-            "services", raw_list_function(client, "/api/v1/services"), timeouts=timeouts
+            "services", raw_list_function(connection, "/api/v1/services"), timeouts=timeouts
         ),
         "endpointslices": ApiListWatch(
             "endpointslices",
-            raw_list_function(client, "/apis/discovery.k8s.io/v1/endpointslices"),
+            raw_list_function(connection, "/apis/discovery.k8s.io/v1/endpointslices"),
             timeouts=timeouts,
         ),
     }
     if node_name:
         list_watches["nodes"] = ApiListWatch(
             "nodes",
-            raw_list_function(client, "/api/v1/nodes"),
+            raw_list_function(connection, "/api/v1/nodes"),
             field_selector=f"metadata.name={node_name}",
             timeouts=timeouts,
         )
