@@ -140,7 +140,7 @@ def b64(path: Path) -> str:
 
 
 def test_the_agent_never_imports_the_official_client(http: KubeApiServer, tmp_path: Path) -> None:
-    """What the connection is for: the source lists without `kubernetes` imported (31 MiB
+    """What the connection is for: the source lists without `kubernetes` imported (18 MiB
     and a third of a second of the agent's start)."""
     config = http.write_kubeconfig(tmp_path / "kubeconfig")
     script = (
