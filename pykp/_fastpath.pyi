@@ -3,7 +3,7 @@
 Checked against the built extension by `python -m mypy.stubtest pykp._fastpath`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, Self, final
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "kernel_flows",
     "loadgen_main",
     "queue_keeper",
+    "encode_elements",
     "Explanation",
     "ExplainedBackend",
     "ExplainedAffinity",
@@ -400,6 +401,12 @@ class KernelFlow:
 def kernel_flows(engine: Engine, limit: int = 1000) -> list[KernelFlow]:
     """The kernel's conntrack entries (caller's network namespace) addressed to one of
     `engine`'s frontends, at most `limit`; raises OSError when the table cannot be read."""
+
+def encode_elements(kind: str, texts: Iterable[str], max_chunk: int = 60000) -> list[bytes]:
+    """nf_tables set elements in netlink form, from nft's text of them: chunks of
+    concatenated NFTA_LIST_ELEM attributes of at most `max_chunk` bytes each. `kind`:
+    "frontend", "frontend-verdict", "rotation-slot", "slot", "slot-key", "address",
+    "pair", "backend" or "mark". ValueError for a text that is not of `kind`."""
 
 def loadgen_main(args: list[str]) -> None:
     """`pykp-loadgen ARGS...` (pykp bench's load generator) in this process, GIL released."""

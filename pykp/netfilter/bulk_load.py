@@ -5,7 +5,8 @@ Why not nft (libnftables): nft parses and evaluates every element of the script 
 given (about 4 us each on top of the kernel's 2: 0.7 s for the 120,000 elements of a full
 load at 10,000 services, 4-5 s at 100,000, and a gigabyte of C heap), and before each
 change it reloads its cache of the table's chains (~1 ms per 1,000 round-robin chains),
-where the binary form of an element is a few bytes Python packs in about a microsecond.
+where the binary form of an element is a few bytes the Rust core packs in a fraction of
+a microsecond.
 A full load is the same single transaction nft would send (flush every synced set, then
 add every element), so packets never see a half-loaded table; a change is one transaction
 of adds (or of removals), as nft's would be.
@@ -13,7 +14,8 @@ of adds (or of removals), as nft's would be.
 The elements come as nft text (what `pykp.netfilter.elements` tracks, owner by owner) and
 are encoded by their set's type, field by field the way nft lays a concatenation out (each
 field padded to 4 bytes; addresses and ports in network order, marks and `numgen` values
-in host order). The tests `test_rules.py::test_bulk_load_matches_nft` and
+in host order), by `pykp._fastpath.encode_elements` (crate module `nft_elements`: in
+Python, parsing the texts back was a quarter of a first sync's time). The tests `test_rules.py::test_bulk_load_matches_nft` and
 `::test_changes_over_netlink_match_nft` write the same elements both ways and compare
 nft's listings of them.
 """
@@ -25,7 +27,6 @@ import functools
 import os
 import socket
 import struct
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
@@ -76,13 +77,11 @@ SO_RCVBUFFORCE = 33
 # The element list is one attribute (16-bit length): a message carries at most this much.
 _MAX_LIST = 60000
 
-_HOST = "<" if sys.byteorder == "little" else ">"
-_U32_HOST = struct.Struct(_HOST + "I")
 _BE32 = struct.Struct(">I")
-_PROTOCOL = {"tcp": 6, "udp": 17, "sctp": 132}
 
-# One element's attribute, from the set's text of it.
-Encoder = Callable[[str], bytes]
+# The elements of one set or map, from their texts: chunks of encoded elements, each of
+# which fits one message's element list.
+Encoder = Callable[[Iterable[str]], list[bytes]]
 
 
 def _attr(type_: int, value: bytes) -> bytes:
@@ -108,160 +107,46 @@ def _expression(name: str, *attributes: tuple[int, int | bytes]) -> bytes:
     return _nested(NFTA_LIST_ELEM, _attr(NFTA_EXPR_NAME, _z(name)) + _nested(NFTA_EXPR_DATA, data))
 
 
-_addresses: dict[str, bytes] = {}
-
-
-def _address(text: str) -> bytes:
-    packed = _addresses.get(text)
-    if packed is None:
-        packed = socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
-        if len(_addresses) < 1 << 20:
-            _addresses[text] = packed
-    return packed
-
-
-_ports: dict[str, bytes] = {}
-
-
-def drop_caches() -> None:
-    """Forget the packed addresses a full load cached: one per address of the cluster,
-    worth keeping while 100,000s of elements are packed, not between two small changes."""
-    _addresses.clear()
-
-
-def _port(text: str) -> bytes:
-    packed = _ports.get(text)
-    if packed is None:
-        port = int(text)
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"port out of range: {text}")
-        packed = _ports[text] = port.to_bytes(2, "big") + b"\0\0"
-    return packed
-
-
-def _proto(text: str) -> bytes:
-    return bytes((_PROTOCOL[text], 0, 0, 0))
-
-
-_prefixes: dict[tuple[int, int], tuple[bytes, bytes]] = {}
-
-
-def _element(key: bytes, data: bytes = b"", verdict: bool = False) -> bytes:
-    """One NFTA_LIST_ELEM: its key and, for a map, its data (a value, or a verdict's
-    attribute when `verdict`). Keys and values are whole 32-bit words (no padding), so
-    the headers depend on their lengths alone: built once per pair of lengths."""
-    size = (len(key), -len(data) if verdict else len(data))
-    prefixes = _prefixes.get(size)
-    if prefixes is None:
-        if len(key) % 4 or len(data) % 4:
-            raise ValueError("keys and values are whole 32-bit words")
-        value = NLA_HDR.size + len(key)
-        key_attr = NLA_HDR.size + value
-        data_attr = 0
-        after_key = b""
-        if data:
-            inner = len(data) if verdict else NLA_HDR.size + len(data)
-            data_attr = NLA_HDR.size + inner
-            after_key = NLA_HDR.pack(data_attr, NFTA_SET_ELEM_DATA | NLA_F_NESTED)
-            if not verdict:
-                after_key += NLA_HDR.pack(NLA_HDR.size + len(data), NFTA_DATA_VALUE)
-        total = NLA_HDR.size + key_attr + data_attr
-        prefixes = (
-            NLA_HDR.pack(total, NFTA_LIST_ELEM | NLA_F_NESTED)
-            + NLA_HDR.pack(key_attr, NFTA_SET_ELEM_KEY | NLA_F_NESTED)
-            + NLA_HDR.pack(value, NFTA_DATA_VALUE),
-            after_key,
-        )
-        _prefixes[size] = prefixes
-    return prefixes[0] + key + prefixes[1] + data
-
-
-def _frontend(text: str) -> bytes:
-    ip, proto, port = text.split(" . ")
-    return _address(ip) + _proto(proto) + _port(port)
-
-
-@functools.lru_cache(maxsize=1 << 14)  # the pick chains, and round-robin chains that come and go
-def _verdict_goto(chain: str) -> bytes:
-    return _nested(
-        NFTA_DATA_VERDICT,
-        _attr(NFTA_VERDICT_CODE, struct.pack(">i", NFT_GOTO))
-        + _attr(NFTA_VERDICT_CHAIN, _z(chain)),
-    )
-
-
-def encoder(type_: str) -> Encoder:
-    """The encoder of one element of a set or map of type `type_` (as `rules._SYNCED`
-    declares it); ValueError for a type it does not know."""
+def _kind(type_: str) -> str:
+    """The kind of element (`pykp._fastpath.encode_elements`) a set or map of type `type_`
+    holds; ValueError for a type it does not know."""
     frontend = type_.startswith(("ipv4_addr . inet_proto", "ipv6_addr . inet_proto"))
-    if frontend and not type_.endswith(": verdict"):
-        return lambda text: _element(_frontend(text))
     if frontend:
-
-        def fallback(text: str) -> bytes:
-            key, verdict = text.split(" : ")
-            word, chain = verdict.split()
-            if word != "goto":
-                raise ValueError(f"not a goto verdict: {verdict!r}")
-            return _element(_frontend(key), _verdict_goto(chain), verdict=True)
-
-        return fallback
+        return "frontend-verdict" if type_.endswith(": verdict") else "frontend"
     if type_.startswith("typeof numgen inc") and type_.endswith(": verdict"):
-
-        def rotation_slot(text: str) -> bytes:
-            index, verdict = text.split(" : ")
-            word, chain = verdict.split()
-            if word != "goto":
-                raise ValueError(f"not a goto verdict: {verdict!r}")
-            return _element(_U32_HOST.pack(int(index)), _verdict_goto(chain), verdict=True)
-
-        return rotation_slot
+        return "rotation-slot"
     if type_.startswith("typeof ") and "numgen random" in type_:
-
-        def slot(text: str) -> bytes:
-            key, value = text.split(" : ")
-            backend, backend_port = value.split(" . ")
-            return _element(_slot_key(key), _address(backend) + _port(backend_port))
-
-        return slot
+        return "slot"
     if type_ in ("ipv4_addr", "ipv6_addr"):
-        return lambda text: _element(_address(text))
+        return "address"
     if type_ in ("ipv4_addr . ipv4_addr", "ipv6_addr . ipv6_addr"):
-
-        def pair(text: str) -> bytes:
-            first, second = text.split(" . ")
-            return _element(_address(first) + _address(second))
-
-        return pair
+        return "pair"
     if type_ in ("mark : ipv4_addr . inet_service", "mark : ipv6_addr . inet_service"):
-
-        def backend(text: str) -> bytes:
-            mark, value = text.split(" : ")
-            ip, port = value.split(" . ")
-            return _element(_U32_HOST.pack(int(mark, 0)), _address(ip) + _port(port))
-
-        return backend
+        return "backend"
     raise ValueError(f"no netlink encoding for set type {type_!r}")
 
 
+# What a delete names of a map's element: its key alone.
+_KEY_KINDS = {"frontend-verdict": "frontend", "slot": "slot-key", "backend": "mark"}
+
+
+def _encoder(kind: str) -> Encoder:
+    from pykp._fastpath import encode_elements  # the Rust core parses and packs them
+
+    return functools.partial(encode_elements, kind, max_chunk=_MAX_LIST)
+
+
+def encoder(type_: str) -> Encoder:
+    """The encoder of the elements of a set or map of type `type_` (as `rules._SYNCED`
+    declares it); ValueError for a type it does not know."""
+    return _encoder(_kind(type_))
+
+
 def key_encoder(type_: str) -> Encoder:
-    """The encoder of one element's key alone (what a delete names), from the key's text,
+    """The encoder of elements' keys alone (what a delete names), from the keys' texts,
     for a set or map of type `type_`."""
-    if ":" not in type_:  # a set: its element is its key
-        return encoder(type_)
-    if type_.startswith(("ipv4_addr . inet_proto", "ipv6_addr . inet_proto")):
-        return lambda text: _element(_frontend(text))
-    if type_.startswith("typeof ") and "numgen random" in type_:
-        return lambda text: _element(_slot_key(text))
-    if type_.startswith("mark : "):
-        return lambda text: _element(_U32_HOST.pack(int(text, 0)))
-    raise ValueError(f"no netlink encoding for the keys of {type_!r}")
-
-
-def _slot_key(text: str) -> bytes:
-    """A `slots` map's key: frontend . slot index."""
-    ip, proto, port, index = text.split(" . ")
-    return _address(ip) + _proto(proto) + _port(port) + _U32_HOST.pack(int(index))
+    kind = _kind(type_)
+    return _encoder(_KEY_KINDS.get(kind, kind))
 
 
 def _message(type_: int, flags: int, seq: int, body: bytes, res_id: int = 0) -> bytes:
@@ -284,27 +169,21 @@ class Batch:
         self.last += 1
         self._messages.append(((NFNL_SUBSYS_NFTABLES << 8) | verb, flags, body))
 
-    def _elements(self, verb: int, flags: int, name: str, elements: Iterable[bytes]) -> None:
+    def _elements(self, verb: int, flags: int, name: str, chunks: Iterable[bytes]) -> None:
         head = self._table + _attr(NFTA_SET_ELEM_LIST_SET, _z(name))
-        chunk: list[bytes] = []
-        size = 0
-        for element in elements:
-            if chunk and size + len(element) > _MAX_LIST:
-                self._add(verb, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk)))
-                chunk, size = [], 0
-            chunk.append(element)
-            size += len(element)
-        if chunk:
-            self._add(verb, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(chunk)))
+        for chunk in chunks:  # an `Encoder`'s: each fits one element list
+            self._add(verb, flags, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, chunk))
 
     def flush_set(self, name: str) -> None:
         self._add(DELSETELEM, 0, self._table + _attr(NFTA_SET_ELEM_LIST_SET, _z(name)))
 
-    def add_elements(self, name: str, elements: Iterable[bytes]) -> None:
-        self._elements(NEWSETELEM, NLM_F_CREATE, name, elements)
+    def add_elements(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Elements as an `Encoder` makes them."""
+        self._elements(NEWSETELEM, NLM_F_CREATE, name, chunks)
 
-    def delete_elements(self, name: str, keys: Iterable[bytes]) -> None:
-        self._elements(DELSETELEM, 0, name, keys)
+    def delete_elements(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Keys as a `key_encoder` makes them."""
+        self._elements(DELSETELEM, 0, name, chunks)
 
     def add_chain(self, name: str) -> None:
         """A regular chain (kept as it is when it exists)."""
@@ -369,7 +248,7 @@ def batch(
     out = Batch(table)
     for name, encode, elements in sets:
         out.flush_set(name)
-        out.add_elements(name, map(encode, elements))
+        out.add_elements(name, encode(elements))
     return out.data(), out.last
 
 

@@ -1027,14 +1027,6 @@ class RuleManager:
         """Replace the content of every synced set and map by `wanted`, in one
         transaction; returns the elements sent. The round-robin chains `wanted` names
         (`rr_chains*`) are written in it first, and the others deleted in it last."""
-        try:
-            return self._load_elements(wanted)
-        finally:
-            # The address cache filled by this load holds every address of the cluster;
-            # changes are small.
-            bulk_load.drop_caches()
-
-    def _load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int:
         t = self.table
         self._current = None
         sets, chain_parts = _split_rr(wanted)
@@ -1049,13 +1041,13 @@ class RuleManager:
                 encode = _encoders()
                 for name in _SYNCED:
                     batch.flush_set(name)
-                    batch.add_elements(name, map(encode[name], (sets.get(name) or {}).values()))
+                    batch.add_elements(name, encode[name]((sets.get(name) or {}).values()))
                 # Static, but a repair's full load restores them too (someone may have
                 # flushed one: the rotations over that many slots would miss).
                 encode_rr_at = bulk_load.encoder(_RR_AT["rr_at4_1"])
                 for name in _RR_AT:
                     batch.flush_set(name)
-                    batch.add_elements(name, map(encode_rr_at, _rr_at_elements(name)))
+                    batch.add_elements(name, encode_rr_at(_rr_at_elements(name)))
                 for chain in stale:
                     batch.delete_chain(chain)
                 with as_writer():
@@ -1126,12 +1118,12 @@ class RuleManager:
                 _rr_chain_ops(batch, chains)
                 encode, keys = _encoders(), _key_encoders()
                 for name, pairs in replaced.items():
-                    batch.delete_elements(name, [keys[name](key) for key, _ in pairs])
-                    batch.add_elements(name, [encode[name](element) for _, element in pairs])
+                    batch.delete_elements(name, keys[name](key for key, _ in pairs))
+                    batch.add_elements(name, encode[name](element for _, element in pairs))
                 for name, elements in added.items():
-                    batch.add_elements(name, map(encode[name], elements))
+                    batch.add_elements(name, encode[name](elements))
                 for name, dropped in removed.items():
-                    batch.delete_elements(name, map(keys[name], dropped))
+                    batch.delete_elements(name, keys[name](dropped))
                 for chain in gone:
                     batch.delete_chain(chain)
                 with as_writer():

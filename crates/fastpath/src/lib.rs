@@ -7,6 +7,8 @@
 //! - [`engine`]: the one entry point every datapath calls for every packet it sees.
 //! - [`explain`]: a dry run of the engine's decision, with why (`pykp explain`).
 //! - [`datapath`]: how packets reach the engine (NFQUEUE today), Linux only.
+//! - [`nft_elements`]: nf_tables set elements in their netlink form, from nft's text
+//!   (what the agent's rules send).
 //!
 //! The PyO3 bindings live in `bindings` behind the `python` feature.
 
@@ -17,6 +19,7 @@ pub mod engine;
 pub mod explain;
 pub mod flow;
 pub mod hash;
+pub mod nft_elements;
 pub mod policy;
 pub mod service;
 pub mod wire;

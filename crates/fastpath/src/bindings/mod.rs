@@ -4,7 +4,8 @@
 //! One file per class or group: [`values`] (what Python passes in and gets back),
 //! [`engine`], [`explain`] (a dry run of a decision), [`staged`] (a batch between stage
 //! and commit), [`datapath`] (NFQUEUE and its queue keeper), [`follower`] (the kernel's
-//! conntrack events), [`loadgen`], [`afpacket`] (the AF_PACKET load balancer).
+//! conntrack events), [`loadgen`], [`afpacket`] (the AF_PACKET load balancer),
+//! [`nft_elements`] (set elements in netlink form, for the rules' bulk loads).
 
 mod afpacket;
 mod datapath;
@@ -12,6 +13,7 @@ mod engine;
 mod explain;
 mod follower;
 mod loadgen;
+mod nft_elements;
 mod staged;
 mod values;
 
@@ -30,6 +32,7 @@ use engine::Engine;
 use explain::{ExplainedAffinity, ExplainedBackend, ExplainedFlow, Explanation};
 use follower::{kernel_flows, ConntrackFollower, KernelFlow};
 use loadgen::loadgen_main;
+use nft_elements::encode_elements;
 use staged::StagedChange;
 use values::{Backend, Connection, Decision, Frontend, ServiceUpdate};
 
@@ -88,6 +91,7 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_flows, m)?)?;
     m.add_function(wrap_pyfunction!(loadgen_main, m)?)?;
     m.add_function(wrap_pyfunction!(queue_keeper, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_elements, m)?)?;
     m.add_class::<Explanation>()?;
     m.add_class::<ExplainedBackend>()?;
     m.add_class::<ExplainedAffinity>()?;
