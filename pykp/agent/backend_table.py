@@ -35,15 +35,16 @@ class BackendTable(MutableMapping[int, tuple[str, int]]):
         family = self._family(backend_id)
         if family == _ABSENT:
             raise KeyError(backend_id)
+        return self._ip(backend_id, family), self._ports[backend_id]
+
+    def _ip(self, backend_id: int, family: int) -> str:
         spelled = self._spelled.get(backend_id) if self._spelled else None
-        if spelled is None:
-            start = backend_id * _WIDTH
-            if family == _V4:
-                spelled = socket.inet_ntop(socket.AF_INET, self._addresses[start : start + 4])
-            else:
-                packed = self._addresses[start : start + _WIDTH]
-                spelled = socket.inet_ntop(socket.AF_INET6, packed)
-        return spelled, self._ports[backend_id]
+        if spelled is not None:
+            return spelled
+        start = backend_id * _WIDTH
+        if family == _V4:
+            return socket.inet_ntop(socket.AF_INET, self._addresses[start : start + 4])
+        return socket.inet_ntop(socket.AF_INET6, self._addresses[start : start + _WIDTH])
 
     def __contains__(self, backend_id: object) -> bool:
         return isinstance(backend_id, int) and self._family(backend_id) != _ABSENT
@@ -84,6 +85,12 @@ class BackendTable(MutableMapping[int, tuple[str, int]]):
 
     def __iter__(self) -> Iterator[int]:
         return (i for i, family in enumerate(self._families) if family != _ABSENT)
+
+    def addresses(self) -> Iterator[str]:
+        """Each id's ip, in id order (what `items()` gives, without its tuples)."""
+        for backend_id, family in enumerate(self._families):
+            if family != _ABSENT:
+                yield self._ip(backend_id, family)
 
     def _family(self, backend_id: int) -> int:
         if 0 <= backend_id < len(self._families):

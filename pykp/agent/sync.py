@@ -396,6 +396,11 @@ class ServiceSync:
                     short_circuit_pools,
                 ),
             )
+            if first_load:
+                # Read for the last time (only names are read past here on a first
+                # load): freed now, its memory is reused by what the render keeps. Held to
+                # the end, 30,000 of them left 6 MiB of the interpreter's memory free.
+                upserts[name] = render[name] = _RENDERED
         delta = ElementDelta() if full_load else self._elements.take_delta()
         # The backends' sets and maps are theirs alone: their changes join the delta.
         delta.added.update(backend_delta.added)
@@ -801,6 +806,10 @@ def rotation_slots(
 def _usable(backend: EngineBackend) -> bool:
     # kube-proxy clears conntrack for endpoints that were serving and no longer are.
     return backend.ready or backend.serving
+
+
+# What a first load's `upserts` hold once rendered: their names are what is read after.
+_RENDERED = EngineService("", (), ())
 
 
 def stale_udp_flows(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pykp.netfilter.rules import (
     _SYNCED,
@@ -34,6 +35,18 @@ __all__ = [
 
 # set or map name -> element key -> element text (``key : value`` for a map)
 Contribution = Mapping[str, Mapping[str, str]]
+
+
+class BackendIds(Protocol):
+    """The engine's backend ids as `BackendElements.load` reads them (`BackendTable`)."""
+
+    def items(self) -> Iterable[tuple[int, tuple[str, int]]]:
+        """(id, (ip, port)) for each id."""
+        ...
+
+    def addresses(self) -> Iterable[str]:
+        """The ip of each id (as `items`, without the tuples)."""
+        ...
 
 # Each name as one string object: an owner's elements name their set with it, and a name
 # formatted per owner (f"slots{version}") would be held once per owner.
@@ -348,19 +361,26 @@ class BackendElements:
         self._counts = dict.fromkeys(_BACKEND_SETS, 0)
         self.generation = 0  # bumped by every change of the elements wanted
 
-    def load(self, backends: Mapping[int, tuple[str, int]]) -> dict[str, dict[str, str]]:
+    def load(self, backends: BackendIds) -> dict[str, dict[str, str]]:
         """Every element of `backends`, the whole id table (a full load)."""
-        self._ids_on.clear()
+        # The counts kept first, from the addresses alone, then the texts the load sends
+        # and drops: counted along with the texts, the kept addresses were scattered among
+        # them and held their memory (12 of 16 MiB left free at 30,000 services).
+        self._ids_on = {}
+        for ip in backends.addresses():
+            address = _ip(ip)[1]
+            self._ids_on[address] = self._ids_on.get(address, 0) + 1
         self._counts = dict.fromkeys(_BACKEND_SETS, 0)
         self.generation += 1
         wanted: dict[str, dict[str, str]] = {name: {} for name in _BACKEND_SETS}
         for backend_id, (ip, port) in backends.items():
-            v6, mark, element, address = self._render(backend_id, ip, port)
+            v6, mark, element = self._render(backend_id, ip, port)
             wanted[_MAPS[v6]][mark] = element
             self._counts[_MAPS[v6]] += 1
-            if self._hold(address, v6):
-                pair = _pair(address)
-                wanted[_PAIRS[v6]][pair] = pair
+        for address in self._ids_on:
+            pairs = _PAIRS[":" in address]
+            wanted[pairs][_pair(address)] = _pair(address)
+            self._counts[pairs] += 1
         return wanted
 
     def change(
@@ -380,7 +400,10 @@ class BackendElements:
         family: dict[str, bool] = {}
         for ids, step in ((added, 1), (removed, -1)):
             for backend_id, (ip, port) in ids.items():
-                v6, mark, element, address = self._render(backend_id, ip, port)
+                v6, mark, element = self._render(backend_id, ip, port)
+                # The address itself counts its ids: the id table's string (canonical),
+                # not a pair's text held once more per address.
+                address = _ip(ip)[1]
                 if step > 0:
                     delta.added.setdefault(_MAPS[v6], []).append(element)
                 else:
@@ -404,23 +427,20 @@ class BackendElements:
         """Elements wanted per set or map."""
         return dict(self._counts)
 
-    def _render(self, backend_id: int, ip: str, port: int) -> tuple[bool, str, str, str]:
-        """(is IPv6, mark, map element, the address counted for the pair). Raises for an
-        id or a port out of range: before anything is committed."""
+    def _render(self, backend_id: int, ip: str, port: int) -> tuple[bool, str, str]:
+        """(is IPv6, mark, map element). Raises for an id or a port out of range: before
+        anything is committed."""
         v6, mark, element, _ = _backend_elements(
             backend_id, ip, port, self._layout.shift, self._layout.max_backend_id
         )
-        # The address itself counts its ids: the id table's string (canonical), not a
-        # pair's text held once more per address.
-        return v6, mark, element, _ip(ip)[1]
+        return v6, mark, element
 
-    def _hold(self, address: str, v6: bool) -> bool:
-        """Count one more id on `address`; True if it is the first (its pair comes)."""
+    def _hold(self, address: str, v6: bool) -> None:
+        """Count one more id on `address` (the first brings its pair)."""
         count = self._ids_on.get(address, 0)
         self._ids_on[address] = count + 1
         if count == 0:
             self._counts[_PAIRS[v6]] += 1
-        return count == 0
 
     def _release(self, address: str, v6: bool) -> None:
         count = self._ids_on.get(address, 0)
