@@ -48,6 +48,7 @@ class BackendIds(Protocol):
         """The ip of each id (as `items`, without the tuples)."""
         ...
 
+
 # Each name as one string object: an owner's elements name their set with it, and a name
 # formatted per owner (f"slots{version}") would be held once per owner.
 _NAMES: dict[str, str] = {name: name for name in (*_SYNCED, *RR_CHAIN_SETS)}
