@@ -91,14 +91,14 @@ def inner(
     for obj in slice_objects:
         piece, _ = parse_endpoint_slice(obj)
         assert piece is not None
-        slices_of.setdefault(piece.service_key, {})[piece.name] = piece
+        slices_of.setdefault(piece.service_key, {})[obj["metadata"]["name"]] = piece
     del service_objects, slice_objects
     translated = time.perf_counter()
     held_parsed = tracemalloc.get_traced_memory()[0] if memory else 0
     specs = {
         key: replace(
             service.spec,
-            endpoints=service_endpoints(service.spec, slices_of.get(key, {}).values()),
+            endpoints=service_endpoints(service.spec, slices_of.get(key, {})),
             created=service.created,
         )
         for key, service in parsed.items()

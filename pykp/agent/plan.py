@@ -82,8 +82,12 @@ def service_ports_to_engine(
     *,
     traffic_policies: bool = False,
     zone: str | None = None,
+    key: str | None = None,
 ) -> list[EngineService]:
     """One engine service per service port (kube-proxy programs each port separately).
+    `key`: the service's `namespace/name` as the caller holds it, which an unnamed port's
+    engine service is named (one string per service where it is held: `spec.key` makes a
+    new one at each call).
 
     Frontends: every clusterIP, externalIP and loadBalancerIP at `port`, and every node
     address at `nodePort` when the port has one. Backends: every endpoint that serves the
@@ -121,7 +125,11 @@ def service_ports_to_engine(
         external_local = traffic_policies and spec.external_traffic_policy == "Local"
         internal_backends = local if internal_local else cluster
         external_backends = local if external_local else cluster
-        name = service_port_name(spec, port)
+        name = (
+            service_port_name(spec, port)
+            if key is None
+            else (f"{key}:{port.name}" if port.name else key)
+        )
         short_circuit: dict[str, str] = {}
         # (engine service name, frontends, backends, narrowed to this node's endpoints)
         groups: list[tuple[str, list[tuple[str, int, str]], tuple[EngineBackend, ...], bool]]

@@ -276,7 +276,7 @@ class ServiceSync:
             if spec is None:
                 new_plans[key] = None
             else:
-                new_plans[key], services = self._plan(spec, context)
+                new_plans[key], services = self._plan(key, spec, context)
                 if first_load:
                     _hand_over(services, upserts, updates, udp_served)
                 else:
@@ -489,9 +489,10 @@ class ServiceSync:
         return spec is not plan.spec or (context is not plan.context and context != plan.context)
 
     def _plan(
-        self, spec: ServiceSpec, context: NodeContext
+        self, key: str, spec: ServiceSpec, context: NodeContext
     ) -> tuple[_Plan, dict[str, EngineService]]:
-        """The plan of `spec` and its engine services, with ownership as it is now."""
+        """The plan of `spec` (whose key is `key`, the catalog's string: the engine services
+        are named with it) and its engine services, with ownership as it is now."""
         refused: dict[str, str] = {}  # usually none: then the plan holds the shared _NONE
         served, message = self._served(spec, context)
         if message:
@@ -505,7 +506,7 @@ class ServiceSync:
                 )
                 + " not served: the older service keeps a contested frontend"
             )
-        engine_services = _engine_services(served, context, lost)
+        engine_services = _engine_services(served, context, lost, key)
         nodes = set(context.node_addresses)
         service_ips = tuple(
             dict.fromkeys(
@@ -594,7 +595,7 @@ class ServiceSync:
 
 
 def _engine_services(
-    served: ServiceSpec, context: NodeContext, lost: Mapping[Claim, str]
+    served: ServiceSpec, context: NodeContext, lost: Mapping[Claim, str], key: str | None = None
 ) -> dict[str, EngineService]:
     """A service's engine services by name, without the frontends older services hold."""
     engine_services: dict[str, EngineService] = {}
@@ -605,6 +606,7 @@ def _engine_services(
         context.node_name,
         traffic_policies=context.traffic_policies,
         zone=context.zone,
+        key=key,
     ):
         frontends = tuple(
             f

@@ -277,7 +277,7 @@ class KubeSource:
                 if old is not None:
                     changed.append(key)
                 continue
-            slices = [self._slices[k] for k in self._slice_keys(key)]
+            slices = {k: self._slices[k] for k in self._slice_keys(key)}
             spec = replace(parsed, endpoints=service_endpoints(parsed, slices))
             if old is not None and spec == old:
                 self._parsed_services[key] = old  # the same object: no change to sync

@@ -99,10 +99,9 @@ class ParsedService:
 
 @dataclass(frozen=True, slots=True)
 class ParsedSlice:
-    """An EndpointSlice of addressType IPv4 or IPv6 that names its Service."""
+    """An EndpointSlice of addressType IPv4 or IPv6 that names its Service. (Its own name is
+    the source's key for it, not held here too.)"""
 
-    namespace: str
-    name: str
     # Its Service's `namespace/name`: one string, held here and as the key of the
     # source's index of slices by service (a property made a new one at every call).
     service_key: str
@@ -557,8 +556,6 @@ def _endpoint_slice(obj: object, problem: _Report) -> ParsedSlice | None:
         except _Invalid as error:
             problem(f"endpoint skipped: {error}")
     return ParsedSlice(
-        namespace=namespace,
-        name=name,
         service_key=f"{namespace}/{service_name}",
         family=family,
         ports=slice_ports,
@@ -667,9 +664,10 @@ def parse_node(obj: object) -> tuple[NodeInfo | None, list[KubeProblem]]:
 
 
 def service_endpoints(
-    service: ServiceSpec, slices: Iterable[ParsedSlice]
+    service: ServiceSpec, slices: Mapping[str, ParsedSlice]
 ) -> tuple[EndpointSpec, ...]:
-    """A service's endpoints merged from its slices, as kube-proxy's EndpointSliceCache does.
+    """A service's endpoints merged from its slices (by their names, or their keys: they are
+    in the service's namespace), as kube-proxy's EndpointSliceCache does.
 
     Slices are read in name order; an endpoint address and port seen twice (an endpoint
     moving between slices) is kept once, the first time. Only ports that match a service
@@ -682,7 +680,7 @@ def service_endpoints(
     # name (pods resolving a named targetPort differently) becomes two EndpointSpecs.
     records: list[tuple[EndpointSpec, list[EndpointPort]]] = []
     records_of: dict[tuple[object, ...], list[int]] = {}  # an endpoint's records, by index
-    ordered = sorted(slices, key=lambda item: item.name)
+    ordered = [parsed for _, parsed in sorted(slices.items())]
     for parsed in ordered:
         if parsed.family not in families:
             continue
@@ -734,20 +732,21 @@ def service_endpoints(
 
 def build_services_file(
     services: Iterable[ParsedService],
-    slices: Iterable[ParsedSlice],
+    slices: Iterable[tuple[str, ParsedSlice]],
     *,
     zone: str | None = None,
     default_policy: str = DEFAULT_POLICY,
 ) -> tuple[Catalog, list[KubeProblem]]:
-    """The services with their endpoints, ready for `services_file_to_engine`.
+    """The services with their endpoints (`slices`: each with its name), ready for
+    `services_file_to_engine`.
 
     Two services may not share a frontend (an address, port and protocol) or a nodePort:
     the API allows it for externalIPs, the engine does not. The older service keeps it and
     the newer one is rejected with a problem.
     """
-    slices_by_service: dict[str, list[ParsedSlice]] = {}
-    for parsed in slices:
-        slices_by_service.setdefault(parsed.service_key, []).append(parsed)
+    slices_by_service: dict[str, dict[str, ParsedSlice]] = {}
+    for name, parsed in slices:
+        slices_by_service.setdefault(parsed.service_key, {})[name] = parsed
     problems: list[KubeProblem] = []
     frontend_owners: dict[tuple[str, int, str], str] = {}
     node_port_owners: dict[tuple[int, str], str] = {}
@@ -782,7 +781,7 @@ def build_services_file(
             continue
         frontend_owners.update(dict.fromkeys(frontends, spec.key))
         node_port_owners.update(dict.fromkeys(node_ports, spec.key))
-        endpoints = service_endpoints(spec, slices_by_service.get(spec.key, ()))
+        endpoints = service_endpoints(spec, slices_by_service.get(spec.key, {}))
         specs.append(replace(spec, endpoints=endpoints))
     specs.sort(key=lambda spec: spec.key)
     services_file = Catalog(
@@ -820,7 +819,7 @@ def translate(
         parsed_slice, found = parse_endpoint_slice(obj)
         problems += found
         if parsed_slice is not None:
-            parsed_slices.append(parsed_slice)
+            parsed_slices.append((object_name(obj)[1], parsed_slice))
     zone = None
     if node is not None:
         node_info, found = parse_node(node)
