@@ -139,13 +139,17 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def test_the_agent_never_imports_the_official_client(http: KubeApiServer, tmp_path: Path) -> None:
-    """What the connection is for: the source lists without `kubernetes` imported (18 MiB
-    and a third of a second of the agent's start)."""
+def test_the_agent_imports_neither_the_official_client_nor_the_labs(
+    http: KubeApiServer, tmp_path: Path
+) -> None:
+    """The source lists without `kubernetes` imported (18 MiB and a third of a second of
+    the agent's start), and `pykp run`'s modules leave the labs (demos, simulations, the
+    stand-in server) alone."""
     config = http.write_kubeconfig(tmp_path / "kubeconfig")
     script = (
         "import sys\n"
         "from pykp.cli.app import app\n"
+        "from pykp.agent.agent import Agent\n"
         "from pykp.sources.kube.source import KubeSource\n"
         f"source = KubeSource(kubeconfig={str(config)!r}, node_name='node-a')\n"
         "source.start(lambda: None)\n"
@@ -153,11 +157,12 @@ def test_the_agent_never_imports_the_official_client(http: KubeApiServer, tmp_pa
         "print([spec.key for spec in source.current().services])\n"
         "source.stop()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pykp.labs')))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
-    assert result.stdout.splitlines() == ["['default/web']", "[]"]
+    assert result.stdout.splitlines() == ["['default/web']", "[]", "[]"]
 
 
 def test_in_cluster_credentials_over_tls_follow_the_rotated_token(

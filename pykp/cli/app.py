@@ -24,14 +24,6 @@ import typer
 from rich.console import Console
 
 import pykp
-from pykp.labs.simulate import render_simulation, simulate_connections
-from pykp.labs.simulate_nodes import (
-    MAX_NODES,
-    SCHEDULES,
-    render_nodes_simulation,
-    simulate_nodes,
-)
-from pykp.labs.simulate_plot import plot_shares
 from pykp.model import (
     DEFAULT_POLICY,
     LB_DEFAULT_POLICY,
@@ -151,8 +143,18 @@ def _check_policy(value: str | None) -> str | None:
 
 
 def _check_schedule(value: str) -> str:
+    from pykp.labs.simulate_nodes import SCHEDULES  # the labs: imported by their commands
+
     if value not in SCHEDULES:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(SCHEDULES)}")
+    return value
+
+
+def _check_nodes(value: int | None) -> int | None:
+    from pykp.labs.simulate_nodes import MAX_NODES
+
+    if value is not None and not 1 <= value <= MAX_NODES:
+        raise typer.BadParameter(f"{value} is not in the range 1<=x<={MAX_NODES}.")
     return value
 
 
@@ -213,8 +215,7 @@ def simulate(
         typer.Option(
             help="Simulate this many nodes (node-1 ... node-N), each with its own engine and "
             "policy state; compares random, round-robin and Maglev.",
-            min=1,
-            max=MAX_NODES,
+            callback=_check_nodes,
         ),
     ] = None,
     schedule: Annotated[
@@ -251,6 +252,10 @@ def simulate(
         ]
         if given:
             raise typer.BadParameter(f"{', '.join(given)} needs --nodes")
+    from pykp.labs.simulate import render_simulation, simulate_connections
+    from pykp.labs.simulate_nodes import render_nodes_simulation, simulate_nodes
+    from pykp.labs.simulate_plot import plot_shares
+
     services_file = _load_services(services)
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
