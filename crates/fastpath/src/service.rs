@@ -180,9 +180,10 @@ impl std::error::Error for SpecError {}
 pub struct ServiceState {
     pub id: ServiceId,
     pub name: Arc<str>,
-    pub frontends: Vec<Frontend>,
+    // Boxed slices, not vectors: one per service, never grown after it is built.
+    pub frontends: Box<[Frontend]>,
     /// Every backend the writer gave, in its order.
-    pub backends: Vec<Backend>,
+    pub backends: Box<[Backend]>,
     /// What policies choose from, per address family (NAT does not cross families, so a
     /// dual-stack service is two pools, as kube-proxy runs one proxier per family).
     pub v4: Pool,
@@ -198,7 +199,7 @@ pub struct ServiceState {
 /// Sorted by address.
 #[derive(Debug)]
 pub struct Pool {
-    pub backends: Vec<Backend>,
+    pub backends: Box<[Backend]>,
     pub selector: Selector,
 }
 
@@ -555,15 +556,15 @@ impl ServiceTable {
                     }
                 }
             }
-            Pool { backends, selector }
+            Pool { backends: backends.into_boxed_slice(), selector }
         };
         Ok(Arc::new(ServiceState {
             id,
             name: Arc::from(spec.name.as_str()),
-            frontends: spec.frontends.clone(),
+            frontends: spec.frontends.as_slice().into(),
             v4: pool(true),
             v6: pool(false),
-            backends,
+            backends: backends.into_boxed_slice(),
             policy,
             affinity_timeout: spec.affinity_timeout,
             short_circuit: spec.short_circuit.as_deref().map(Arc::from),
