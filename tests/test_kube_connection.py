@@ -195,7 +195,10 @@ def test_in_cluster_without_its_files_is_a_clear_error(
 ) -> None:
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
-    with pytest.raises(KubeConfigError, match="token"):
+    with pytest.raises(KubeConfigError, match="^in-cluster credentials: token file .*token"):
+        connect(service_account=tmp_path)
+    (tmp_path / "token").write_text("a-token")
+    with pytest.raises(KubeConfigError, match="^in-cluster credentials: .*ca.crt does not exist"):
         connect(service_account=tmp_path)
 
 

@@ -242,18 +242,22 @@ def connect(
 
 
 def _in_cluster(service_account: Path) -> DirectConnection:
-    host = os.environ["KUBERNETES_SERVICE_HOST"]
-    port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
-    if not port:
-        raise KubeConfigError("in-cluster credentials: KUBERNETES_SERVICE_PORT is not set")
-    token = TokenFile(str(service_account / "token"))
-    ca = service_account / "ca.crt"
-    if not ca.is_file():
-        raise KubeConfigError(f"in-cluster credentials: {ca} does not exist")
+    try:
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
+        if not port:
+            raise KubeConfigError("KUBERNETES_SERVICE_PORT is not set")
+        token = TokenFile(str(service_account / "token"))
+        ca = service_account / "ca.crt"
+        if not ca.is_file():
+            raise KubeConfigError(f"{ca} does not exist")
+        context = _ssl_context(ca_file=str(ca))
+    except KubeConfigError as error:
+        raise KubeConfigError(f"in-cluster credentials: {error}") from None
     host = f"[{host}]" if ":" in host else host
     return DirectConnection(
         f"https://{host}:{port}",
-        ssl_context=_ssl_context(ca_file=str(ca)),
+        ssl_context=context,
         authorization=lambda: f"Bearer {token()}",
     )
 
