@@ -379,8 +379,8 @@ class BackendElements:
             wanted[_MAPS[v6]][mark] = element
             self._counts[_MAPS[v6]] += 1
         for address in self._ids_on:
-            pairs = _PAIRS[":" in address]
-            wanted[pairs][_pair(address)] = _pair(address)
+            pairs, pair = _PAIRS[":" in address], _pair(address)
+            wanted[pairs][pair] = pair
             self._counts[pairs] += 1
         return wanted
 
