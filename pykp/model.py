@@ -7,7 +7,7 @@ the Kubernetes source both produce these, and the agent consumes nothing else.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -136,7 +136,8 @@ class Catalog:
     node's topology.kubernetes.io/zone, for topology hints).
     """
 
-    services: tuple[ServiceSpec, ...] = ()
+    # A tuple, or a source's lazy view of its table (`sources.snapshot.LazyValues`).
+    services: Sequence[ServiceSpec] = ()
     default_policy: str = DEFAULT_POLICY
     traffic_policies: bool = False
     zone: str | None = None

@@ -38,6 +38,7 @@ from pykp.sources.kube.translate import (
     service_endpoints,
 )
 from pykp.sources.kube.watch import Backoff, ListWatch, Reflector, ReflectorStats
+from pykp.sources.snapshot import LayeredTable, LazyValues
 
 log = logging.getLogger("pykp.sources.kube")
 
@@ -99,8 +100,10 @@ class KubeSource:
         self._node: NodeInfo | None = None
         self._object_problems: dict[tuple[str, str], list[KubeProblem]] = {}
         self._invalid_objects_total = 0
-        # Services whose spec must be rebuilt, and the specs of the last catalog.
+        # Services whose spec must be rebuilt, and the specs of the last catalog (a snapshot
+        # of `_table`, the built specs).
         self._stale: set[str] = set()
+        self._table: LayeredTable[ServiceSpec] = LayeredTable()
         self._built: Mapping[str, ServiceSpec] = {}
         self._catalog: Catalog | None = None
         self._changes = ChangeLog()
@@ -276,6 +279,7 @@ class KubeSource:
             if parsed is None:
                 if old is not None:
                     changed.append(key)
+                    self._table.delete(key)
                 continue
             slices = {k: self._slices[k] for k in self._slice_keys(key)}
             spec = replace(parsed, endpoints=service_endpoints(parsed, slices))
@@ -283,15 +287,16 @@ class KubeSource:
                 self._parsed_services[key] = old  # the same object: no change to sync
             else:
                 self._parsed_services[key] = spec
+                self._table.set(key, spec)
                 changed.append(key)
         self._stale.clear()
         if changed or self._catalog is None:
             self._changes.add(changed)
-            # Every service parsed is built now: the table is the specs, copied for the
-            # catalog (a snapshot: the source goes on changing its own).
-            self._built = by_key = dict(self._parsed_services)
+            # Every service parsed is built now: the catalog's table is a snapshot of the
+            # specs (the source goes on changing its own), taken in O(changes).
+            self._built = by_key = self._table.snapshot()
             self._catalog = Catalog(
-                services=tuple(by_key.values()),
+                services=LazyValues(by_key),
                 default_policy=self.default_policy,
                 traffic_policies=True,
                 zone=self._node.zone if self._node is not None else None,
