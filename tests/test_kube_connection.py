@@ -317,6 +317,14 @@ def test_kubeconfig_files_merge_the_first_entry_of_a_name_winning(
             "TLS: ",
         ),
         (lambda c: c["users"][0]["user"].update({"tokenFile": "/nonexistent"}), "token file"),
+        (
+            lambda c: c["clusters"][0]["cluster"].update({"proxy-url": "socks5://10.0.0.1:1080"}),
+            "only http:// and https:// proxies",
+        ),
+        (
+            lambda c: c["clusters"][0]["cluster"].update({"server": "10.0.0.1:6443"}),
+            "is not an http:// or https:// URL",
+        ),
     ],
 )
 def test_a_kubeconfig_it_cannot_use_is_one_clear_line(
@@ -347,6 +355,8 @@ def test_files_that_are_not_kubeconfigs(tmp_path: Path) -> None:
 
 
 def test_master_alone_is_the_server_without_credentials(http: KubeApiServer) -> None:
+    with pytest.raises(KubeConfigError, match="^--master 127.0.0.1:6443: server .* is not an"):
+        connect(master="127.0.0.1:6443")
     connection = connect(master=http.url + "/")
     assert isinstance(connection, DirectConnection) and connection.url == http.url
     with pytest.raises(ApiError, match="HTTP 401"):

@@ -118,6 +118,8 @@ class DirectConnection:
         tls_server_name: str | None = None,
         proxy: str | None = None,
     ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise KubeConfigError(f"server {url!r} is not an http:// or https:// URL")
         self.url = url.rstrip("/")
         self._authorization = authorization
         options: dict[str, Any] = {"maxsize": _POOL_SIZE, "retries": False}
@@ -127,9 +129,14 @@ class DirectConnection:
                 options["cert_reqs"] = "CERT_NONE"
         if tls_server_name:
             options["server_hostname"] = tls_server_name
-        self._pool: urllib3.PoolManager = (
-            urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
-        )
+        try:
+            self._pool: urllib3.PoolManager = (
+                urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+            )
+        except urllib3.exceptions.ProxySchemeUnknown:
+            raise KubeConfigError(
+                f"proxy-url {proxy!r}: only http:// and https:// proxies"
+            ) from None
 
     def get(
         self, path: str, query: Sequence[tuple[str, str]], timeout: tuple[float, float]
@@ -224,7 +231,10 @@ def connect(
         if not os.path.isfile(kubeconfig):
             raise KubeConfigError(f"{where}: no such file")
     elif master is not None:
-        return DirectConnection(master, ssl_context=_ssl_context())
+        try:
+            return DirectConnection(master, ssl_context=_ssl_context())
+        except KubeConfigError as error:
+            raise KubeConfigError(f"--master {master}: {error}") from None
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         return _in_cluster(service_account)
     else:
