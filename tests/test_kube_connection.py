@@ -354,6 +354,20 @@ def test_files_that_are_not_kubeconfigs(tmp_path: Path) -> None:
         connect(str(tmp_path / "broken"))
 
 
+def test_the_environments_proxy_is_used_unless_no_proxy_names_the_server(
+    http: KubeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As client-go and the official client: HTTP_PROXY (here a port nobody listens on)
+    carries the requests, unless NO_PROXY names the server."""
+    config = str(http.write_kubeconfig(tmp_path / "kubeconfig"))
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "example.invalid")
+    with pytest.raises(ApiError, match="(?i)proxy"):
+        list_services(connect(config))
+    monkeypatch.setenv("NO_PROXY", "example.invalid,127.0.0.1")
+    assert list_services(connect(config)) == ["web"]
+
+
 def test_master_alone_is_the_server_without_credentials(http: KubeApiServer) -> None:
     with pytest.raises(KubeConfigError, match="^--master 127.0.0.1:6443: server .* is not an"):
         connect(master="127.0.0.1:6443")

@@ -24,6 +24,8 @@ import ssl
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -107,7 +109,8 @@ class TokenFile:
 
 class DirectConnection:
     """Requests through a urllib3 pool: `authorization` gives the Authorization header's
-    value (None: none), asked for each request so that a rotated token is sent."""
+    value (None: none), asked for each request so that a rotated token is sent. Without a
+    `proxy`, the environment's applies (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
 
     def __init__(
         self,
@@ -129,6 +132,8 @@ class DirectConnection:
                 options["cert_reqs"] = "CERT_NONE"
         if tls_server_name:
             options["server_hostname"] = tls_server_name
+        if proxy is None:
+            proxy = _environment_proxy(self.url)
         try:
             self._pool: urllib3.PoolManager = (
                 urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
@@ -162,6 +167,16 @@ class DirectConnection:
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def _environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), as
+    client-go and the official client follow them."""
+    proxies = urllib.request.getproxies_environment()
+    parts = urllib.parse.urlsplit(url)
+    if not proxies or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxies.get(parts.scheme)
 
 
 class OfficialClientConnection:
