@@ -139,9 +139,8 @@ class DirectConnection:
                 urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
             )
         except urllib3.exceptions.ProxySchemeUnknown:
-            raise KubeConfigError(
-                f"proxy-url {proxy!r}: only http:// and https:// proxies"
-            ) from None
+            # From the kubeconfig's proxy-url or the environment's HTTPS_PROXY and others.
+            raise KubeConfigError(f"proxy {proxy!r}: only http:// and https:// proxies") from None
 
     def get(
         self, path: str, query: Sequence[tuple[str, str]], timeout: tuple[float, float]
