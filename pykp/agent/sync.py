@@ -398,8 +398,9 @@ class ServiceSync:
             )
             if first_load:
                 # Read for the last time (only names are read past here on a first
-                # load): freed now, its memory is reused by what the render keeps. Held to
-                # the end, 30,000 of them left 6 MiB of the interpreter's memory free.
+                # load): freed now, where the render's own objects may reuse its memory.
+                # At 30,000 services that left 6 MiB less free; at 100,000 the holes stay
+                # (the render keeps objects of other sizes).
                 upserts[name] = render[name] = _RENDERED
         delta = ElementDelta() if full_load else self._elements.take_delta()
         # The backends' sets and maps are theirs alone: their changes join the delta.

@@ -3,8 +3,9 @@
 Copying a table of 100,000 services for each change cost ~10 ms in the agent (the copy
 touches every spec's reference count, in a heap that no longer fits the caches): most of a
 change's time at that size. A snapshot is instead a shared base, never changed once
-handed out, and the few keys changed since, copied; the base is folded again once the
-changes grow past a sixteenth of it, so a change costs O(1) amortised.
+handed out, and the keys changed since, copied; the base is folded again once the changes
+grow past a sixteenth of it. A snapshot then copies at most that sixteenth (usually a few
+keys: 0.1-0.2 ms at 100,000 services), and a fold, once every such sixteenth, the table.
 """
 
 from __future__ import annotations
