@@ -96,11 +96,7 @@ def inner(
     translated = time.perf_counter()
     held_parsed = tracemalloc.get_traced_memory()[0] if memory else 0
     specs = {
-        key: replace(
-            service.spec,
-            endpoints=service_endpoints(service.spec, slices_of.get(key, {})),
-            created=service.created,
-        )
+        key: service.spec.with_endpoints(service_endpoints(service.spec, slices_of.get(key, {})))
         for key, service in parsed.items()
     }
     catalog = Catalog(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import socket
 import textwrap
 from types import ModuleType
 from typing import Any
@@ -17,7 +19,13 @@ from pykp.agent.plan import (
     services_file_to_engine,
 )
 from pykp.model import Catalog, EndpointPort, EndpointSpec, ServicePort, ServiceSpec
-from pykp.sources.kube.translate import KubeProblem, parse_node, translate
+from pykp.sources.kube.translate import (
+    KubeProblem,
+    ParsedSlice,
+    parse_node,
+    service_endpoints,
+    translate,
+)
 
 
 def docs(text: str) -> list[dict[str, Any]]:
@@ -420,6 +428,50 @@ def test_slices_merge_and_deduplicate_by_address_and_port() -> None:
         ("10.244.0.3", 8080, True),
         ("10.244.0.3", 9090, True),
     ]
+
+
+def test_a_lone_slice_merges_as_any_other() -> None:
+    """A Service's lone slice is taken whole when nothing in it would merge differently
+    (the common case, a shortcut): over random slices (ports that do or do not match,
+    repeated names, addresses repeated, out of order, of the other family), the result
+    equals the full merge's, forced by an empty second slice."""
+    rng = random.Random(7)
+    service = ServiceSpec(
+        name="app",
+        cluster_ips=("10.96.0.1",),
+        ports=(ServicePort(name="http", port=80, target_port=8080),),
+    )
+    choices = [
+        EndpointPort("http", 8080),
+        EndpointPort("http", 9090),
+        EndpointPort("metrics", 9100),
+        EndpointPort("http", 8080, "UDP"),
+    ]
+    shortcuts = 0
+    for _ in range(600):
+        family = rng.choice((4, 4, 4, 6))
+        ports = tuple(rng.sample(choices, rng.randint(0, 3)))
+        addresses = [
+            f"10.244.0.{rng.randint(1, 9)}" if family == 4 else f"fd00::{rng.randint(1, 9)}"
+            for _ in range(rng.randint(0, 4))
+        ]
+        if rng.random() < 0.5:
+            addresses.sort(
+                key=lambda a: socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+            )
+        endpoints = tuple(
+            EndpointSpec(
+                a, ready=rng.random() < 0.8, ports=ports if rng.random() < 0.9 else ports[:1]
+            )
+            for a in addresses
+        )
+        lone = ParsedSlice("default/app", family, ports, endpoints)
+        empty = ParsedSlice("default/app", family, ports, ())
+        alone = service_endpoints(service, {"app-1": lone})
+        merged = service_endpoints(service, {"app-1": lone, "app-2": empty})
+        assert alone == merged, (lone, alone, merged)
+        shortcuts += alone is lone.endpoints and bool(endpoints)
+    assert shortcuts > 10  # the shortcut was taken, not only the merge
 
 
 def test_missing_conditions_take_the_api_defaults() -> None:

@@ -29,7 +29,8 @@ def test_a_snapshot_keeps_what_the_table_held_when_taken() -> None:
 
 def test_snapshots_match_a_plain_dict_through_folds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Random histories against a dict copied at each snapshot; small folds so that many
-    happen, with snapshots taken before them checked again after."""
+    happen, with snapshots taken before them checked again after. The table's own `get`
+    and `keys` follow the dict at every step."""
     monkeypatch.setattr(snapshot, "_MIN_FOLD", 4)
     rng = random.Random(7)
     table: LayeredTable[int] = LayeredTable()
@@ -43,6 +44,10 @@ def test_snapshots_match_a_plain_dict_through_folds(monkeypatch: pytest.MonkeyPa
         else:
             truth[key] = step
             table.set(key, step)
+        # The table itself reads as it is now, between snapshots too.
+        assert table.get(key) == truth.get(key)
+        if rng.random() < 0.05:
+            assert sorted(table.keys()) == sorted(truth)
         if rng.random() < 0.2:
             taken.append((table.snapshot(), dict(truth)))
     for view, expected in taken:

@@ -32,12 +32,12 @@ from pykp.agent.config import (
     ConfigError,
     check_mark_mask,
 )
+from pykp.agent.heap import trim_heap
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
 from pykp.agent.plan import EngineService
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
 from pykp.agent.sync_runner import BoundedFrequencyRunner
 from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
-from pykp.netfilter.executor import trim_heap
 from pykp.netfilter.monitor import ForeignChange, RulesetMonitor
 from pykp.netfilter.rules import MarkLayout
 from pykp.observe.explain import NodeView, explain_report
@@ -361,6 +361,12 @@ class Agent:
                         explain=self.explain,
                     )
                 )
+            # The lists first: the API server answers them, and their pages are translated,
+            # while the rules are installed (libnftables and the sysctls release the GIL;
+            # ~0.12 s of a start). No sync runs before the rules are in: its thread starts
+            # after them, and finds the changes waiting.
+            self._hold_start_gc()
+            self.source.start(self._on_change)
             # A failed start removes only rules it created: a previous agent's rules keep
             # serving the node (fail static), as kube-proxy's do when it cannot start.
             # Installing keeps the sets and maps a previous agent left: until this agent's
@@ -375,8 +381,6 @@ class Agent:
             self._spawn("pykp-housekeeping", self._housekeeping)
             # A first sync is expected: /healthz turns unhealthy if it never succeeds.
             self.health.queued_update()
-            self._hold_start_gc()
-            self.source.start(self._on_change)
             self._rules_touched = True  # started: the rules are this agent's to remove
         except BaseException:
             self.stop(cleanup=True)  # a half-started agent leaves nothing it created

@@ -715,7 +715,7 @@ def _count_change(old: ServiceSpec | None, new: ServiceSpec | None) -> tuple[int
     """kube-proxy's counting: (the service changed, its endpoints changed)."""
     if old is None or new is None:
         return 1, int(bool((old or new) and (old or new).endpoints))  # type: ignore[union-attr]
-    service = int(dataclasses.replace(old, endpoints=()) != dataclasses.replace(new, endpoints=()))
+    service = int(old.with_endpoints(()) != new.with_endpoints(()))
     return service, int(old.endpoints != new.endpoints)
 
 

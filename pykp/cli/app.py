@@ -732,8 +732,10 @@ def run(
     if cleanup:
         _do_cleanup()
         return
+    from pykp.agent.heap import one_malloc_arena
     from pykp.sources.kube.connection import KubeConfigError
 
+    one_malloc_arena()  # before the agent's threads: each would take an arena of its own
     try:
         agent = make_agent(config)
     except ModuleNotFoundError as error:

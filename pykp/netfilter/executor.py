@@ -24,20 +24,10 @@ __all__ = [
     "NftExecutor",
     "NftRecorder",
     "make_executor",
-    "trim_heap",
 ]
 
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 _OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
-
-
-def trim_heap() -> None:
-    """Give the C heap's free memory back to the system (glibc keeps what libnftables
-    freed after a large transaction or listing: ~190 MB at 10,000 services)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class NftExecutor(Protocol):

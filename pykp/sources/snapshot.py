@@ -59,11 +59,25 @@ class Layered(Mapping[str, _V]):
 
 class LayeredTable(Generic[_V]):
     """The source's side: `set` and `delete` record what changed since the base; `snapshot()`
-    hands out a `Layered` view that later changes do not reach."""
+    hands out a `Layered` view that later changes do not reach. Between two snapshots the
+    table may hold what no snapshot should show (a source's half-built values): only what
+    it holds when a snapshot is taken is handed out."""
 
     def __init__(self) -> None:
         self._base: dict[str, _V] = {}
         self._changes: dict[str, _V | None] = {}
+
+    def get(self, key: str) -> _V | None:
+        """The value now (set since the last snapshot or not)."""
+        if key in self._changes:
+            return self._changes[key]
+        return self._base.get(key)
+
+    def keys(self) -> Iterator[str]:
+        """The keys now."""
+        changes = self._changes
+        yield from (key for key in self._base if key not in changes)
+        yield from (key for key, value in changes.items() if value is not None)
 
     def set(self, key: str, value: _V) -> None:
         self._changes[key] = value

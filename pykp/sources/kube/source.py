@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from pykp.model import DEFAULT_POLICY, Catalog, Problem, ServiceSpec
@@ -89,10 +88,6 @@ class KubeSource:
         self._notify: Callable[[], None] | None = None
         self._last_change: float | None = None
         # What the API holds, translated object by object (under _lock).
-        # key -> the Service as parsed (its endpoints: those of the last rebuild, replaced
-        # at the next): the rebuild's spec takes its place, one ServiceSpec per service,
-        # and a catalog's `by_key` is a copy of this table.
-        self._parsed_services: dict[str, ServiceSpec] = {}
         self._slices: dict[str, ParsedSlice] = {}
         # service key -> its slices' keys: the key itself when it is the only one (as most
         # are: a tuple of one costs 48 bytes more, a dict of one 232)
@@ -100,8 +95,9 @@ class KubeSource:
         self._node: NodeInfo | None = None
         self._object_problems: dict[tuple[str, str], list[KubeProblem]] = {}
         self._invalid_objects_total = 0
-        # Services whose spec must be rebuilt, and the specs of the last catalog (a snapshot
-        # of `_table`, the built specs).
+        # key -> each Service's spec: as parsed (its endpoints not merged yet) until the
+        # rebuild merges them, which the services `_stale` names. One table of specs, one
+        # spec per service; the last catalog's `by_key` is `_built`, a snapshot of it.
         self._stale: set[str] = set()
         self._table: LayeredTable[ServiceSpec] = LayeredTable()
         self._built: Mapping[str, ServiceSpec] = {}
@@ -217,11 +213,12 @@ class KubeSource:
         parsed, problems = (None, []) if obj is None else parse_service(obj, self.default_policy)
         self._set_problems(("Service", key), problems)
         if parsed is None:
-            self._parsed_services.pop(key, None)
+            self._table.delete(key)
         else:
-            self._parsed_services[key] = replace(parsed.spec, created=parsed.created)
             if parsed.key != key:
                 key = parsed.key  # as the object itself spells it
+            # Its endpoints are merged in at the rebuild, before any snapshot shows it.
+            self._table.set(key, parsed.spec)
         # The reflector's string, not a copy of it (one string per service key).
         self._stale.add(key)
 
@@ -249,7 +246,7 @@ class KubeSource:
         self._node = node
         if (node.zone if node is not None else None) != zone:
             # Topology hints are read against the zone: every service may change.
-            self._stale.update(self._parsed_services)
+            self._stale.update(self._table.keys())
             self._catalog = None
             self._changes.everything()
 
@@ -274,19 +271,17 @@ class KubeSource:
         """The catalog, with the specs of the services whose objects changed rebuilt."""
         changed: list[str] = []
         for key in self._stale:
-            parsed = self._parsed_services.get(key)
+            parsed = self._table.get(key)
             old = self._built.get(key)
             if parsed is None:
                 if old is not None:
-                    changed.append(key)
-                    self._table.delete(key)
+                    changed.append(key)  # deleted from the table by its event
                 continue
             slices = {k: self._slices[k] for k in self._slice_keys(key)}
-            spec = replace(parsed, endpoints=service_endpoints(parsed, slices))
+            spec = parsed.with_endpoints(service_endpoints(parsed, slices))
             if old is not None and spec == old:
-                self._parsed_services[key] = old  # the same object: no change to sync
+                self._table.set(key, old)  # the same object: no change to sync
             else:
-                self._parsed_services[key] = spec
                 self._table.set(key, spec)
                 changed.append(key)
         self._stale.clear()
