@@ -232,6 +232,9 @@ class Engine:
     def apply(self, upserts: Sequence[ServiceUpdate], removals: Sequence[str]) -> StagedChange:
         """`stage` then `commit`."""
     def services(self) -> list[str]: ...
+    def holds(self, name: str) -> bool:
+        """Whether a service of this name is published (one lookup, not a list of all)."""
+    def service_count(self) -> int: ...
     def pools(
         self, names: Sequence[str] | None = None
     ) -> dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:

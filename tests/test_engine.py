@@ -728,6 +728,9 @@ def test_commit_refuses_a_change_committed_twice_or_stale() -> None:
     # A change that is never committed changes nothing.
     engine.stage([], ["b"])
     assert engine.services() == ["b"]
+    assert (engine.holds("b"), engine.holds("a"), engine.service_count()) == (True, False, 1)
+    engine.commit(engine.stage([], ["b"]))
+    assert (engine.holds("b"), engine.service_count(), engine.services()) == (False, 0, [])
 
 
 def test_a_removal_in_a_batch_forgets_the_services_flows() -> None:

@@ -726,7 +726,7 @@ def service_endpoints(
         (
             endpoint
             if endpoint.ports == tuple(ports)
-            else replace(endpoint, ports=_shared_ports(tuple(ports)))
+            else endpoint.with_ports(_shared_ports(tuple(ports)))
         )
         for endpoint, ports in records
     ]

@@ -138,6 +138,15 @@ impl Engine {
         self.core.services().services().iter().map(|s| s.name.to_string()).collect()
     }
 
+    /// Whether a service of this name is published (one lookup, not a list of all).
+    fn holds(&self, name: &str) -> bool {
+        self.core.services().get(name).is_some()
+    }
+
+    fn service_count(&self) -> usize {
+        self.core.services().len()
+    }
+
     /// Compute a batch of upserts (in priority order: the oldest service first) and
     /// removals without publishing it.
     fn stage(
