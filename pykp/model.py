@@ -186,15 +186,14 @@ class EndpointSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class ServiceSpec:
-    """A service and its endpoints. Addresses are normalised (`ipaddress` spelling)."""
+class ServiceOptions:
+    """What a service sets besides its name, cluster IPs, ports and endpoints. Most
+    services leave all of it as the defaults (or as every other service of their cluster
+    sets it): one object is shared by the services that agree on all of it
+    (`ServiceOptions.shared`), held in one slot of each `ServiceSpec`."""
 
-    name: str
-    namespace: str = "default"
-    cluster_ips: tuple[str, ...] = ()
     external_ips: tuple[str, ...] = ()
     load_balancer_ips: tuple[str, ...] = ()
-    ports: tuple[ServicePort, ...] = ()
     policy: str = DEFAULT_POLICY
     hash_key: str | None = None  # None: the engine's default
     session_affinity: str = "None"
@@ -204,10 +203,119 @@ class ServiceSpec:
     # spec.healthCheckNodePort: set (with externalTrafficPolicy Local) when this node serves
     # the service's health check there (kube-proxy's service health server).
     health_check_node_port: int | None = None
-    endpoints: tuple[EndpointSpec, ...] = ()
+
+    @staticmethod
+    def shared(*values: object) -> ServiceOptions:
+        """The options of these field values (in field order), as one object per distinct
+        value: a table of them, bounded (options with external IPs or a health check port
+        are each their own, and start it again when it is full)."""
+        options = _SHARED_OPTIONS.get(values)
+        if options is None:
+            if len(_SHARED_OPTIONS) >= _SHARED_OPTIONS_MAX:
+                _SHARED_OPTIONS.clear()
+            options = _SHARED_OPTIONS[values] = ServiceOptions(*values)  # type: ignore[arg-type]
+        return options
+
+
+_SHARED_OPTIONS: dict[tuple[object, ...], ServiceOptions] = {}
+_SHARED_OPTIONS_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class ServiceSpec:
+    """A service and its endpoints. Addresses are normalised (`ipaddress` spelling).
+
+    Made as if every option were a field (`ServiceSpec(name, external_ips=..., ...)`), and
+    read so (`spec.policy`); held as seven slots, the options in one shared object (64
+    bytes less per service than fifteen slots: 100,000 services are 6 MB).
+    """
+
+    name: str
+    namespace: str
+    cluster_ips: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    options: ServiceOptions
+    endpoints: tuple[EndpointSpec, ...]
     # metadata.creationTimestamp (RFC 3339, which sorts as text); "" in a services file.
     # Two services that claim one frontend: the older keeps it (then the smaller key).
-    created: str = ""
+    created: str
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str = "default",
+        cluster_ips: tuple[str, ...] = (),
+        external_ips: tuple[str, ...] = (),
+        load_balancer_ips: tuple[str, ...] = (),
+        ports: tuple[ServicePort, ...] = (),
+        policy: str = DEFAULT_POLICY,
+        hash_key: str | None = None,
+        session_affinity: str = "None",
+        session_affinity_timeout_seconds: int | None = None,
+        external_traffic_policy: str = "Cluster",
+        internal_traffic_policy: str = "Cluster",
+        health_check_node_port: int | None = None,
+        endpoints: tuple[EndpointSpec, ...] = (),
+        created: str = "",
+        *,
+        options: ServiceOptions | None = None,
+    ) -> None:
+        if options is None:
+            options = ServiceOptions.shared(
+                external_ips,
+                load_balancer_ips,
+                policy,
+                hash_key,
+                session_affinity,
+                session_affinity_timeout_seconds,
+                external_traffic_policy,
+                internal_traffic_policy,
+                health_check_node_port,
+            )
+        _init = object.__setattr__
+        _init(self, "name", name)
+        _init(self, "namespace", namespace)
+        _init(self, "cluster_ips", cluster_ips)
+        _init(self, "ports", ports)
+        _init(self, "options", options)
+        _init(self, "endpoints", endpoints)
+        _init(self, "created", created)
+
+    @property
+    def external_ips(self) -> tuple[str, ...]:
+        return self.options.external_ips
+
+    @property
+    def load_balancer_ips(self) -> tuple[str, ...]:
+        return self.options.load_balancer_ips
+
+    @property
+    def policy(self) -> str:
+        return self.options.policy
+
+    @property
+    def hash_key(self) -> str | None:
+        return self.options.hash_key
+
+    @property
+    def session_affinity(self) -> str:
+        return self.options.session_affinity
+
+    @property
+    def session_affinity_timeout_seconds(self) -> int | None:
+        return self.options.session_affinity_timeout_seconds
+
+    @property
+    def external_traffic_policy(self) -> str:
+        return self.options.external_traffic_policy
+
+    @property
+    def internal_traffic_policy(self) -> str:
+        return self.options.internal_traffic_policy
+
+    @property
+    def health_check_node_port(self) -> int | None:
+        return self.options.health_check_node_port
 
     @property
     def key(self) -> str:
@@ -215,11 +323,40 @@ class ServiceSpec:
         return f"{self.namespace}/{self.name}"
 
     def with_endpoints(self, endpoints: tuple[EndpointSpec, ...]) -> ServiceSpec:
-        """This service with other endpoints: `dataclasses.replace(self, endpoints=...)`
-        at half its cost (a Kubernetes source rebuilds every service so at its start)."""
-        values = list(_spec_values(self))
-        values[_ENDPOINTS_AT] = endpoints
-        return ServiceSpec(*values)
+        """This service with other endpoints (a Kubernetes source rebuilds every service
+        so at its start: `dataclasses.replace` costs twice as much)."""
+        return self._with(self.cluster_ips, self.options, endpoints)
+
+    def with_addresses(
+        self,
+        cluster_ips: tuple[str, ...],
+        external_ips: tuple[str, ...],
+        load_balancer_ips: tuple[str, ...],
+    ) -> ServiceSpec:
+        """This service with other addresses."""
+        options = self.options
+        if (external_ips, load_balancer_ips) != (options.external_ips, options.load_balancer_ips):
+            options = ServiceOptions.shared(
+                external_ips, load_balancer_ips, *_option_values(options)[2:]
+            )
+        return self._with(cluster_ips, options, self.endpoints)
+
+    def _with(
+        self,
+        cluster_ips: tuple[str, ...],
+        options: ServiceOptions,
+        endpoints: tuple[EndpointSpec, ...],
+    ) -> ServiceSpec:
+        other = object.__new__(ServiceSpec)
+        _init = object.__setattr__
+        _init(other, "name", self.name)
+        _init(other, "namespace", self.namespace)
+        _init(other, "cluster_ips", cluster_ips)
+        _init(other, "ports", self.ports)
+        _init(other, "options", options)
+        _init(other, "endpoints", endpoints)
+        _init(other, "created", self.created)
+        return other
 
     def local_ready_endpoints(self, node_name: str | None) -> int:
         """kube-proxy's count for the health check: distinct addresses of the endpoints on
@@ -236,10 +373,7 @@ class ServiceSpec:
         )
 
 
-# ServiceSpec's fields in order, read at once (a C loop), for `with_endpoints`.
-_SPEC_FIELDS: Final = tuple(f.name for f in fields(ServiceSpec))
-_spec_values: Final = operator.attrgetter(*_SPEC_FIELDS)
-_ENDPOINTS_AT: Final = _SPEC_FIELDS.index("endpoints")
+_option_values: Final = operator.attrgetter(*(f.name for f in fields(ServiceOptions)))
 
 
 @dataclass(frozen=True)

@@ -660,7 +660,9 @@ class Agent:
             raise
         if full:
             self._last_full = now
-        if result.full_load:
+        if full or result.full_load:
+            # A full pass frees what it walked with (at 100,000 services 21 MiB stayed
+            # resident after the first periodic resync): given back here, every --sync-period.
             self._trim_heap = True
         self._context = context
         self._sync_health_checks(
