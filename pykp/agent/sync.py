@@ -226,8 +226,8 @@ class ServiceSync:
                 self._orphans.setdefault(_key_of(name), set()).add(name)
         candidates: Iterable[str]
         if full:
-            # Each key once, without sets of every key (three of 100,000 were 12 MB of C
-            # heap at each periodic resync, left resident once freed).
+            # Each key once, without sets of every key: three of them, freed at once, left
+            # the agent 21 MiB larger after its first periodic resync at 100,000 services.
             plans, listed = self._plans, catalog.get
             candidates = itertools.chain(
                 catalog.keys(),
