@@ -240,6 +240,7 @@ class ServiceSync:
 
         # (a) translate the changed services; ownership may pull in others. A full resync
         # also retries the engine services the engine refused (ids may have freed up).
+        # Each key once (as the sets of candidates were), in the order found.
         work = list(
             dict.fromkeys(
                 key
