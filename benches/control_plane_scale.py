@@ -186,8 +186,10 @@ def measure(count: int, changes: int, profile: str | None = None) -> dict[str, A
         # The slice's own sync (which programs nothing) may itself wait out the rate limit:
         # the Service is written past --min-sync-period after that sync, not after the write.
         _wait(
-            lambda: _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
-            != synced_before,
+            lambda: (
+                _in_namespace_metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                != synced_before
+            ),
             10,
         )
         time.sleep(1.2)

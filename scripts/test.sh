@@ -33,6 +33,7 @@ step "python: stubs match the installed extension; types"
 
 step "python: lint"
 "$py" -m ruff check pykp tests benches
+"$py" -m ruff format --check pykp tests benches
 
 step "python: tests (against the installed pykp)"
 # The venv's pytest script, not `python -m pytest`, for the same reason: tests import the

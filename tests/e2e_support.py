@@ -38,9 +38,7 @@ def kube_service(
             "clusterIPs": list(cluster_ips),
             "ipFamilies": families,
             "ipFamilyPolicy": "RequireDualStack" if len(cluster_ips) > 1 else "SingleStack",
-            "ports": [
-                {"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}
-            ],
+            "ports": [{"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}],
             "sessionAffinity": "None",
             "internalTrafficPolicy": "Cluster",
             **spec,

@@ -61,7 +61,9 @@ def test_iptables_full_is_kube_proxys_shape() -> None:
         assert f"-j DNAT --to-destination {ip}:10002" in text
     assert f"-A KUBE-MARK-MASQ -j MARK --or-mark {rulegen.MASQ_MARK:#x}" in lines
     assert any("MASQUERADE --random-fully" in line for line in lines)
-    assert '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in lines
+    assert (
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in lines
+    )
     # Chain names are kube-proxy's length.
     assert all(len(m) == len("KUBE-SVC-") + 16 for m in re.findall(r"KUBE-SVC-\w+", text))
 
@@ -117,7 +119,14 @@ def test_services_file_matches_the_rule_sets() -> None:
 
 
 def _sample(rnd: int, per_s: float, p99_us: int) -> dict[str, object]:
-    lat = {"p50": p99_us // 2, "p90": p99_us, "p99": p99_us, "p999": p99_us, "max": p99_us, "mean": 1.0}
+    lat = {
+        "p50": p99_us // 2,
+        "p90": p99_us,
+        "p99": p99_us,
+        "p999": p99_us,
+        "max": p99_us,
+        "mean": 1.0,
+    }
     return {
         "round": rnd, "attempted": 10, "ok": 10, "failed": 0, "errors": {}, "conns_per_s": per_s,
         "connect_us": lat, "total_us": lat, "cpu": {"per_1000": 1.0, "per_1000_net": 1.0},
@@ -206,7 +215,12 @@ def test_kube_objects_match_the_services_file() -> None:
     services.changed[2] = ((BACKENDS[3], services.port(2)),)
     svc, eps = services.kube_service(2), services.kube_slice(2)
     assert svc["spec"]["clusterIP"] == services.ip(2)
-    assert svc["spec"]["ports"][0] == {"name": "http", "port": 80, "targetPort": 10002, "protocol": "TCP"}
+    assert svc["spec"]["ports"][0] == {
+        "name": "http",
+        "port": 80,
+        "targetPort": 10002,
+        "protocol": "TCP",
+    }
     assert eps["metadata"]["labels"]["kubernetes.io/service-name"] == "svc-2"
     assert [e["addresses"] for e in eps["endpoints"]] == [[BACKENDS[3]]]
     assert eps["ports"][0]["port"] == 10002
@@ -265,7 +279,9 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
             # Every connection the generator attempted was served, by a real backend.
             assert run["attempted"] > 0 and run["ok"] == run["attempted"], (name, run)
             assert run["failed"] == 0 and run["errors"] == {}, (name, run)
-            allowed = {"loopback"} if name == "loopback" else {"backend-0", "backend-1", "backend-2"}
+            allowed = (
+                {"loopback"} if name == "loopback" else {"backend-0", "backend-1", "backend-2"}
+            )
             assert set(run["backends"]) <= allowed, (name, run["backends"])
         for run in samples.get("program", []) + samples.get("propagation", []):
             assert run["found"] and run["seconds"] is not None, (name, run)

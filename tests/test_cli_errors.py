@@ -27,7 +27,6 @@ runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def run_flags() -> list[str]:
     """Every long flag of `pykp run`, from the command itself."""
     command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
@@ -51,7 +50,10 @@ def test_run_help_fits_80_columns_and_names_every_flag_in_full() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig /nonexistent/kubeconfig: no such file"),
+        (
+            ["--kubeconfig", "/nonexistent/kubeconfig"],
+            "--kubeconfig /nonexistent/kubeconfig: no such file",
+        ),
         (["--kubeconfig", "{garbage}"], "not a usable kubeconfig"),
         ([], "no source of services: give --services FILE, --kubeconfig FILE or --master URL"),
     ],
@@ -77,7 +79,9 @@ def test_a_bad_or_missing_kubeconfig_is_one_line(
 
 def test_preflight_names_what_is_missing_and_how_to_get_it() -> None:
     without_root = problems("run", (), extension=False, capabilities=0)
-    missing_tool = problems("demo", ("nft", "no-such-tool-pykp"), extension=False, capabilities=1 << 12)
+    missing_tool = problems(
+        "demo", ("nft", "no-such-tool-pykp"), extension=False, capabilities=1 << 12
+    )
     satisfied = problems("run", ("sh",), extension=True, capabilities=1 << 12)
 
     assert len(without_root) == 1 and "needs root (CAP_NET_ADMIN" in without_root[0]
@@ -151,7 +155,9 @@ def test_the_wheel_carries_the_load_generator() -> None:
     from pykp.bench.loadgen import find_loadgen
 
     binary = find_loadgen()
-    proc = subprocess.run([binary, "no-such-mode"], capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [binary, "no-such-mode"], capture_output=True, text=True, timeout=30, check=False
+    )
 
     assert Path(binary).parent == Path(sys.executable).parent
     assert proc.returncode == 2

@@ -283,7 +283,10 @@ def test_deleting_a_service_removes_it_on_every_node(
     )
     every_node_reaches(cluster, "10.96.0.40", {"pod-0-1", "pod-2-1"})
     for k in range(NODES):
-        assert "10.96.0.40" in cluster.exec(f"node-{k}", ["nft", "list", "table", "inet", "pykp"]).stdout
+        assert (
+            "10.96.0.40"
+            in cluster.exec(f"node-{k}", ["nft", "list", "table", "inet", "pykp"]).stdout
+        )
 
     started = time.monotonic()
     unpublish(apiserver, "gone")
@@ -456,9 +459,7 @@ def test_api_server_outage_leaves_the_datapath_alone_and_changes_follow_after(
             # 3. Back: a change made now reaches every node once its reflectors reconnect
             # (their backoff after a 2 s outage is at most a few seconds).
             started = time.monotonic()
-            apiserver.update(
-                "endpointslices", slice_of("pod-0-1", "pod-2-0", "pod-1-1", "pod-2-1")
-            )
+            apiserver.update("endpointslices", slice_of("pod-0-1", "pod-2-0", "pod-1-1", "pod-2-1"))
             delays = propagation("pod-2-1", started, 20.0)
             report("after a 2 s API outage, API write -> new backend", {
                 f"node-{k}": d for k, d in enumerate(delays)

@@ -152,9 +152,7 @@ def test_least_conn_counts_live_connections_and_a_close_frees_them_at_once(
     assert "conntrack follower: " in status and " ended; 0 event losses" in status
 
 
-def test_flows_of_the_kernel_path_and_of_a_previous_agent_are_counted(
-    lab: Lab, node: Node
-) -> None:
+def test_flows_of_the_kernel_path_and_of_a_previous_agent_are_counted(lab: Lab, node: Node) -> None:
     """Connections opened while no agent runs (the kernel path decides) are counted by the
     next agent's first listing, and their backends weigh in least-conn."""
     node.write_services(services_yaml(BACKENDS))

@@ -183,6 +183,7 @@ def test_rules_flushed_by_someone_else_are_restored_within_a_sync_period(
         )
         assert time.monotonic() - flushed < 2 * SYNC_PERIOD
         assert wait_for(serves, timeout=SYNC_PERIOD, step=0.1)
+
         # ... whole again: the reader decides new connections (round-robin) once more,
         # within a moment (the repair's full load may keep the queue lent to the kernel
         # path for a heartbeat on a loaded machine: counted, not an error).
@@ -221,10 +222,14 @@ def spoofed_syns(count: int, dst: str, port: int) -> list[tuple[bytes, str]]:
     for _ in range(count):
         saddr = socket.inet_aton(f"10.250.{rng.randrange(256)}.{rng.randrange(1, 255)}")
         sport = rng.randrange(1024, 65535)
-        tcp = struct.pack("!HHIIBBHHH", sport, port, rng.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+        tcp = struct.pack(
+            "!HHIIBBHHH", sport, port, rng.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0
+        )
         pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
         tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0, saddr, daddr)
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0, saddr, daddr
+        )
         ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
         packets.append((ip + tcp, dst))
     return packets

@@ -168,7 +168,9 @@ def many_sources(lab: Lab) -> Iterator[list[str]]:
             lab.exec(client, ["ip", "addr", "add", f"{ip}/32", "dev", "eth0"], check=True)
             added.append(ip)
             lab.exec(
-                "node", ["ip", "route", "add", f"{ip}/32", "dev", str(client.host_ifname)], check=True
+                "node",
+                ["ip", "route", "add", f"{ip}/32", "dev", str(client.host_ifname)],
+                check=True,
             )
         yield list(MAGLEV_SOURCES)
     finally:
@@ -227,7 +229,9 @@ def test_only_the_first_packet_is_queued_and_flows_survive_a_restart(lab: Lab, n
         queued = node.metric("pykp_queue_packets_total")
         for i in range(100):
             assert ask(f"ping {i}") == f"{backend} ping {i}"
-        assert node.metric("pykp_queue_packets_total") == queued, "established packets stay in the kernel"
+        assert node.metric("pykp_queue_packets_total") == queued, (
+            "established packets stay in the kernel"
+        )
 
         # The agent goes away and comes back; the kernel keeps carrying the flow.
         node.stop()
@@ -248,7 +252,11 @@ def test_udp_stream_keeps_its_backend_until_the_backend_goes(lab: Lab, node: Nod
         first = udp_ask(s, "10.96.0.53", 53)
         for _ in range(20):
             assert udp_ask(s, "10.96.0.53", 53) == first
-        remaining = [ip for ip, name in zip(BACKENDS, ["backend-0", "backend-1", "backend-2"]) if name != first]
+        remaining = [
+            ip
+            for ip, name in zip(BACKENDS, ["backend-0", "backend-1", "backend-2"])
+            if name != first
+        ]
         node.write_services(services_yaml(udp_backends=remaining))
         try:
             moved = udp_ask(s, "10.96.0.53", 53)
@@ -272,9 +280,7 @@ def test_ipv6_cluster_ip(lab: Lab, node: Node) -> None:
     assert seen == {"backend-0", "backend-1", "backend-2"}
 
 
-def test_session_affinity_holds_until_the_timeout_then_decides_afresh(
-    lab: Lab, node: Node
-) -> None:
+def test_session_affinity_holds_until_the_timeout_then_decides_afresh(lab: Lab, node: Node) -> None:
     """ClientIP affinity on a round-robin service (timeoutSeconds 3): without affinity
     every new connection moves on to the next backend; with it, the client stays put
     until the timeout, after which round-robin decides again (the next backend) and binds
@@ -309,9 +315,17 @@ def test_terminating_endpoints_only_without_ready_ones(lab: Lab, node: Node) -> 
 def test_cleanup_removes_every_pykp_rule_and_keeps_foreign_ones(lab: Lab, node: Node) -> None:
     ruleset = ["sh", "-c", "nft list ruleset; iptables-save; ip6tables-save"]
     lab.exec("node", ["nft", "add table inet foreign"], check=True)
-    lab.exec("node", ["nft", "add chain inet foreign pre { type filter hook prerouting priority -151; }"], check=True)
+    lab.exec(
+        "node",
+        ["nft", "add chain inet foreign pre { type filter hook prerouting priority -151; }"],
+        check=True,
+    )
     lab.exec("node", ["nft", "add rule inet foreign pre meta mark 0x77 counter"], check=True)
-    lab.exec("node", ["iptables", "-t", "mangle", "-A", "PREROUTING", "-s", "192.0.2.1", "-j", "ACCEPT"], check=True)
+    lab.exec(
+        "node",
+        ["iptables", "-t", "mangle", "-A", "PREROUTING", "-s", "192.0.2.1", "-j", "ACCEPT"],
+        check=True,
+    )
     try:
         # A plain stop leaves the rules (like kube-proxy: established flows keep their NAT).
         assert node.stop() == 0
@@ -332,7 +346,10 @@ def test_cleanup_removes_every_pykp_rule_and_keeps_foreign_ones(lab: Lab, node: 
     finally:
         node.extra = ()
         lab.exec("node", ["nft", "delete table inet foreign"])
-        lab.exec("node", ["iptables", "-t", "mangle", "-D", "PREROUTING", "-s", "192.0.2.1", "-j", "ACCEPT"])
+        lab.exec(
+            "node",
+            ["iptables", "-t", "mangle", "-D", "PREROUTING", "-s", "192.0.2.1", "-j", "ACCEPT"],
+        )
         if node.proc is None:
             node.start()
 
@@ -367,8 +384,12 @@ print(answers)
     ).stdout
     answers = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own script's dict
     assert answers["ipv4_options"], out
-    flows = lab.exec("node", ["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--orig-port-src", "40999"]).stdout
-    assert any(f"src={ip} " in flows for ip in BACKENDS6), f"IPv6 with extension headers not NATed: {flows}"
+    flows = lab.exec(
+        "node", ["conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--orig-port-src", "40999"]
+    ).stdout
+    assert any(f"src={ip} " in flows for ip in BACKENDS6), (
+        f"IPv6 with extension headers not NATed: {flows}"
+    )
     assert node.proc is not None and node.proc.poll() is None, "the agent died"
     assert wait_for(node.healthy)
     assert http_get(lab, "client-0", "10.96.0.10") in {"backend-0", "backend-1", "backend-2"}

@@ -496,5 +496,7 @@ def test_a_pod_client_takes_the_short_circuit_an_outside_one_is_dropped(tmp_path
     assert outside["decision"]["decidedBy"] == "drop"
 
     # Without --cluster-cidr the pod is an outside client too.
-    unknown = only(explain_json(path, "203.0.113.60:80", "--node", "node", "--client", "10.244.0.101"))
+    unknown = only(
+        explain_json(path, "203.0.113.60:80", "--node", "node", "--client", "10.244.0.101")
+    )
     assert unknown["decision"]["decidedBy"] == "drop"

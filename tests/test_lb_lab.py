@@ -80,7 +80,10 @@ def test_the_lb_tier_bench_measures_every_contender(tmp_path: object) -> None:
             counters = run["tcp"]["lb_counters"]
             assert counters.get("rx_gso", 0) > 0 and run["tcp"]["lb_worker_cpus"] > 0, counters
             assert not any(k.startswith("drops_") for k in counters), counters
-        assert "error" not in run["udp"] and run["udp"]["datagrams_per_second"] > 0, (name, run["udp"])
+        assert "error" not in run["udp"] and run["udp"]["datagrams_per_second"] > 0, (
+            name,
+            run["udp"],
+        )
 
 
 def test_pykp_lb_on_both_nodes_and_a_flow_survives_losing_its_node(
@@ -100,7 +103,7 @@ def test_pykp_lb_on_both_nodes_and_a_flow_survives_losing_its_node(
     for lb in lab.lb_hosts:  # the kernel reference of the other tests, off
         lab.exec(lb, ["nft", "delete", "table", "netdev", "pykp_lab_dsr"])
     services = Path(str(tmp_path)) / "lb.yaml"
-    services.write_text(lab.services_yaml(PORT) + lab.services_yaml(7000)[len("services:\n"):])
+    services.write_text(lab.services_yaml(PORT) + lab.services_yaml(7000)[len("services:\n") :])
     for pod in lab.backend_hosts:
         lab.popen(pod, ["python3", "-c", TCP_ECHO, pod.name, "7000"])
     procs = [

@@ -128,7 +128,7 @@ def collected(*families: Family) -> Scrape:
     [
         "# HELP pykp_x x\n# TYPE pykp_x gauge\npykp_x{a=b} 1\n",  # unquoted label
         "# HELP pykp_x x\n# TYPE pykp_x gauge\npykp_x 1",  # no final newline
-        "# TYPE pykp_x gauge\npykp_x 1\n# TYPE pykp_x gauge\npykp_x{a=\"b\"} 2\n",  # twice
+        '# TYPE pykp_x gauge\npykp_x 1\n# TYPE pykp_x gauge\npykp_x{a="b"} 2\n',  # twice
         (  # buckets not cumulative
             "# HELP h x\n# TYPE h histogram\n"
             'h_bucket{le="1"} 2\nh_bucket{le="+Inf"} 1\nh_sum 1\nh_count 1\n'
@@ -166,10 +166,13 @@ def test_help_and_label_values_are_escaped_and_read_back() -> None:
 
     text = render(registry)
     assert "# HELP pykp_test_total A help text with a backslash \\\\ and\\na newline\n" in text
-    assert '# TYPE pykp_test_total counter\n' in text
+    assert "# TYPE pykp_test_total counter\n" in text
     assert 'pykp_test_total{reason="quote \\" backslash \\\\ newline \\n"} 3' in text
 
-    for parsed in (scrape(text), scrape_openmetrics(registry.render(PROMETHEUS_ACCEPT)[0].decode())):
+    for parsed in (
+        scrape(text),
+        scrape_openmetrics(registry.render(PROMETHEUS_ACCEPT)[0].decode()),
+    ):
         assert parsed.type("pykp_test_total") == "counter"
         assert parsed.families["pykp_test_total"].documentation == (
             "A help text with a backslash \\ and\na newline"
@@ -426,7 +429,9 @@ def test_sync_errors_are_counted_in_the_metrics(synced: Harness) -> None:
     assert parsed.value("pykp_syncs_total") == 3
 
 
-def comparable(sample: tuple[str, dict[str, str], float]) -> tuple[str, list[tuple[str, str]], float]:
+def comparable(
+    sample: tuple[str, dict[str, str], float],
+) -> tuple[str, list[tuple[str, str]], float]:
     name, labels, value = sample
     return name, sorted(labels.items()), value
 

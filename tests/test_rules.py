@@ -371,7 +371,9 @@ def test_pods_and_the_node_reach_a_local_services_external_frontends_through_the
     from pykp.netfilter.elements import frontend_contribution
 
     lb = FrontendRule("192.0.2.5", 80, "TCP", external=True, masquerade=False, short_circuit=True)
-    lb6 = FrontendRule("2001:db8::5", 80, "TCP", external=True, masquerade=False, short_circuit=True)
+    lb6 = FrontendRule(
+        "2001:db8::5", 80, "TCP", external=True, masquerade=False, short_circuit=True
+    )
     elements = frontend_contribution([lb, lb6], {}, [])
     assert elements["short_circuit4"] == {"192.0.2.5 . tcp . 80": "192.0.2.5 . tcp . 80"}
     assert elements["short_circuit6"] == {"2001:db8::5 . tcp . 80": "2001:db8::5 . tcp . 80"}
@@ -384,7 +386,10 @@ def test_pods_and_the_node_reach_a_local_services_external_frontends_through_the
         f"@short_circuit4 {queue_and_cluster}" in prerouting
     )
     assert "ip6 saddr @cluster_cidrs6" not in prerouting  # no IPv6 cluster CIDR given
-    assert f"ct state new ip daddr . meta l4proto . th dport @short_circuit4 {queue_and_cluster}" in output
+    assert (
+        f"ct state new ip daddr . meta l4proto . th dport @short_circuit4 {queue_and_cluster}"
+        in output
+    )
 
 
 def test_render_iptables() -> None:
@@ -773,7 +778,9 @@ def test_bulk_load_matches_nft(netns: str) -> None:
     encoders = bulk_load.encoders(_SYNCED)
     with in_namespace(netns):
         # Over stale content too: the batch flushes every set first.
-        bulk_load.load_sets("pykp", [("frontends4", encoders["frontends4"], ["10.0.0.9 . tcp . 1"])])
+        bulk_load.load_sets(
+            "pykp", [("frontends4", encoders["frontends4"], ["10.0.0.9 . tcp . 1"])]
+        )
         bulk_load.load_sets(
             "pykp", [(name, encoders[name], wanted[name].values()) for name in _SYNCED]
         )

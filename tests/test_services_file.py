@@ -815,7 +815,9 @@ def test_the_loader_default_policy_applies_only_where_the_file_names_none() -> N
     """`pykp lb` loads with Maglev as the default: a service's own policy, then the file's
     `defaults`, then the loader's."""
     one = "services:\n  - {name: a, clusterIP: 10.96.0.1, ports: [{port: 80}]}\n"
-    own = "services:\n  - {name: a, clusterIP: 10.96.0.1, policy: least-conn, ports: [{port: 80}]}\n"
+    own = (
+        "services:\n  - {name: a, clusterIP: 10.96.0.1, policy: least-conn, ports: [{port: 80}]}\n"
+    )
     file_default = "defaults: {policy: round-robin}\n" + one
 
     def policy(text: str, default: str) -> str:

@@ -96,9 +96,7 @@ def _nft(lab: LoadBalancerLab, host: Host, script: str) -> None:
         raise LabError(f"nft on {host.name}: {proc.stderr.strip()}")
 
 
-def _program(
-    lab: LoadBalancerLab, contender: str, workdir: Path, running: list[Any]
-) -> None:
+def _program(lab: LoadBalancerLab, contender: str, workdir: Path, running: list[Any]) -> None:
     """Set up one contender on every load-balancer node (after `_unprogram`); processes it
     starts go to `running`."""
     if contender == "pykp-afpacket":
@@ -150,9 +148,7 @@ def _lb_counters(lab: LoadBalancerLab, workdir: Path) -> dict[str, int]:
     for lb in lab.lb_hosts:
         path = workdir / f"pykp-lb-{lb.name}.log"
         lines = [
-            line
-            for line in path.read_text().splitlines()
-            if "=" in line and "pykp lb:" not in line
+            line for line in path.read_text().splitlines() if "=" in line and "pykp lb:" not in line
         ]
         if not lines:
             continue
@@ -474,4 +470,3 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
         ]
         lines.append(f"{name:<12}  {cells[0]:<48}  {cells[1]}")
     return "\n".join(lines)
-

@@ -554,7 +554,7 @@ def run(
         int,
         typer.Option(
             help="Series of pykp_backend_active_flows (service x backend) at most; the rest "
-            "is summed per service as backend=\"other\". 0 turns the series off.",
+            'is summed per service as backend="other". 0 turns the series off.',
             min=0,
         ),
     ] = 1000,

@@ -222,14 +222,22 @@ table netdev pykp_lab_dsr {{
             bridge = _link_up(router, _BRIDGE)
             router.addr("add", index=bridge, address=self.router.ipv4, prefixlen=prefix)
             router.link(
-                "add", ifname="c0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.client.netns}
+                "add",
+                ifname="c0",
+                kind="veth",
+                peer={"ifname": "eth0", "net_ns_fd": self.client.netns},
             )
             c0 = _link_up(router, "c0")
-            router.addr("add", index=c0, address=str(_CLIENT_NET[1]), prefixlen=_CLIENT_NET.prefixlen)
+            router.addr(
+                "add", index=c0, address=str(_CLIENT_NET[1]), prefixlen=_CLIENT_NET.prefixlen
+            )
             for host in (*self.lb_hosts, *self.backend_hosts):
                 port = f"p-{host.name}"[:15]
                 router.link(
-                    "add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": host.netns}
+                    "add",
+                    ifname=port,
+                    kind="veth",
+                    peer={"ifname": "eth0", "net_ns_fd": host.netns},
                 )
                 index = router.link_lookup(ifname=port)[0]
                 router.link("set", index=index, master=bridge)
@@ -243,7 +251,9 @@ table netdev pykp_lab_dsr {{
         with IPRoute(netns=self.client.netns, flags=0) as client:
             _link_up(client, "lo")
             index = _link_up(client, "eth0")
-            client.addr("add", index=index, address=self.client.ipv4, prefixlen=_CLIENT_NET.prefixlen)
+            client.addr(
+                "add", index=index, address=self.client.ipv4, prefixlen=_CLIENT_NET.prefixlen
+            )
             client.route("add", dst="default", gateway=str(_CLIENT_NET[1]), oif=index)
 
         for lb in self.lb_hosts:
@@ -261,7 +271,9 @@ table netdev pykp_lab_dsr {{
             )
             self._wire_segment_host(backend)
             with IPRoute(netns=backend.netns, flags=0) as ipr:
-                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=self.vip, prefixlen=32)
+                ipr.addr(
+                    "add", index=ipr.link_lookup(ifname="lo")[0], address=self.vip, prefixlen=32
+                )
 
     def _wire_segment_host(self, host: Host) -> None:
         with IPRoute(netns=host.netns, flags=0) as ipr:

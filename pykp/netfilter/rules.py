@@ -514,19 +514,25 @@ def _chain_rules(
     # ended (the kernel would otherwise announce every TCP state change, or only the
     # entry's end, minutes after TIME_WAIT). A cheap test on every packet.
     closing = (
-        [f"tcp flags & (fin | rst) != 0 ct status dnat ct mark set ct mark | {CT_CLOSING_MARK:#010x}"]
+        [
+            f"tcp flags & (fin | rst) != 0 ct status dnat ct mark set ct mark | {CT_CLOSING_MARK:#010x}"
+        ]
         if conntrack_events
         else []
     )
-    mark_new = [*closing, "ct state != new accept"] + [
-        f"ct state new {p} daddr . meta l4proto . th dport @frontends{v} "
-        f"meta mark set meta mark & {keep}"
-        for p, v in fams
-    ] + [
-        f"ct state new {p} daddr . meta l4proto . th dport @queued{v} "
-        f"meta mark set meta mark | {queue}"
-        for p, v in fams
-    ]
+    mark_new = (
+        [*closing, "ct state != new accept"]
+        + [
+            f"ct state new {p} daddr . meta l4proto . th dport @frontends{v} "
+            f"meta mark set meta mark & {keep}"
+            for p, v in fams
+        ]
+        + [
+            f"ct state new {p} daddr . meta l4proto . th dport @queued{v} "
+            f"meta mark set meta mark | {queue}"
+            for p, v in fams
+        ]
+    )
     # From a pod (prerouting) or the node (output) to a short-circuited frontend: queued
     # with the cluster-source bit, whatever the policy.
     short_circuit = f"{layout.queue_bit | layout.cluster_source_bit:#010x}"
@@ -637,9 +643,7 @@ def _chain_rules(
     ]
     reject_rules += [
         f"meta mark & {mask} == {reject} jump do_reject",
-    ] + [
-        f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams
-    ]
+    ] + [f"{p} daddr @service_ips{v} jump do_reject" for p, v in fams]
     # kube-proxy's drop of INVALID packets in forward (unless nf_conntrack_tcp_be_liberal):
     # an out-of-window segment from a backend skips the reverse NAT, reaches the client
     # with the backend's own address, and the client's reset kills the real connection.
@@ -821,11 +825,7 @@ class RuleManager:
         `install` replaces the whole table when a `pick*` chain is missing.
         """
         t = self.table
-        rules = {
-            n: r
-            for n, r in self._rules().items()
-            if n not in _PICKS
-        }
+        rules = {n: r for n, r in self._rules().items() if n not in _PICKS}
         existing = set(existing_sets)
         decl = [f"table inet {t} {{", f"\tcounter {UNDECIDED_COUNTER} {{ }}"]
         decl += [_set_decl(n, ty) for n, ty in {**_SYNCED, **_STATIC}.items() if n not in existing]

@@ -182,7 +182,9 @@ def render_flows(report: Mapping[str, Any], console: Console) -> None:
     console.print(flows)
     follower = report.get("follower")
     if follower is None:
-        console.print("conntrack follower: off (--no-follow-conntrack): least-conn counts opened flows")
+        console.print(
+            "conntrack follower: off (--no-follow-conntrack): least-conn counts opened flows"
+        )
     else:
         console.print(
             f"conntrack follower: {follower.get('events_new', 0)} new and "

@@ -100,7 +100,6 @@ class Family(Metric):
             family.add_metric((key,), values[key])
         return family
 
-
     @staticmethod
     def rows(
         name: str,

@@ -284,11 +284,7 @@ class Reflector:
                 self._versions.pop(key, None)
             else:
                 old = self._versions.get(key, "")
-                changed = (
-                    old == ""
-                    or old is None
-                    or old != _compact(event.resource_version or "")
-                )
+                changed = old == "" or old is None or old != _compact(event.resource_version or "")
                 self._versions[key] = _version(event.object)
             if event.resource_version:
                 self._version = event.resource_version
