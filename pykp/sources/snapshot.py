@@ -38,10 +38,8 @@ class Layered(Mapping[str, _V]):
         return self._base[key]
 
     def get(self, key: str, default: _V | None = None) -> _V | None:  # type: ignore[override]
-        if key in self._changes:
-            value = self._changes[key]
-            return default if value is None else value
-        return self._base.get(key, default)
+        value = _get(self._base, self._changes, key)
+        return default if value is None else value
 
     def __contains__(self, key: object) -> bool:
         if key in self._changes:
@@ -49,9 +47,7 @@ class Layered(Mapping[str, _V]):
         return key in self._base
 
     def __iter__(self) -> Iterator[str]:
-        changes = self._changes
-        yield from (key for key in self._base if key not in changes)
-        yield from (key for key, value in changes.items() if value is not None)
+        return _keys(self._base, self._changes)
 
     def __len__(self) -> int:
         return self._len
@@ -69,15 +65,11 @@ class LayeredTable(Generic[_V]):
 
     def get(self, key: str) -> _V | None:
         """The value now (set since the last snapshot or not)."""
-        if key in self._changes:
-            return self._changes[key]
-        return self._base.get(key)
+        return _get(self._base, self._changes, key)
 
     def keys(self) -> Iterator[str]:
         """The keys now."""
-        changes = self._changes
-        yield from (key for key in self._base if key not in changes)
-        yield from (key for key, value in changes.items() if value is not None)
+        return _keys(self._base, self._changes)
 
     def set(self, key: str, value: _V) -> None:
         self._changes[key] = value
@@ -95,6 +87,19 @@ class LayeredTable(Generic[_V]):
                     base[key] = value
             self._base, self._changes = base, {}
         return Layered(self._base, dict(self._changes))
+
+
+def _get(base: Mapping[str, _V], changes: Mapping[str, _V | None], key: str) -> _V | None:
+    """`key`'s value in `base` with `changes` over it; None when absent or deleted."""
+    if key in changes:
+        return changes[key]
+    return base.get(key)
+
+
+def _keys(base: Mapping[str, _V], changes: Mapping[str, _V | None]) -> Iterator[str]:
+    """The keys of `base` with `changes` over it."""
+    yield from (key for key in base if key not in changes)
+    yield from (key for key, value in changes.items() if value is not None)
 
 
 class LazyValues(Sequence[_V]):
