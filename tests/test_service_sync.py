@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import re
 import textwrap
+import threading
 from dataclasses import replace
 from typing import Any
+
+import pytest
 
 from pykp._fastpath import Engine
 from pykp.agent.plan import service_ports_to_engine
@@ -15,6 +18,7 @@ from pykp.agent.sync import NodeContext, ServiceSync
 from pykp.model import Catalog
 from pykp.netfilter.executor import NftRecorder
 from pykp.netfilter.rules import MarkLayout, RuleManager
+from pykp.netfilter.tool import RulesError
 from pykp.sources.services_file import load_services_text
 
 NODE = "192.168.77.1"
@@ -180,3 +184,122 @@ def test_a_first_load_hands_the_engine_every_backend_and_names_the_udp_frontends
         ("10.244.2.53", 5353),
     ]
     assert [b.ip for b in sync.applied["default/web"].backends] == ["10.244.1.10", "10.244.2.10"]
+
+
+def many_services(count: int) -> str:
+    """`count` more services after SERVICES, three endpoints each (some shared)."""
+    lines = [SERVICES]
+    for i in range(count):
+        lines.append(
+            f"  - name: s{i}\n"
+            f"    clusterIP: 10.97.{i // 256}.{i % 256}\n"
+            "    ports: [{port: 80, targetPort: 8080}]\n"
+            f"    endpoints: [{{ip: 10.245.{i % 50}.1}}, {{ip: 10.245.{i // 200}.{i % 200 + 2}}},"
+            f" {{ip: 10.246.{i // 256}.{i % 256}}}]\n"
+        )
+    return "".join(lines)
+
+
+class OrderedLog(NftRecorder):
+    """The recorder, its scripts and the engine's commits in one log, in order; fails
+    its `fail_at`-th script (counted from 1)."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        super().__init__()
+        self.log: list[str] = []
+        self.fail_at = fail_at
+        self.sync: ServiceSync | None = None
+        self.programmed_seen: list[int] = []  # the sync's `programmed` at each script
+
+    def run(self, script: str) -> None:
+        if len(self.scripts) + 1 == self.fail_at:
+            raise RulesError(["nft", "-f", "-"], 1, "Error: refused")
+        super().run(script)
+        self.log.append(script)
+        if self.sync is not None:
+            self.programmed_seen.append(self.sync.programmed)
+
+
+def parts_sync(fail_at: int = 0) -> tuple[ServiceSync, OrderedLog]:
+    recorder = OrderedLog(fail_at)
+    engine = RecordingEngine()
+    commit = engine.engine.commit
+
+    def logged_commit(staged: Any) -> None:
+        recorder.log.append("engine commit")
+        commit(staged)
+
+    engine.commit = logged_commit  # type: ignore[method-assign]
+    rules = RuleManager(MarkLayout(), nft=recorder, ipv6=False)
+    rules.holds_no_elements = True  # as `install` leaves a table it made
+    sync = ServiceSync(
+        engine,  # type: ignore[arg-type]
+        rules,
+        MarkLayout(),
+        kernel_random=True,
+        allow_node_address_service_ips=False,
+    )
+    recorder.sync = sync
+    return sync, recorder
+
+
+def test_a_first_load_into_empty_sets_goes_in_parts_with_the_elements_of_one_load() -> None:
+    text = many_services(2500)
+    services = catalog(text)
+    whole, _, recorder = service_sync()
+    whole.sync(services, None, CONTEXT)
+    [script] = recorder.scripts
+    expected = {name: items for name, items in loaded(script).items() if "rr_at" not in name}
+
+    in_parts, recorder = parts_sync()
+    result = in_parts.sync(services, None, CONTEXT)
+    log = recorder.log
+
+    # The engine first, then the backends' elements, then the services' in parts of
+    # 1,000: each element once, all of them together the one load's.
+    assert log[0] == "engine commit"
+    parts = [loaded(script) for script in log[1:]]
+    assert len(parts) == 1 + 3
+    assert set(parts[0]) == {"backends4", "hairpin4"}
+    assert all("flush" not in script for script in log[1:])
+    sent: dict[str, set[str]] = {}
+    for part in parts:
+        for name, items in part.items():
+            assert not items & sent.get(name, set()), f"{name}: sent twice"
+            sent.setdefault(name, set()).update(items)
+    assert sent == expected
+    assert result.full_load and result.elements_added == sum(map(len, expected.values()))
+    # Not programmed (the `pykp_services` gauge) until the last part is in.
+    assert recorder.programmed_seen == [0] * len(parts)
+    assert in_parts.programmed == len(in_parts.applied) == 2503
+    assert not in_parts.rules.holds_no_elements  # type: ignore[attr-defined]
+    assert not [t for t in threading.enumerate() if t.name == "pykp-part-load"]
+
+    # What follows is a change, as after any full load.
+    log.clear()
+    changed = catalog(text.replace("{ip: 10.246.0.7}", "{ip: 10.246.99.7}"))
+    result = in_parts.sync(changed, ["default/s7"], CONTEXT)
+    assert not result.full_load and result.upserted == 1
+    assert log[1:2] == ["engine commit"] and len(log) == 3  # add, engine, remove
+
+
+def test_a_part_refused_fails_the_sync_and_the_next_load_is_whole() -> None:
+    services = catalog(many_services(2500))
+    sync, recorder = parts_sync(fail_at=2)
+    with pytest.raises(RulesError, match="refused"):
+        sync.sync(services, None, CONTEXT)
+    # Nothing sent past the refused part, and its thread is gone.
+    assert len(recorder.scripts) == 1 and recorder.log[0] == "engine commit"
+    assert not [t for t in threading.enumerate() if t.name == "pykp-part-load"]
+
+    # The agent resets after a failed sync: the next load is one transaction that flushes
+    # every set first, whatever the parts left, and stages nothing the engine holds.
+    sync.reset()
+    recorder.fail_at = 0
+    recorder.log.clear()
+    result = sync.sync(services, None, CONTEXT)
+    script, engine_commit = recorder.log  # the elements first, as in any load but a first
+    assert engine_commit == "engine commit"
+    assert result.full_load and result.upserted == 0
+    assert "flush map inet pykp backends4" in script
+    assert sum(len(v) for v in loaded(script).values()) >= result.elements_added

@@ -36,6 +36,7 @@ from pykp.agent.heap import trim_heap
 from pykp.agent.node_addresses import filter_node_addresses, interface_addresses
 from pykp.agent.plan import EngineService
 from pykp.agent.sync import NodeContext, ServiceSync, canonical_addresses
+from pykp.agent.sync import RulesLike as ElementRules
 from pykp.agent.sync_runner import BoundedFrequencyRunner
 from pykp.netfilter.conntrack_sysctls import ConntrackSettings, SysctlResult
 from pykp.netfilter.monitor import ForeignChange, RulesetMonitor
@@ -87,19 +88,13 @@ _ELEMENT_CHECK_LIMIT = 250_000
 # --- what the agent drives (protocols, with the real implementations as defaults) ---------
 
 
-class RulesLike(Protocol):
-    """pykp.netfilter.rules.RuleManager, as far as the agent uses it."""
+class RulesLike(ElementRules, Protocol):
+    """pykp.netfilter.rules.RuleManager, as far as the agent uses it: the sync's element
+    operations, and these."""
 
     def install(self) -> None: ...
     def installed(self) -> bool: ...
     def undecided_connections(self) -> int: ...
-    def load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int: ...
-    def add_elements(
-        self,
-        added: Mapping[str, Sequence[str]],
-        replaced: Mapping[str, Sequence[tuple[str, str]]] = ...,
-    ) -> None: ...
-    def remove_elements(self, removed: Mapping[str, Sequence[str]]) -> None: ...
     def cleanup(self) -> None: ...
 
 
@@ -999,7 +994,7 @@ class Agent:
                 "pykp_services",
                 "gauge",
                 "Engine services (one per service port) programmed",
-                len(self.service_sync.applied),
+                self.service_sync.programmed,
             ),
             Family.single(
                 "pykp_backends",

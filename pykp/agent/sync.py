@@ -42,6 +42,7 @@ from pykp.netfilter.elements import (
     ElementTracker,
     frontend_contribution,
 )
+from pykp.netfilter.part_load import PartLoad
 from pykp.netfilter.rules import MAX_SLOTS, FrontendRule, MarkLayout, rr_chain_name
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ _NO_CLAIMS: Mapping[Claim, str] = MappingProxyType({})
 
 class RulesLike(Protocol):
     """The element operations of pykp.netfilter.rules.RuleManager."""
+
+    holds_no_elements: bool  # a first load may go in parts (`add_elements`)
 
     def load_elements(self, wanted: Mapping[str, Mapping[str, str]]) -> int: ...
     def add_elements(
@@ -157,6 +160,10 @@ class ServiceSync:
         # until a full sync has planned every service again.
         self._plans: dict[str, _Plan] = {}
         self._before_reset: dict[str, _Plan] = {}
+        self._parts: PartLoad | None = None  # a first load's, during its sync
+        # Engine services the engine and the kernel hold, as of the last sync's end (the
+        # engine may hold them sooner: a first load in parts commits it first).
+        self.programmed = 0
         self.reset()
 
     def reset(self) -> None:
@@ -217,6 +224,16 @@ class ServiceSync:
         Raises on a failed commit, after which `reset()` must be called (the agent does):
         the next sync then starts from a full reload.
         """
+        try:
+            return self._sync(catalog, keys, context)
+        finally:
+            if self._parts is not None:  # a failed sync's parts: none sent after it
+                self._parts.close()
+                self._parts = None
+
+    def _sync(
+        self, catalog: Catalog, keys: Iterable[str] | None, context: NodeContext
+    ) -> SyncResult:
         full = keys is None or self._full_load
         # After a reset the engine may hold services no plan knows: their names by key,
         # built once (never a scan of every name per key).
@@ -341,8 +358,20 @@ class ServiceSync:
         for backend_id in staged.backends_removed:
             backends.pop(backend_id, None)
         if full_load:
-            self._elements = ElementTracker(loading=True)
+            # A first load into sets that hold nothing (a table this agent made) goes in
+            # parts, each sent while the next services render (`PartLoad`): the backends'
+            # elements, then the services'. The engine commits first: no packet reaches it
+            # before its frontend is in the kernel, and by then it knows the service.
+            in_parts = first_load and self.rules.holds_no_elements
+            self._elements = ElementTracker(loading=True, in_parts=in_parts)
             backend_delta = ElementDelta()
+            if in_parts:
+                self.engine.commit(staged)
+                self._record_plans(new_plans, full_load)
+                self._parts = PartLoad(self.rules.add_elements)
+                self._parts.send(
+                    {n: list(e.values()) for n, e in self._backend_elements.load(backends).items()}
+                )
         else:
             backend_delta = self._backend_elements.change(
                 staged.backends_added, staged.backends_removed
@@ -397,7 +426,8 @@ class ServiceSync:
 
         for name in refused_now:
             self._elements.set(name, None)
-        for name, service in render.items():
+        parts = self._parts
+        for rendered, (name, service) in enumerate(render.items(), 1):
             short_circuit_pools = pool_of(service.short_circuit) if service.short_circuit else None
             self._elements.set(
                 name,
@@ -415,13 +445,19 @@ class ServiceSync:
                 # At 30,000 services that left 6 MiB less free; at 100,000 the holes stay
                 # (the render keeps objects of other sizes).
                 upserts[name] = render[name] = _RENDERED
+            if parts is not None and rendered % _PART_SERVICES == 0:
+                parts.send(self._elements.take_part())
         delta = ElementDelta() if full_load else self._elements.take_delta()
         # The backends' sets and maps are theirs alone: their changes join the delta.
         delta.added.update(backend_delta.added)
         delta.removed.update(backend_delta.removed)
 
         # (d) commit: additions, the engine, removals.
-        if full_load:
+        if parts is not None:
+            parts.send(self._elements.take_part())
+            parts.finish()
+            self._elements.loaded()
+        elif full_load:
             # The backends' elements made last, once rendering has made what it keeps:
             # dropped after the load, they leave no holes among it.
             backend_elements = self._backend_elements.load(backends)
@@ -431,22 +467,16 @@ class ServiceSync:
         else:
             self.rules.add_elements(delta.added, delta.replaced)
         # What the engine held of what this commit replaces or removes (read before it).
+        # None on a first load, whose every name would be walked for nothing.
         previous = {
             name: service
-            for key in {_key_of(name) for name in gone | upserts.keys()}
+            for key in ({_key_of(name) for name in gone | upserts.keys()} if previous_of else ())
             for name, service in previous_of.get(key, {}).items()
             if (name in gone or name in upserts) and holds(name)
         }
-        self.engine.commit(staged)
-        # The plans with what the engine now holds (a failure past here is followed by a
-        # reset, which builds every service again from these).
-        for key, plan in new_plans.items():
-            if plan is None:
-                self._plans.pop(key, None)
-            else:
-                self._plans[key] = plan
-        if full_load:
-            self._before_reset = {}
+        if parts is None:  # else committed before the parts
+            self.engine.commit(staged)
+            self._record_plans(new_plans, full_load)
         self._backends = backends
         self._full_load = True  # until the removals are in too
         if not full_load:
@@ -473,6 +503,7 @@ class ServiceSync:
             key for key in self._retry - new_plans.keys()
         }
         self._freed = bool(staged.backends_removed)
+        self.programmed = self.engine.service_count()
         added, removed = delta.counts
         return SyncResult(
             services=len(new_plans),
@@ -493,6 +524,17 @@ class ServiceSync:
         )
 
     # -- pieces
+
+    def _record_plans(self, new_plans: Mapping[str, _Plan | None], full_load: bool) -> None:
+        """The plans with what the engine now holds, once it committed (a failure past
+        here is followed by a reset, which builds every service again from these)."""
+        for key, plan in new_plans.items():
+            if plan is None:
+                self._plans.pop(key, None)
+            else:
+                self._plans[key] = plan
+        if full_load:
+            self._before_reset = {}
 
     def _stale(self, key: str, spec: ServiceSpec | None, context: NodeContext) -> bool:
         plan = self._plans.get(key)
@@ -823,6 +865,8 @@ def _usable(backend: EngineBackend) -> bool:
 
 # What a first load's `upserts` hold once rendered: their names are what is read after.
 _RENDERED = EngineService("", (), ())
+# Services per part of a load in parts: ~12,000 elements, ~20 ms of the kernel's time.
+_PART_SERVICES = 1000
 
 
 def stale_udp_flows(

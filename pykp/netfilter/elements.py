@@ -158,11 +158,14 @@ class ElementTracker:
     the slots of an owner as one text.
     """
 
-    def __init__(self, *, loading: bool = False) -> None:
+    def __init__(self, *, loading: bool = False, in_parts: bool = False) -> None:
         """`loading`: the first contributions go to the kernel in one full load (from
         `wanted()`), not as a delta: nothing is recorded for `take_delta()` until
-        `loaded()` is called (a fifth of a full sync's time at 10,000 services)."""
+        `loaded()` is called (a fifth of a full sync's time at 10,000 services).
+        `in_parts` (with `loading`): or in parts, each what `take_part()` hands out."""
         self._loading = loading
+        # The elements held for the first time since the last `take_part()`, as texts.
+        self._part: dict[str, list[str]] | None = {} if loading and in_parts else None
         self._owners: dict[str, _Held] = {}
         # name -> key -> element text, a verdict map's value alone (grouped sets: empty,
         # their elements are the owners')
@@ -271,9 +274,18 @@ class ElementTracker:
             delta.removed.setdefault(name, []).append(key)
         return delta
 
+    def take_part(self) -> dict[str, list[str]]:
+        """A load in parts: the elements held for the first time since the last call (each
+        element once, as `wanted()` has it), per set or map."""
+        part, self._part = self._part, {}
+        if part is None:
+            raise RuntimeError("not a load in parts")
+        return part
+
     def loaded(self) -> None:
         """The full load is in: changes from now on are recorded for `take_delta()`."""
         self._loading = False
+        self._part = None
         self._touched.clear()
         self._touched_groups.clear()
 
@@ -313,6 +325,8 @@ class ElementTracker:
             if not self._loading:
                 self._touched_groups.setdefault((owner, name), None)
             self._grouped_counts[name] += text.count("\n") + 1
+            if self._part is not None:
+                self._part.setdefault(name, []).extend(text.split("\n"))
             return
         items = self._elements[name]
         entry = items.get(key)
@@ -321,6 +335,8 @@ class ElementTracker:
         # ever did not, the first one's stays.
         if entry is None:
             items[key] = text
+            if self._part is not None:
+                self._part.setdefault(name, []).append(_text(name, key, text))
         else:
             self._extra[(name, key)] = self._extra.get((name, key), 0) + 1
 

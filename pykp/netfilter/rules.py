@@ -769,6 +769,9 @@ class RuleManager:
         # Full loads over netlink (bulk_load) for our own namespace's library; a given
         # executor (tests' recorders) or another namespace gets nft scripts.
         self._bulk_load = nft is None and netns is None and isinstance(self.nft, LibNftables)
+        # True while the synced sets and maps hold nothing: `install` made the table, and
+        # no element went in since (a first load may then go in parts: `add_elements`).
+        self.holds_no_elements = False
 
     # rendering (public so tests and `pykp` can show it)
 
@@ -947,6 +950,7 @@ class RuleManager:
         A table of another shape (another pykp version) is replaced whole.
         """
         objects = self._table_objects()
+        self.holds_no_elements = False
         if (
             objects is None
             or not _PICKS <= objects["chain"]
@@ -954,6 +958,7 @@ class RuleManager:
             or not self._picks_whole()
         ):
             self._nft(self._replace_script())
+            self.holds_no_elements = True
         else:
             known = _SYNCED.keys() | _STATIC.keys() | _RR_AT.keys()
             # The round-robin chains stay with the verdicts that name them (a restarting
@@ -968,6 +973,7 @@ class RuleManager:
                 self._nft(script)
             except RulesError:
                 self._nft(self._replace_script())
+                self.holds_no_elements = True
         for save, restore in _iptables_families(self.ipv6):
             current = _read_mangle(save, self.chain, self.netns)
             run_tool(
@@ -985,6 +991,7 @@ class RuleManager:
         delete plus an add). Raises RulesError (the next call then reloads everything).
         """
         started = time.perf_counter()
+        self.holds_no_elements = False
         wanted = _elements(state, self.layout)
         t = self.table
         lines: list[str] = []
@@ -1029,6 +1036,7 @@ class RuleManager:
         (`rr_chains*`) are written in it first, and the others deleted in it last."""
         t = self.table
         self._current = None
+        self.holds_no_elements = False
         sets, chain_parts = _split_rr(wanted)
         chains = {text.split(" ")[0]: text for part in chain_parts for text in part.values()}
         stale = [c for c in self._rr_chains_held() if c not in chains]
@@ -1104,6 +1112,7 @@ class RuleManager:
         if not (added or replaced or removed):
             return
         self._current = None
+        self.holds_no_elements = False
         added, new_chains = _split_rr(added)
         replaced, changed_chains = _split_rr(replaced)
         removed, gone_chains = _split_rr(removed)
@@ -1149,6 +1158,7 @@ class RuleManager:
         """Remove the table, the mangle chains and our jump rules; safe when absent."""
         cleanup_all(self.table, self.chain, netns=self.netns, ipv6=self.ipv6)
         self._current = None
+        self.holds_no_elements = False
 
     def element_counts(self) -> dict[str, int]:
         """How many elements each synced set and map holds in the kernel (-1: missing)."""
