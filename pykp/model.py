@@ -125,6 +125,11 @@ class EndpointSpec:
     def node_hints(self) -> tuple[str, ...]:
         return self._hints[1] if self._hints is not None else ()
 
+    @property
+    def hinted(self) -> bool:
+        """It carries a zone or node hint."""
+        return self._hints is not None
+
     def with_ports(self, ports: tuple[EndpointPort, ...] | None) -> EndpointSpec:
         """This endpoint with other ports."""
         other = object.__new__(EndpointSpec)

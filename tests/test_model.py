@@ -46,6 +46,9 @@ def test_the_defaults_are_a_ready_endpoint_of_weight_one() -> None:
         None,
     )
     assert (endpoint.zone_hints, endpoint.node_hints) == ((), ())
+    assert not endpoint.hinted
+    assert EndpointSpec("10.244.0.1", zone_hints=("zone-1",)).hinted
+    assert EndpointSpec("10.244.0.1", node_hints=("node-a",)).hinted
 
 
 @pytest.mark.parametrize("name", list(_FIELDS))

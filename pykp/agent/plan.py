@@ -225,6 +225,8 @@ def _topology_filter(
     node (same-node hints) or this zone (same-zone hints); otherwise every endpoint stays.
     The ready-or-terminating fallback is the engine's, so only the hint filter is here.
     """
+    if not any(endpoint.hinted for endpoint in endpoints):
+        return backends  # no hint at all (most services): nothing below could narrow them
     serving = [endpoint for endpoint in endpoints if endpoint.port_for(port) is not None]
     ready = [endpoint for endpoint in serving if endpoint.ready]
     if not ready:

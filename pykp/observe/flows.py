@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
 from pykp.observe.metrics import Family
 
+# rich is imported where something is printed: `pykp run` prints nothing with it, and
+# importing it cost 25 ms of the agent's start.
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from pykp._fastpath import KernelFlow
 
 # Entries `/flows` reads from the kernel before filtering: a bound on one request's cost.
@@ -157,6 +157,9 @@ def flows_report(
 
 def render_flows(report: Mapping[str, Any], console: Console) -> None:
     """`pykp flows` for people: per-backend counts, then the flows."""
+    from rich import box
+    from rich.table import Table
+
     per_backend = Table(title="Live flows per backend (kernel conntrack)", box=box.SIMPLE)
     for column in ("service", "backend", "flows"):
         per_backend.add_column(column, justify="right" if column == "flows" else "left")

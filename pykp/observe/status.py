@@ -18,17 +18,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from pykp.agent.plan import EngineBackend, EngineService
 from pykp.agent.sync_runner import RunnerStats
 from pykp.model import Problem
 from pykp.observe.health import parse_bind_address
 from pykp.sources.base import SourceStatus
 
+# rich is imported where something is printed: `pykp run` prints nothing with it, and
+# importing it cost 25 ms of the agent's start.
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
     from pykp._fastpath import Connection
 
 __all__ = [
@@ -231,6 +232,8 @@ def _ago(then: float | None, now: float) -> str:
 
 
 def _backend_text(backend: Mapping[str, Any]) -> Text:
+    from rich.text import Text
+
     conditions = [
         name for name in ("ready", "serving", "terminating", "local") if backend.get(name)
     ]
@@ -244,6 +247,9 @@ def _backend_text(backend: Mapping[str, Any]) -> Text:
 
 def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int = 20) -> None:
     """Print the snapshot as rich tables: summary, services, counters, flows."""
+    from rich.table import Table
+    from rich.text import Text
+
     now = float(snapshot.get("time") or time.time())
     node = snapshot.get("node") or {}
     healthy = snapshot.get("healthy")
@@ -340,6 +346,8 @@ def render_status(snapshot: Mapping[str, Any], console: Console, *, flows: int =
 def _render_sysctls(results: Sequence[Mapping[str, Any]], console: Console) -> None:
     """One line for what the agent set at start (as kube-proxy's --conntrack-* flags ask),
     and one per sysctl it could not set."""
+    from rich.text import Text
+
     done = []
     for result in results:
         name, wanted, found = result["name"], result["wanted"], result["found"]
@@ -361,6 +369,8 @@ def _render_sysctls(results: Sequence[Mapping[str, Any]], console: Console) -> N
 
 def _render_health_checks(checks: Sequence[Mapping[str, Any]], console: Console) -> None:
     """One line per service health check node port (externalTrafficPolicy Local)."""
+    from rich.text import Text
+
     for check in checks:
         count = check["localEndpoints"]
         head = f"health check :{check['port']} {check['service']}: {count} local endpoints, "
@@ -373,6 +383,8 @@ def _render_health_checks(checks: Sequence[Mapping[str, Any]], console: Console)
 
 def _render_follower(follower: Mapping[str, int] | None, console: Console) -> None:
     """Whether least-conn and the flow counts follow the kernel's conntrack."""
+    from rich.text import Text
+
     if follower is None:
         console.print(
             "conntrack follower: not running (--no-follow-conntrack, or before the first "
