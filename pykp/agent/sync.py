@@ -354,9 +354,14 @@ class ServiceSync:
         # Updated in place on a change (a copy would cost O(backends) per change: 5 ms at
         # 100,000 services); a failed sync is followed by reset() and a full load anyway.
         backends = BackendTable(self.engine.backend_ids()) if full_load else self._backends
-        backends.update(staged.backends_added)
+        new_ids = staged.backends_added
+        backends.update(new_ids)
         for backend_id in staged.backends_removed:
             backends.pop(backend_id, None)
+        # What rendering reads the ids from: on a first load every id is one the batch
+        # added, read from its own dict (the packed table makes each (ip, port) it hands
+        # out: ~0.1 s of a first sync at 10,000 services).
+        ids: _AddedIds | BackendTable = _AddedIds(new_ids) if first_load else backends
         if full_load:
             # A first load into sets that hold nothing (a table this agent made) goes in
             # parts, each sent while the next services render (`PartLoad`): the backends'
@@ -370,12 +375,10 @@ class ServiceSync:
                 self._record_plans(new_plans, full_load)
                 self._parts = PartLoad(self.rules.add_elements)
                 self._parts.send(
-                    {n: list(e.values()) for n, e in self._backend_elements.load(backends).items()}
+                    {n: list(e.values()) for n, e in self._backend_elements.load(ids).items()}
                 )
         else:
-            backend_delta = self._backend_elements.change(
-                staged.backends_added, staged.backends_removed
-            )
+            backend_delta = self._backend_elements.change(new_ids, staged.backends_removed)
         refused_now = dict(staged.refused)
         gone = set(removals) | set(staged.removed)
         for name in gone:
@@ -435,7 +438,7 @@ class ServiceSync:
                     service,
                     plan_of(_key_of(name)),
                     pool_of(name) or ([], []),
-                    backends,
+                    ids,
                     short_circuit_pools,
                 ),
             )
@@ -460,7 +463,7 @@ class ServiceSync:
         elif full_load:
             # The backends' elements made last, once rendering has made what it keeps:
             # dropped after the load, they leave no holes among it.
-            backend_elements = self._backend_elements.load(backends)
+            backend_elements = self._backend_elements.load(ids)
             self.rules.load_elements({**self._elements.wanted(), **backend_elements})
             del backend_elements
             self._elements.loaded()
@@ -676,6 +679,13 @@ def _engine_services(
     return engine_services
 
 
+class _AddedIds(dict[int, tuple[str, int]]):
+    """A batch's new backend ids, id -> (ip, port), as `BackendElements.load` reads them."""
+
+    def addresses(self) -> Iterator[str]:
+        return (ip for ip, _ in self.values())
+
+
 def _names(plan: _Plan) -> tuple[str, ...]:
     return (plan.names,) if isinstance(plan.names, str) else plan.names
 
@@ -780,6 +790,12 @@ def without_node_address_ips(
     (kube-proxy's CVE-2020-8554 class). Only the address goes; the service keeps its other
     addresses and its NodePorts."""
     nodes = node_addresses if isinstance(node_addresses, (set, frozenset)) else set(node_addresses)
+    if (
+        nodes.isdisjoint(spec.cluster_ips)
+        and nodes.isdisjoint(spec.external_ips)
+        and nodes.isdisjoint(spec.load_balancer_ips)
+    ):
+        return spec, None  # most services: nothing to say
     fields = {
         "clusterIP": spec.cluster_ips,
         "externalIP": spec.external_ips,
