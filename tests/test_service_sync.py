@@ -14,10 +14,10 @@ import pytest
 
 from pykp._fastpath import Engine
 from pykp.agent.plan import service_ports_to_engine
-from pykp.agent.sync import NodeContext, ServiceSync
+from pykp.agent.sync import NodeContext, ServiceSync, fallback_slots
 from pykp.model import Catalog
 from pykp.netfilter.executor import NftRecorder
-from pykp.netfilter.rules import MarkLayout, RuleManager
+from pykp.netfilter.rules import MAX_SLOTS, MarkLayout, RuleManager
 from pykp.netfilter.tool import RulesError
 from pykp.sources.services_file import load_services_text
 
@@ -303,3 +303,27 @@ def test_a_part_refused_fails_the_sync_and_the_next_load_is_whole() -> None:
     assert result.full_load and result.upserted == 0
     assert "flush map inet pykp backends4" in script
     assert sum(len(v) for v in loaded(script).values()) >= result.elements_added
+
+
+BACKEND_ADDRESSES = {i: (f"10.244.{i // 250}.{i % 250}", 8080) for i in range(1, 300)}
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected_ids"),
+    [
+        ([], []),
+        ([(1, 1), (2, 1), (3, 1)], [1, 2, 3]),
+        ([(1, 5), (2, 5)], [1, 2]),  # one weight, however large: once each
+        ([(1, 2), (2, 1)], [1, 1, 2]),  # repeated by weight
+        ([(1, 4), (2, 2)], [1, 1, 2]),  # over the weights' common divisor
+        ([(1, 1), (999, 1), (2, 1)], [1, 2]),  # an id the table no longer holds: left out
+        ([(i, 1) for i in range(1, 200)], list(range(1, MAX_SLOTS + 1))),  # at most MAX_SLOTS
+        ([(1, MAX_SLOTS), (2, 1)], [1, 2]),  # repeats past MAX_SLOTS: once each
+    ],
+)
+def test_fallback_slots_repeat_each_backend_by_its_weight(
+    pool: list[tuple[int, int]], expected_ids: list[int]
+) -> None:
+    assert fallback_slots(pool, BACKEND_ADDRESSES) == tuple(
+        BACKEND_ADDRESSES[i] for i in expected_ids
+    )

@@ -396,7 +396,7 @@ class ServiceSync:
         def staged_pool(name: str) -> bool:
             return name in upserts and name not in refused_now
 
-        if full_load:
+        if full_load and not first_load:  # a first load's engine held nothing to keep
             kept = [n for n in self.engine.services() if n not in gone and n not in upserts]
             pools.update(self.engine.pools(kept))
             render.update((name, services_of(_key_of(name))[name]) for name in kept)
@@ -487,11 +487,14 @@ class ServiceSync:
         self._full_load = False
 
         # (e) record.
-        changed = {name: s for name, s in upserts.items() if name not in refused_now}
-        stale = stale_udp_flows(previous, changed)
         if first_load:  # nothing before: every UDP frontend served now (its backends gone)
-            newly_served = sorted({f for name in changed for f in udp_served.get(name, ())})
+            stale: list[tuple[str, str, int]] = []
+            newly_served = sorted(
+                {f for name, udp in udp_served.items() if name not in refused_now for f in udp}
+            )
         else:
+            changed = {name: s for name, s in upserts.items() if name not in refused_now}
+            stale = stale_udp_flows(previous, changed)
             newly_served = newly_served_udp_frontends(previous, changed)
         # The refusals of the services synced go (once over the refusals, not once per
         # service: a first sync with thousands refused was quadratic), their plans' come.
@@ -838,6 +841,8 @@ def fallback_slots(
     live = [(backend_id, weight) for backend_id, weight in pool if backend_id in backends]
     if not live:
         return ()
+    if len({weight for _, weight in live}) == 1:  # one weight (nearly every service): once each
+        return tuple(backends[backend_id] for backend_id, _ in live[:MAX_SLOTS])
     divisor = functools.reduce(math.gcd, (weight for _, weight in live))
     shares = [weight // divisor for _, weight in live]
     if sum(shares) > MAX_SLOTS:
