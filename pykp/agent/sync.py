@@ -361,7 +361,9 @@ class ServiceSync:
         # What rendering reads the ids from: on a first load every id is one the batch
         # added, read from its own dict (the packed table makes each (ip, port) it hands
         # out: ~0.1 s of a first sync at 10,000 services).
-        ids: _AddedIds | BackendTable = _AddedIds(new_ids) if first_load else backends
+        ids: _AddedIds | BackendTable = (
+            _AddedIds(new_ids) if first_load and len(backends) == len(new_ids) else backends
+        )
         if full_load:
             # A first load into sets that hold nothing (a table this agent made) goes in
             # parts, each sent while the next services render (`PartLoad`): the backends'
