@@ -1,7 +1,7 @@
 """A first load sent in parts: each part added in a transaction of its own, by a thread of
 its own, while the caller renders the next.
 
-Why: the kernel's part of a full load (0.2 s at 10,000 services, ~2 s at 100,000) runs
+Why: the kernel's part of a full load (0.2-0.3 s at 10,000 services, seconds at 100,000) runs
 with the GIL released, but in one transaction it can only start once every service is
 rendered. Sent in parts, it runs on the other core beside the rendering.
 
